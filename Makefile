@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   generate a phantom, run the demo model, write heatmaps to ./medcam-demo/
+#   make test   run the test suite (unit tests and the notebooks)
+# Both create .venv and install what they need. The CPU build torch==2.13.0 is installed first unless the
+# venv already has a torch, so a CPU machine never downloads a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --nbmake notebooks
+
+demo: venv
+	$(VENV)/bin/medcam demo --output medcam-demo
+
+clean:
+	rm -rf $(VENV) medcam-demo
