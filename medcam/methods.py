@@ -1,0 +1,111 @@
+"""The CAM methods: one small class each, saying only how the map is formed.
+
+Notation: ``A`` = hooked activation ``[B, K, *f]``, ``g = dS/dA`` (same shape), ``S = sum_u M(u) y_c(u)`` the ROI
+score, ``N`` = number of feature-grid positions. Maps are pre-ReLU on the feature grid; the engine
+(:mod:`medcam.engine`) upsamples them and applies the ReLU. Statistics are sums over the feature grid so that the
+sliding-window engine can add them over windows (see ``BaseSegCAM.gradient_statistics``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import BaseSegCAM
+
+__all__ = ["SegGradCAM", "SegHiResGradCAM", "SegXGradCAM", "SegGradCAMPlusPlus", "SegLayerCAM", "METHODS"]
+
+
+def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the spatial dims: ``[B, K, *f] -> [B, K]``."""
+    return x.flatten(2).sum(-1)
+
+
+class SegGradCAM(BaseSegCAM):
+    """Seg-Grad-CAM (Vinogradova, Dibrov & Myers, AAAI 2020): Grad-CAM for a region of a segmentation output.
+
+    ``map = sum_k alpha_k A_k``, ``alpha_k = (1/N) sum_u g_k(u)`` (mean gradient over the feature grid).
+    With an inferer, ``sum_u g_k`` runs over every window and ``N`` counts the feature positions covering the whole
+    volume, so ``alpha`` is one global weight vector.
+    """
+
+    elementwise = False
+
+    def gradient_statistics(self, activation, grad):
+        return {"grad": _spatial_sum(grad)}
+
+    def weights_from_statistics(self, stats, n_positions):
+        return stats["grad"] / n_positions
+
+
+class SegHiResGradCAM(BaseSegCAM):
+    """Seg-HiRes-Grad-CAM (Rheude et al. 2024), i.e. HiResCAM (Draelos & Carin 2020) on an ROI score.
+
+    ``map(u) = sum_k g_k(u) A_k(u)`` (element-wise gradient x activation, summed over channels). With a linear 1x1
+    head on ``A`` it equals ``M * (y_c - b_c)`` exactly: the map shows what each position added to the score.
+    """
+
+    def elementwise_map(self, activation, grad):
+        return (grad * activation).sum(dim=1)
+
+
+class SegXGradCAM(BaseSegCAM):
+    """XGrad-CAM (Fu et al., BMVC 2020) on an ROI score.
+
+    ``map = sum_k alpha_k A_k``, ``alpha_k = sum_u g_k(u) A_k(u) / (sum_u A_k(u) + eps)``.
+    Its map sums to the same value as HiResCAM's (``sum_{k,u} g A``) whenever ``sum_u A_k != 0``.
+    """
+
+    elementwise = False
+    uses_activation_statistics = True
+    eps = 1e-7
+
+    def gradient_statistics(self, activation, grad):
+        return {"grad_act": _spatial_sum(grad * activation)}
+
+    def activation_statistics(self, activation, weight):
+        return {"act": _spatial_sum(activation if weight is None else activation * weight)}
+
+    def weights_from_statistics(self, stats, n_positions):
+        return stats["grad_act"] / (stats["act"] + self.eps)
+
+
+class SegGradCAMPlusPlus(BaseSegCAM):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018) on an ROI score, with the usual exponential-score simplification.
+
+    ``map = sum_k alpha_k A_k``, ``alpha_k = sum_u a_k(u) ReLU(g_k(u))``,
+    ``a_k(u) = g^2 / (2 g^2 + (sum_v A_k(v)) g^3)`` (``a = 0`` where the denominator is 0, e.g. ``g = 0``).
+    ``a`` depends non-linearly on the activation sum of the whole grid, so the weights are not additive over
+    sliding windows: this method explains whole images only.
+    """
+
+    elementwise = False
+    supports_sliding_window = False
+
+    def gradient_statistics(self, activation, grad):
+        # float64: the denominator nearly cancels where g is close to -2 / sum_v A_k(v)
+        act, grad = activation.double(), grad.double()
+        g2 = grad * grad
+        sum_a = _spatial_sum(act)[(..., *([None] * (act.ndim - 2)))]
+        denom = 2 * g2 + sum_a * g2 * grad
+        a = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
+        return {"alpha": _spatial_sum(a * torch.relu(grad)).to(activation.dtype)}
+
+    def weights_from_statistics(self, stats, n_positions):
+        return stats["alpha"]
+
+
+class SegLayerCAM(BaseSegCAM):
+    """LayerCAM (Jiang et al., TIP 2021) on an ROI score: ``map(u) = sum_k ReLU(g_k(u)) A_k(u)``."""
+
+    def elementwise_map(self, activation, grad):
+        return (torch.relu(grad) * activation).sum(dim=1)
+
+
+#: name -> class, for the CLI and configuration files
+METHODS: dict[str, type[BaseSegCAM]] = {
+    "gradcam": SegGradCAM,
+    "hirescam": SegHiResGradCAM,
+    "xgradcam": SegXGradCAM,
+    "gradcam++": SegGradCAMPlusPlus,
+    "layercam": SegLayerCAM,
+}
