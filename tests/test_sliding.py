@@ -1,0 +1,177 @@
+"""Sliding-window explanation: equals plain autograd through MONAI's blended output, exactly."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer, sliding_window_inference
+from monai.networks.nets import SegResNet
+
+import medcam
+from medcam import targets as T
+
+LAYER = "down_layers.2"
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8, blocks_down=(1, 2, 2), blocks_up=(1, 1)).eval()
+
+
+def _reference(net, x, inferer, weights_fn, method):
+    """Differentiate S = sum W * Y through MONAI's sliding_window_inference itself (all window graphs kept)."""
+    layer = dict(net.named_modules())[LAYER]
+    acts, coords = [], []
+
+    def hook(m, i, o):
+        acts.append(o)
+
+    def predictor(win, coord):
+        coords.append(coord)
+        return net(win).clone()  # MONAI scales the returned tensor in place: keep the pre-blend output intact
+
+    h = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            y = sliding_window_inference(
+                x, inferer.roi_size, inferer.sw_batch_size, predictor, overlap=inferer.overlap, mode=inferer.mode,
+                with_coord=True,
+            )
+            s = (weights_fn(y.detach()) * y).sum()
+            grads = torch.autograd.grad(s, acts)
+    finally:
+        h.remove()
+    roi = tuple(inferer.roi_size)
+    padded = [max(s_, r_) for s_, r_ in zip(x.shape[2:], roi)]  # MONAI's coordinates are in the padded volume
+    out = torch.zeros((x.shape[0], *padded), dtype=torch.float64)
+    if method == "hirescam":
+        for a, g, coord in zip(acts, grads, coords):
+            m = F.interpolate((g * a).sum(1, keepdim=True).double(), size=roi, mode="trilinear", align_corners=False)
+            for j, sl in enumerate(coord):
+                out[(sl[0], *sl[2:])] += m[j, 0]
+        crop = [slice((p_ - s_) // 2, (p_ - s_) // 2 + s_) for p_, s_ in zip(padded, x.shape[2:])]
+        return out[(slice(None), *crop)]
+    # Seg-Grad-CAM: global alpha = sum of gradients over windows / N, maps blended by MONAI's own weights
+    feat = acts[0].shape[2:]
+    n = 1.0
+    for s_, f_, r_ in zip(x.shape[2:], feat, roi):
+        n *= s_ * f_ / r_
+    alpha = sum(g.double().sum((0, 2, 3, 4)) for g in grads) / n
+    window_maps = [
+        F.interpolate((alpha[None, :, None, None, None] * a.double()).sum(1, keepdim=True), size=roi, mode="trilinear", align_corners=False)
+        for a in acts
+    ]
+    it = iter(window_maps)
+    blended = sliding_window_inference(
+        x, roi, inferer.sw_batch_size, lambda w: next(it).float(), overlap=inferer.overlap, mode=inferer.mode
+    )
+    return blended[:, 0].double()
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+@pytest.mark.parametrize("method", ["hirescam", "gradcam"])
+def test_matches_autograd_through_monai_blending(net, mode, method):
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 24, 24, 16)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 12), sw_batch_size=1, overlap=0.5, mode=mode)
+    tgt = T.PredictedROI(1)
+    ref = _reference(net, x, inferer, tgt.score_weights, method)
+    cls = medcam.SegHiResGradCAM if method == "hirescam" else medcam.SegGradCAM
+    res = cls(net, layer=LAYER, inferer=inferer).explain(x, tgt, relu=False)
+    assert res.stats["windows"] == 8
+    got = res.maps[:, 0].double()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_score_of_blended_output_and_sw_batch(net):
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 32, 24, 16)
+    inf1 = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=1, overlap=0.25, mode="gaussian")
+    inf3 = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=3, overlap=0.25, mode="gaussian")
+    box = T.BoxROI(2, (3, 4, 5), (20, 22, 13))
+    with torch.no_grad():
+        y = sliding_window_inference(x, (16, 16, 16), 1, net, overlap=0.25, mode="gaussian")
+    r1 = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inf1).explain(x, [box, T.ClassROI(0)])
+    r3 = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inf3).explain(x, [box, T.ClassROI(0)])
+    torch.testing.assert_close(r1.scores[:, 0], y[:, 2, 3:20, 4:22, 5:13].sum((1, 2, 3)), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(r1.scores[:, 1], y[:, 0].sum((1, 2, 3)), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(r1.maps, r3.maps, rtol=1e-4, atol=1e-5 * float(r1.maps.max()))
+
+
+@pytest.mark.parametrize("cls", [medcam.SegHiResGradCAM, medcam.SegGradCAM, medcam.SegXGradCAM, medcam.SegLayerCAM])
+def test_one_window_equals_whole_volume(net, cls):
+    torch.manual_seed(3)
+    x = torch.randn(1, 2, 32, 24, 16)
+    inferer = SlidingWindowInferer(roi_size=(32, 24, 16), sw_batch_size=1, overlap=0.5, mode="gaussian")
+    tl = [T.PredictedROI(0), T.BoxROI(1, (0, 0, 0), (10, 10, 10))]
+    whole = cls(net, layer=LAYER).explain(x, tl, relu=False)
+    sw = cls(net, layer=LAYER, inferer=inferer).explain(x, tl, relu=False)
+    torch.testing.assert_close(sw.maps, whole.maps, rtol=1e-5, atol=1e-6 * float(whole.maps.abs().max()))
+    torch.testing.assert_close(sw.scores, whole.scores, rtol=1e-5, atol=1e-4)
+
+
+def test_volume_smaller_than_window_is_padded_like_monai(net):
+    torch.manual_seed(4)
+    x = torch.randn(1, 2, 20, 16, 12)
+    inferer = SlidingWindowInferer(roi_size=(24, 16, 16), sw_batch_size=1, overlap=0.5)
+    tgt = T.ClassROI(1)
+    ref = _reference(net, x, inferer, tgt.score_weights, "hirescam")
+    got = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inferer)(x, tgt, relu=False)[:, 0].double()
+    assert got.shape == ref.shape == (1, 20, 16, 12)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_windows_outside_the_roi_are_skipped(net):
+    x = torch.randn(1, 2, 48, 48, 16)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=2, overlap=0.0)
+    calls = {"n": 0}
+    h = net.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + i[0].shape[0]))
+    try:
+        res = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inferer).explain(x, T.BoxROI(0, (2, 2, 2), (10, 10, 10)))
+    finally:
+        h.remove()
+    assert res.stats["windows"] == 9 and res.stats["backward_windows"] == 1
+    assert calls["n"] == 2  # one probe window for the output's channel count + the one ROI window
+    assert torch.count_nonzero(res.maps[0, 0, 16:]) == 0  # nothing outside the ROI window
+
+
+def test_pooled_method_reads_every_window_once_per_pass(net):
+    x = torch.randn(1, 2, 48, 16, 16)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=1, overlap=0.0)
+    res = medcam.SegGradCAM(net, layer=LAYER, inferer=inferer).explain(x, T.BoxROI(0, (2, 2, 2), (6, 6, 6)))
+    assert res.stats["backward_windows"] == 1 and res.stats["activation_windows"] == 3
+    assert torch.count_nonzero(res.maps[0, 0, 16:]) > 0  # Grad-CAM weights are global: the map spreads
+
+
+def test_gradcam_plus_plus_refuses_sliding_window(net):
+    with pytest.raises(medcam.MedcamError, match="not additive"):
+        medcam.SegGradCAMPlusPlus(net, layer=LAYER, inferer=SlidingWindowInferer(roi_size=(16, 16, 16)))
+
+
+def test_amp_path_runs_on_cpu(net):
+    x = torch.randn(1, 2, 24, 16, 16)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=1, overlap=0.5)
+    full = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inferer)(x, T.PredictedROI(1))
+    amp = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inferer, amp=True)(x, T.PredictedROI(1))
+    assert amp.dtype == torch.float32 and torch.isfinite(amp).all()
+    cos = F.cosine_similarity(full.flatten(), amp.flatten(), dim=0)
+    assert cos > 0.9
+
+
+def test_memory_does_not_grow_over_repeated_calls(net):
+    x = torch.randn(1, 2, 32, 16, 16)
+    cam = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.5))
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    cam(x, T.PredictedROI(0))
+    n0 = live_tensors()
+    for _ in range(2):
+        cam(x, T.PredictedROI(0))
+    assert live_tensors() <= n0
