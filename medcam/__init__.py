@@ -12,6 +12,25 @@ from .normalize import normalize
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
+# data loading and I/O pull in nibabel/SimpleITK/ITK: imported on first use, so `import medcam` stays light
+_LAZY = {
+    "load_brats_case": "medcam.data",
+    "load_volumes": "medcam.data",
+    "BratsCase": "medcam.data",
+    "MedcamDataError": "medcam.data",
+    "save_heatmap": "medcam.io",
+    "export_slicer_scene": "medcam.io",
+    "save_overlay_png": "medcam.io",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'medcam' has no attribute {name!r}")
+
 __all__ = [
     "targets",
     "BaseSegCAM",
@@ -30,4 +49,5 @@ __all__ = [
     "LayerError",
     "TargetError",
     "ModelError",
+    *_LAZY,
 ]

@@ -96,6 +96,8 @@ class BaseSegCAM:
         upsampler: ``upsampler(maps [B, K, *f], size) -> [B, K, *size]``; default :func:`interpolate_upsampler`.
         output_index: which element to explain when the model returns a tuple/list (e.g. deep supervision).
         progress: show a tqdm bar over windows (sliding-window mode).
+        batch_targets: differentiate several targets in one batched backward pass (``is_grads_batched``, vmap) rather
+            than one pass each; falls back to one pass each if the network has an op vmap cannot batch.
     """
 
     #: True for methods whose map is formed element-wise (HiResCAM, LayerCAM); False for pooled channel weights.
@@ -118,6 +120,7 @@ class BaseSegCAM:
         upsampler: Upsampler | None = None,
         output_index: int = 0,
         progress: bool = False,
+        batch_targets: bool = True,
     ):
         self.model = check_hookable(model)
         if score not in ("logits", "probability"):
@@ -130,6 +133,7 @@ class BaseSegCAM:
         self.upsampler = upsampler or interpolate_upsampler
         self.output_index = output_index
         self.amp, self.amp_dtype, self.progress = amp, amp_dtype, progress
+        self.batch_targets = batch_targets
         self._layer_spec = layer
         if layer == "auto":
             self.layer_name: str | None = None
@@ -196,15 +200,25 @@ class BaseSegCAM:
         *,
         relu: bool = True,
         upsample: bool = True,
+        output: torch.Tensor | None = None,
     ) -> CAMResult:
-        """Like ``__call__`` but returns a :class:`CAMResult` with scores, ROI sizes and the model output."""
+        """Like ``__call__`` but returns a :class:`CAMResult` with scores, ROI sizes and the model output.
+
+        Args:
+            output: sliding-window mode only: the blended output ``[B, C, *S]`` of ``sliding_window_inference`` with
+                the same model and inferer settings, if you already ran inference. It spares the prediction pass
+                that :class:`~medcam.targets.PredictedROI`/:class:`~medcam.targets.ComponentROI` or
+                ``score="probability"`` otherwise need.
+        """
         tl = as_target_list(targets)
         image = validate_image(image)
+        if output is not None and self.inferer is None:
+            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
         self._ensure_layer(image)
         if self.inferer is not None:
             from .sliding import explain_sliding
 
-            return explain_sliding(self, image, tl, relu=relu, upsample=upsample)
+            return explain_sliding(self, image, tl, relu=relu, upsample=upsample, output=output)
         return self._explain_whole(image, tl, relu=relu, upsample=upsample)
 
     # ------------------------------------------------------------------ internals
@@ -267,6 +281,31 @@ class BaseSegCAM:
             )
         return y, a
 
+    def activation_grads(
+        self, y: torch.Tensor, a: torch.Tensor, grad_outputs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``dS_t/dA`` (float32, ``[B, K, *f]`` each) for output gradients ``dS_t/dy`` (``[B, C, *S]`` each).
+
+        One batched backward pass for all targets when ``batch_targets`` (vmap over the backward graph), else one
+        pass per target; the graph is freed after the last.
+        """
+        if not grad_outputs:
+            return []
+        if self.batch_targets and len(grad_outputs) > 1:
+            try:
+                (g,) = torch.autograd.grad(
+                    y, a, grad_outputs=torch.stack(grad_outputs).to(y.dtype), is_grads_batched=True, retain_graph=True
+                )
+                return [check_finite_grad(gk, self.layer_name).float() for gk in g.unbind(0)]
+            except RuntimeError as e:  # an op without a vmap batching rule: one pass per target from now on
+                logger.info("batched backward unavailable for this network (%s); one pass per target", e)
+                self.batch_targets = False
+        out = []
+        for n, go in enumerate(grad_outputs):
+            (g,) = torch.autograd.grad(y, a, grad_outputs=go.to(y.dtype), retain_graph=n < len(grad_outputs) - 1)
+            out.append(check_finite_grad(g, self.layer_name).float())
+        return out
+
     def select_output(self, out: Any) -> torch.Tensor:
         if isinstance(out, (tuple, list)):
             out = out[self.output_index]
@@ -294,19 +333,23 @@ class BaseSegCAM:
             y, a = self.forward(image, hook)
             y_det = y.detach().float()
             af = a.detach().float()
-            maps, scores, voxels = [], [], []
-            for k, t in enumerate(tl):
+            maps, scores, voxels, g_outs = [], [], [], []
+            for t in tl:
                 w = t.score_weights(y_det)
                 voxels.append((t.roi(y_det) != 0).reshape(y_det.shape[0], -1).sum(1))
                 g_out, s = self.output_gradient(y_det, w)
                 scores.append(s)
                 if not bool((g_out != 0).any()):
                     logger.warning("target %r has an empty ROI: its map is all zero", t)
+                    g_out = None
+                g_outs.append(g_out)
+            live = [g for g in g_outs if g is not None]
+            grads = iter(self.activation_grads(y, a, live))
+            for g_out in g_outs:
+                if g_out is None:
                     maps.append(torch.zeros((af.shape[0], *af.shape[2:]), device=af.device))
-                    continue
-                (g,) = torch.autograd.grad(y, a, grad_outputs=g_out.to(y.dtype), retain_graph=k < len(tl) - 1)
-                g = check_finite_grad(g, self.layer_name)
-                maps.append(self.feature_map(af, g.float()))
+                else:
+                    maps.append(self.feature_map(af, next(grads)))
             del y, a
         m = torch.stack(maps, dim=1)
         if upsample:

@@ -121,8 +121,18 @@ class WindowGrid:
         return F.pad(x, pad=self.pad) if any(self.pad) else x
 
 
-def explain_sliding(cam: BaseSegCAM, image: torch.Tensor, tl: list[Target], relu: bool, upsample: bool) -> CAMResult:
-    """Sliding-window explanation of ``image`` ``[B, Cin, *S]``; see the module docstring for the exact semantics."""
+def explain_sliding(
+    cam: BaseSegCAM,
+    image: torch.Tensor,
+    tl: list[Target],
+    relu: bool,
+    upsample: bool,
+    output: torch.Tensor | None = None,
+) -> CAMResult:
+    """Sliding-window explanation of ``image`` ``[B, Cin, *S]``; see the module docstring for the exact semantics.
+
+    ``output``: the blended model output ``[B, C, *S]`` if the caller already has it (skips pass 0).
+    """
     if not upsample:
         raise MedcamError("upsample=False is not available with an inferer: window maps are stitched on the input grid")
     inf = cam.inferer
@@ -135,9 +145,17 @@ def explain_sliding(cam: BaseSegCAM, image: torch.Tensor, tl: list[Target], relu
     stats: dict[str, Any] = {"windows": len(grid.slices) * bsz, "backward_windows": 0, "activation_windows": 0}
 
     with cam.hooked("grad") as hook:
-        # ---- pass 0: the blended output, when the ROI or the score needs it
-        output = None
-        if cam.score == "probability" or any(t.needs_prediction for t in tl):
+        # ---- pass 0: the blended output, when the ROI or the score needs it (and the caller did not give it)
+        if output is not None:
+            output = output.as_tensor() if hasattr(output, "as_tensor") else output
+            if output.shape[0] != bsz or tuple(output.shape[2:]) != spatial:
+                raise MedcamError(
+                    f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the blended "
+                    "output of sliding_window_inference on this image"
+                )
+            output = output.detach().float().to(device)
+            reference = output
+        elif cam.score == "probability" or any(t.needs_prediction for t in tl):
             hook.mode = "detach"
             with torch.no_grad(), cam.autocast(sw_device):
                 output = sliding_window_inference(
@@ -151,12 +169,16 @@ def explain_sliding(cam: BaseSegCAM, image: torch.Tensor, tl: list[Target], relu
             reference = output
         else:
             # logits score with a prediction-free ROI: only the output's shape is needed; one window tells the
-            # channel count, and a zero-stride tensor stands in for the blended output
-            hook.mode = "detach"
-            with torch.no_grad():
-                probe = cam.select_output(run_model(cam.model, _reset(hook, grid.pad_tensor(image[:1])[(slice(None), slice(None), *grid.slices[0])].to(sw_device))))
+            # channel count (once per explainer), and a zero-stride tensor stands in for the blended output
+            n_out = getattr(cam, "_output_channels", None)
+            if n_out is None:
+                first = grid.pad_tensor(image[:1], inf.padding_mode, inf.cval)[(slice(None), slice(None), *grid.slices[0])]
+                hook.mode = "detach"
+                with torch.no_grad(), cam.autocast(sw_device):
+                    n_out = cam.select_output(run_model(cam.model, _reset(hook, first.to(sw_device)))).shape[1]
+                cam._output_channels = n_out
             hook.mode = "grad"
-            reference = torch.zeros((), device=device).expand(bsz, probe.shape[1], *spatial)
+            reference = torch.zeros((), device=device).expand(bsz, n_out, *spatial)
         if tuple(reference.shape[2:]) != spatial:
             raise MedcamError(f"the model output {tuple(reference.shape)} is not on the input grid {spatial}")
 
@@ -201,13 +223,14 @@ def explain_sliding(cam: BaseSegCAM, image: torch.Tensor, tl: list[Target], relu
             ks = sorted({k for b, i in batch for k in active[b][i]})
             blend = torch.stack([grid.blend_weight(i, sw_device) for _, i in batch])[:, None]  # [n, 1, *roi]
             zeros = torch.zeros((n_out, *grid.roi_size), device=sw_device)
-            for n_k, k in enumerate(ks):
-                gw = torch.stack(
+            gws = [
+                torch.stack(
                     [grads[k][(b, slice(None), *grid.slices[i])].to(sw_device) if k in active[b][i] else zeros
                      for b, i in batch]
                 ) * blend  # equation (1): dS/dy_w
-                (g,) = torch.autograd.grad(y, a, grad_outputs=gw.to(y.dtype), retain_graph=n_k < len(ks) - 1)
-                g = check_finite_grad(g, cam.layer_name).float()
+                for k in ks
+            ]
+            for k, gw, g in zip(ks, gws, cam.activation_grads(y, a, gws)):
                 if output is None:  # S = sum_w sum_u dS/dy_w * y_w (exact for logits)
                     per_win = (gw * y.detach().float()).flatten(1).sum(1).double().cpu()
                     for j, (b, _) in enumerate(batch):
@@ -221,6 +244,7 @@ def explain_sliding(cam: BaseSegCAM, image: torch.Tensor, tl: list[Target], relu
                     for j, (b, i) in enumerate(batch):
                         if k in active[b][i]:
                             _add(pooled.setdefault((b, k), {}), {n: v[j] for n, v in st.items()})
+            del gws
             del y, a, af
 
         # ---- pass 2 (pooled methods): forward to the layer only, for every window

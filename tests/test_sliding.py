@@ -136,6 +136,19 @@ def test_windows_outside_the_roi_are_skipped(net):
         h.remove()
     assert res.stats["windows"] == 9 and res.stats["backward_windows"] == 1
     assert calls["n"] == 2  # one probe window for the output's channel count + the one ROI window
+    calls["n"] = 0
+    h = net.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + i[0].shape[0]))
+    cam = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inferer)
+    try:
+        with torch.no_grad():
+            y = sliding_window_inference(x, (16, 16, 16), 2, net, overlap=0.0)
+        calls["n"] = 0
+        res2 = cam.explain(x, T.MaskROI(torch.sigmoid(y[0, 0]) > 2, 0), output=y)  # empty ROI: nothing runs
+        assert calls["n"] == 0 and res2.stats["backward_windows"] == 0
+        res3 = cam.explain(x, T.PredictedROI(0), output=y)  # prediction given: no prediction pass
+        assert calls["n"] == res3.stats["backward_windows"] <= 9
+    finally:
+        h.remove()
     assert torch.count_nonzero(res.maps[0, 0, 16:]) == 0  # nothing outside the ROI window
 
 

@@ -1,0 +1,286 @@
+"""BraTS cases: folder discovery (2017-2021 and 2023+ layouts or an explicit mapping) and TC/WT/ET regions.
+
+Channel order (default, fixed and documented): **T1, T1ce, T2, FLAIR** (canonical names ``t1, t1ce, t2, flair``;
+BraTS 2023+ files ``t1n, t1c, t2w, t2f`` are mapped onto them). Pass ``channel_order`` to change it, e.g.
+``("t1ce", "t1", "t2", "flair")`` for MONAI's brats_mri_segmentation bundle.
+
+Label conventions:
+
+* ``"brats2021"`` (BraTS 2017-2021): 1 necrotic/non-enhancing core (NCR), 2 oedema (ED), 4 enhancing tumour (ET);
+* ``"brats2023"`` (BraTS 2023+): 1 NETC, 2 SNFH (oedema), **3** ET.
+
+Both are converted to the three overlapping regions networks are trained on, channel order **TC, WT, ET**:
+TC = NCR + ET, WT = NCR + ED + ET, ET = ET (MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` after mapping 3 -> 4).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+from medcam.data.loading import (
+    MedcamDataError,
+    VolumeCase,
+    check_same_grid,
+    load_channels,
+    read_header,
+    read_volume,
+)
+from medcam.data.preprocessing import build_preprocessing
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+#: canonical modality names, in the default channel order
+MODALITIES: Tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+#: region channel names produced by :func:`labels_to_regions`
+REGIONS: Tuple[str, ...] = ("TC", "WT", "ET")
+#: file-name suffix per canonical modality for each layout (``<ID>_t1.nii.gz`` / ``<ID>-t1n.nii.gz``)
+LAYOUT_SUFFIXES: Dict[str, Dict[str, str]] = {
+    "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
+    "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
+}
+#: label values per convention: name -> value
+LABEL_CONVENTIONS: Dict[str, Dict[str, int]] = {
+    "brats2021": {"NCR": 1, "ED": 2, "ET": 4},
+    "brats2023": {"NETC": 1, "SNFH": 2, "ET": 3},
+}
+#: accepted aliases in explicit mappings -> canonical name
+MODALITY_ALIASES: Dict[str, str] = {
+    "t1": "t1", "t1n": "t1", "t1w": "t1", "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair", "seg": "seg", "label": "seg",
+}
+_EXTS = (".nii.gz", ".nii")
+
+
+@dataclass
+class BratsCase(VolumeCase):
+    """A preprocessed BraTS case (see :class:`~medcam.data.loading.VolumeCase`).
+
+    Extra attributes:
+        layout: "brats2021", "brats2023" or "mapping".
+        label_convention: "brats2021" (ET = 4) or "brats2023" (ET = 3), or None without label.
+        ``label`` is [3, X, Y, Z] float32 with channels TC, WT, ET (0/1).
+    """
+
+    layout: str = "mapping"
+    label_convention: Optional[str] = None
+
+
+def _match(folder: Path, suffix: str):
+    hits = []
+    for ext in _EXTS:
+        hits += sorted(p for p in folder.glob(f"*{suffix}{ext}") if p.is_file() or p.is_symlink())
+    return hits
+
+
+def discover_brats_case(folder: PathLike) -> Tuple[str, str, Dict[str, Path]]:
+    """Find the modality files of a BraTS case folder.
+
+    Detects the BraTS 2017-2021 layout (``<ID>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair``, optional ``_seg``) or the
+    2023+ layout (``<ID>-t1n.nii.gz``, ``-t1c``, ``-t2w``, ``-t2f``, optional ``-seg``); ``.nii`` is accepted too.
+
+    Returns:
+        (layout, case_id, {"t1": path, "t1ce": ..., "t2": ..., "flair": ..., ["seg": ...]}).
+
+    Raises:
+        MedcamDataError: folder missing, no layout recognised, both layouts present, or a modality missing
+            (the message names the expected file).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedcamDataError(f"BraTS case folder '{folder}' does not exist or is not a folder.")
+    found = {}
+    for layout, sufs in LAYOUT_SUFFIXES.items():
+        hits = {m: _match(folder, s) for m, s in sufs.items()}
+        if any(hits[m] for m in MODALITIES):
+            found[layout] = hits
+    if not found:
+        raise MedcamDataError(
+            f"No BraTS case found in '{folder}': expected files '<ID>_t1.nii.gz, <ID>_t1ce.nii.gz, <ID>_t2.nii.gz, "
+            "<ID>_flair.nii.gz' (BraTS 2017-2021) or '<ID>-t1n.nii.gz, <ID>-t1c.nii.gz, <ID>-t2w.nii.gz, "
+            "<ID>-t2f.nii.gz' (BraTS 2023+). Rename the files or pass an explicit mapping "
+            "{'t1': ..., 't1ce': ..., 't2': ..., 'flair': ..., 'seg': ...}."
+        )
+    if len(found) > 1:
+        raise MedcamDataError(
+            f"Folder '{folder}' mixes BraTS 2017-2021 ('_t1') and 2023+ ('-t1n') file names; keep one case layout "
+            "per folder or pass an explicit mapping."
+        )
+    layout, hits = next(iter(found.items()))
+    sufs = LAYOUT_SUFFIXES[layout]
+    first = next(hits[m][0] for m in MODALITIES if hits[m])
+    ext = next(e for e in _EXTS if first.name.endswith(e))
+    first_mod = next(m for m in MODALITIES if hits[m])
+    case_id = first.name[: -len(sufs[first_mod] + ext)]
+    paths: Dict[str, Path] = {}
+    for m in MODALITIES + ("seg",):
+        cands = [p for p in hits[m] if p.name[: -len(sufs[m]) - len(ext if p.name.endswith(ext) else ".nii")] == case_id]
+        exact = [folder / f"{case_id}{sufs[m]}{e}" for e in _EXTS]
+        exact = [p for p in exact if p.exists()]
+        if exact:
+            paths[m] = exact[0]
+        elif cands:
+            paths[m] = cands[0]
+        elif m != "seg":
+            raise MedcamDataError(
+                f"BraTS {'2017-2021' if layout == 'brats2021' else '2023+'} case '{case_id}' in '{folder}' has no "
+                f"{m.upper()} image: expected file '{folder / (case_id + sufs[m] + ext)}'."
+            )
+    logger.info("found %s case %s in %s", layout, case_id, folder)
+    return layout, case_id, paths
+
+
+def _normalise_mapping(mapping: Mapping[str, PathLike]) -> Dict[str, Path]:
+    out: Dict[str, Path] = {}
+    for key, p in mapping.items():
+        canon = MODALITY_ALIASES.get(str(key).lower())
+        if canon is None:
+            raise MedcamDataError(
+                f"Unknown modality name {key!r} in the mapping; use {sorted(set(MODALITY_ALIASES))}."
+            )
+        if canon in out:
+            raise MedcamDataError(f"Modality {canon!r} given twice in the mapping (as {key!r}).")
+        out[canon] = Path(p)
+    return out
+
+
+def infer_label_convention(values: Sequence[int]) -> str:
+    """Guess the label convention from the label values present: 4 -> "brats2021", 3 -> "brats2023".
+
+    Without 3 or 4 (no enhancing tumour) both give the same regions; "brats2021" is returned.
+
+    Raises:
+        MedcamDataError: both 3 and 4 present, or values outside {0, 1, 2, 3, 4}.
+    """
+    vals = {int(v) for v in values}
+    bad = vals - {0, 1, 2, 3, 4}
+    if bad:
+        raise MedcamDataError(f"Label map holds values {sorted(bad)}; BraTS labels are 0, 1, 2 and 4 (or 3 for 2023+).")
+    if 3 in vals and 4 in vals:
+        raise MedcamDataError("Label map holds both 3 and 4; BraTS uses 4 (2017-2021) or 3 (2023+) for ET, not both.")
+    return "brats2023" if 3 in vals else "brats2021"
+
+
+def labels_to_regions(label: Union[np.ndarray, torch.Tensor], convention: str = "brats2021") -> np.ndarray:
+    """Convert a BraTS label map to the overlapping regions TC, WT, ET.
+
+    Args:
+        label: integer label map [X, Y, Z] (or [1, X, Y, Z]).
+        convention: "brats2021" (ET = 4) or "brats2023" (ET = 3).
+
+    Returns:
+        bool array [3, X, Y, Z]: TC (labels 1 + ET), WT (1 + 2 + ET), ET.
+
+    Raises:
+        MedcamDataError: unknown convention or label values outside the convention.
+    """
+    if convention not in LABEL_CONVENTIONS:
+        raise MedcamDataError(f"Unknown label convention {convention!r}; use one of {sorted(LABEL_CONVENTIONS)}.")
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    arr = np.rint(arr).astype(np.int16)
+    allowed = {0, *LABEL_CONVENTIONS[convention].values()}
+    bad = set(np.unique(arr).tolist()) - allowed
+    if bad:
+        raise MedcamDataError(
+            f"Label values {sorted(bad)} are not valid for the {convention} convention (allowed {sorted(allowed)})."
+        )
+    if convention == "brats2023":
+        arr = np.where(arr == 3, 4, arr)
+    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(arr)).astype(bool)
+
+
+def load_brats_case(
+    source: Union[PathLike, Mapping[str, PathLike]],
+    *,
+    channel_order: Sequence[str] = MODALITIES,
+    orientation: Optional[str] = "RAS",
+    spacing: Optional[Sequence[float]] = None,
+    normalize: bool = True,
+    crop_foreground: bool = False,
+    divisible_by: Optional[int] = None,
+    load_label: bool = True,
+    label_convention: Optional[str] = None,
+    case_id: Optional[str] = None,
+) -> BratsCase:
+    """Load a BraTS case (folder in either layout, or a modality -> file mapping) and preprocess it invertibly.
+
+    Args:
+        source: case folder, or mapping with keys t1, t1ce, t2, flair and optional seg (2023 names t1n, t1c, t2w,
+            t2f accepted).
+        channel_order: order of the image channels (canonical names); default T1, T1ce, T2, FLAIR.
+        orientation, spacing, normalize, crop_foreground, divisible_by: see
+            :func:`medcam.data.preprocessing.build_preprocessing` (spacing in mm).
+        load_label: read the ``seg`` file when present.
+        label_convention: "brats2021" or "brats2023"; default from the layout (mapping: inferred from the values).
+        case_id: override the case identifier.
+
+    Returns:
+        :class:`BratsCase`: ``image`` [4, X, Y, Z] float32, ``label`` [3, X, Y, Z] (TC, WT, ET) or None,
+        ``reference_path`` = the T1 file.
+
+    Raises:
+        MedcamDataError: before any resampling, for missing modalities (naming the expected file), unreadable files,
+            grids that disagree, non-3D, all-zero or non-finite images, invalid labels.
+    """
+    if isinstance(source, Mapping):
+        paths = _normalise_mapping(source)
+        layout, cid = "mapping", case_id
+    else:
+        layout, cid, paths = discover_brats_case(source)
+    order = tuple(MODALITY_ALIASES.get(str(m).lower(), str(m)) for m in channel_order)
+    if sorted(order) != sorted(MODALITIES):
+        raise MedcamDataError(f"channel_order must be a permutation of {MODALITIES}, got {tuple(channel_order)}.")
+    for m in MODALITIES:
+        if m not in paths:
+            raise MedcamDataError(f"Missing modality {m!r} in the mapping; give a path for each of {MODALITIES}.")
+    if layout == "mapping" and cid is None:
+        from medcam.data.loading import strip_image_suffix
+
+        cid = strip_image_suffix(paths["t1"].name)
+    seg_path = paths.get("seg") if load_label else None
+    # cheap header checks of ALL files (images and label) before reading any voxel data
+    headers = [read_header(paths[m]) for m in order]
+    if seg_path is not None:
+        check_same_grid(headers + [read_header(seg_path)])
+    convention = None
+    label_mt = None
+    keys = ("image",)
+    if seg_path is not None:  # labels are small and cheap to validate: do it before reading the images
+        seg = read_volume(seg_path, is_label=True)
+        values = np.unique(seg.cpu().numpy()).astype(int)
+        try:
+            convention = label_convention or (layout if layout != "mapping" else infer_label_convention(values))
+            regions = labels_to_regions(seg, convention)
+        except MedcamDataError as exc:
+            raise MedcamDataError(f"Label file '{seg_path}': {exc}") from exc
+        label_mt = MetaTensor(torch.from_numpy(regions.astype(np.float32)), affine=seg.affine.clone(),
+                              meta={k: v for k, v in dict(seg.meta).items() if k != "affine"}
+                              | {"filename_or_obj": str(seg_path)})
+        keys = ("image", "label")
+    image, loaded = load_channels([paths[m] for m in order])
+    if label_mt is not None:
+        check_same_grid([loaded[0], type(loaded[0])(seg_path, tuple(label_mt.shape[1:]),
+                                                    np.asarray(label_mt.affine, float))])
+    transform = build_preprocessing(keys=keys, orientation=orientation, spacing=spacing, normalize=normalize,
+                                    crop_foreground=crop_foreground, divisible_by=divisible_by)
+    data = {"image": image}
+    if label_mt is not None:
+        data["label"] = label_mt
+    out = transform(data)
+    ref = paths[order[0]] if "t1" not in order else paths["t1"]
+    ref_idx = order.index("t1")
+    return BratsCase(
+        image=out["image"], label=out.get("label"), paths=dict(paths), reference_path=ref, case_id=str(case_id or cid),
+        channel_names=order, transform=transform, original_shape=tuple(loaded[ref_idx].shape),
+        original_affine=loaded[ref_idx].affine, layout=layout, label_convention=convention,
+    )

@@ -1,0 +1,113 @@
+"""3D Slicer export: .seg.nrrd readable by slicerio/pynrrd with named segments, heatmaps, colour table, scene."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+slicerio = pytest.importorskip("slicerio")
+
+from medcam.data import MedcamDataError, load_brats_case  # noqa: E402
+from medcam.data.phantoms import write_phantom_case  # noqa: E402
+from medcam.io import OutputExistsError, export_slicer_scene, safe_volume_name, write_seg_nrrd  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    folder = write_phantom_case(tmp_path_factory.mktemp("ph"), seed=5, spacing_mm=3.0, layout="brats2021")
+    case = load_brats_case(folder, spacing=(4.0, 4.0, 4.0))
+    ref = nib.load(str(case.reference_path))
+    return case, ref
+
+
+def _lps(affine):
+    return np.diag([-1.0, -1, 1, 1]) @ affine
+
+
+def test_safe_volume_names():
+    assert safe_volume_name("Seg-Grad-CAM WT") == "sgm-Grad-CAM_WT"
+    assert safe_volume_name("label/TC") == "lbl_TC"
+    assert safe_volume_name("ame_cam_ET") == "ame_cam_ET"
+
+
+def test_export_regions_scene(phantom_case, tmp_path):
+    case, ref = phantom_case
+    regions = case.invert(case.label, nearest=True)
+    heat = {"Seg-Grad-CAM WT": case.invert(case.image[3]), "TC": case.invert(case.image[1])}
+    scene = export_slicer_scene(tmp_path / "case", image_path=case.reference_path, heatmaps=heat,
+                                segmentation=regions, method="seg-grad-cam", layer="decoder.3")
+    names = sorted(p.name for p in (tmp_path / "case").iterdir())
+    assert names == ["heatmap_TC.nii.gz", "heatmap_sgm-Grad-CAM_WT.nii.gz", "image_Phantom_00005_t1.nii.gz",
+                     "medcam_heat.ctbl", "scene.mrml", "segmentation.seg.nrrd"]
+    assert not any(("seg" in n.lower() or "label" in n.lower()) for n in names if n.startswith("heatmap"))
+    # segmentation: 3 overlapping regions, each its own layer, geometry = reference in LPS
+    seg = slicerio.read_segmentation(str(tmp_path / "case" / "segmentation.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == ["TC", "WT", "ET"]
+    assert [s["layer"] for s in seg["segments"]] == [0, 1, 2]
+    assert [s["labelValue"] for s in seg["segments"]] == [1, 1, 1]
+    assert seg["segments"][2]["color"] == [1.0, 1.0, 0.2]
+    np.testing.assert_allclose(seg["ijkToLPS"], _lps(ref.affine), atol=1e-5)
+    np.testing.assert_array_equal(seg["voxels"], regions.astype(np.uint8))
+    assert regions[1].sum() > regions[0].sum() > regions[2].sum() > 0  # WT > TC > ET
+    data, header = nrrd.read(str(tmp_path / "case" / "segmentation.seg.nrrd"))
+    assert header["kinds"] == ["list", "domain", "domain", "domain"] and data.shape == (3,) + ref.shape
+    assert header["space"] == "left-posterior-superior"
+    # heatmap volumes on the reference grid with the description
+    hm = nib.load(str(tmp_path / "case" / "heatmap_sgm-Grad-CAM_WT.nii.gz"))
+    assert hm.shape == ref.shape and hm.get_data_dtype() == np.float32
+    np.testing.assert_allclose(hm.affine, ref.affine)
+    assert hm.header["descrip"].item() == b"medcam seg-grad-cam target=Seg-Grad-CAM WT layer=decoder.3"
+    # colour table: 256 entries, entry 0 transparent
+    rows = [r.split() for r in (tmp_path / "case" / "medcam_heat.ctbl").read_text().splitlines() if not r.startswith("#")]
+    assert len(rows) == 256 and rows[0][-1] == "0" and rows[255][-1] == "255"
+    # scene: every referenced file exists; slice views show image + semi-transparent heatmap with the colour table
+    root = ET.parse(scene).getroot()
+    files = [e.get("fileName") for e in root if e.get("fileName")]
+    assert sorted(files) == sorted(n for n in names if n != "scene.mrml")
+    comp = [e for e in root if e.tag == "SliceComposite"]
+    assert [e.get("layoutName") for e in comp] == ["Red", "Yellow", "Green"]
+    assert all(float(e.get("foregroundOpacity")) == 0.5 for e in comp)
+    vols = {e.get("id"): e for e in root if e.tag == "Volume"}
+    disp = {e.get("id"): e for e in root if e.tag == "VolumeDisplay"}
+    fg = vols[comp[0].get("foregroundVolumeID")]
+    assert fg.get("name") == "heatmap Seg-Grad-CAM WT"
+    assert disp[fg.get("displayNodeRef")].get("colorNodeID") == "vtkMRMLColorTableNodeMedcamHeat"
+    assert [e.get("fileName") for e in root if e.tag == "SegmentationStorage"] == ["segmentation.seg.nrrd"]
+
+
+def test_export_label_map_segments(phantom_case, tmp_path):
+    case, ref = phantom_case
+    label = np.asarray(nib.load(str(case.paths["seg"])).dataobj)
+    assert set(np.unique(label)) == {0, 1, 2, 4}
+    out = write_seg_nrrd(label, ref.affine, tmp_path / "ref.seg.nrrd")
+    seg = slicerio.read_segmentation(str(out))
+    assert [(s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == [("NCR", 1, 0), ("ED", 2, 0),
+                                                                                  ("ET", 4, 0)]
+    np.testing.assert_array_equal(seg["voxels"], label)
+    ext = seg["segments"][2]["extent"]
+    where = np.argwhere(label == 4)
+    assert ext == [int(v) for pair in zip(where.min(0), where.max(0)) for v in pair]
+    named = write_seg_nrrd(label, ref.affine, tmp_path / "named.seg.nrrd", segment_names={1: "NETC", 2: "SNFH"})
+    assert [s["name"] for s in slicerio.read_segmentation(str(named))["segments"]] == ["NETC", "SNFH", "ET"]
+
+
+def test_export_errors_and_overwrite(phantom_case, tmp_path):
+    case, ref = phantom_case
+    heat = {"WT": np.zeros(ref.shape, np.float32)}
+    with pytest.raises(MedcamDataError, match="at least one heatmap"):
+        export_slicer_scene(tmp_path / "a", image_path=case.reference_path, heatmaps={})
+    with pytest.raises(MedcamDataError, match=r"Heatmap 'WT' has shape \(3, 3, 3\)"):
+        export_slicer_scene(tmp_path / "a", image_path=case.reference_path, heatmaps={"WT": np.zeros((3, 3, 3))})
+    with pytest.raises(MedcamDataError, match="Segmentation has shape"):
+        export_slicer_scene(tmp_path / "a", image_path=case.reference_path, heatmaps=heat,
+                            segmentation=np.zeros((3, 3, 3)))
+    assert not (tmp_path / "a").exists()
+    export_slicer_scene(tmp_path / "b", image_path=case.reference_path, heatmaps=heat)
+    with pytest.raises(OutputExistsError):
+        export_slicer_scene(tmp_path / "b", image_path=case.reference_path, heatmaps=heat)
+    export_slicer_scene(tmp_path / "b", image_path=case.reference_path, heatmaps=heat, overwrite=True)
+    with pytest.raises(MedcamDataError, match="segment_names"):
+        write_seg_nrrd(np.zeros((2,) + ref.shape), ref.affine, tmp_path / "x.seg.nrrd")
