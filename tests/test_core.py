@@ -289,6 +289,16 @@ def test_clear_errors(segresnet):
     del unused
 
 
+def test_batched_and_per_target_backward_agree(segresnet):
+    x = torch.randn(1, 2, 16, 16, 16)
+    tl = [T.ClassROI(0), T.PredictedROI(1), T.ContrastROI(2, 0, 0.3)]
+    a = medcam.SegHiResGradCAM(segresnet, layer="down_layers.3", batch_targets=True)
+    b = medcam.SegHiResGradCAM(segresnet, layer="down_layers.3", batch_targets=False)
+    ma, mb = a(x, tl, relu=False), b(x, tl, relu=False)
+    assert a.batch_targets  # vmap handled SegResNet's backward
+    torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6 * float(mb.abs().max()))
+
+
 def test_normalize():
     m = torch.tensor([[[0.0, 2.0, 4.0]], [[0.0, 0.0, 0.0]]])[:, :, None]  # [2, 1, 1, 3]
     mm = medcam.normalize(m, "minmax")

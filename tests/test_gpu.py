@@ -1,0 +1,54 @@
+"""CUDA correctness (skipped without a GPU; CI has none, run it on a GPU machine): same maps as on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import SegResNet
+
+import medcam
+from medcam import targets as T
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8).eval()
+
+
+@cuda
+@pytest.mark.parametrize("cls", [medcam.SegGradCAM, medcam.SegHiResGradCAM, medcam.SegXGradCAM, medcam.SegLayerCAM])
+@pytest.mark.parametrize("sliding", [False, True])
+def test_cuda_matches_cpu(net, cls, sliding):
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 48, 40, 32)
+    tl = [T.PredictedROI(0), T.BoxROI(1, (4, 4, 4), (30, 20, 20))]
+    inf = SlidingWindowInferer(roi_size=(32, 32, 32), overlap=0.5, mode="gaussian") if sliding else None
+    ref = cls(net, layer="down_layers.3", inferer=inf).explain(x, tl)
+    gpu_net = net.to("cuda")
+    try:
+        got = cls(gpu_net, layer="down_layers.3", inferer=inf).explain(x.cuda(), tl)
+    finally:
+        net.to("cpu")
+    assert got.maps.device.type == "cuda"
+    torch.testing.assert_close(got.maps.cpu(), ref.maps, rtol=1e-3, atol=1e-3 * float(ref.maps.max()))
+    torch.testing.assert_close(got.scores, ref.scores, rtol=1e-3, atol=1e-2)
+
+
+@cuda
+def test_cuda_amp_and_cpu_stitching(net):
+    """Windows on the GPU, volume-sized buffers on the CPU (sw_device/device as in MONAI)."""
+    x = torch.randn(1, 2, 64, 48, 32)
+    gpu_net = net.to("cuda")
+    try:
+        inf = SlidingWindowInferer(roi_size=(32, 32, 32), overlap=0.25, sw_device="cuda", device="cpu")
+        res = medcam.SegHiResGradCAM(gpu_net, layer="down_layers.3", inferer=inf, amp=True).explain(x, T.ClassROI(1))
+        full = medcam.SegHiResGradCAM(gpu_net, layer="down_layers.3", inferer=inf).explain(x, T.ClassROI(1))
+    finally:
+        net.to("cpu")
+    assert res.maps.device.type == "cpu" and torch.isfinite(res.maps).all()
+    cos = torch.nn.functional.cosine_similarity(res.maps.flatten(), full.maps.flatten(), dim=0)
+    assert cos > 0.95
