@@ -1,0 +1,234 @@
+"""Map similarity measures and the cascading model-parameter randomisation test (Adebayo et al. 2018).
+
+Similarities compare maps flattened per row: ``a``, ``b`` of shape ``[..., *S]`` give ``[...]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import MedcamError
+from .thresholds import _flat, _lead, check_maps, normalize_maps
+
+__all__ = [
+    "rankdata",
+    "spearman",
+    "pearson",
+    "ssim",
+    "map_similarity",
+    "SanityResult",
+    "cascading_randomization",
+]
+
+logger = logging.getLogger(__name__)
+
+Similarity = Literal["spearman", "pearson", "ssim"]
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n along the last dim with ties given their average rank (as ``scipy.stats.rankdata``). ``[R, n]``."""
+    r, n = x.shape
+    order = torch.argsort(x, dim=1, stable=True)
+    xs = torch.gather(x, 1, order)
+    new_group = torch.ones_like(xs, dtype=torch.bool)
+    new_group[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    gid = torch.cumsum(new_group.long(), dim=1) - 1  # group id per sorted position
+    pos = torch.arange(1, n + 1, device=x.device, dtype=torch.float64).expand(r, n)
+    ngroups = n
+    sums = torch.zeros(r, ngroups, dtype=torch.float64, device=x.device).scatter_add_(1, gid, pos)
+    cnts = torch.zeros(r, ngroups, dtype=torch.float64, device=x.device).scatter_add_(1, gid, torch.ones_like(pos))
+    avg = torch.gather(sums / cnts.clamp_min(1), 1, gid)
+    ranks = torch.empty_like(avg)
+    ranks.scatter_(1, order, avg)
+    return ranks
+
+
+def _pearson_flat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.double() - a.double().mean(1, keepdim=True)
+    b = b.double() - b.double().mean(1, keepdim=True)
+    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    return torch.where(den > 0, (a * b).sum(1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor, spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_maps(a, spatial_dims, "a")
+    check_maps(b, spatial_dims, "b")
+    if a.shape != b.shape:
+        raise MedcamError(f"maps to compare have different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return a, b.to(a.device)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, spatial_dims: int = 3) -> torch.Tensor:
+    """Spearman rank correlation per map: Pearson correlation of the average ranks (ties averaged).
+
+    Args:
+        a, b: ``[..., *S]`` of equal shape.
+    Returns:
+        ``[...]`` float32 in [-1, 1]; NaN when a map is constant.
+    """
+    a, b = _pair(a, b, spatial_dims)
+    r = _pearson_flat(rankdata(_flat(a.float(), spatial_dims)), rankdata(_flat(b.float(), spatial_dims)))
+    return r.float().reshape(_lead(a, spatial_dims))
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, spatial_dims: int = 3) -> torch.Tensor:
+    """Pearson correlation per map ``cov(a, b) / (sd(a) sd(b))``; ``[..., *S] -> [...]``, NaN for a constant map."""
+    a, b = _pair(a, b, spatial_dims)
+    return _pearson_flat(_flat(a, spatial_dims), _flat(b, spatial_dims)).float().reshape(_lead(a, spatial_dims))
+
+
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    spatial_dims: int = 3,
+    normalize: Literal["minmax", "max"] | None = "minmax",
+    win_size: int = 7,
+) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per map, on maps normalised to [0, 1] (data range 1).
+
+    ``SSIM = mean_u (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2))`` with local
+    statistics over a uniform ``win_size``^d window (sample covariance), ``C1 = 0.01^2``, ``C2 = 0.03^2``, averaged
+    over the valid window positions: MONAI's ``compute_ssim_and_cs`` (uniform kernel), equal to
+    ``skimage.metrics.structural_similarity(a, b, data_range=1, win_size=7)``.
+
+    Args:
+        a, b: ``[..., *S]``, every spatial size >= ``win_size``.
+    Returns:
+        ``[...]`` float32.
+    """
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    a, b = _pair(a, b, spatial_dims)
+    spatial = tuple(a.shape[a.ndim - spatial_dims :])
+    if min(spatial) < win_size:
+        raise MedcamError(f"ssim needs every spatial size >= win_size={win_size}, got {spatial}; lower win_size")
+    an = normalize_maps(a, normalize, spatial_dims).reshape(-1, 1, *spatial)
+    bn = normalize_maps(b, normalize, spatial_dims).reshape(-1, 1, *spatial)
+    s, _ = compute_ssim_and_cs(an, bn, spatial_dims, [win_size] * spatial_dims, [1.5] * spatial_dims, 1.0, "uniform")
+    return s.flatten(1).mean(1).float().reshape(_lead(a, spatial_dims))
+
+
+def map_similarity(a: torch.Tensor, b: torch.Tensor, measure: Similarity = "spearman", spatial_dims: int = 3) -> torch.Tensor:
+    """Dispatch to :func:`spearman`, :func:`pearson` or :func:`ssim`."""
+    fns = {"spearman": spearman, "pearson": pearson, "ssim": ssim}
+    if measure not in fns:
+        raise MedcamError(f"similarity must be one of {sorted(fns)}, got {measure!r}")
+    return fns[measure](a, b, spatial_dims=spatial_dims)
+
+
+@dataclass
+class SanityResult:
+    """Cascading randomisation: step 0 is the trained model, step i has the last i layers re-initialised.
+
+    Attributes:
+        layers: names of the randomised layers, in the order they were re-initialised (output first); step i
+            (1-based) randomised ``layers[:i]``.
+        similarity: measure name -> ``[steps + 1, ...]`` similarity of each step's map with the original map.
+        maps: the maps per step if ``keep_maps`` (list of tensors), else empty.
+    """
+
+    layers: list[str]
+    similarity: dict[str, torch.Tensor]
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+
+def _reinit(module: nn.Module) -> None:
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+        return
+    for _, p in module.named_parameters(recurse=False):
+        with torch.no_grad():
+            if p.ndim >= 2:
+                nn.init.kaiming_uniform_(p)
+            else:
+                nn.init.normal_(p, std=0.1)
+
+
+def _execution_order(model: nn.Module, map_fn: Callable[[nn.Module], torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """Names of the modules holding parameters directly, in forward execution order, and the map of ``model``."""
+    order: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            handles.append(
+                mod.register_forward_hook(lambda m, i, o, name=name: order.append(name) if name not in order else None)
+            )
+    try:
+        m0 = map_fn(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, m0
+
+
+def cascading_randomization(
+    model: nn.Module,
+    map_fn: Callable[[nn.Module], torch.Tensor],
+    layers: Sequence[str] | None = None,
+    measures: Sequence[Similarity] = ("spearman", "ssim"),
+    spatial_dims: int = 3,
+    seed: int = 0,
+    keep_maps: bool = False,
+) -> SanityResult:
+    """Cascading model-parameter randomisation test (Adebayo et al. 2018, "Sanity checks for saliency maps").
+
+    A deep copy of ``model`` is randomised layer by layer from the output backwards (each layer keeps its
+    randomisation as the next is added: cascading) with the layers' own ``reset_parameters`` (PyTorch default
+    initialisation; BatchNorm statistics are reset too); after each step ``map_fn(copy)`` is compared with the map of
+    the trained model. A trustworthy method's similarity must drop. The user's model is never modified; the global
+    RNG state is restored.
+
+    Args:
+        model: the trained model.
+        map_fn: ``map_fn(model) -> maps [..., *S]`` (e.g. ``lambda m: SegGradCAM(m, layer)(image, targets)``); it is
+            also run once with forward hooks to find the execution order of the parametrised modules.
+        layers: dotted module names to randomise, output first (default: every module that owns parameters,
+            in reverse execution order).
+        measures: similarity measures (``"spearman"``, ``"ssim"``, ``"pearson"``) with the original map.
+        seed: seed of the re-initialisation.
+        keep_maps: also return the maps of every step.
+    Returns:
+        :class:`SanityResult`; ``similarity[m][0]`` compares the trained model with itself (1 unless ``map_fn`` is
+        random).
+    """
+    for m in measures:
+        if m not in ("spearman", "pearson", "ssim"):
+            raise MedcamError(f"unknown similarity measure {m!r}; use 'spearman', 'pearson' or 'ssim'")
+    net = copy.deepcopy(model)
+    names = dict(net.named_modules())
+    if layers is not None:
+        missing = [n for n in layers if n not in names]
+        if missing:
+            raise MedcamError(f"layers {missing} are not modules of the model; see medcam.list_layers(model)")
+        layer_list = list(layers)
+        m0 = map_fn(net)
+    else:
+        order, m0 = _execution_order(net, map_fn)
+        layer_list = list(reversed(order))
+        if not layer_list:
+            raise MedcamError("the model has no parameters to randomise")
+    if not isinstance(m0, torch.Tensor):
+        raise MedcamError(f"map_fn must return a tensor, got {type(m0).__name__}")
+    m0 = m0.detach()
+    sims: dict[str, list[torch.Tensor]] = {m: [map_similarity(m0, m0, m, spatial_dims)] for m in measures}
+    maps = [m0] if keep_maps else []
+    cuda_devs = sorted({p.device.index or 0 for p in net.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda_devs):
+        torch.manual_seed(seed)
+        for name in layer_list:
+            for sub in names[name].modules():
+                if any(True for _ in sub.parameters(recurse=False)):
+                    _reinit(sub)
+            mi = map_fn(net).detach()
+            for m in measures:
+                sims[m].append(map_similarity(m0, mi, m, spatial_dims))
+            if keep_maps:
+                maps.append(mi)
+            logger.debug("randomised %s", name)
+    return SanityResult(layers=layer_list, similarity={k: torch.stack(v) for k, v in sims.items()}, maps=maps)

@@ -1,0 +1,126 @@
+"""Deletion / insertion curves, average drop / increase and the score function, against hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medcam.errors import MedcamError
+from medcam.metrics import (
+    average_drop_increase,
+    deletion_curve,
+    insertion_curve,
+    make_baseline,
+    make_score_fn,
+    perturbation_curve,
+)
+
+
+def _sum_score(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+IMG = torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 1, 4)  # [Cin=1, 1, 1, 4]
+SAL = torch.tensor([0.1, 0.4, 0.3, 0.2]).reshape(1, 1, 4)  # order: voxel 1, 2, 3, 0
+
+
+def test_deletion_and_insertion_hand_values():
+    d = deletion_curve(IMG, SAL, _sum_score, steps=4)
+    assert torch.allclose(d.fractions, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))
+    assert d.scores.tolist() == [[10.0, 8.0, 5.0, 1.0, 0.0]]
+    assert d.auc.item() == pytest.approx(0.25 * (9 + 6.5 + 3 + 0.5))
+    i = insertion_curve(IMG, SAL, _sum_score, steps=4)
+    assert i.scores.tolist() == [[0.0, 2.0, 5.0, 9.0, 10.0]]
+    assert i.auc.item() == pytest.approx(0.25 * (1 + 3.5 + 7 + 9.5))
+    # constant baseline 1: deletion replaces removed voxels by 1
+    d1 = deletion_curve(IMG, SAL, _sum_score, steps=4, baseline=1.0)
+    assert d1.scores.tolist() == [[10.0, 9.0, 7.0, 4.0, 4.0]]
+
+
+def test_several_maps_are_batched_and_chunked():
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape[0])
+        return _sum_score(x)
+
+    sal = torch.stack([SAL, SAL.flip(-1)])
+    r = perturbation_curve(IMG[None], sal, fn, steps=4, batch_size=3)
+    assert r.scores.shape == (2, 5)
+    assert max(calls) == 3 and sum(calls) == 10
+    # flipped saliency [0.2, 0.3, 0.4, 0.1]: order voxel 2 (3), 1 (2), 0 (1), 3 (4)
+    assert r.scores[1].tolist() == [10.0, 7.0, 5.0, 4.0, 0.0]
+
+
+def test_make_score_fn_matches_direct_computation():
+    torch.manual_seed(0)
+    model = nn.Conv3d(2, 3, 3, padding=1).eval()
+    x = torch.randn(5, 2, 4, 5, 6)
+    w = torch.rand(1, 3, 4, 5, 6)
+    fn = make_score_fn(model, w, batch_size=2)
+    with torch.no_grad():
+        ref = (model(x) * w).flatten(1).sum(1)
+    assert torch.allclose(fn(x), ref, atol=1e-5)
+    fs = make_score_fn(model, w[0], activation="sigmoid")
+    with torch.no_grad():
+        ref = (torch.sigmoid(model(x)) * w).flatten(1).sum(1)
+    assert torch.allclose(fs(x), ref, atol=1e-5)
+    with pytest.raises(MedcamError, match="does not match"):
+        make_score_fn(model, torch.rand(2, 4, 5, 6))(x)
+
+
+def test_linear_model_true_contribution_beats_random_maps():
+    torch.manual_seed(0)
+    model = nn.Conv3d(2, 2, 3, padding=1, bias=False).eval()
+    x = torch.randn(1, 2, 8, 8, 8)
+    w = torch.zeros(1, 2, 8, 8, 8)
+    w[:, 1, 2:6, 2:6, 2:6] = 1.0  # ROI on channel 1
+    xg = x.clone().requires_grad_(True)
+    (model(xg) * w).sum().backward()
+    contribution = (xg.grad * x).sum(1)[0]  # exact per-voxel contribution of a linear, bias-free model
+    fn = make_score_fn(model, w, batch_size=16)
+    # the curve at full deletion is 0 and the contributions sum to the score (linear model, baseline 0)
+    assert fn(x).item() == pytest.approx(contribution.sum().item(), rel=1e-4)
+    rand = torch.rand(5, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = deletion_curve(x, torch.cat([contribution[None], rand]), fn, steps=16)
+    assert res.scores[:, -1].abs().max() < 1e-4
+    assert (res.auc[0] < res.auc[1:]).all()
+    ins = insertion_curve(x, torch.cat([contribution[None], rand]), fn, steps=16)
+    assert (ins.auc[0] > ins.auc[1:]).all()
+
+
+def test_average_drop_and_increase_hand_values():
+    # score = sum(W x) with W = [1, 1, 1, 1] (map 0) -> Y = 10; L = [1, 0, .5, 0] -> O = 1 + 1.5 = 2.5
+    sal = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 2.0]]).reshape(2, 1, 1, 4)
+    r = average_drop_increase(IMG, sal, _sum_score)
+    assert r["drop_percent"][0].item() == pytest.approx(75.0)
+    assert r["masked_score"].tolist() == [2.5, 4.0]
+    assert r["increase"].tolist() == [0.0, 0.0]
+    wts = torch.tensor([0.0, -1.0, 0.0, 1.0]).reshape(1, 1, 1, 4)
+    r2 = average_drop_increase(IMG, sal, lambda x: (x * wts).flatten(1).sum(1))
+    # Y = 4 - 2 = 2; map 1 keeps only voxel 3 -> O = 4 > Y
+    assert r2["drop_percent"][1].item() == 0.0 and r2["increase"][1].item() == 1.0
+    r3 = average_drop_increase(IMG, sal, lambda x: -_sum_score(x))
+    assert torch.isnan(r3["drop_percent"]).all()
+
+
+def test_baselines():
+    from scipy.ndimage import gaussian_filter
+
+    img = torch.rand(2, 6, 7, 8, generator=torch.Generator().manual_seed(0))
+    blur = make_baseline(img, "blur", blur_sigma=1.0)
+    ref = np.stack([gaussian_filter(img[c].double().numpy(), 1.0, mode="nearest", truncate=3.0) for c in range(2)])
+    assert np.allclose(blur.numpy(), ref, atol=1e-5)
+    assert torch.allclose(make_baseline(img, "mean")[1], img[1].mean().expand(6, 7, 8))
+    assert make_baseline(img, "zero").abs().sum() == 0
+    with pytest.raises(MedcamError, match="baseline"):
+        make_baseline(img, "noise")
+
+
+def test_bad_inputs_fail_early():
+    with pytest.raises(MedcamError, match="spatial shape"):
+        deletion_curve(IMG, torch.rand(1, 1, 5), _sum_score)
+    with pytest.raises(MedcamError, match="one case"):
+        deletion_curve(torch.rand(2, 1, 1, 1, 4), SAL, _sum_score)
+    with pytest.raises(MedcamError, match="mode"):
+        perturbation_curve(IMG, SAL, _sum_score, mode="erase")
