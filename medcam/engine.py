@@ -97,7 +97,9 @@ class BaseSegCAM:
         output_index: which element to explain when the model returns a tuple/list (e.g. deep supervision).
         progress: show a tqdm bar over windows (sliding-window mode).
         batch_targets: differentiate several targets in one batched backward pass (``is_grads_batched``, vmap) rather
-            than one pass each; falls back to one pass each if the network has an op vmap cannot batch.
+            than one pass each; falls back to one pass each if the network has an op vmap cannot batch. Off by
+            default: on an H100 (SegResNet, 128^3 windows, sw_batch 4, 3 targets) it was no faster and raised peak
+            memory from 2.6x to 4.5x inference.
     """
 
     #: True for methods whose map is formed element-wise (HiResCAM, LayerCAM); False for pooled channel weights.
@@ -120,7 +122,7 @@ class BaseSegCAM:
         upsampler: Upsampler | None = None,
         output_index: int = 0,
         progress: bool = False,
-        batch_targets: bool = True,
+        batch_targets: bool = False,
     ):
         self.model = check_hookable(model)
         if score not in ("logits", "probability"):
