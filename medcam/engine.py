@@ -136,6 +136,7 @@ class BaseSegCAM:
         self.output_index = output_index
         self.amp, self.amp_dtype, self.progress = amp, amp_dtype, progress
         self.batch_targets = batch_targets
+        self._output_channels: int | None = None  # learnt from one window by the sliding-window engine
         self._layer_spec = layer
         if layer == "auto":
             self.layer_name: str | None = None

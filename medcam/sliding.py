@@ -40,7 +40,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices, get_val
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import BlendMode, PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .engine import BaseSegCAM, CAMResult, check_finite_grad, run_model, weighted_channel_sum
 from .errors import MedcamError
@@ -170,7 +170,7 @@ def explain_sliding(
         else:
             # logits score with a prediction-free ROI: only the output's shape is needed; one window tells the
             # channel count (once per explainer), and a zero-stride tensor stands in for the blended output
-            n_out = getattr(cam, "_output_channels", None)
+            n_out = cam._output_channels
             if n_out is None:
                 first = grid.pad_tensor(image[:1], inf.padding_mode, inf.cval)[(slice(None), slice(None), *grid.slices[0])]
                 hook.mode = "detach"
