@@ -34,7 +34,35 @@ def test_rankdata_and_spearman_match_scipy_with_ties():
     exp = [spearmanr(a[i].ravel(), b[i].ravel()).statistic for i in range(3)]
     assert np.allclose(got.numpy(), exp, atol=1e-5)
     assert np.allclose(pearson(ta, tb).numpy(), [np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(3)], atol=1e-5)
-    assert math.isnan(spearman(torch.ones(1, 3, 3, 3), ta[:1, :3, :3, :3]).item())
+    assert spearman(torch.ones(1, 3, 3, 3), ta[:1, :3, :3, :3]).item() == 0.0  # dead map: see the next test
+
+
+def test_constant_maps_follow_the_documented_convention():
+    g = torch.Generator().manual_seed(0)
+    live = torch.zeros(2, 9, 9, 9)
+    live[:, 2:6, 3:7, 1:5] = torch.rand(2, 4, 4, 4, generator=g) + 0.1  # sparse ReLU-like maps
+    dead = torch.zeros(2, 9, 9, 9)
+    const = torch.full((2, 9, 9, 9), 0.1)  # constant but not zero; float mean residuals must not matter
+    for fn in (spearman, pearson, ssim):
+        # exactly one constant map: 0 (the map changed completely), both constant: 1 (same up to intensity)
+        assert fn(dead, live).tolist() == [0.0, 0.0] and fn(live, const).tolist() == [0.0, 0.0], fn
+        assert fn(dead, const).tolist() == [1.0, 1.0] and fn(dead, dead).tolist() == [1.0, 1.0], fn
+        assert torch.isnan(fn(dead, live, constant="nan")).all() and torch.isnan(fn(dead, dead, constant="nan")).all()
+        assert fn(live, live).tolist() == pytest.approx([1.0, 1.0])  # untouched for non-constant maps
+        with pytest.raises(MedcamError, match="constant"):
+            fn(dead, live, constant="zero")
+    # mixed batch: only the constant row is replaced
+    mixed = torch.stack([live[0], dead[0]])
+    assert spearman(live, mixed).tolist() == pytest.approx([1.0, 0.0])
+    # why SSIM needs the convention: the shared zero background alone would make a dead map look similar
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    sparse = torch.zeros(1, 16, 16, 16)
+    sparse[:, :4, :4, :4] = torch.rand(4, 4, 4, generator=g) + 0.5
+    sparse /= sparse.max()
+    zero = torch.zeros_like(sparse)[:, None]
+    raw, _ = compute_ssim_and_cs(zero, sparse[:, None], 3, [7] * 3, [1.5] * 3, 1.0, "uniform")
+    assert raw.mean().item() > 0.5 and ssim(torch.zeros_like(sparse), sparse).item() == 0.0
 
 
 def test_ssim_matches_skimage():
@@ -92,6 +120,35 @@ def test_cascading_randomization_order_similarity_and_no_mutation():
     assert torch.allclose(bad.similarity["spearman"], torch.ones(3, 1))
     with pytest.raises(MedcamError, match="not modules"):
         cascading_randomization(model, lambda m: x[:, 0], layers=["nope"])
+
+
+def test_cascading_randomization_flags_dead_maps_and_thins_steps(caplog):
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    w_head = model.head.weight.detach().clone()
+
+    def dies_when_head_random(m):  # a "method" whose map is dead (all zero) once the head is re-initialised
+        live = _grad_x_input(m, x)
+        return live if torch.equal(m.head.weight, w_head) else torch.zeros_like(live)
+
+    res = cascading_randomization(model, dies_when_head_random, seed=1)
+    assert res.steps == [0, 1, 2, 3]
+    assert res.constant.reshape(-1).tolist() == [False, True, True, True]
+    for meas in ("spearman", "ssim"):
+        assert res.similarity[meas].reshape(-1).tolist()[1:] == [0.0, 0.0, 0.0]  # not NaN: no silent nanmean drop
+    # max_steps: every layer is still randomised in cascade, maps only at evenly spaced steps (last included)
+    thin = cascading_randomization(model, lambda m: _grad_x_input(m, x), seed=1, max_steps=2, keep_maps=True)
+    full = cascading_randomization(model, lambda m: _grad_x_input(m, x), seed=1, keep_maps=True)
+    assert thin.steps == [0, 2, 3] and thin.layers == full.layers and len(thin.maps) == 3
+    assert torch.allclose(thin.maps[1], full.maps[2]) and torch.allclose(thin.maps[2], full.maps[3])
+    with pytest.raises(MedcamError, match="max_steps"):
+        cascading_randomization(model, lambda m: _grad_x_input(m, x), max_steps=0)
+    # a dead ORIGINAL map makes the test uninformative: flagged and warned about
+    with caplog.at_level("WARNING", logger="medcam.metrics.sanity"):
+        d = cascading_randomization(model, lambda m: torch.zeros(1, 8, 8, 8), layers=["head"])
+    assert d.constant.reshape(-1).tolist() == [True, True] and "uninformative" in caplog.text
+    assert d.similarity["spearman"].reshape(-1).tolist() == [1.0, 1.0]
 
 
 def test_add_noise_strengths():

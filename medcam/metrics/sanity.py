@@ -1,6 +1,20 @@
 """Map similarity measures and the cascading model-parameter randomisation test (Adebayo et al. 2018).
 
 Similarities compare maps flattened per row: ``a``, ``b`` of shape ``[..., *S]`` give ``[...]``.
+
+Constant ("dead") maps. A CAM is often exactly constant (all zeros after the ReLU: a dead map), e.g. after the
+randomisation of a sanity check. Correlation and structure are undefined for a constant map (zero variance), so
+every similarity here follows one documented convention (``constant="convention"``, the default):
+
+* exactly one of the two maps is constant -> similarity ``0.0`` (no shared rank order or structure: the map has
+  changed completely; this is also the limit of a nearly constant map, whose noise fills [0, 1] after the min-max
+  normalisation and decorrelates it);
+* both maps are constant -> ``1.0`` (they are equal up to the affine change of intensity that every measure here
+  ignores).
+
+``constant="nan"`` returns NaN instead whenever a map is constant (the mathematical value; aggregate with
+``nanmean`` and count the NaNs yourself). "Constant" means max == min exactly over the map; :class:`SanityResult`
+also flags the constant maps of every randomisation step (``constant``).
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from .thresholds import _flat, _lead, check_maps, normalize_maps
 
 __all__ = [
     "rankdata",
+    "is_constant",
     "spearman",
     "pearson",
     "ssim",
@@ -29,6 +44,26 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Similarity = Literal["spearman", "pearson", "ssim"]
+ConstantPolicy = Literal["convention", "nan"]
+
+
+def is_constant(maps: torch.Tensor, spatial_dims: int = 3) -> torch.Tensor:
+    """True per map where every value is the same (max == min): ``[..., *S] -> [...]`` bool."""
+    check_maps(maps, spatial_dims)
+    flat = _flat(maps, spatial_dims)
+    return (flat.amax(1) == flat.amin(1)).reshape(_lead(maps, spatial_dims))
+
+
+def _apply_constant_policy(
+    sim: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spatial_dims: int, constant: ConstantPolicy
+) -> torch.Tensor:
+    """Replace the similarity of constant maps by the module's convention (or NaN); ``sim`` is ``[...]``."""
+    if constant not in ("convention", "nan"):
+        raise MedcamError(f"constant must be 'convention' or 'nan', got {constant!r}")
+    ca, cb = is_constant(a, spatial_dims).to(sim.device), is_constant(b, spatial_dims).to(sim.device)
+    if constant == "nan":
+        return torch.where(ca | cb, torch.full_like(sim, float("nan")), sim)
+    return torch.where(ca & cb, torch.ones_like(sim), torch.where(ca | cb, torch.zeros_like(sim), sim))
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -64,23 +99,35 @@ def _pair(a: torch.Tensor, b: torch.Tensor, spatial_dims: int) -> tuple[torch.Te
     return a, b.to(a.device)
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor, spatial_dims: int = 3) -> torch.Tensor:
+def spearman(
+    a: torch.Tensor, b: torch.Tensor, spatial_dims: int = 3, constant: ConstantPolicy = "convention"
+) -> torch.Tensor:
     """Spearman rank correlation per map: Pearson correlation of the average ranks (ties averaged).
 
     Args:
         a, b: ``[..., *S]`` of equal shape.
+        constant: ``"convention"`` (default): a constant (dead) map has similarity 0 with a non-constant map and
+            1 with another constant map; ``"nan"``: NaN whenever a map is constant (see the module docstring).
     Returns:
-        ``[...]`` float32 in [-1, 1]; NaN when a map is constant.
+        ``[...]`` float32 in [-1, 1].
     """
     a, b = _pair(a, b, spatial_dims)
     r = _pearson_flat(rankdata(_flat(a.float(), spatial_dims)), rankdata(_flat(b.float(), spatial_dims)))
-    return r.float().reshape(_lead(a, spatial_dims))
+    r = r.float().reshape(_lead(a, spatial_dims))
+    return _apply_constant_policy(r, a, b, spatial_dims, constant)
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor, spatial_dims: int = 3) -> torch.Tensor:
-    """Pearson correlation per map ``cov(a, b) / (sd(a) sd(b))``; ``[..., *S] -> [...]``, NaN for a constant map."""
+def pearson(
+    a: torch.Tensor, b: torch.Tensor, spatial_dims: int = 3, constant: ConstantPolicy = "convention"
+) -> torch.Tensor:
+    """Pearson correlation per map ``cov(a, b) / (sd(a) sd(b))``; ``[..., *S] -> [...]``.
+
+    A constant map follows ``constant`` as in :func:`spearman` (0 against a non-constant map, 1 against a constant
+    one; NaN with ``constant="nan"``).
+    """
     a, b = _pair(a, b, spatial_dims)
-    return _pearson_flat(_flat(a, spatial_dims), _flat(b, spatial_dims)).float().reshape(_lead(a, spatial_dims))
+    r = _pearson_flat(_flat(a, spatial_dims), _flat(b, spatial_dims)).float().reshape(_lead(a, spatial_dims))
+    return _apply_constant_policy(r, a, b, spatial_dims, constant)
 
 
 def ssim(
@@ -89,6 +136,7 @@ def ssim(
     spatial_dims: int = 3,
     normalize: Literal["minmax", "max"] | None = "minmax",
     win_size: int = 7,
+    constant: ConstantPolicy = "convention",
 ) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004) per map, on maps normalised to [0, 1] (data range 1).
 
@@ -97,8 +145,14 @@ def ssim(
     over the valid window positions: MONAI's ``compute_ssim_and_cs`` (uniform kernel), equal to
     ``skimage.metrics.structural_similarity(a, b, data_range=1, win_size=7)``.
 
+    A constant (dead) map follows ``constant`` as in :func:`spearman`: 0 against a non-constant map, 1 against a
+    constant one (NaN with ``constant="nan"``). Without this convention a dead map would score high against any
+    sparse CAM (their shared zero background counts as perfectly similar windows), which would make a sanity check
+    whose randomised map dies look as if the map had not changed.
+
     Args:
         a, b: ``[..., *S]``, every spatial size >= ``win_size``.
+        constant: ``"convention"`` or ``"nan"``.
     Returns:
         ``[...]`` float32.
     """
@@ -111,15 +165,22 @@ def ssim(
     an = normalize_maps(a, normalize, spatial_dims).reshape(-1, 1, *spatial)
     bn = normalize_maps(b, normalize, spatial_dims).reshape(-1, 1, *spatial)
     s, _ = compute_ssim_and_cs(an, bn, spatial_dims, [win_size] * spatial_dims, [1.5] * spatial_dims, 1.0, "uniform")
-    return s.flatten(1).mean(1).float().reshape(_lead(a, spatial_dims))
+    s = s.flatten(1).mean(1).float().reshape(_lead(a, spatial_dims))
+    return _apply_constant_policy(s, a, b, spatial_dims, constant)
 
 
-def map_similarity(a: torch.Tensor, b: torch.Tensor, measure: Similarity = "spearman", spatial_dims: int = 3) -> torch.Tensor:
-    """Dispatch to :func:`spearman`, :func:`pearson` or :func:`ssim`."""
+def map_similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    measure: Similarity = "spearman",
+    spatial_dims: int = 3,
+    constant: ConstantPolicy = "convention",
+) -> torch.Tensor:
+    """Dispatch to :func:`spearman`, :func:`pearson` or :func:`ssim` (same constant-map convention)."""
     fns = {"spearman": spearman, "pearson": pearson, "ssim": ssim}
     if measure not in fns:
         raise MedcamError(f"similarity must be one of {sorted(fns)}, got {measure!r}")
-    return fns[measure](a, b, spatial_dims=spatial_dims)
+    return fns[measure](a, b, spatial_dims=spatial_dims, constant=constant)
 
 
 @dataclass
@@ -129,13 +190,20 @@ class SanityResult:
     Attributes:
         layers: names of the randomised layers, in the order they were re-initialised (output first); step i
             (1-based) randomised ``layers[:i]``.
-        similarity: measure name -> ``[steps + 1, ...]`` similarity of each step's map with the original map.
+        similarity: measure name -> ``[steps + 1, ...]`` similarity of each step's map with the original map
+            (constant maps follow the module's convention: 0 against a non-constant original map).
+        constant: ``[steps + 1, ...]`` bool, True where that step's map is constant (dead, e.g. all zero after
+            the ReLU); step 0 is the original map, and if it is constant the whole test is uninformative.
         maps: the maps per step if ``keep_maps`` (list of tensors), else empty.
+        steps: number of layers randomised at each row (``[0, 1, 2, ...]``; thinned out with ``max_steps``): row
+            ``j`` randomised ``layers[:steps[j]]``.
     """
 
     layers: list[str]
     similarity: dict[str, torch.Tensor]
+    constant: torch.Tensor | None = None
     maps: list[torch.Tensor] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
 
 
 def _reinit(module: nn.Module) -> None:
@@ -175,6 +243,7 @@ def cascading_randomization(
     spatial_dims: int = 3,
     seed: int = 0,
     keep_maps: bool = False,
+    max_steps: int | None = None,
 ) -> SanityResult:
     """Cascading model-parameter randomisation test (Adebayo et al. 2018, "Sanity checks for saliency maps").
 
@@ -193,10 +262,15 @@ def cascading_randomization(
         measures: similarity measures (``"spearman"``, ``"ssim"``, ``"pearson"``) with the original map.
         seed: seed of the re-initialisation.
         keep_maps: also return the maps of every step.
+        max_steps: compute the map after at most this many cascade steps, evenly spaced over the layers and always
+            including the last (every layer still gets randomised in cascade; only the costly ``map_fn`` calls are
+            thinned out): for networks with dozens of parametrised modules. None: after every layer.
     Returns:
         :class:`SanityResult`; ``similarity[m][0]`` compares the trained model with itself (1 unless ``map_fn`` is
-        random).
+        random); ``steps`` says how many layers were randomised at each row.
     """
+    if max_steps is not None and int(max_steps) < 1:
+        raise MedcamError(f"max_steps must be >= 1 (or None for every layer), got {max_steps}")
     for m in measures:
         if m not in ("spearman", "pearson", "ssim"):
             raise MedcamError(f"unknown similarity measure {m!r}; use 'spearman', 'pearson' or 'ssim'")
@@ -216,19 +290,40 @@ def cascading_randomization(
     if not isinstance(m0, torch.Tensor):
         raise MedcamError(f"map_fn must return a tensor, got {type(m0).__name__}")
     m0 = m0.detach()
+    check_maps(m0, spatial_dims, "map_fn(model)")
     sims: dict[str, list[torch.Tensor]] = {m: [map_similarity(m0, m0, m, spatial_dims)] for m in measures}
+    dead = [is_constant(m0, spatial_dims)]
+    if bool(dead[0].any()):
+        logger.warning(
+            "cascading_randomization: the trained model's map is constant (dead) for %d of %d maps; the test is "
+            "uninformative for them (similarity 0 against any non-constant randomised map)",
+            int(dead[0].sum()), dead[0].numel(),
+        )
     maps = [m0] if keep_maps else []
+    n = len(layer_list)
+    if max_steps is None or int(max_steps) >= n:
+        checkpoints = set(range(1, n + 1))
+    else:
+        checkpoints = {max(1, round(j * n / int(max_steps))) for j in range(1, int(max_steps) + 1)}
+    steps = [0]
     cuda_devs = sorted({p.device.index or 0 for p in net.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devs):
         torch.manual_seed(seed)
-        for name in layer_list:
+        for i, name in enumerate(layer_list, 1):
             for sub in names[name].modules():
                 if any(True for _ in sub.parameters(recurse=False)):
                     _reinit(sub)
+            logger.debug("randomised %s", name)
+            if i not in checkpoints:
+                continue
+            steps.append(i)
             mi = map_fn(net).detach()
             for m in measures:
                 sims[m].append(map_similarity(m0, mi, m, spatial_dims))
+            dead.append(is_constant(mi, spatial_dims))
             if keep_maps:
                 maps.append(mi)
-            logger.debug("randomised %s", name)
-    return SanityResult(layers=layer_list, similarity={k: torch.stack(v) for k, v in sims.items()}, maps=maps)
+    return SanityResult(
+        layers=layer_list, similarity={k: torch.stack(v) for k, v in sims.items()}, constant=torch.stack(dead),
+        maps=maps, steps=steps,
+    )
