@@ -21,6 +21,10 @@ _LAZY = {
     "save_heatmap": "medcam.io",
     "export_slicer_scene": "medcam.io",
     "save_overlay_png": "medcam.io",
+    "evaluate": "medcam.evaluation",
+    "evaluate_cohort": "medcam.evaluation",
+    "write_results": "medcam.evaluation",
+    "metrics": None,
 }
 
 
@@ -28,6 +32,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        if _LAZY[name] is None:  # a subpackage
+            return importlib.import_module(f"medcam.{name}")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'medcam' has no attribute {name!r}")
 

@@ -299,6 +299,17 @@ def test_batched_and_per_target_backward_agree(segresnet):
     torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6 * float(mb.abs().max()))
 
 
+def test_non_finite_gradient_is_a_clear_error():
+    net = LinearHeadNet()
+    with torch.no_grad():
+        net.head.weight[0, 0] = float("inf")
+    before = _model_state(net)
+    with pytest.raises(medcam.ModelError, match="NaN/inf"):
+        medcam.SegHiResGradCAM(net, layer="feat")(torch.randn(1, 2, 8, 8, 8), T.ClassROI(0))
+    after = _model_state(net)
+    assert before[:4] == after[:4]
+
+
 def test_normalize():
     m = torch.tensor([[[0.0, 2.0, 4.0]], [[0.0, 0.0, 0.0]]])[:, :, None]  # [2, 1, 1, 3]
     mm = medcam.normalize(m, "minmax")
