@@ -25,6 +25,8 @@ _LAZY = {
     "evaluate_cohort": "medcam.evaluation",
     "write_results": "medcam.evaluation",
     "metrics": None,
+    "amecam": None,
+    "AMECAM": "medcam.amecam",
 }
 
 
