@@ -211,10 +211,10 @@ def _reference_masks(ref_spec: str, case: Any, specs: Sequence[Any]) -> list[Any
         raise EvaluateError(f"--reference {ref_spec!r}: expected auto, none, TC/WT/ET or mask:FILE "
                             f"(a mask on the original image grid){'' if not path else f'; file {path!r} not found'}")
     from .errors import MedcamError
-    from .pipeline import TargetSpec, _mask_on_case_grid
+    from .pipeline import TargetSpec, mask_on_case_grid
 
     try:
-        arr = _mask_on_case_grid(case, TargetSpec(f"mask:{path}", "mask", 0, "reference", path=path))
+        arr = mask_on_case_grid(case, TargetSpec(f"mask:{path}", "mask", 0, "reference", path=path))
     except MedcamError as e:
         raise EvaluateError(str(e).replace("--target", "--reference", 1)) from e
     return [torch.from_numpy(arr) > 0] * len(specs)
@@ -263,7 +263,6 @@ def run_evaluation(
     from .evaluation import EvaluationResult, check_outputs, evaluate, write_results
     from .methods import METHODS
     from .pipeline import (
-        _spacing,
         build_targets,
         default_targets,
         discover_cases,
@@ -271,6 +270,7 @@ def run_evaluation(
         load_model,
         make_inferer,
         parse_targets,
+        spacing_of,
     )
 
     method_list = list(dict.fromkeys(m.lower() for m in _split(methods))) or ["gradcam", "hirescam"]
@@ -348,7 +348,7 @@ def run_evaluation(
             image = image[None].float().to(dev)
             res = evaluate(
                 loaded.net, image, tl, methods=method_list, layers=layer_list,
-                reference=refs if "localisation" in case_metrics else None, spacing=_spacing(case.image.affine),
+                reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
                 metrics=case_metrics, threshold=thr, tolerance_mm=tolerance_mm, steps=steps, baseline=base,
                 batch_size=batch_size, road_percentiles=percentiles, output_activation=loaded.activation,
                 inferer=inferer, consensus=consensus, sanity_max_steps=sanity_steps, case_id=src.case_id,

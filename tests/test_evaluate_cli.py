@@ -96,7 +96,7 @@ def test_evaluate_writes_table_with_case_labels_as_reference(tiny_demo, case_dir
     # independent recomputation of one cell: the reference of target WT is the case's own WT label
     import medcam
     from medcam.metrics import localisation_scores
-    from medcam.pipeline import _spacing, build_targets, load_case, load_model, make_inferer, parse_targets
+    from medcam.pipeline import spacing_of, build_targets, load_case, load_model, make_inferer, parse_targets
 
     loaded = load_model("demo")
     case = load_case(case_dir, loaded)
@@ -104,7 +104,7 @@ def test_evaluate_writes_table_with_case_labels_as_reference(tiny_demo, case_dir
     cam = medcam.SegHiResGradCAM(loaded.net, "down_layers.3", inferer=make_inferer(loaded.roi_size))
     m = cam(case.image.as_tensor()[None].float(), tl)[0, 0]
     wt = case.label.as_tensor()[1] > 0
-    loc = localisation_scores(m[None], wt[None], "otsu", spacing=_spacing(case.image.affine))
+    loc = localisation_scores(m[None], wt[None], "otsu", spacing=spacing_of(case.image.affine))
     got = next(float(r_["value"]) for r_ in rows
                if (r_["method"], r_["target"], r_["metric"]) == ("hirescam", "WT", "energy_pointing_game"))
     assert got == pytest.approx(loc["energy_pointing_game"].item(), rel=1e-4, abs=1e-6)

@@ -1,0 +1,86 @@
+"""The functions behind the ``medcam`` command line: load a model, parse target specs, explain cases and cohorts.
+
+Everything here is usable from Python too::
+
+    from medcam.pipeline import load_model, parse_targets, load_case, explain_case
+
+    loaded = load_model("demo")                                   # or "pkg.module:factory", or a bundle folder
+    case = load_case("BraTS2021_00000/", loaded)                  # preprocessed with the model's settings
+    specs = parse_targets(["ET", "WT:class", "TC:component=largest"], loaded.regions)
+    summary = explain_case(case, loaded, ["hirescam"], specs, out_dir="out/BraTS2021_00000")
+
+Per case the output folder holds (all written atomically; an existing case folder is never overwritten unless
+``overwrite=True``)::
+
+    <case>/summary.json                    targets, ROI voxel counts, scores, layer, timings, versions
+    <case>/heatmaps/<method>_<target>.nii.gz  float32 maps on the ORIGINAL image grid (shape + affine of the input)
+    <case>/overlays/<method>_<target>.png  axial/coronal/sagittal overlays (preprocessed grid) with the ROI contour
+    <case>/slicer/scene.mrml ...           self-contained 3D Slicer folder (see :mod:`medcam.io.slicer`)
+
+Target specs (``parse_target``), for a model whose output channels are named by ``regions`` (demo/BraTS:
+TC = 0, WT = 1, ET = 2, sigmoid outputs):
+
+* ``ET`` or ``ET:predicted`` - the voxels the model predicts as ET (``sigmoid(y) > threshold``), score on logits;
+* ``ET:class`` - every voxel of the ET channel (the original Seg-Grad-CAM target);
+* ``ET:component=largest`` / ``ET:component=2`` - one connected component of the predicted ET region, ``N`` = rank by
+  size starting at 1 (1 = largest);
+* ``mask:lesion.nii.gz[:WT]`` - a binary mask (non-zero = ROI) given ON THE ORIGINAL IMAGE GRID (same shape and
+  affine as the input images); it is mapped to the preprocessed grid by MONAI ``ResampleToMatch`` with
+  nearest-neighbour interpolation, i.e. the geometry of the case's own preprocessing. Region default: WT when the
+  model has such a region, else the model must have a single output channel;
+* ``box:x0,y0,z0:x1,y1,z1[:WT]`` - a box of voxel indices of the ORIGINAL grid, ``x0 <= i < x1`` (half-open), mapped
+  like a mask;
+* ``channel:N[:predicted|class|component=...]`` - the same by output channel number, for any model.
+
+Modules: :mod:`~medcam.pipeline.models` (model loading), :mod:`~medcam.pipeline.target_specs` (``--target``
+parsing), :mod:`~medcam.pipeline.cases` (case discovery and loading), :mod:`~medcam.pipeline.run` (explaining cases
+and cohorts), :mod:`~medcam.pipeline.errors` (:class:`PipelineError`); everything is re-exported here.
+"""
+
+from __future__ import annotations
+
+from .cases import CaseSource, discover_cases, load_case, split_parts
+from .common import PathLike
+from .errors import PipelineError
+from .models import LoadedModel, load_model, load_state_dict_file
+from .run import (
+    METHOD_LABELS,
+    SUMMARY_NAME,
+    explain_case,
+    explain_cohort,
+    json_key,
+    make_inferer,
+    predict,
+    read_summary,
+    spacing_of,
+    versions,
+)
+from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
+
+__all__ = [
+    "LoadedModel",
+    "TargetSpec",
+    "CaseSource",
+    "PipelineError",
+    "METHOD_LABELS",
+    "load_model",
+    "parse_target",
+    "parse_targets",
+    "default_targets",
+    "build_targets",
+    "discover_cases",
+    "load_case",
+    "make_inferer",
+    "predict",
+    "explain_case",
+    "explain_cohort",
+    "split_parts",
+    "versions",
+    "load_state_dict_file",
+    "read_summary",
+    "json_key",
+    "SUMMARY_NAME",
+    "PathLike",
+    "spacing_of",
+    "mask_on_case_grid",
+]

@@ -1,0 +1,182 @@
+"""Case discovery: BraTS folders, cohorts, CSV manifests and image files; loading cases; splitting cohorts."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .common import PathLike
+from .errors import PipelineError
+from .models import LoadedModel
+
+logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """Where one case comes from.
+
+    Attributes:
+        case_id: identifier (output sub-folder name).
+        kind: ``"brats_folder"``, ``"brats_mapping"`` or ``"volumes"``.
+        source: folder path, modality -> path mapping, or list of channel files.
+    """
+
+    case_id: str
+    kind: str
+    source: Any
+
+    def describe(self) -> Any:
+        if isinstance(self.source, Mapping):
+            return {k: str(v) for k, v in self.source.items()}
+        if isinstance(self.source, (list, tuple)):
+            return [str(v) for v in self.source]
+        return str(self.source)
+
+
+_BRATS_KEYS = {"t1", "t1n", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f"}
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_id(name: str) -> str:
+    out = _SAFE_ID.sub("_", name).strip("._")
+    return out or "case"
+
+
+def _read_manifest(path: Path) -> list[CaseSource]:
+    """CSV with a header: optional ``case_id``; either ``folder`` (a BraTS case folder) or one column per channel.
+
+    Channel columns named t1, t1ce, t2, flair (2023 names accepted; optional ``seg``) make a BraTS case; any other
+    columns are image files in column order. Relative paths are relative to the CSV's folder.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PipelineError(f"cannot read manifest '{path}' ({type(e).__name__}: {e})") from e
+    if not rows:
+        raise PipelineError(f"manifest '{path}' has no rows (expected a header line and one line per case)")
+    base = path.parent
+    cases = []
+    for i, row in enumerate(rows, start=2):
+        row = {str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+        cid = row.pop("case_id", "") or row.pop("case", "")
+        row.pop("case", None)
+
+        def p(v: str) -> Path:
+            q = Path(v).expanduser()
+            return q if q.is_absolute() else base / q
+
+        if row.get("folder"):
+            folder = p(row["folder"])
+            cases.append(CaseSource(_safe_id(cid or folder.name), "brats_folder", folder))
+            continue
+        cols = {k: v for k, v in row.items() if v and k != "folder"}
+        if not cols:
+            raise PipelineError(f"manifest '{path}' line {i}: no 'folder' and no image columns")
+        if set(cols) - {"seg", "label"} <= _BRATS_KEYS and len(set(cols) - {"seg", "label"}) == 4:
+            mapping = {k: p(v) for k, v in cols.items()}
+            from ..data.loading import strip_image_suffix
+
+            first = next(iter(mapping.values()))
+            cases.append(CaseSource(_safe_id(cid or strip_image_suffix(first.name)), "brats_mapping", mapping))
+        else:
+            files = [p(v) for k, v in cols.items() if k not in ("seg", "label")]
+            from ..data.loading import strip_image_suffix
+
+            cases.append(CaseSource(_safe_id(cid or strip_image_suffix(files[0].name)), "volumes", files))
+    return cases
+
+
+def discover_cases(inputs: Sequence[PathLike]) -> list[CaseSource]:
+    """Turn the ``explain`` inputs into cases.
+
+    * one folder that is a BraTS case (``<ID>_t1.nii.gz`` ... or ``<ID>-t1n.nii.gz`` ...) -> that case;
+    * one folder whose sub-folders are BraTS cases -> a cohort (sorted by name; other sub-folders are ignored
+      with a warning);
+    * one ``.csv`` file -> a manifest (see :func:`_read_manifest`);
+    * image files -> ONE case whose channels are the files in the order given.
+
+    Raises:
+        PipelineError: missing path, folder with no case, mixed kinds, duplicate case ids.
+    """
+    from ..data.brats import discover_brats_case
+    from ..data.loading import MedcamDataError, strip_image_suffix
+
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise PipelineError("no input given: pass a BraTS case folder, a folder of cases, a CSV manifest or image files")
+    for p in paths:
+        if not p.exists():
+            raise PipelineError(f"input '{p}' does not exist")
+    cases: list[CaseSource]
+    if len(paths) == 1 and paths[0].is_file() and paths[0].suffix.lower() == ".csv":
+        cases = _read_manifest(paths[0])
+    elif len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        try:
+            _, cid, _ = discover_brats_case(folder)
+            cases = [CaseSource(_safe_id(cid), "brats_folder", folder)]
+        except MedcamDataError as first_error:
+            subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+            cases = []
+            for d in subs:
+                try:
+                    _, cid, _ = discover_brats_case(d)
+                except MedcamDataError as e:
+                    logger.warning("ignoring folder %s: %s", d, str(e).splitlines()[0])
+                    continue
+                cases.append(CaseSource(_safe_id(d.name if cid in ("", None) else cid), "brats_folder", d))
+            if not cases:
+                raise PipelineError(f"no BraTS case in '{folder}' nor in its sub-folders: {first_error}") from None
+    else:
+        if any(p.is_dir() for p in paths) and len(paths) > 1:
+            raise PipelineError("give either one folder (a case or a folder of cases), one CSV manifest, or image files")
+        if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
+            raise PipelineError(f"manifest '{paths[0]}' is not a file")
+        cases = [CaseSource(_safe_id(strip_image_suffix(paths[0].name)), "volumes", list(paths))]
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise PipelineError(f"duplicate case ids {dup[:5]}: give each case a distinct case_id (manifest column)")
+    return cases
+
+
+def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
+    """Load and preprocess one case with the model's settings (channel order, orientation, spacing, ...).
+
+    Returns:
+        :class:`~medcam.data.BratsCase` or :class:`~medcam.data.VolumeCase` (``image`` ``[C, X, Y, Z]``).
+    """
+    from ..data import load_brats_case, load_volumes
+
+    if not isinstance(source, CaseSource):
+        found = discover_cases([source])
+        if len(found) != 1:
+            raise PipelineError(f"'{source}' holds {len(found)} cases; load them one at a time")
+        source = found[0]
+    pre = dict(model.preprocessing)
+    if source.kind in ("brats_folder", "brats_mapping"):
+        case = load_brats_case(source.source, channel_order=model.channel_order, case_id=source.case_id, **pre)
+    else:
+        case = load_volumes(list(source.source), case_id=source.case_id, **pre)
+    if model.in_channels is not None and case.image.shape[0] != model.in_channels:
+        raise PipelineError(
+            f"case {source.case_id} has {case.image.shape[0]} channels but the model takes {model.in_channels}"
+        )
+    return case
+
+
+
+def split_parts(cases: Sequence[CaseSource], num_parts: int = 1, part_id: int = 0) -> list[CaseSource]:
+    """The cases of part ``part_id`` out of ``num_parts`` (cases sorted by id, then every ``num_parts``-th)."""
+    if num_parts < 1:
+        raise PipelineError(f"--num-parts must be >= 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise PipelineError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return ordered[part_id::num_parts]

@@ -1,0 +1,322 @@
+"""Model loading: the demo network, ``module:function`` factories with a checkpoint, MONAI bundles."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .common import PathLike, _jsonable
+from .errors import PipelineError
+
+logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
+
+
+@dataclass
+class LoadedModel:
+    """A network ready to explain, with what the pipeline needs to know about it.
+
+    Attributes:
+        net: the eager ``nn.Module`` (eval mode) mapping ``[B, Cin, *S]`` to ``[B, C, *S]`` logits.
+        kind: ``"demo"``, ``"factory"`` or ``"bundle"``.
+        spec: the ``--model`` string as given.
+        checkpoint: weights file loaded, or None.
+        regions: names of the C output channels (e.g. ``("TC", "WT", "ET")``), or ``()`` when unknown.
+        activation: the model's output activation, ``"sigmoid"`` (multi-label) or ``"softmax"``.
+        channel_order: BraTS modality order of the input channels (used when the input is a BraTS case).
+        preprocessing: keyword arguments for ``load_brats_case`` / ``load_volumes`` (orientation, spacing mm, ...).
+        default_layer: layer explained when none is given (``"auto"`` = the bottleneck).
+        roi_size: default sliding-window size, or None for whole-image explanation.
+        in_channels: number of input channels if known.
+    """
+
+    net: nn.Module
+    kind: str
+    spec: str
+    checkpoint: str | None = None
+    regions: tuple[str, ...] = ()
+    activation: str = "sigmoid"
+    channel_order: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    default_layer: str = "auto"
+    roi_size: tuple[int, ...] | None = None
+    in_channels: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description for ``summary.json``."""
+        return {
+            "kind": self.kind,
+            "spec": self.spec,
+            "checkpoint": self.checkpoint,
+            "class": type(self.net).__name__,
+            "parameters": int(sum(p.numel() for p in self.net.parameters())),
+            "regions": list(self.regions),
+            "activation": self.activation,
+            "channel_order": list(self.channel_order),
+            "preprocessing": _jsonable(self.preprocessing),
+        }
+
+
+def _first_conv_channels(net: nn.Module) -> int | None:
+    conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """True for a ``torch.jit.save`` archive (a zip holding ``constants.pkl`` / ``code/``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+_TORCHSCRIPT_HINT = (
+    "is a TorchScript file; medcam needs the eager network to attach hooks. Build it in Python and load the "
+    "weights: --model your_package.module:build_network --checkpoint weights.pt (a state_dict), or point --model at "
+    "a MONAI bundle folder (configs/inference.json + models/model.pt)"
+)
+
+
+def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint holding a ``state_dict`` (plain, or under ``state_dict``/``model``/``network``).
+
+    ``torch.load(weights_only=True)``: no code from the file is executed. A ``module.`` prefix (DataParallel) is
+    stripped.
+
+    Raises:
+        ModelError: missing/unreadable file, TorchScript archive, pickled module, no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint '{path}' does not exist")
+    if _is_torchscript_archive(path):
+        raise ModelError(f"checkpoint '{path}' {_TORCHSCRIPT_HINT}")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot read checkpoint '{path}' as a state_dict ({type(e).__name__}: {first[:200]}); medcam loads "
+            "weights only (torch.save(model.state_dict(), path)), never pickled modules"
+        ) from e
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "network", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint '{path}' holds no state_dict (a dict of tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_weights(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        own = set(net.state_dict())
+        missing = sorted(own - set(state))[:3]
+        unexpected = sorted(set(state) - own)[:3]
+        detail = f"missing keys {missing}, unexpected keys {unexpected}" if missing or unexpected else (
+            str(e).strip().splitlines()[-1].strip()[:200])
+        raise ModelError(f"weights in '{source}' do not fit the network {type(net).__name__}: {detail}") from e
+
+
+def _import_factory(spec: str) -> Callable[[], Any]:
+    """``pkg.module:function`` or ``path/to/file.py:function`` -> the callable."""
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name or not fn_name.isidentifier():
+        raise PipelineError(f"--model {spec!r}: expected 'demo', 'package.module:function', 'file.py:function' or a "
+                            "MONAI bundle folder")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise PipelineError(f"--model {spec!r}: file '{path}' does not exist")
+            mspec = importlib.util.spec_from_file_location(f"medcam_factory_{path.stem}", path)
+            module = importlib.util.module_from_spec(mspec)
+            assert mspec.loader is not None
+            mspec.loader.exec_module(module)
+        else:
+            if str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(mod_name)
+    except PipelineError:
+        raise
+    except ImportError as e:
+        raise PipelineError(f"--model {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+        raise PipelineError(f"--model {spec!r}: importing {mod_name!r} failed ({type(e).__name__}: {e})") from e
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        raise PipelineError(f"--model {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def _check_eager(net: Any, what: str) -> nn.Module:
+    if isinstance(net, torch.jit.ScriptModule):
+        raise ModelError(f"{what} {_TORCHSCRIPT_HINT}")
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"{what} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _load_bundle(folder: Path) -> tuple[nn.Module, str]:
+    """Instantiate ``network_def`` of ``configs/inference.json`` and load ``models/model.pt`` (no download)."""
+    cfg = next((folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")
+                if (folder / "configs" / n).is_file()), None)
+    if cfg is None:
+        raise PipelineError(f"'{folder}' is not a MONAI bundle: configs/inference.json is missing")
+    weights = folder / "models" / "model.pt"
+    if not weights.is_file():
+        ts = folder / "models" / "model.ts"
+        hint = f" (only models/model.ts, which {_TORCHSCRIPT_HINT.removeprefix('is ')})" if ts.is_file() else ""
+        raise PipelineError(f"MONAI bundle '{folder}' has no models/model.pt{hint}")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(cfg))
+        parser["bundle_root"] = str(folder.resolve())
+        key = "network_def" if "network_def" in parser.get() else ("network" if "network" in parser.get() else None)
+        if key is None:
+            raise PipelineError(f"bundle config '{cfg}' defines no 'network_def'")
+        net = parser.get_parsed_content(key, instantiate=True)
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MONAI raises many types for bad configs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PipelineError(f"cannot build 'network_def' from '{cfg}' ({type(e).__name__}: {first[:200]})") from e
+    net = _check_eager(net, f"bundle '{folder}' network_def")
+    _load_weights(net, load_state_dict_file(weights), str(weights))
+    return net, str(weights)
+
+
+def load_model(
+    spec: str = "demo",
+    *,
+    checkpoint: PathLike | None = None,
+    device: str | torch.device = "cpu",
+    regions: Sequence[str] | None = None,
+    activation: str | None = None,
+    channel_order: Sequence[str] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    roi_size: Sequence[int] | None = None,
+    layer: str | None = None,
+    weights: bool = True,
+) -> LoadedModel:
+    """Load the network to explain.
+
+    Args:
+        spec: ``"demo"`` (the shipped SegResNet, :mod:`medcam.models.demo`), ``"pkg.module:function"`` or
+            ``"file.py:function"`` (a factory called without arguments that returns the eager ``nn.Module``), or a
+            MONAI bundle folder (``configs/inference.json`` whose ``network_def`` is instantiated with
+            ``monai.bundle.ConfigParser``, weights from ``models/model.pt``). Nothing is downloaded.
+        checkpoint: ``state_dict`` file for a factory model (``torch.load(weights_only=True)``).
+        device: where to put the network.
+        regions: names of the output channels (default: demo/BraTS ``TC, WT, ET`` for the demo, none otherwise).
+        activation: ``"sigmoid"`` or ``"softmax"`` (default sigmoid).
+        channel_order: BraTS modality order of the input channels (default T1, T1ce, T2, FLAIR; MONAI's
+            brats_mri_segmentation bundle needs ``("t1ce", "t1", "t2", "flair")``).
+        preprocessing: overrides of the ``load_brats_case``/``load_volumes`` keyword arguments.
+        roi_size: sliding-window size (demo default :data:`~medcam.models.demo.DEMO_ROI_SIZE`; else whole image).
+        layer: default layer (demo default :data:`~medcam.models.demo.DEMO_LAYER`; else ``"auto"``).
+        weights: False builds the demo architecture without loading weights (for ``medcam layers``).
+
+    Returns:
+        :class:`LoadedModel` with the network in eval mode on ``device``.
+
+    Raises:
+        PipelineError / ModelError: with a one-line reason (missing file, TorchScript, bad factory, key mismatch).
+    """
+    if activation is not None and activation not in ("sigmoid", "softmax"):
+        raise PipelineError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    pre: dict[str, Any] = {"orientation": "RAS", "spacing": None, "normalize": True, "crop_foreground": False,
+                           "divisible_by": None}
+    spec = str(spec)
+    if spec == "demo":
+        from ..models import demo
+
+        if checkpoint is not None:
+            net = _check_eager(demo.demo_network(), "demo")
+            _load_weights(net, load_state_dict_file(checkpoint), str(checkpoint))
+            ckpt = str(checkpoint)
+        elif weights:
+            try:
+                net = demo.load_demo_model("cpu")
+            except FileNotFoundError as e:
+                raise ModelError(str(e)) from e
+            ckpt = f"medcam.models.weights/{demo.DEMO_WEIGHTS}"
+        else:
+            net, ckpt = demo.demo_network(), None
+        pre.update(demo.demo_preprocessing_kwargs())
+        # the brain fits in one window once cropped to its bounding box: several times faster, same maps
+        pre["crop_foreground"] = True
+        loaded = LoadedModel(
+            net=net, kind="demo", spec=spec, checkpoint=ckpt, regions=tuple(demo.DEMO_REGIONS), activation="sigmoid",
+            channel_order=tuple(demo.DEMO_CHANNELS), default_layer=demo.DEMO_LAYER,
+            roi_size=tuple(demo.DEMO_ROI_SIZE), in_channels=len(demo.DEMO_CHANNELS),
+        )
+    elif Path(spec).is_dir():
+        if checkpoint is not None:
+            raise PipelineError("--checkpoint is for factory models; a bundle's weights are its models/model.pt")
+        net, ckpt = _load_bundle(Path(spec))
+        loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt)
+    elif Path(spec).is_file():
+        if _is_torchscript_archive(Path(spec)):
+            raise ModelError(f"--model '{spec}' {_TORCHSCRIPT_HINT}")
+        raise PipelineError(
+            f"--model '{spec}' is a file; give the network as 'package.module:function' (or 'file.py:function') and "
+            "the weights with --checkpoint, or a MONAI bundle folder"
+        )
+    elif ":" in spec:
+        factory = _import_factory(spec)
+        try:
+            net = factory()
+        except Exception as e:  # noqa: BLE001 - the user's factory failed
+            raise PipelineError(f"--model {spec!r}: calling the factory failed ({type(e).__name__}: {e})") from e
+        net = _check_eager(net, f"--model {spec!r}")
+        ckpt = None
+        if checkpoint is not None:
+            _load_weights(net, load_state_dict_file(checkpoint), str(checkpoint))
+            ckpt = str(checkpoint)
+        else:
+            logger.warning("no --checkpoint given: explaining %s with the weights its factory returned", spec)
+        loaded = LoadedModel(net=net, kind="factory", spec=spec, checkpoint=ckpt)
+    else:
+        raise PipelineError(
+            f"--model {spec!r} not found: expected 'demo', 'package.module:function', 'file.py:function' or a MONAI "
+            "bundle folder (configs/inference.json + models/model.pt)"
+        )
+    loaded.preprocessing = pre
+    if preprocessing:
+        unknown = set(preprocessing) - set(pre)
+        if unknown:
+            raise PipelineError(f"unknown preprocessing options {sorted(unknown)}; use {sorted(pre)}")
+        loaded.preprocessing.update({k: v for k, v in preprocessing.items()})
+    if regions is not None:
+        loaded.regions = tuple(str(r) for r in regions)
+    if activation is not None:
+        loaded.activation = activation
+    if channel_order is not None:
+        loaded.channel_order = tuple(str(c).lower() for c in channel_order)
+    if roi_size is not None:
+        loaded.roi_size = tuple(int(s) for s in roi_size) or None
+    if layer is not None:
+        loaded.default_layer = layer
+    if loaded.in_channels is None:
+        loaded.in_channels = _first_conv_channels(loaded.net)
+    loaded.net = loaded.net.to(device).eval()
+    return loaded
+

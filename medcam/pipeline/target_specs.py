@@ -1,0 +1,227 @@
+"""Target specs: parsing ``--target`` strings (``ET``, ``TC:component=largest``, ``mask:``, ``box:``) into targets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import TargetError
+from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A parsed ``--target``.
+
+    Attributes:
+        text: the spec as given.
+        kind: ``"predicted"``, ``"class"``, ``"component"``, ``"mask"`` or ``"box"``.
+        channel: output channel.
+        region: the channel's name (``"ET"``) or ``"ch<N>"``.
+        rank: component rank (1 = largest) for ``"component"``.
+        path: mask file (ORIGINAL image grid) for ``"mask"``.
+        box: ``((x0, y0, z0), (x1, y1, z1))`` voxel indices of the ORIGINAL grid, half-open, for ``"box"``.
+    """
+
+    text: str
+    kind: str
+    channel: int
+    region: str
+    rank: int | None = None
+    path: str | None = None
+    box: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def name(self) -> str:
+        """File-name-safe short name: ``ET``, ``ET-class``, ``ET-component1``, ``mask-lesion-WT``, ``box-WT``."""
+        if self.kind == "predicted":
+            return self.region
+        if self.kind == "class":
+            return f"{self.region}-class"
+        if self.kind == "component":
+            return f"{self.region}-component{self.rank}"
+        if self.kind == "mask":
+            from ..data.loading import strip_image_suffix
+
+            stem = re.sub(r"[^A-Za-z0-9]+", "", strip_image_suffix(Path(str(self.path)).name))[:20] or "roi"
+            return f"mask-{stem}-{self.region}"
+        return f"box-{self.region}"
+
+
+def _channel_of(token: str, regions: Sequence[str], spec: str) -> tuple[int, str]:
+    lower = [r.lower() for r in regions]
+    if token.lower() in lower:
+        i = lower.index(token.lower())
+        return i, regions[i]
+    m = re.fullmatch(r"(?:channel[:=]?|ch)(\d+)", token.strip(), flags=re.IGNORECASE)
+    if m:
+        i = int(m.group(1))
+        if regions and i >= len(regions):
+            raise TargetError(f"--target {spec!r}: channel {i} is out of range for regions {', '.join(regions)}")
+        return i, regions[i] if regions else f"ch{i}"
+    names = ", ".join(regions) if regions else "none (this model's regions are unnamed; pass --regions)"
+    raise TargetError(
+        f"--target {spec!r}: unknown region {token!r}; known regions: {names}; or use channel:N"
+    )
+
+
+def _default_region(regions: Sequence[str], spec: str) -> tuple[int, str]:
+    if "WT" in regions:
+        return regions.index("WT"), "WT"
+    if len(regions) == 1:
+        return 0, regions[0]
+    raise TargetError(f"--target {spec!r}: say which output region the ROI is on, e.g. {spec}:{regions[0] if regions else 'channel:0'}")
+
+
+def parse_target(spec: str, regions: Sequence[str] = ()) -> TargetSpec:
+    """Parse one ``--target`` string (grammar in the module docstring).
+
+    Args:
+        spec: e.g. ``"ET"``, ``"WT:predicted"``, ``"TC:component=largest"``, ``"ET:class"``, ``"channel:2"``,
+            ``"mask:roi.nii.gz:WT"``, ``"box:10,20,30:40,50,60:ET"``.
+        regions: names of the model's output channels, in order.
+
+    Raises:
+        TargetError: unknown region name, bad mode, bad box, missing mask file.
+    """
+    text = spec.strip()
+    if not text:
+        raise TargetError("--target is empty; e.g. --target ET")
+    regions = tuple(regions)
+    head = text.split(":", 1)[0].lower()
+    if head == "mask":
+        rest = text[5:]
+        region_token = None
+        if ":" in rest:
+            path_part, last = rest.rsplit(":", 1)
+            if last and not last.lower().endswith((".nii", ".gz", ".nrrd", ".mha", ".mhd")):
+                rest, region_token = path_part, last
+        if not rest:
+            raise TargetError(f"--target {spec!r}: give the mask file, e.g. mask:lesion.nii.gz:WT")
+        if not Path(rest).exists():
+            raise TargetError(f"--target {spec!r}: mask file '{rest}' does not exist")
+        ch, reg = _channel_of(region_token, regions, spec) if region_token else _default_region(regions, spec)
+        return TargetSpec(text, "mask", ch, reg, path=str(rest))
+    if head == "box":
+        parts = text.split(":")
+        if len(parts) not in (3, 4):
+            raise TargetError(f"--target {spec!r}: expected box:x0,y0,z0:x1,y1,z1[:REGION]")
+        try:
+            start = tuple(int(v) for v in parts[1].split(","))
+            stop = tuple(int(v) for v in parts[2].split(","))
+        except ValueError as e:
+            raise TargetError(f"--target {spec!r}: box corners must be integers, e.g. box:10,20,30:40,50,60:WT") from e
+        if len(start) != 3 or len(stop) != 3 or any(a < 0 or a >= b for a, b in zip(start, stop)):
+            raise TargetError(f"--target {spec!r}: need 3 integers per corner with 0 <= x0 < x1 (half-open box)")
+        ch, reg = _channel_of(parts[3], regions, spec) if len(parts) == 4 else _default_region(regions, spec)
+        return TargetSpec(text, "box", ch, reg, box=(start, stop))
+    # REGION[:mode] or channel:N[:mode]
+    parts = text.split(":")
+    if parts[0].lower() == "channel":
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise TargetError(f"--target {spec!r}: expected channel:N[:predicted|class|component=largest|N]")
+        token, modes = f"ch{parts[1]}", parts[2:]
+    else:
+        token, modes = parts[0], parts[1:]
+    ch, reg = _channel_of(token, regions, spec)
+    if len(modes) > 1:
+        raise TargetError(f"--target {spec!r}: too many ':' parts; e.g. ET, ET:class, ET:component=largest")
+    mode = modes[0].strip().lower() if modes else "predicted"
+    if mode == "predicted":
+        return TargetSpec(text, "predicted", ch, reg)
+    if mode == "class":
+        return TargetSpec(text, "class", ch, reg)
+    m = re.fullmatch(r"component(?:=(largest|\d+))?", mode)
+    if m:
+        val = m.group(1) or "largest"
+        rank = 1 if val == "largest" else int(val)
+        if rank < 1:
+            raise TargetError(f"--target {spec!r}: component ranks start at 1 (1 = largest)")
+        return TargetSpec(text, "component", ch, reg, rank=rank)
+    raise TargetError(
+        f"--target {spec!r}: unknown mode {modes[0]!r}; use predicted, class, component=largest or component=N"
+    )
+
+
+def parse_targets(specs: Iterable[str], regions: Sequence[str] = ()) -> list[TargetSpec]:
+    """Parse several specs; duplicates are refused (they would write the same files)."""
+    out = [parse_target(s, regions) for s in specs]
+    names = [t.name for t in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TargetError(f"targets {dup} are given twice (or map to the same output name)")
+    if not out:
+        raise TargetError("no targets given: pass e.g. --target ET")
+    return out
+
+
+def default_targets(regions: Sequence[str]) -> list[TargetSpec]:
+    """The predicted region of every named output channel (demo: TC, WT, ET)."""
+    if not regions:
+        raise TargetError("no --target given and the model's output channels are unnamed: pass --target channel:N "
+                          "or name the channels with --regions")
+    return parse_targets(list(regions), regions)
+
+
+def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
+    """A mask/box given on the ORIGINAL grid -> float32 0/1 ``[X', Y', Z']`` on the preprocessed grid."""
+    from monai.data import MetaTensor
+    from monai.transforms import ResampleToMatch
+
+    from ..data.loading import check_same_grid, read_header, read_volume
+
+    ref = read_header(case.reference_path)
+    if spec.kind == "mask":
+        hdr = read_header(spec.path)
+        try:
+            check_same_grid([ref, hdr])
+        except Exception as e:
+            raise TargetError(
+                f"--target {spec.text!r}: the mask must be on the original image grid of case {case.case_id} "
+                f"(shape {ref.shape}, same affine as '{ref.path.name}'); got shape {hdr.shape}"
+                + ("" if hdr.shape != ref.shape else " with a different affine")
+            ) from e
+        vol = read_volume(spec.path, is_label=True)
+        arr = (vol.as_tensor() != 0).float()[None]
+        if not bool(arr.any()):
+            raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
+    else:
+        start, stop = spec.box
+        if any(b > s for b, s in zip(stop, ref.shape)):
+            raise TargetError(f"--target {spec.text!r}: box stop {stop} lies outside the image grid {ref.shape}")
+        box = np.zeros(ref.shape, np.float32)
+        box[tuple(slice(a, b) for a, b in zip(start, stop))] = 1
+        arr = torch.from_numpy(box)[None]
+    src = MetaTensor(arr, affine=torch.as_tensor(np.asarray(case.original_affine, float)))
+    dst = MetaTensor(case.image[:1].as_tensor(), affine=case.image.affine)
+    out = ResampleToMatch(mode="nearest", padding_mode="zeros")(src, img_dst=dst)
+    res = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out)[0].astype(np.float32)
+    if not res.any():
+        raise TargetError(f"--target {spec.text!r}: the ROI falls outside the preprocessed field of view")
+    return res
+
+
+def build_targets(specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid",
+                  threshold: float | None = None) -> list[Target]:
+    """Targets for ``case`` (masks and boxes resampled onto ``case.image``'s grid).
+
+    Returns:
+        one :class:`~medcam.targets.Target` per spec, in order.
+    """
+    out: list[Target] = []
+    for s in specs:
+        if s.kind == "predicted":
+            out.append(PredictedROI(s.channel, activation=activation, threshold=threshold))
+        elif s.kind == "class":
+            out.append(ClassROI(s.channel))
+        elif s.kind == "component":
+            out.append(ComponentROI(s.channel, which=int(s.rank) - 1, activation=activation, threshold=threshold))
+        else:
+            out.append(MaskROI(mask_on_case_grid(case, s), s.channel))
+    return out
+
