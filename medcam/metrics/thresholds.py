@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from ..errors import MedcamError
+from ..normalize import normalize
 
 __all__ = [
     "check_maps",
@@ -74,18 +75,10 @@ def normalize_maps(
     check_maps(maps, spatial_dims)
     if mode is None:
         return maps.float()
-    flat = _flat(maps.float(), spatial_dims)
-    if mode == "minmax":
-        lo = flat.min(dim=1, keepdim=True).values
-        rng = flat.max(dim=1, keepdim=True).values - lo
-    elif mode == "max":
-        lo = torch.zeros_like(flat[:, :1])
-        rng = flat.max(dim=1, keepdim=True).values
-    else:
+    if mode not in ("minmax", "max"):
         raise MedcamError(f"normalisation mode must be 'minmax', 'max' or None, got {mode!r}")
-    ok = rng > eps
-    out = torch.where(ok, (flat - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(flat))
-    return out.reshape(maps.shape)
+    flat = _flat(maps.float(), spatial_dims)  # [N, prod(S)]: one row per map
+    return normalize(flat[:, None], mode, eps).reshape(maps.shape)
 
 
 def percentile_threshold(maps: torch.Tensor, q: float, spatial_dims: int = 3) -> torch.Tensor:
