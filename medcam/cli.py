@@ -143,17 +143,12 @@ def _split_list(values: Sequence[str]) -> list[str]:
 
 
 def _device(name: str) -> str:
-    import torch
+    from .pipeline import PipelineError, resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise click.BadParameter(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
+        return resolve_device(name)
+    except PipelineError as e:
+        _fail(str(e))
 
 
 # ---------------------------------------------------------------------------------------------------- group

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -246,19 +246,12 @@ class BaseSegCAM:
             dtype = torch.bfloat16 if bf16_ok else torch.float16
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    def hooked(self, mode: Literal["grad", "detach", "stop"] = "grad") -> "contextlib.AbstractContextManager":
-        """Model state preserved + the layer hooked; yields the :class:`ActivationHook`."""
+    @contextlib.contextmanager
+    def hooked(self, mode: Literal["grad", "detach", "stop"] = "grad") -> Iterator[ActivationHook]:
+        """Model state preserved + the layer hooked; yields the :class:`ActivationHook` (both undone on exit)."""
         assert self.layer_module is not None and self.layer_name is not None
-        stack = contextlib.ExitStack()
-        stack.enter_context(preserved_model_state(self.model))
-        hook = stack.enter_context(ActivationHook(self.layer_module, self.layer_name, mode))
-
-        @contextlib.contextmanager
-        def ctx():
-            with stack:
-                yield hook
-
-        return ctx()
+        with preserved_model_state(self.model), ActivationHook(self.layer_module, self.layer_name, mode) as hook:
+            yield hook
 
     def forward(self, x: torch.Tensor, hook: ActivationHook) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward with the layer hooked in grad mode: ``(y [B, C, *S] with graph from A, A [B, K, *f] leaf)``."""

@@ -114,17 +114,12 @@ def _baseline(text: str) -> str | float:
 
 
 def _device(name: str) -> str:
-    import torch
+    from .pipeline import PipelineError, resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise EvaluateError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluateError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
+        return resolve_device(name)
+    except PipelineError as e:
+        raise EvaluateError(str(e)) from None
 
 
 def _ints3(text: str | None, what: str) -> tuple[int, ...] | None:

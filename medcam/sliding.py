@@ -42,7 +42,7 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import BlendMode, PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
 from tqdm import tqdm
 
-from .engine import BaseSegCAM, CAMResult, check_finite_grad, run_model, weighted_channel_sum
+from .engine import BaseSegCAM, CAMResult, run_model, weighted_channel_sum
 from .errors import MedcamError
 from .hooks import StopForward
 from .targets import Target

@@ -18,21 +18,13 @@ from click.testing import CliRunner
 
 from medcam.cli import main
 from tests.test_pipeline import cases_root, tiny_demo, tiny_net  # noqa: F401 - fixtures
+from tests._cli_helpers import assert_one_line_error
 
 SMALL = ["--quiet", "--no-png", "--no-slicer", "--device", "cpu"]
 
 
 def run(args, **kw):
     return CliRunner().invoke(main, [str(a) for a in args], **kw)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 1, (result.exit_code, result.output, result.stderr)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("medcam: error:") and "Traceback" not in result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_help_teaches():

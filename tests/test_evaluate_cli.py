@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from medcam.evaluation import evaluate_command
+from tests._cli_helpers import assert_one_line_error
 
 TINY_SPACING = 12.0
 TINY_ROI = (24, 24, 24)  # one window covers the whole phantom at 12 mm
@@ -57,15 +58,6 @@ def case_dir(tmp_path_factory):
 
 def run(args):
     return CliRunner().invoke(evaluate_command, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 1, (result.exit_code, result.output, result.stderr)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("medcam: error:") and "Traceback" not in result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def read_rows(path):

@@ -310,3 +310,15 @@ def test_cohort_failures_resume_and_parts(tiny_demo, cases_root, tmp_path):
     r0 = explain_cohort(cases, model, ["hirescam"], specs, None, inferer, out2, num_parts=2, part_id=1, **kw)
     assert [c["case_id"] for c in r0["cases"]] == ["Phantom_00004"]
     assert (out2 / "cohort_summary.part1-of-2.json").is_file() and not (out2 / "Phantom_00003").exists()
+
+
+def test_resolve_device_errors():
+    from medcam.pipeline import PipelineError, resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(PipelineError, match="unknown --device 'gpu9'"):
+        resolve_device("gpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="CUDA is not available"):
+            resolve_device("cuda:0")

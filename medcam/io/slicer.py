@@ -289,9 +289,7 @@ def export_slicer_scene(
         'storageNodeRef="vtkMRMLColorTableStorageNode1" references="storage:vtkMRMLColorTableStorageNode1;" '
         'type="13"></ColorTable>\n'
     )
-    seg_id = ""
     if segmentation is not None:
-        seg_id = "vtkMRMLSegmentationNode1"
         nodes.append(
             '  <SegmentationStorage id="vtkMRMLSegmentationStorageNode1" name="SegmentationStorage1" '
             'fileName="segmentation.seg.nrrd" useCompression="1"></SegmentationStorage>\n'

@@ -52,12 +52,14 @@ from .run import (
     make_inferer,
     predict,
     read_summary,
+    resolve_device,
     spacing_of,
     versions,
 )
 from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
 
 __all__ = [
+    "resolve_device",
     "LoadedModel",
     "TargetSpec",
     "CaseSource",

@@ -69,6 +69,19 @@ def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = Fa
     return out.detach().float()
 
 
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; other names are checked (PipelineError if unusable)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return name
+
+
 def spacing_of(affine: Any) -> tuple[float, float, float]:
     """Voxel spacing (mm) along each axis of a 4x4 affine (tensor or array): the column norms of its 3x3 part."""
     a = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, float)
