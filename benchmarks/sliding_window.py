@@ -1,8 +1,8 @@
 """Cost of sliding-window explanation against plain MONAI inference, measured in the same run.
 
 For each case it times MONAI ``sliding_window_inference`` (no grad) and medcam on the same model, volume and window
-settings, and prints one JSON object: seconds, peak memory (CUDA max allocated on GPU, peak RSS growth on CPU) and
-the ratios medcam / inference.
+settings, and prints one JSON object: seconds, peak memory (CUDA max allocated on GPU; on CPU the peak RSS growth of
+one call in a fresh process) and the ratios medcam / inference.
 
     python benchmarks/sliding_window.py --device cuda --amp            # GPU cases (SegResNet on BraTS size, CT)
     python benchmarks/sliding_window.py --device cpu --cases cpu_small # the reduced CPU case
@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ CASES = {
     "ct": [Case("ct_512x512x320_r20", (1, 512, 512, 320), (128, 128, 128), 1, "small_sphere", out_channels=2)],
     "cpu_small": [
         Case("cpu_4x128x128x96_sphere1", (4, 128, 128, 96), (64, 64, 64), 1, "sphere1"),
+        Case("cpu_4x128x128x96_sphere3", (4, 128, 128, 96), (64, 64, 64), 1, "sphere3"),
         Case("cpu_4x128x128x96_class1", (4, 128, 128, 96), (64, 64, 64), 1, "class1"),
     ],
 }
@@ -103,6 +107,7 @@ class PeakRSS:
 
 
 def measure(fn, device, repeats):
+    """Median seconds over ``repeats`` calls and, on CUDA, the peak allocated bytes above the baseline."""
     times, peaks = [], []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -110,21 +115,32 @@ def measure(fn, device, repeats):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            fn()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
             peaks.append(torch.cuda.max_memory_allocated() - base)
-        else:
-            with PeakRSS() as p:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            peaks.append(p.value)
-    return statistics.median(times), max(peaks)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(peaks, default=0)
 
 
-def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = True):
+def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which: str) -> int:
+    """Peak RSS growth (bytes) of ONE call of ``which`` ("infer" or "explain") in a fresh process.
+
+    In a long-lived process the allocator keeps freed pages, so RSS growth after a warm-up says little; a fresh
+    process per measurement, with the model, volume and targets built before the baseline, does not have that bias.
+    ``MALLOC_MMAP_THRESHOLD_`` makes glibc map every block over 64 KiB on its own and unmap it when freed, so RSS
+    follows the live tensors (repeated probes agree to the byte).
+    """
+    cmd = [sys.executable, __file__, "--device", "cpu", "--method", method, "--probe-memory", f"{case.name}:{which}"]
+    cmd += ["--amp"] * amp + ["--batch-targets"] * batch_targets
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def setup(case: Case, device, amp: bool, method: str, batch_targets: bool):
+    """Model, volume, targets and the two callables (MONAI inference, medcam) of one case."""
     torch.manual_seed(0)
     model = SegResNet(
         spatial_dims=3, in_channels=case.shape[0], out_channels=case.out_channels, init_filters=16,
@@ -149,9 +165,17 @@ def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_tar
     def explain():
         res["r"] = cam.explain(x, tl, output=given)
 
+    return infer, explain, cam, tl, res
+
+
+def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = False):
+    infer, explain, cam, tl, res = setup(case, device, amp, method, batch_targets)
     infer(), explain()  # warm-up (cuDNN autotune, allocator)
     t_inf, m_inf = measure(infer, device, repeats)
     t_cam, m_cam = measure(explain, device, repeats)
+    if device.type == "cpu":
+        m_inf = cpu_peak_rss(case, amp, method, batch_targets, "infer")
+        m_cam = cpu_peak_rss(case, amp, method, batch_targets, "explain")
     r = res["r"]
     return {
         "case": case.name,
@@ -170,6 +194,16 @@ def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_tar
     }
 
 
+def probe_memory(spec: str, amp: bool, method: str, batch_targets: bool) -> None:
+    """Child process of :func:`cpu_peak_rss`: print the peak RSS growth of one call."""
+    name, which = spec.split(":")
+    case = next(c for cs in CASES.values() for c in cs if c.name == name)
+    infer, explain, *_ = setup(case, torch.device("cpu"), amp, method, batch_targets)
+    with PeakRSS() as p:
+        (infer if which == "infer" else explain)()
+    print(p.value)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -177,9 +211,13 @@ def main():
     ap.add_argument("--amp", action="store_true", help="autocast both inference and medcam (fp16 on GPU, bf16 on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--method", default="hirescam", choices=sorted(medcam.METHODS))
-    ap.add_argument("--no-batch-targets", action="store_true", help="one backward pass per target (no vmap)")
+    ap.add_argument("--batch-targets", action="store_true",
+                    help="one vmap-batched backward pass for all targets (medcam's batch_targets=True; off by default)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True for both")
+    ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # CASE:infer|explain (child process)
     args = ap.parse_args()
+    if args.probe_memory:
+        return probe_memory(args.probe_memory, args.amp, args.method, args.batch_targets)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     groups = args.cases or ("brats,ct" if device.type == "cuda" else "cpu_small")
@@ -195,7 +233,7 @@ def main():
         "results": [],
     }
     for case in selected:
-        info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, not args.no_batch_targets))
+        info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, args.batch_targets))
         print(json.dumps(info["results"][-1]), flush=True)
     print(json.dumps(info, indent=1))
 

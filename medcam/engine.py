@@ -278,19 +278,20 @@ class BaseSegCAM:
         return y, a
 
     def activation_grads(
-        self, y: torch.Tensor, a: torch.Tensor, grad_outputs: list[torch.Tensor]
+        self, y: torch.Tensor, a: torch.Tensor, grad_outputs: list[torch.Tensor], retain_graph: bool = False
     ) -> list[torch.Tensor]:
         """``dS_t/dA`` (float32, ``[B, K, *f]`` each) for output gradients ``dS_t/dy`` (``[B, C, *S]`` each).
 
         One batched backward pass for all targets when ``batch_targets`` (vmap over the backward graph), else one
-        pass per target; the graph is freed after the last.
+        pass per target; the graph is freed after the last unless ``retain_graph``.
         """
         if not grad_outputs:
             return []
         if self.batch_targets and len(grad_outputs) > 1:
             try:
                 (g,) = torch.autograd.grad(
-                    y, a, grad_outputs=torch.stack(grad_outputs).to(y.dtype), is_grads_batched=True, retain_graph=True
+                    y, a, grad_outputs=torch.stack(grad_outputs).to(y.dtype), is_grads_batched=True,
+                    retain_graph=True,  # kept so that the per-target fallback below can still run
                 )
                 return [check_finite_grad(gk, self.layer_name).float() for gk in g.unbind(0)]
             except RuntimeError as e:  # an op without a vmap batching rule: one pass per target from now on
@@ -298,7 +299,8 @@ class BaseSegCAM:
                 self.batch_targets = False
         out = []
         for n, go in enumerate(grad_outputs):
-            (g,) = torch.autograd.grad(y, a, grad_outputs=go.to(y.dtype), retain_graph=n < len(grad_outputs) - 1)
+            keep = retain_graph or n < len(grad_outputs) - 1
+            (g,) = torch.autograd.grad(y, a, grad_outputs=go.to(y.dtype), retain_graph=keep)
             out.append(check_finite_grad(g, self.layer_name).float())
         return out
 
