@@ -55,7 +55,8 @@ class CAMResult:
 
     Attributes:
         maps: float32 ``[B, K, *S]`` (input grid) or ``[B, K, *f]`` (layer grid when ``upsample=False``), one map
-            per target, ReLU applied unless ``relu=False``; on the input's device.
+            per target, ReLU applied unless ``relu=False``; on the input's device, or with a sliding-window
+            inferer where MONAI puts its blended output (``inferer.device``, the CPU past ``cpu_thresh``).
         scores: float32 ``[B, K]`` explained score ``S = sum W * y`` per sample and target (logit units, or
             probability units with ``score="probability"``).
         roi_voxels: int64 ``[B, K]`` number of output voxels with non-zero ROI weight.

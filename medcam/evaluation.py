@@ -259,14 +259,14 @@ def evaluate(
             per_method: list[torch.Tensor] = []
             for mname, cls in mcls:
                 cam = cls(model, layer, inferer=inferer)
-                maps = cam(image, tl)[0].detach()  # [K, *S]
+                maps = cam(image, tl)[0].detach().to(image.device)  # [K, *S] (an inferer may stitch elsewhere)
                 lname = cam.layer_name or str(layer)
                 per_method.append(maps)
                 logger.info("evaluate: %s %s layer %s", case_id, mname, lname)
                 for k in range(len(tl)):
 
                     def map_fn(m: nn.Module, cls=cls, lname=lname, k=k) -> torch.Tensor:
-                        return cls(m, lname, inferer=inferer)(image, [tl[k]])[0, 0]
+                        return cls(m, lname, inferer=inferer)(image, [tl[k]])[0, 0].to(image.device)
 
                     score_map(mname, lname, k, maps[k], map_fn)
             if consensus and len(per_method) >= 2:

@@ -47,7 +47,7 @@ from .errors import MedcamError
 from .hooks import StopForward
 from .targets import Target
 
-__all__ = ["explain_sliding", "check_inferer", "WindowGrid"]
+__all__ = ["explain_sliding", "check_inferer", "stitch_device", "WindowGrid"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,20 @@ def check_inferer(inferer: Any, cam: BaseSegCAM) -> None:
             f"{type(cam).__name__} cannot be explained with a sliding-window inferer: its channel weights are not "
             "additive over windows. Use SegGradCAM, SegHiResGradCAM, SegXGradCAM or SegLayerCAM, or inferer=None"
         )
+
+
+def stitch_device(inferer: Any, image: torch.Tensor) -> torch.device:
+    """Where the volume-sized buffers live, decided as ``SlidingWindowInferer`` decides it.
+
+    ``inferer.device`` if set; else the CPU when ``cpu_thresh`` is set and the volume has more voxels than it (a
+    large volume is stitched in host memory while the windows run on the GPU); else the image's device.
+    """
+    if inferer.device is not None:
+        return torch.device(inferer.device)
+    thresh = getattr(inferer, "cpu_thresh", None)
+    if thresh is not None and math.prod(image.shape[2:]) > thresh:
+        return torch.device("cpu")
+    return image.device
 
 
 class WindowGrid:
@@ -137,9 +151,9 @@ def explain_sliding(
         raise MedcamError("upsample=False is not available with an inferer: window maps are stitched on the input grid")
     inf = cam.inferer
     sw_device = torch.device(inf.sw_device) if inf.sw_device is not None else image.device
-    device = torch.device(inf.device) if inf.device is not None else image.device
     bsz, _, *spatial_l = image.shape
     spatial = tuple(spatial_l)
+    device = stitch_device(inf, image)
     grid = WindowGrid(inf, spatial, sw_device, device)
     progress = bool(inf.progress or cam.progress)
     stats: dict[str, Any] = {"windows": len(grid.slices) * bsz, "backward_windows": 0, "activation_windows": 0}
@@ -288,7 +302,7 @@ def explain_sliding(
     if relu:
         maps = torch.relu(maps)
     return CAMResult(
-        maps=maps.contiguous().to(image.device),
+        maps=maps.contiguous(),  # on the stitching device, like MONAI's blended output
         scores=torch.stack(scores, dim=1).float(),
         roi_voxels=torch.stack(voxels, 1),
         targets=tl,

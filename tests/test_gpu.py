@@ -55,3 +55,20 @@ def test_cuda_amp_and_cpu_stitching(net):
     assert res.maps.device.type == "cpu" and torch.isfinite(res.maps).all()
     cos = torch.nn.functional.cosine_similarity(res.maps.flatten(), full.maps.flatten(), dim=0)
     assert cos > 0.95
+
+
+@cuda
+def test_cuda_cpu_thresh_stitches_on_the_host(net):
+    """A volume over cpu_thresh voxels is stitched (and returned) on the CPU, as MONAI does; same maps."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, 48, 40, 32)
+    gpu_net = net.to("cuda")
+    try:
+        on_gpu = SlidingWindowInferer(roi_size=(32, 32, 32), overlap=0.5, mode="gaussian")
+        on_host = SlidingWindowInferer(roi_size=(32, 32, 32), overlap=0.5, mode="gaussian", cpu_thresh=1000)
+        a = medcam.SegHiResGradCAM(gpu_net, layer="down_layers.3", inferer=on_gpu).explain(x.cuda(), T.ClassROI(1))
+        b = medcam.SegHiResGradCAM(gpu_net, layer="down_layers.3", inferer=on_host).explain(x.cuda(), T.ClassROI(1))
+    finally:
+        net.to("cpu")
+    assert a.maps.device.type == "cuda" and b.maps.device.type == "cpu"
+    torch.testing.assert_close(b.maps, a.maps.cpu(), rtol=1e-4, atol=1e-4 * float(a.maps.max()))

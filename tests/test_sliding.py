@@ -22,8 +22,11 @@ def net():
     return SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8, blocks_down=(1, 2, 2), blocks_up=(1, 1)).eval()
 
 
-def _reference(net, x, inferer, weights_fn, method):
-    """Differentiate S = sum W * Y through MONAI's sliding_window_inference itself (all window graphs kept)."""
+def _reference(net, x, inferer, weights_fn, method, probability=None):
+    """Differentiate S = sum W * Y through MONAI's sliding_window_inference itself (all window graphs kept).
+
+    ``probability``: "sigmoid" or "softmax" to score ``sum W * p(Y)`` instead of the logits.
+    """
     layer = dict(net.named_modules())[LAYER]
     acts, coords = [], []
 
@@ -41,7 +44,8 @@ def _reference(net, x, inferer, weights_fn, method):
                 x, inferer.roi_size, inferer.sw_batch_size, predictor, overlap=inferer.overlap, mode=inferer.mode,
                 with_coord=True,
             )
-            s = (weights_fn(y.detach()) * y).sum()
+            p = {None: y, "sigmoid": torch.sigmoid(y), "softmax": torch.softmax(y, dim=1)}[probability]
+            s = (weights_fn(y.detach()) * p).sum()
             grads = torch.autograd.grad(s, acts)
     finally:
         h.remove()
@@ -85,6 +89,22 @@ def test_matches_autograd_through_monai_blending(net, mode, method):
     assert res.stats["windows"] == 8
     got = res.maps[:, 0].double()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["contrast_logits", "softmax_probability"])
+def test_gradient_on_several_output_channels(net, case):
+    """Targets whose output gradient spans several channels (a contrast; a softmax probability score)."""
+    torch.manual_seed(5)
+    x = torch.randn(1, 2, 24, 24, 16)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 12), sw_batch_size=2, overlap=0.5, mode="gaussian")
+    if case == "contrast_logits":
+        tgt, kw, prob = T.ContrastROI(1, 2, alpha=0.7, region=T.BoxROI(1, (2, 3, 1), (14, 20, 10))), {}, None
+    else:
+        tgt, prob = T.BoxROI(1, (2, 3, 1), (14, 20, 10)), "softmax"
+        kw = {"score": "probability", "output_activation": "softmax"}
+    ref = _reference(net, x, inferer, tgt.score_weights, "hirescam", probability=prob)
+    res = medcam.SegHiResGradCAM(net, layer=LAYER, inferer=inferer, **kw).explain(x, [tgt, T.ClassROI(0)], relu=False)
+    torch.testing.assert_close(res.maps[:, 0].double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_score_of_blended_output_and_sw_batch(net):
@@ -188,3 +208,14 @@ def test_memory_does_not_grow_over_repeated_calls(net):
     for _ in range(2):
         cam(x, T.PredictedROI(0))
     assert live_tensors() <= n0
+
+
+def test_stitching_device_follows_monai_rules():
+    """inferer.device wins; else the CPU past cpu_thresh voxels; else the image's device (as SlidingWindowInferer)."""
+    from medcam.sliding import stitch_device
+
+    image = torch.empty(1, 1, 10, 10, 10, device="meta")
+    assert stitch_device(SlidingWindowInferer(roi_size=8), image).type == "meta"
+    assert stitch_device(SlidingWindowInferer(roi_size=8, cpu_thresh=999), image).type == "cpu"
+    assert stitch_device(SlidingWindowInferer(roi_size=8, cpu_thresh=1000), image).type == "meta"
+    assert stitch_device(SlidingWindowInferer(roi_size=8, device="cpu"), image).type == "cpu"

@@ -109,7 +109,8 @@ class AMECAM:
             float32 ``[B, K, L, *S]`` in [0, 1] (L = number of layers).
         """
         tl = as_target_list(targets)
-        maps = [cam(image, tl, relu=True, upsample=True) for cam in self.cams]  # each [B, K, *S]
+        # each [B, K, *S]; an inferer may stitch on another device (inferer.device / cpu_thresh)
+        maps = [cam(image, tl, relu=True, upsample=True).to(image.device) for cam in self.cams]
         return minmax_maps(torch.stack(maps, dim=2).flatten(1, 2)).reshape(
             maps[0].shape[0], len(tl), len(maps), *maps[0].shape[2:]
         )
