@@ -28,6 +28,8 @@ class LayerInfo:
         stride: input spatial size / output spatial size, per spatial dim (e.g. ``(8.0, 8.0, 8.0)``).
         order: position in the forward call order (0 = fires first).
         is_output: True if this module's output is the model output (the head).
+        on_input: True if the module is applied to the model input itself (a stem, e.g. a ViT patch embedding):
+            its output is a filter of the image, not a learnt representation, so ``auto`` passes it over.
     """
 
     name: str
@@ -36,6 +38,7 @@ class LayerInfo:
     stride: tuple[float, ...]
     order: int
     is_output: bool
+    on_input: bool = False
 
     @property
     def channels(self) -> int:
@@ -97,14 +100,15 @@ def list_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo
     """
     model = check_hookable(model)
     spatial = tuple(example_input.shape[2:])
-    records: list[tuple[str, nn.Module, tuple[int, ...], int]] = []
+    records: list[tuple[str, nn.Module, tuple[int, ...], int, bool]] = []
     outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def make_hook(name: str):
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.ndim == example_input.ndim:
-                records.append((name, module, tuple(output.shape), len(records)))
+                on_input = any(i is example_input for i in inputs)
+                records.append((name, module, tuple(output.shape), len(records), on_input))
                 outputs[name] = output
 
         return hook
@@ -114,17 +118,19 @@ def list_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo
             for name, m in model.named_modules():
                 if name and not isinstance(m, torch.jit.ScriptModule):
                     handles.append(m.register_forward_hook(make_hook(name)))
+            from .engine import run_model  # here: engine imports this module
+
             with torch.no_grad():
-                out = model(example_input)
+                out = run_model(model, example_input)
         finally:
             for h in handles:
                 h.remove()
     if isinstance(out, (tuple, list)):
         out = out[0]
     infos = []
-    for name, _, shape, order in records:
+    for name, module, shape, order, on_input in records:
         stride = tuple(float(s) / float(f) for s, f in zip(spatial, shape[2:]))
-        infos.append(LayerInfo(name, type(_).__name__, shape, stride, order, outputs[name] is out))
+        infos.append(LayerInfo(name, type(module).__name__, shape, stride, order, outputs[name] is out, on_input))
     return infos
 
 
@@ -134,10 +140,12 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     Among the layers with the largest total stride, take those with the most channels (decoder 1x1 convolutions at
     the same resolution reduce channels), then the last to fire (a container fires after its children, so the whole
     bottleneck block wins over its last sub-layer). MONAI ``SkipConnection`` modules (concatenation of a bypass and
-    the deeper path) are not candidates.
+    the deeper path) are not candidates, nor are stems applied to the input itself (UNETR's patch embedding is its
+    coarsest feature map, but a linear filter of the image; its decoder's first stage is chosen instead).
     """
     # a MONAI SkipConnection outputs cat(bypass, submodule): not one path's features, so it is never the bottleneck
     infos = [i for i in list_layers(model, example_input) if not i.is_output and i.type != "SkipConnection"]
+    infos = [i for i in infos if not i.on_input] or infos
     if not infos:
         raise LayerError("no spatial feature layer found; pass layer=<dotted name> explicitly")
 
