@@ -124,7 +124,7 @@ def measure(fn, device, repeats):
     return statistics.median(times), max(peaks, default=0)
 
 
-def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which: str) -> int:
+def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which: str, channels_last: bool) -> int:
     """Peak RSS growth (bytes) of ONE call of ``which`` ("infer" or "explain") in a fresh process.
 
     In a long-lived process the allocator keeps freed pages, so RSS growth after a warm-up says little; a fresh
@@ -133,20 +133,26 @@ def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which:
     follows the live tensors (repeated probes agree to the byte).
     """
     cmd = [sys.executable, __file__, "--device", "cpu", "--method", method, "--probe-memory", f"{case.name}:{which}"]
-    cmd += ["--amp"] * amp + ["--batch-targets"] * batch_targets
+    cmd += ["--amp"] * amp + ["--batch-targets"] * batch_targets + ["--channels-last"] * channels_last
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return int(out.strip().splitlines()[-1])
 
 
-def setup(case: Case, device, amp: bool, method: str, batch_targets: bool):
-    """Model, volume, targets and the two callables (MONAI inference, medcam) of one case."""
+def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, channels_last: bool = False):
+    """Model, volume, targets and the two callables (MONAI inference, medcam) of one case.
+
+    ``channels_last``: model and volume in ``torch.channels_last_3d`` (NDHWC) for both, as a user would set it.
+    """
     torch.manual_seed(0)
     model = SegResNet(
         spatial_dims=3, in_channels=case.shape[0], out_channels=case.out_channels, init_filters=16,
         blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
     ).to(device).eval()
     x = torch.randn((1, *case.shape), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     inferer = SlidingWindowInferer(roi_size=case.roi, sw_batch_size=case.sw_batch, overlap=0.5, mode="gaussian")
     tl, give_output = make_targets(case, device)
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
@@ -168,14 +174,15 @@ def setup(case: Case, device, amp: bool, method: str, batch_targets: bool):
     return infer, explain, cam, tl, res
 
 
-def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = False):
-    infer, explain, cam, tl, res = setup(case, device, amp, method, batch_targets)
+def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = False,
+             channels_last: bool = False):
+    infer, explain, cam, tl, res = setup(case, device, amp, method, batch_targets, channels_last)
     infer(), explain()  # warm-up (cuDNN autotune, allocator)
     t_inf, m_inf = measure(infer, device, repeats)
     t_cam, m_cam = measure(explain, device, repeats)
     if device.type == "cpu":
-        m_inf = cpu_peak_rss(case, amp, method, batch_targets, "infer")
-        m_cam = cpu_peak_rss(case, amp, method, batch_targets, "explain")
+        m_inf = cpu_peak_rss(case, amp, method, batch_targets, "infer", channels_last)
+        m_cam = cpu_peak_rss(case, amp, method, batch_targets, "explain", channels_last)
     r = res["r"]
     return {
         "case": case.name,
@@ -194,11 +201,11 @@ def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_tar
     }
 
 
-def probe_memory(spec: str, amp: bool, method: str, batch_targets: bool) -> None:
+def probe_memory(spec: str, amp: bool, method: str, batch_targets: bool, channels_last: bool) -> None:
     """Child process of :func:`cpu_peak_rss`: print the peak RSS growth of one call."""
     name, which = spec.split(":")
     case = next(c for cs in CASES.values() for c in cs if c.name == name)
-    infer, explain, *_ = setup(case, torch.device("cpu"), amp, method, batch_targets)
+    infer, explain, *_ = setup(case, torch.device("cpu"), amp, method, batch_targets, channels_last)
     with PeakRSS() as p:
         (infer if which == "infer" else explain)()
     print(p.value)
@@ -214,10 +221,11 @@ def main():
     ap.add_argument("--batch-targets", action="store_true",
                     help="one vmap-batched backward pass for all targets (medcam's batch_targets=True; off by default)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True for both")
+    ap.add_argument("--channels-last", action="store_true", help="model and volume in channels_last_3d, for both")
     ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # CASE:infer|explain (child process)
     args = ap.parse_args()
     if args.probe_memory:
-        return probe_memory(args.probe_memory, args.amp, args.method, args.batch_targets)
+        return probe_memory(args.probe_memory, args.amp, args.method, args.batch_targets, args.channels_last)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     groups = args.cases or ("brats,ct" if device.type == "cuda" else "cpu_small")
@@ -229,11 +237,13 @@ def main():
         "torch": torch.__version__,
         "amp": args.amp,
         "cudnn_benchmark": args.cudnn_benchmark,
+        "channels_last": args.channels_last,
         "date": time.strftime("%Y-%m-%d"),
         "results": [],
     }
     for case in selected:
-        info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, args.batch_targets))
+        info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, args.batch_targets,
+                                            args.channels_last))
         print(json.dumps(info["results"][-1]), flush=True)
     print(json.dumps(info, indent=1))
 

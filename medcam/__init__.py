@@ -9,6 +9,7 @@ from .errors import LayerError, MedcamError, ModelError, TargetError
 from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
 from .normalize import normalize
+from .tokens import TokenGrid
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -57,5 +58,6 @@ __all__ = [
     "LayerError",
     "TargetError",
     "ModelError",
+    "TokenGrid",
     *_LAZY,
 ]

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: ``upsampler(maps [B, K, *f], size tuple) -> [B, K, *size]``
 Upsampler = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+#: ``transform(layer output, input spatial size) -> [B, K, *f]`` (e.g. :class:`medcam.TokenGrid` for ViT tokens)
+ReshapeTransform = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 def interpolate_upsampler(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -101,6 +103,9 @@ class BaseSegCAM:
             than one pass each; falls back to one pass each if the network has an op vmap cannot batch. Off by
             default: on an H100 (SegResNet, 128^3 windows, sw_batch 4, 3 targets) it was no faster and raised peak
             memory from 2.6x to 4.5x inference.
+        reshape_transform: for layers whose output is not a feature map ``[B, K, *f]``, e.g. ViT tokens
+            ``[B, N, C]``: ``transform(output, input spatial size) -> [B, K, *f]``, applied alike to the activation
+            and its gradient (use :class:`medcam.TokenGrid` for UNETR's ``vit.blocks.N``).
     """
 
     #: True for methods whose map is formed element-wise (HiResCAM, LayerCAM); False for pooled channel weights.
@@ -124,6 +129,7 @@ class BaseSegCAM:
         output_index: int = 0,
         progress: bool = False,
         batch_targets: bool = False,
+        reshape_transform: ReshapeTransform | None = None,
     ):
         self.model = check_hookable(model)
         if score not in ("logits", "probability"):
@@ -137,6 +143,7 @@ class BaseSegCAM:
         self.output_index = output_index
         self.amp, self.amp_dtype, self.progress = amp, amp_dtype, progress
         self.batch_targets = batch_targets
+        self.reshape_transform = reshape_transform
         self._output_channels: int | None = None  # learnt from one window by the sliding-window engine
         self._layer_spec = layer
         if layer == "auto":
@@ -266,11 +273,8 @@ class BaseSegCAM:
                 f"layer {self.layer_name!r} never ran in the forward pass (it is defined but unused for this input); "
                 "pick another layer with medcam.list_layers"
             )
-        if a.ndim != x.ndim:
-            raise LayerError(
-                f"layer {self.layer_name!r} outputs shape {tuple(a.shape)}, which is not a feature map with "
-                f"{x.ndim - 2} spatial dims like the input {tuple(x.shape)}; choose a convolutional feature layer"
-            )
+        self.to_feature_map(a.detach(), x.shape[2:])  # a layer that gives no feature map fails here, clearly
+
         if not y.requires_grad:
             raise LayerError(
                 f"the model output does not depend on layer {self.layer_name!r} (no gradient path); "
@@ -278,10 +282,30 @@ class BaseSegCAM:
             )
         return y, a
 
+    def to_feature_map(self, t: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """The hooked layer's output (or its gradient) as a float32 feature map ``[B, K, *f]``.
+
+        ``spatial``: the spatial size of the input that produced it (the window with an inferer). Applies
+        ``reshape_transform`` when one was given.
+        """
+        f = t if self.reshape_transform is None else self.reshape_transform(t, tuple(spatial))
+        if f.ndim != len(spatial) + 2:
+            hint = "choose a convolutional feature layer"
+            if self.reshape_transform is None and t.ndim == 3:
+                hint = (
+                    "it looks like transformer tokens [B, N, C]: pass reshape_transform=medcam.TokenGrid(patch_size=...)"
+                    " or choose a convolutional feature layer"
+                )
+            raise LayerError(
+                f"layer {self.layer_name!r} outputs shape {tuple(f.shape)}, which is not a feature map with "
+                f"{len(spatial)} spatial dims like the input; {hint}"
+            )
+        return f.float()
+
     def activation_grads(
         self, y: torch.Tensor, a: torch.Tensor, grad_outputs: list[torch.Tensor], retain_graph: bool = False
     ) -> list[torch.Tensor]:
-        """``dS_t/dA`` (float32, ``[B, K, *f]`` each) for output gradients ``dS_t/dy`` (``[B, C, *S]`` each).
+        """``dS_t/dA`` (float32, shaped like the layer output ``A``) for output gradients ``dS_t/dy`` (``[B, C, *S]``).
 
         One batched backward pass for all targets when ``batch_targets`` (vmap over the backward graph), else one
         pass per target; the graph is freed after the last unless ``retain_graph``.
@@ -331,7 +355,7 @@ class BaseSegCAM:
         with self.hooked("grad") as hook:
             y, a = self.forward(image, hook)
             y_det = y.detach().float()
-            af = a.detach().float()
+            af = self.to_feature_map(a.detach(), image.shape[2:])
             maps, scores, voxels, g_outs = [], [], [], []
             for t in tl:
                 w = t.score_weights(y_det)
@@ -348,7 +372,7 @@ class BaseSegCAM:
                 if g_out is None:
                     maps.append(torch.zeros((af.shape[0], *af.shape[2:]), device=af.device))
                 else:
-                    maps.append(self.feature_map(af, next(grads)))
+                    maps.append(self.feature_map(af, self.to_feature_map(next(grads), image.shape[2:])))
             del y, a
         m = torch.stack(maps, dim=1)
         if upsample:

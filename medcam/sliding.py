@@ -234,8 +234,8 @@ def explain_sliding(
             y, a = cam.forward(xw, hook)
             if tuple(y.shape[2:]) != grid.roi_size:
                 raise MedcamError(f"the model output {tuple(y.shape)} is not on the window grid {grid.roi_size}")
-            feat_shape = tuple(a.shape[2:])
-            af = a.detach().float()
+            af = cam.to_feature_map(a.detach(), grid.roi_size)
+            feat_shape = tuple(af.shape[2:])
             ks = sorted({k for b, i in batch for k in active[b][i]})
             blend = torch.stack([grid.blend_weight(i, sw_device) for _, i in batch])  # [n, *roi]
 
@@ -248,6 +248,7 @@ def explain_sliding(
                 return gw
 
             for k, gw, g in _target_gradients(cam, y, a, ks, window_gradient):
+                g = cam.to_feature_map(g, grid.roi_size)
                 if output is None:  # S = sum_w sum_u dS/dy_w * y_w (exact for logits)
                     ch = grads[k].channels
                     per_win = (gw[:, ch] * y.detach()[:, ch].float()).flatten(1).sum(1).double().cpu()
@@ -377,7 +378,7 @@ def _activations(cam: BaseSegCAM, hook, x_pad, grid: WindowGrid, batch, sw_devic
         pass
     if hook.activation is None:
         raise MedcamError(f"layer {cam.layer_name!r} never ran in the forward pass")
-    return hook.activation.float()
+    return cam.to_feature_map(hook.activation, grid.roi_size)
 
 
 def _to_feature_grid(weight: torch.Tensor, feat_shape: tuple[int, ...]) -> torch.Tensor:

@@ -86,3 +86,46 @@ def test_input_too_small_for_the_network_is_a_clear_error():
     net, _, _ = NETS["swinunetr"]
     with pytest.raises(medcam.ModelError, match=r"failed on an input of shape \(1, 2, 32, 32, 32\)"):
         medcam.SegHiResGradCAM(net).explain(torch.randn(1, 2, 32, 32, 32), T.ClassROI(1))
+
+
+def _tokens_to_grid(t, grid):
+    """Independent of medcam.TokenGrid: MONAI UNETR.proj_feat's own view + permute."""
+    return t.view(t.shape[0], *grid, t.shape[2]).permute(0, 4, 1, 2, 3)
+
+
+@pytest.mark.parametrize("method", ["hirescam", "gradcam"])
+def test_vit_tokens_with_token_grid_equal_plain_autograd(method):
+    """UNETR's ViT output (its final LayerNorm, what the decoder reads): tokens [B, N, C] on the 16-voxel patch grid."""
+    net, shape, _ = NETS["unetr"]
+    torch.manual_seed(3)
+    x = torch.randn(shape)
+    layer = "vit.norm"
+    tgt = T.BoxROI(2, (0, 4, 8), (24, 30, 28))
+    cls = {"hirescam": medcam.SegHiResGradCAM, "gradcam": medcam.SegGradCAM}[method]
+    res = cls(net, layer, reshape_transform=medcam.TokenGrid(16)).explain(x, tgt, relu=False, upsample=False)
+    a, g, _ = autograd_reference(net, dict(net.named_modules())[layer], x, tgt.score_weights)
+    assert a.shape == (1, 8, 48) and res.feature_shape == (2, 2, 2)
+    ref = reference_maps(_tokens_to_grid(a, (2, 2, 2)).double(), _tokens_to_grid(g, (2, 2, 2)).double())[method]
+    torch.testing.assert_close(res.maps[:, 0].double(), ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_vit_tokens_in_a_sliding_window():
+    """One window covering the volume equals the whole-volume result for a token layer too."""
+    net, shape, _ = NETS["unetr"]
+    torch.manual_seed(4)
+    x = torch.randn(shape)
+    inferer = SlidingWindowInferer(roi_size=shape[2:], overlap=0.5, mode="gaussian")
+    kw = {"reshape_transform": medcam.TokenGrid(16)}
+    tl = [T.ClassROI(0), T.BoxROI(1, (0, 0, 0), (16, 16, 16))]
+    whole = medcam.SegHiResGradCAM(net, "vit.norm", **kw).explain(x, tl, relu=False)
+    sw = medcam.SegHiResGradCAM(net, "vit.norm", inferer=inferer, **kw).explain(x, tl, relu=False)
+    torch.testing.assert_close(sw.maps, whole.maps, rtol=1e-5, atol=1e-6 * float(whole.maps.abs().max()))
+
+
+def test_token_layer_without_transform_or_with_wrong_patch_says_how_to_fix():
+    net, shape, _ = NETS["unetr"]
+    x = torch.randn(shape)
+    with pytest.raises(medcam.LayerError, match=r"transformer tokens.*TokenGrid\(patch_size"):
+        medcam.SegHiResGradCAM(net, "vit.norm").explain(x, T.ClassROI(0))
+    with pytest.raises(medcam.LayerError, match=r"8 tokens.*patch size 8 makes a \(4, 4, 4\) grid of 64"):
+        medcam.SegHiResGradCAM(net, "vit.norm", reshape_transform=medcam.TokenGrid(8)).explain(x, T.ClassROI(0))
