@@ -270,10 +270,13 @@ def _explain_options(fn: Callable) -> Callable:
                      help="Pad the preprocessed volume to a multiple of this (whole-image mode)."),
         click.option("--roi-size", default=None, metavar="X,Y,Z",
                      help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]"),
-        click.option("--overlap", type=float, default=0.25, show_default=True, help="Sliding-window overlap."),
-        click.option("--sw-batch-size", type=int, default=1, show_default=True, help="Windows per forward pass."),
-        click.option("--blend", type=click.Choice(["constant", "gaussian"]), default="constant", show_default=True,
-                     help="Sliding-window blending (as MONAI's sliding_window_inference)."),
+        click.option("--overlap", type=float, default=None,
+                     help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]"),
+        click.option("--sw-batch-size", type=int, default=None,
+                     help="Windows per forward pass. [default: a bundle's inferer, else 1]"),
+        click.option("--blend", type=click.Choice(["constant", "gaussian"]), default=None,
+                     help="Sliding-window blending, as MONAI's sliding_window_inference. "
+                          "[default: a bundle's inferer, else constant]"),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--amp", is_flag=True, help="Mixed precision (autocast; bf16 on CPU). Maps are formed in fp32."),
         click.option("--num-parts", type=int, default=1, show_default=True,
@@ -293,7 +296,8 @@ def _run_explain(inputs: Sequence[str], *, model_spec: str, checkpoint: str | No
                  methods: Sequence[str], targets: Sequence[str], layer: str | None, regions: str | None,
                  activation: str | None, threshold: float | None, channel_order: str | None, spacing: str | None,
                  orientation: str | None, crop_foreground: bool | None, normalize: bool | None,
-                 divisible_by: int | None, roi_size: str | None, overlap: float, sw_batch_size: int, blend: str,
+                 divisible_by: int | None, roi_size: str | None, overlap: float | None, sw_batch_size: int | None,
+                 blend: str | None,
                  device: str, amp: bool, num_parts: int, part_id: int, slicer: bool, png: bool, overwrite: bool,
                  quiet: bool) -> dict[str, Any]:
     from .methods import METHODS
@@ -304,6 +308,7 @@ def _run_explain(inputs: Sequence[str], *, model_spec: str, checkpoint: str | No
         load_model,
         make_inferer,
         parse_targets,
+        sliding_settings,
         split_parts,
     )
 
@@ -343,12 +348,11 @@ def _run_explain(inputs: Sequence[str], *, model_spec: str, checkpoint: str | No
         from .layers import resolve_layer
 
         resolve_layer(loaded.net, layer_name)
-    inferer = make_inferer(loaded.roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=blend,
-                           progress=False)
+    sw = sliding_settings(loaded.sliding, overlap=overlap, sw_batch_size=sw_batch_size, mode=blend)
+    inferer = make_inferer(loaded.roi_size, **sw, progress=False)
     settings = {
         "model": loaded.describe(), "methods": method_list, "targets": [s.text for s in specs], "layer": layer_name,
-        "sliding_window": None if inferer is None else {"roi_size": list(loaded.roi_size), "overlap": overlap,
-                                                        "mode": blend, "sw_batch_size": sw_batch_size},
+        "sliding_window": None if inferer is None else {"roi_size": list(loaded.roi_size), **sw},
         "threshold": threshold, "amp": amp, "slicer": slicer, "png": png,
     }
     return explain_cohort(cases, loaded, method_list, specs, layer_name, inferer, output, num_parts=num_parts,

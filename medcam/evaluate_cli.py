@@ -242,7 +242,7 @@ def run_evaluation(
     spacing: str | None = None,
     crop_foreground: bool | None = None,
     roi_size: str | None = None,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     device: str = "auto",
     overwrite: bool = False,
     plots: bool = True,
@@ -265,6 +265,7 @@ def run_evaluation(
         load_model,
         make_inferer,
         parse_targets,
+        sliding_settings,
         spacing_of,
     )
 
@@ -317,7 +318,7 @@ def run_evaluation(
     for lay in layer_list:
         if lay != "auto":
             resolve_layer(loaded.net, lay)
-    inferer = make_inferer(loaded.roi_size, overlap=overlap, sw_batch_size=1, progress=False)
+    inferer = make_inferer(loaded.roi_size, **sliding_settings(loaded.sliding, overlap=overlap), progress=False)
     out_dir = Path(output)
     check_outputs(out_dir, overwrite, plots)  # before the expensive part
     logger.info("evaluate: %d case(s), methods %s, layers %s, targets %s, metrics %s", len(cases), method_list,
@@ -421,7 +422,8 @@ def _method_help() -> str:
               help="Crop to the non-zero bounding box before the model. [demo: on]")
 @click.option("--roi-size", default=None, metavar="X,Y,Z",
               help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]")
-@click.option("--overlap", type=float, default=0.25, show_default=True, help="Sliding-window overlap.")
+@click.option("--overlap", type=float, default=None,
+              help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
 @click.option("--overwrite", is_flag=True, help="Replace existing metrics files in OUTPUT.")

@@ -151,6 +151,47 @@ def test_fake_monai_bundle(tmp_path):
         load_model(str(bundle))
 
 
+def _bundle_with_inferer(root, inferer):
+    from monai.networks.nets import SegResNet
+
+    root.joinpath("configs").mkdir(parents=True)
+    root.joinpath("models").mkdir()
+    cfg = {"network_def": {"_target_": "monai.networks.nets.SegResNet", "spatial_dims": 3, "in_channels": 4,
+                           "out_channels": 3, "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
+           "inferer": inferer}
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg))
+    net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 1), blocks_up=(1,))
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def test_bundle_sliding_window_settings_are_reused(tmp_path, caplog):
+    """A bundle's own SlidingWindowInferer sets roi/overlap/sw_batch/mode unless the command line overrides them."""
+    from medcam.pipeline import make_inferer, sliding_settings
+
+    sw = {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16], "sw_batch_size": 2, "overlap": 0.5,
+          "mode": "gaussian"}
+    loaded = load_model(str(_bundle_with_inferer(tmp_path / "a", sw)))
+    assert loaded.roi_size == (32, 32, 16)
+    assert loaded.sliding == {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian"}
+    inferer = make_inferer(loaded.roi_size, **sliding_settings(loaded.sliding, overlap=None, sw_batch_size=None))
+    assert (inferer.overlap, inferer.sw_batch_size, str(getattr(inferer.mode, "value", inferer.mode))) == (
+        0.5, 2, "gaussian")
+    assert sliding_settings(loaded.sliding, overlap=0.1, mode=None) == {"overlap": 0.1, "sw_batch_size": 2,
+                                                                       "mode": "gaussian"}
+    # --roi-size still wins over the bundle's
+    assert load_model(str(tmp_path / "a"), roi_size=(16, 16, 16)).roi_size == (16, 16, 16)
+    # no sliding-window inferer: whole image and medcam's defaults
+    simple = load_model(str(_bundle_with_inferer(tmp_path / "b", {"_target_": "SimpleInferer"})))
+    assert simple.roi_size is None and sliding_settings(simple.sliding) == {"overlap": 0.25, "sw_batch_size": 1,
+                                                                          "mode": "constant"}
+    # an inferer that cannot be built alone: a warning, then the defaults
+    broken = {"_target_": "SlidingWindowInferer", "roi_size": "@missing_key"}
+    with caplog.at_level("WARNING", logger="medcam"):  # a CLI test may have set medcam's level
+        odd = load_model(str(_bundle_with_inferer(tmp_path / "c", broken)))
+    assert odd.roi_size is None and odd.sliding == {} and "inferer could not be built" in caplog.text
+
+
 def test_factory_checkpoint_and_torchscript(tmp_path):
     fac = tmp_path / "my_nets.py"
     fac.write_text("import torch\n"

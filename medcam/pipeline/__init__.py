@@ -53,6 +53,7 @@ from .run import (
     predict,
     read_summary,
     resolve_device,
+    sliding_settings,
     spacing_of,
     versions,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "discover_cases",
     "load_case",
     "make_inferer",
+    "sliding_settings",
     "predict",
     "explain_case",
     "explain_cohort",

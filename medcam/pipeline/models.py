@@ -37,6 +37,8 @@ class LoadedModel:
         default_layer: layer explained when none is given (``"auto"`` = the bottleneck).
         roi_size: default sliding-window size, or None for whole-image explanation.
         in_channels: number of input channels if known.
+        sliding: the model's own sliding-window settings (``overlap``, ``sw_batch_size``, ``mode``), read from a
+            bundle's ``inferer``; used unless the command line gives them.
     """
 
     net: nn.Module
@@ -50,6 +52,7 @@ class LoadedModel:
     default_layer: str = "auto"
     roi_size: tuple[int, ...] | None = None
     in_channels: int | None = None
+    sliding: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description for ``summary.json``."""
@@ -172,8 +175,38 @@ def _check_eager(net: Any, what: str) -> nn.Module:
     return net
 
 
-def _load_bundle(folder: Path) -> tuple[nn.Module, str]:
-    """Instantiate ``network_def`` of ``configs/inference.json`` and load ``models/model.pt`` (no download)."""
+def _bundle_inferer(parser: Any, cfg: Path) -> tuple[tuple[int, ...] | None, dict[str, Any]]:
+    """The bundle's own ``inferer`` if it is a ``SlidingWindowInferer``: ``(roi_size, {overlap, sw_batch_size, mode})``.
+
+    Explaining with the settings the bundle is run with means explaining the output its users see.
+    """
+    if "inferer" not in parser.get():
+        return None, {}
+    from monai.inferers import SlidingWindowInferer
+
+    try:
+        inferer = parser.get_parsed_content("inferer", instantiate=True)
+    except Exception as e:  # noqa: BLE001 - an inferer needing other parts of the config: fall back to defaults
+        logger.warning("bundle '%s': its inferer could not be built (%s: %s); using medcam's sliding-window defaults",
+                       cfg, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return None, {}
+    if not isinstance(inferer, SlidingWindowInferer):
+        logger.info("bundle '%s': inferer %s is not a SlidingWindowInferer; whole-image explanation by default",
+                    cfg, type(inferer).__name__)
+        return None, {}
+    mode = getattr(inferer.mode, "value", inferer.mode)
+    overlap = inferer.overlap if isinstance(inferer.overlap, (int, float)) else inferer.overlap[0]
+    if not isinstance(inferer.overlap, (int, float)) and len(set(inferer.overlap)) > 1:
+        logger.warning("bundle '%s': per-axis overlap %s; medcam uses %s", cfg, inferer.overlap, overlap)
+    roi = tuple(int(r) for r in inferer.roi_size) if all(int(r) > 0 for r in inferer.roi_size) else None
+    return roi, {"overlap": float(overlap), "sw_batch_size": int(inferer.sw_batch_size), "mode": str(mode)}
+
+
+def _load_bundle(folder: Path) -> tuple[nn.Module, str, tuple[int, ...] | None, dict[str, Any]]:
+    """Instantiate ``network_def`` of ``configs/inference.json`` and load ``models/model.pt`` (no download).
+
+    Returns ``(network, weights path, the inferer's roi_size or None, its other sliding-window settings)``.
+    """
     cfg = next((folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")
                 if (folder / "configs" / n).is_file()), None)
     if cfg is None:
@@ -200,7 +233,8 @@ def _load_bundle(folder: Path) -> tuple[nn.Module, str]:
         raise PipelineError(f"cannot build 'network_def' from '{cfg}' ({type(e).__name__}: {first[:200]})") from e
     net = _check_eager(net, f"bundle '{folder}' network_def")
     _load_weights(net, load_state_dict_file(weights), str(weights))
-    return net, str(weights)
+    roi, sliding = _bundle_inferer(parser, cfg)
+    return net, str(weights), roi, sliding
 
 
 def load_model(
@@ -230,7 +264,8 @@ def load_model(
         channel_order: BraTS modality order of the input channels (default T1, T1ce, T2, FLAIR; MONAI's
             brats_mri_segmentation bundle needs ``("t1ce", "t1", "t2", "flair")``).
         preprocessing: overrides of the ``load_brats_case``/``load_volumes`` keyword arguments.
-        roi_size: sliding-window size (demo default :data:`~medcam.models.demo.DEMO_ROI_SIZE`; else whole image).
+        roi_size: sliding-window size (default: the demo's :data:`~medcam.models.demo.DEMO_ROI_SIZE`, a bundle's
+            ``SlidingWindowInferer`` roi_size; else whole image).
         layer: default layer (demo default :data:`~medcam.models.demo.DEMO_LAYER`; else ``"auto"``).
         weights: False builds the demo architecture without loading weights (for ``medcam layers``).
 
@@ -271,8 +306,8 @@ def load_model(
     elif Path(spec).is_dir():
         if checkpoint is not None:
             raise PipelineError("--checkpoint is for factory models; a bundle's weights are its models/model.pt")
-        net, ckpt = _load_bundle(Path(spec))
-        loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt)
+        net, ckpt, bundle_roi, sliding = _load_bundle(Path(spec))
+        loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt, roi_size=bundle_roi, sliding=sliding)
     elif Path(spec).is_file():
         if _is_torchscript_archive(Path(spec)):
             raise ModelError(f"--model '{spec}' {_TORCHSCRIPT_HINT}")

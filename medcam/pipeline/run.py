@@ -40,6 +40,17 @@ SUMMARY_NAME = "summary.json"
 _OVERLAY_CHANNEL = {"ET": "t1ce", "TC": "t1ce", "WT": "flair"}
 
 
+#: sliding-window settings used when neither the command line nor the model (a bundle's inferer) gives them
+SLIDING_DEFAULTS: dict[str, Any] = {"overlap": 0.25, "sw_batch_size": 1, "mode": "constant"}
+
+
+def sliding_settings(model_settings: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """``overlap``/``sw_batch_size``/``mode``: what was given (not None), else the model's, else the defaults."""
+    out = {**SLIDING_DEFAULTS, **model_settings}
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
 def make_inferer(roi_size: Sequence[int] | None, *, overlap: float = 0.25, sw_batch_size: int = 1,
                  mode: str = "constant", progress: bool = False) -> Any:
     """A MONAI ``SlidingWindowInferer`` (or None for whole-image explanation when ``roi_size`` is None/empty)."""
