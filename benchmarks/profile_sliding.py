@@ -13,12 +13,9 @@ import json
 import time
 
 import torch
-from monai.inferers import SlidingWindowInferer, sliding_window_inference
-from monai.networks.nets import SegResNet
 from torch.profiler import ProfilerActivity, profile
 
-import medcam
-from sliding_window import CASES, make_targets
+from sliding_window import CASES, setup
 
 
 def timed(fn, device, repeats=3):
@@ -50,29 +47,16 @@ def main():
     ap.add_argument("--case", default="brats_sw4_sphere3")
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--channels-last", action="store_true", help="model and volume in channels_last_3d")
     ap.add_argument("--kernels", type=int, default=25, help="rows of the kernel tables (0: no profiler tables)")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     case = next(c for cs in CASES.values() for c in cs if c.name == args.case)
-    torch.manual_seed(0)
-    model = SegResNet(
-        spatial_dims=3, in_channels=case.shape[0], out_channels=case.out_channels, init_filters=16,
-        blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
-    ).to(device).eval()
-    x = torch.randn((1, *case.shape), device=device)
+    infer, explain, cam, tl, _ = setup(case, device, args.amp, "hirescam", batch_targets=False,
+                                     channels_last=args.channels_last)
+    model = cam.model
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    tl, _ = make_targets(case, device)
-    inferer = SlidingWindowInferer(roi_size=case.roi, sw_batch_size=case.sw_batch, overlap=0.5, mode="gaussian")
-    cam = medcam.SegHiResGradCAM(model, layer="down_layers.3", inferer=inferer, amp=args.amp,
-                                 amp_dtype=dtype if args.amp else None)
-
-    def infer():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=args.amp):
-            return sliding_window_inference(x, case.roi, case.sw_batch, model, overlap=0.5, mode="gaussian")
-
-    def explain():
-        return cam.explain(x, tl)
 
     infer(), explain()
     t_inf, _ = timed(infer, device)
@@ -80,6 +64,8 @@ def main():
 
     # the pieces of one batch of windows
     xw = torch.randn((case.sw_batch, case.shape[0], *case.roi), device=device)
+    if args.channels_last:
+        xw = xw.contiguous(memory_format=torch.channels_last_3d)
     go = [torch.randn((case.sw_batch, case.out_channels, *case.roi), device=device) for _ in tl]
     pieces = {}
     with cam.hooked("grad") as hook:
@@ -108,7 +94,7 @@ def main():
     n_batches = -(-18 // case.sw_batch) if case.name.startswith("brats") else None
     print(json.dumps({
         "case": case.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cudnn_benchmark": args.cudnn_benchmark, "inference_s": round(t_inf, 4), "medcam_s": round(t_cam, 4),
+        "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last, "inference_s": round(t_inf, 4), "medcam_s": round(t_cam, 4),
         "ratio": round(t_cam / t_inf, 3), "batches": n_batches,
         **{k: round(v, 5) for k, v in pieces.items()},
     }), flush=True)
