@@ -162,11 +162,15 @@ class BaseSegCAM:
         """Element-wise methods: pre-ReLU map ``[B, *f]`` from ``A`` and ``g`` (both ``[B, K, *f]``, float32)."""
         raise NotImplementedError
 
-    def gradient_statistics(self, activation: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gradient_statistics(
+        self, activation: torch.Tensor, grad: torch.Tensor, activation_stats: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Pooled methods: statistics ``{name: [B, K]}`` that involve the gradient, as sums over the feature grid.
 
         They are additive over sliding windows (each window's gradient already carries its blending weight) and
-        zero for windows outside the ROI.
+        zero for windows outside the ROI. ``activation_stats``: the :meth:`activation_statistics` of the whole
+        image/volume (``{name: [B, K]}``), for methods whose per-position terms need them (Grad-CAM++); with an
+        inferer they are gathered over every window before the gradient pass.
         """
         raise NotImplementedError
 
@@ -188,7 +192,8 @@ class BaseSegCAM:
         if self.elementwise:
             return self.elementwise_map(activation, grad)
         n = float(torch.tensor(activation.shape[2:]).prod())
-        stats = {**self.gradient_statistics(activation, grad), **self.activation_statistics(activation, None)}
+        act_stats = self.activation_statistics(activation, None)
+        stats = {**self.gradient_statistics(activation, grad, act_stats), **act_stats}
         alpha = self.weights_from_statistics(stats, n)
         return weighted_channel_sum(alpha, activation)
 

@@ -30,7 +30,7 @@ class SegGradCAM(BaseSegCAM):
 
     elementwise = False
 
-    def gradient_statistics(self, activation, grad):
+    def gradient_statistics(self, activation, grad, activation_stats=None):
         return {"grad": _spatial_sum(grad)}
 
     def weights_from_statistics(self, stats, n_positions):
@@ -59,7 +59,7 @@ class SegXGradCAM(BaseSegCAM):
     uses_activation_statistics = True
     eps = 1e-7
 
-    def gradient_statistics(self, activation, grad):
+    def gradient_statistics(self, activation, grad, activation_stats=None):
         return {"grad_act": _spatial_sum(grad * activation)}
 
     def activation_statistics(self, activation, weight):
@@ -74,18 +74,25 @@ class SegGradCAMPlusPlus(BaseSegCAM):
 
     ``map = sum_k alpha_k A_k``, ``alpha_k = sum_u a_k(u) ReLU(g_k(u))``,
     ``a_k(u) = g^2 / (2 g^2 + (sum_v A_k(v)) g^3)`` (``a = 0`` where the denominator is 0, e.g. ``g = 0``).
-    ``a`` depends non-linearly on the activation sum of the whole grid, so the weights are not additive over
-    sliding windows: this method explains whole images only.
+    ``a`` depends non-linearly on ``sum_v A_k(v)``, the activation sum of the whole grid. With an inferer that sum is
+    taken first, over every window with the blending weights (as XGrad-CAM's denominator), and each window's
+    ``a_k(u) ReLU(g_k(u))`` is then formed with it: ``alpha`` adds up over windows and one window covering the volume
+    gives the whole-volume result.
     """
 
     elementwise = False
-    supports_sliding_window = False
+    uses_activation_statistics = True
 
-    def gradient_statistics(self, activation, grad):
+    def activation_statistics(self, activation, weight):
+        act = activation.double()  # float64 like the rest of the formula: a float32 sum moves the poles
+        return {"act": _spatial_sum(act if weight is None else act * weight.double())}
+
+    def gradient_statistics(self, activation, grad, activation_stats=None):
         # float64: the denominator nearly cancels where g is close to -2 / sum_v A_k(v)
         act, grad = activation.double(), grad.double()
         g2 = grad * grad
-        sum_a = _spatial_sum(act)[(..., *([None] * (act.ndim - 2)))]
+        total = _spatial_sum(act) if activation_stats is None else activation_stats["act"].double()
+        sum_a = total[(..., *([None] * (act.ndim - 2)))]
         denom = 2 * g2 + sum_a * g2 * grad
         a = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
         return {"alpha": _spatial_sum(a * torch.relu(grad)).to(activation.dtype)}

@@ -14,18 +14,22 @@ memory is that of ``sw_batch_size`` windows whatever the volume size.
 
 * Element-wise methods (Seg-HiRes-Grad-CAM, LayerCAM): each window's pre-ReLU map is formed from its gradient
   (which already carries the blending weight), upsampled to the window size and summed into volume coordinates.
-* Pooled methods (Seg-Grad-CAM, XGrad-CAM): channel weights are global. Their statistics (e.g. ``sum_u g_k``) are
-  summed over all windows; ``N`` = feature-grid positions covering the whole volume. The per-window maps
+* Pooled methods (Seg-Grad-CAM, XGrad-CAM, Grad-CAM++): channel weights are global. Their statistics (e.g.
+  ``sum_u g_k``) are summed over all windows; ``N`` = feature-grid positions covering the whole volume; activation
+  sums (XGrad-CAM's denominator, Grad-CAM++'s ``sum_v A_k``) weight each window's feature positions by its normalised
+  blending weight, area-averaged onto the feature grid, so that overlaps count once. The per-window maps
   ``sum_k alpha_k A_wk`` are then upsampled and blended with the same normalised importance weights as the output.
-  This needs the activations of every window, taken in a second, forward-only pass that stops at the hooked layer.
+  This needs the activations of every window, taken in forward-only passes that stop at the hooked layer.
 * ReLU is applied once, on the stitched map.
 
 With one window covering the volume both reduce exactly to the whole-volume result.
 
 Passes: (0) one no-grad ``sliding_window_inference`` when a target needs the prediction (PredictedROI,
-ComponentROI) or the score is on probabilities; (1) forward + backward of every window whose slice of the output
-gradient is non-zero for some target; windows outside all ROIs get no forward or backward at all; (2) pooled
-methods only: forward up to the hooked layer for every window.
+ComponentROI) or the score is on probabilities; (A) pooled methods with activation statistics (XGrad-CAM,
+Grad-CAM++) only: forward up to the hooked layer for every window, summing the blended activation statistics of the
+volume; (1) forward + backward of every window whose slice of the output gradient is non-zero for some target;
+windows outside all ROIs get no forward or backward at all; (2) pooled methods only: forward up to the hooked layer
+for every window, blending the maps.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def check_inferer(inferer: Any, cam: BaseSegCAM) -> None:
     if not cam.supports_sliding_window:
         raise MedcamError(
             f"{type(cam).__name__} cannot be explained with a sliding-window inferer: its channel weights are not "
-            "additive over windows. Use SegGradCAM, SegHiResGradCAM, SegXGradCAM or SegLayerCAM, or inferer=None"
+            "additive over windows. Use one of medcam.METHODS, or inferer=None"
         )
 
 
@@ -224,8 +228,24 @@ def explain_sliding(
 
         x_pad = grid.pad_tensor(image, inf.padding_mode, inf.cval)
         acc = torch.zeros((bsz, len(tl), *grid.padded_size), dtype=torch.float32, device=device)
-        pooled: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        pooled: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # gradient statistics per (sample, target)
+        act_stats: dict[int, dict[str, torch.Tensor]] = {}  # activation statistics of the whole volume per sample
         feat_shape: tuple[int, ...] = ()
+        pairs = [(b, i) for b in range(bsz) for i in range(len(grid.slices))]
+        all_batches = [pairs[j : j + inf.sw_batch_size] for j in range(0, len(pairs), inf.sw_batch_size)]
+
+        # ---- pass A (pooled methods with activation statistics): forward to the layer only, every window; first,
+        # because Grad-CAM++ needs the volume's activation sums inside the gradient statistics of pass 1
+        if not cam.elementwise and cam.uses_activation_statistics and todo:
+            hook.mode = "stop"
+            for batch in tqdm(all_batches, desc="medcam statistics", disable=not progress):
+                aw = _activations(cam, hook, x_pad, grid, batch, sw_device)
+                blend = torch.stack([grid.blend_weight(i, sw_device) for _, i in batch])[:, None]
+                st = cam.activation_statistics(aw, _to_feature_grid(blend, tuple(aw.shape[2:])))
+                for j, (b, _) in enumerate(batch):
+                    _add(act_stats.setdefault(b, {}), {n: v[j] for n, v in st.items()})
+            stats["activation_windows"] += len(pairs)
+            hook.mode = "grad"
 
         # ---- pass 1: forward + backward of the windows that touch an ROI
         batches = [todo[j : j + inf.sw_batch_size] for j in range(0, len(todo), inf.sw_batch_size)]
@@ -261,31 +281,25 @@ def explain_sliding(
                         acc[(b, k, *grid.slices[i])] += m[j].to(device)
                     del m
                 else:
-                    st = cam.gradient_statistics(af, g)
+                    volume_stats = None
+                    if act_stats:  # the whole volume's activation statistics, one row per window of the batch
+                        volume_stats = {n: torch.stack([act_stats[b][n] for b, _ in batch]) for n in act_stats[batch[0][0]]}
+                    st = cam.gradient_statistics(af, g, volume_stats)
                     for j, (b, i) in enumerate(batch):
                         if k in active[b][i]:
                             _add(pooled.setdefault((b, k), {}), {n: v[j] for n, v in st.items()})
                 del g
             del y, a, af
 
-        # ---- pass 2 (pooled methods): forward to the layer only, for every window
+        # ---- pass 2 (pooled methods): forward to the layer only, for every window: blend sum_k alpha_k A_wk
         if not cam.elementwise and pooled:
             hook.mode = "stop"
-            pairs = [(b, i) for b in range(bsz) for i in range(len(grid.slices))]
-            batches = [pairs[j : j + inf.sw_batch_size] for j in range(0, len(pairs), inf.sw_batch_size)]
-            if cam.uses_activation_statistics:  # 2a: activation statistics over the whole volume
-                for batch in tqdm(batches, desc="medcam statistics", disable=not progress):
-                    aw = _activations(cam, hook, x_pad, grid, batch, sw_device)
-                    blend = torch.stack([grid.blend_weight(i, sw_device) for _, i in batch])[:, None]
-                    st = cam.activation_statistics(aw, _to_feature_grid(blend, tuple(aw.shape[2:])))
-                    for j, (b, _) in enumerate(batch):
-                        for k in range(len(tl)):
-                            if (b, k) in pooled:
-                                _add(pooled[(b, k)], {n: v[j] for n, v in st.items()})
             n_pos = _feature_positions(spatial, grid.roi_size, feat_shape)
-            alpha = {bk: cam.weights_from_statistics({n: v[None] for n, v in st.items()}, n_pos)[0]
-                     for bk, st in pooled.items()}
-            for batch in tqdm(batches, desc="medcam maps", disable=not progress):  # 2b: blend sum_k alpha_k A_wk
+            alpha = {
+                (b, k): cam.weights_from_statistics({n: v[None] for n, v in {**st, **act_stats.get(b, {})}.items()}, n_pos)[0]
+                for (b, k), st in pooled.items()
+            }
+            for batch in tqdm(all_batches, desc="medcam maps", disable=not progress):
                 aw = _activations(cam, hook, x_pad, grid, batch, sw_device)
                 for j, (b, i) in enumerate(batch):
                     ks = [k for k in range(len(tl)) if (b, k) in alpha]
@@ -296,7 +310,7 @@ def explain_sliding(
                     m = cam.upsampler(m[None], grid.roi_size)[0] * grid.blend_weight(i, sw_device)
                     for kk, k in enumerate(ks):
                         acc[(b, k, *grid.slices[i])] += m[kk].to(device)
-            stats["activation_windows"] = len(pairs) * (2 if cam.uses_activation_statistics else 1)
+            stats["activation_windows"] += len(pairs)
             hook.mode = "grad"
 
     maps = acc[(slice(None), slice(None), *grid.crop)]
