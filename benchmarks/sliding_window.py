@@ -30,6 +30,7 @@ from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.networks.nets import SegResNet
 
 import medcam
+import medcam.cpu_memory
 from medcam import targets as T
 
 
@@ -222,11 +223,15 @@ def main():
                     help="one vmap-batched backward pass for all targets (medcam's batch_targets=True; off by default)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True for both")
     ap.add_argument("--channels-last", action="store_true", help="model and volume in channels_last_3d, for both")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed memory for reuse, for both (what the medcam command does for itself)")
     ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # CASE:infer|explain (child process)
     args = ap.parse_args()
     if args.probe_memory:
         return probe_memory(args.probe_memory, args.amp, args.method, args.batch_targets, args.channels_last)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.keep_freed_memory and not medcam.cpu_memory.keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: this C library does not take mallopt settings")
     device = torch.device(args.device)
     groups = args.cases or ("brats,ct" if device.type == "cuda" else "cpu_small")
     selected = []
@@ -238,6 +243,7 @@ def main():
         "amp": args.amp,
         "cudnn_benchmark": args.cudnn_benchmark,
         "channels_last": args.channels_last,
+        "keep_freed_memory": args.keep_freed_memory,
         "date": time.strftime("%Y-%m-%d"),
         "results": [],
     }

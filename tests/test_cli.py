@@ -162,3 +162,19 @@ def test_console_script_error_policy(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("medcam: error: input")
     assert "Traceback" not in p.stderr
+
+
+def test_keep_freed_memory_is_applied_on_glibc_and_harmless_elsewhere(monkeypatch):
+    """The command's allocator setting: applied where glibc takes it, a no-op (False) elsewhere."""
+    import ctypes
+    import sys as _sys
+
+    import medcam.cpu_memory as cm
+
+    if _sys.platform.startswith("linux"):
+        assert cm.keep_freed_memory() == hasattr(ctypes.CDLL(None), "mallopt")
+    monkeypatch.setattr(cm.ctypes, "CDLL", lambda name: object())  # a C library without mallopt (musl)
+    monkeypatch.setattr(cm.sys, "platform", "linux")
+    assert cm.keep_freed_memory() is False
+    monkeypatch.setattr(cm.sys, "platform", "darwin")
+    assert cm.keep_freed_memory() is False
