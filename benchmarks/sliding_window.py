@@ -125,6 +125,20 @@ def measure(fn, device, repeats):
     return statistics.median(times), max(peaks, default=0)
 
 
+def measure_alternately(infer, explain, device, repeats):
+    """``measure`` of both callables, called in turn (infer, explain, infer, ...): a drift in the speed of a shared
+    machine during the run then hits both sides alike instead of only the later one."""
+    t_inf, t_cam, m_inf, m_cam = [], [], 0, 0
+    for _ in range(repeats):
+        t, m = measure(infer, device, 1)
+        t_inf.append(t)
+        m_inf = max(m_inf, m)
+        t, m = measure(explain, device, 1)
+        t_cam.append(t)
+        m_cam = max(m_cam, m)
+    return statistics.median(t_inf), m_inf, statistics.median(t_cam), m_cam
+
+
 def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which: str, channels_last: bool) -> int:
     """Peak RSS growth (bytes) of ONE call of ``which`` ("infer" or "explain") in a fresh process.
 
@@ -179,8 +193,7 @@ def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_tar
              channels_last: bool = False):
     infer, explain, cam, tl, res = setup(case, device, amp, method, batch_targets, channels_last)
     infer(), explain()  # warm-up (cuDNN autotune, allocator)
-    t_inf, m_inf = measure(infer, device, repeats)
-    t_cam, m_cam = measure(explain, device, repeats)
+    t_inf, m_inf, t_cam, m_cam = measure_alternately(infer, explain, device, repeats)
     if device.type == "cpu":
         m_inf = cpu_peak_rss(case, amp, method, batch_targets, "infer", channels_last)
         m_cam = cpu_peak_rss(case, amp, method, batch_targets, "explain", channels_last)

@@ -4,9 +4,8 @@ Why: a sliding-window explanation allocates and frees the same large tensors win
 hands freed memory at the top of its heap back to the OS (``M_TRIM_THRESHOLD``, 128 KiB and up) and serves large
 blocks by fresh ``mmap`` calls, so every window page-faults its tensors in again. The explanation holds more memory
 per window than inference (the decoder's autograd graph), so it pays more. On the benchmark's CPU case (4x128x128x96,
-64^3 windows, 2 cores, 3 targets) one A/B pair measured inference 7.08 s -> 7.26 s (unchanged within noise) and the
-explanation 15.58 s -> 13.92 s (11 % faster): ratio 2.20x -> 1.92x (``benchmarks/sliding_window.py --keep-freed-memory``;
-numbers in the README).
+64^3 windows, 2 cores; ``benchmarks/sliding_window.py --keep-freed-memory``, numbers in the README) it made inference
+14-18 % and a 1- or 3-target explanation 15-22 % faster; the ratio between the two moves little.
 The price: the process keeps its peak heap after the call instead of returning it to the OS.
 
 The command line calls :func:`keep_freed_memory` for itself; a library import never changes allocator settings. In
