@@ -24,15 +24,22 @@ logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_C_INT_MAX = 2**31 - 1
 
 
-def keep_freed_memory(trim_threshold: int = 2**31 - 1, mmap_threshold: int = 2**30) -> bool:
+def keep_freed_memory(trim_threshold: int = _C_INT_MAX, mmap_threshold: int = 2**30) -> bool:
     """Ask glibc to keep freed memory for reuse: trim and mmap thresholds in bytes (C ``int``, at most 2 GiB - 1).
 
     Blocks up to ``mmap_threshold`` come from the heap, whose freed top is kept up to ``trim_threshold``. Old glibc
     versions refuse mmap thresholds over 32 MiB: 32 MiB is then used. Returns True if the trim threshold was applied
     (False on other platforms or C libraries, where nothing changes).
+
+    Raises:
+        ValueError: a threshold outside 0 .. 2**31 - 1.
     """
+    for name, value in (("trim_threshold", trim_threshold), ("mmap_threshold", mmap_threshold)):
+        if not 0 <= int(value) <= _C_INT_MAX:  # ctypes would wrap a larger value round to a negative C int
+            raise ValueError(f"{name}={value} bytes: give 0 to {_C_INT_MAX} (2 GiB - 1), the range of a C int")
     if not sys.platform.startswith("linux"):
         return False
     try:
