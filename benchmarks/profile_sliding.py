@@ -13,9 +13,8 @@ import json
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from sliding_window import CASES, setup
+from torch.profiler import ProfilerActivity, profile
 
 
 def timed(fn, device, repeats=3):
@@ -53,8 +52,9 @@ def main():
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     case = next(c for cs in CASES.values() for c in cs if c.name == args.case)
-    infer, explain, cam, tl, _ = setup(case, device, args.amp, "hirescam", batch_targets=False,
-                                     channels_last=args.channels_last)
+    infer, explain, cam, tl, _ = setup(
+        case, device, args.amp, "hirescam", batch_targets=False, channels_last=args.channels_last
+    )
     model = cam.model
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
@@ -92,12 +92,22 @@ def main():
         "maps_all_targets_s": t_map,
     }
     n_batches = -(-18 // case.sw_batch) if case.name.startswith("brats") else None
-    print(json.dumps({
-        "case": case.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last, "inference_s": round(t_inf, 4), "medcam_s": round(t_cam, 4),
-        "ratio": round(t_cam / t_inf, 3), "batches": n_batches,
-        **{k: round(v, 5) for k, v in pieces.items()},
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "case": case.name,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "cudnn_benchmark": args.cudnn_benchmark,
+                "channels_last": args.channels_last,
+                "inference_s": round(t_inf, 4),
+                "medcam_s": round(t_cam, 4),
+                "ratio": round(t_cam / t_inf, 3),
+                "batches": n_batches,
+                **{k: round(v, 5) for k, v in pieces.items()},
+            }
+        ),
+        flush=True,
+    )
     if args.kernels:
         print("== inference ==")
         print(top_kernels(infer, device, args.kernels))

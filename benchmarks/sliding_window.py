@@ -160,10 +160,18 @@ def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, chann
     ``channels_last``: model and volume in ``torch.channels_last_3d`` (NDHWC) for both, as a user would set it.
     """
     torch.manual_seed(0)
-    model = SegResNet(
-        spatial_dims=3, in_channels=case.shape[0], out_channels=case.out_channels, init_filters=16,
-        blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
-    ).to(device).eval()
+    model = (
+        SegResNet(
+            spatial_dims=3,
+            in_channels=case.shape[0],
+            out_channels=case.out_channels,
+            init_filters=16,
+            blocks_down=(1, 2, 2, 4),
+            blocks_up=(1, 1, 1),
+        )
+        .to(device)
+        .eval()
+    )
     x = torch.randn((1, *case.shape), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -177,7 +185,11 @@ def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, chann
             return sliding_window_inference(x, case.roi, case.sw_batch, model, overlap=0.5, mode="gaussian")
 
     cam = medcam.METHODS[method](
-        model, layer="down_layers.3", inferer=inferer, amp=amp, amp_dtype=dtype if amp else None,
+        model,
+        layer="down_layers.3",
+        inferer=inferer,
+        amp=amp,
+        amp_dtype=dtype if amp else None,
         batch_targets=batch_targets,
     )
     given = infer().float() if give_output else None
@@ -189,8 +201,9 @@ def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, chann
     return infer, explain, cam, tl, res
 
 
-def run_case(case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = False,
-             channels_last: bool = False):
+def run_case(
+    case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = False, channels_last: bool = False
+):
     infer, explain, cam, tl, res = setup(case, device, amp, method, batch_targets, channels_last)
     infer(), explain()  # warm-up (cuDNN autotune, allocator)
     t_inf, m_inf, t_cam, m_cam = measure_alternately(infer, explain, device, repeats)
@@ -228,16 +241,24 @@ def probe_memory(spec: str, amp: bool, method: str, batch_targets: bool, channel
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--cases", default=None, help="comma list of groups or case names (default: brats,ct on GPU, cpu_small on CPU)")
+    ap.add_argument(
+        "--cases", default=None, help="comma list of groups or case names (default: brats,ct on GPU, cpu_small on CPU)"
+    )
     ap.add_argument("--amp", action="store_true", help="autocast both inference and medcam (fp16 on GPU, bf16 on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--method", default="hirescam", choices=sorted(medcam.METHODS))
-    ap.add_argument("--batch-targets", action="store_true",
-                    help="one vmap-batched backward pass for all targets (medcam's batch_targets=True; off by default)")
+    ap.add_argument(
+        "--batch-targets",
+        action="store_true",
+        help="one vmap-batched backward pass for all targets (medcam's batch_targets=True; off by default)",
+    )
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True for both")
     ap.add_argument("--channels-last", action="store_true", help="model and volume in channels_last_3d, for both")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="glibc keeps freed memory for reuse, for both (what the medcam command does for itself)")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse, for both (what the medcam command does for itself)",
+    )
     ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # CASE:infer|explain (child process)
     args = ap.parse_args()
     if args.probe_memory:
@@ -251,7 +272,9 @@ def main():
     for g in groups.split(","):
         selected += CASES.get(g, [c for cs in CASES.values() for c in cs if c.name == g])
     info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "amp": args.amp,
         "cudnn_benchmark": args.cudnn_benchmark,
@@ -261,8 +284,9 @@ def main():
         "results": [],
     }
     for case in selected:
-        info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, args.batch_targets,
-                                            args.channels_last))
+        info["results"].append(
+            run_case(case, device, args.amp, args.repeats, args.method, args.batch_targets, args.channels_last)
+        )
         print(json.dumps(info["results"][-1]), flush=True)
     print(json.dumps(info, indent=1))
 

@@ -32,7 +32,6 @@ import torch
 
 import medcam
 from medcam import targets
-from medcam.metrics.localisation import dice_score
 from medcam.amecam import (
     AttentionAggregator,
     ExitLogit,
@@ -44,9 +43,11 @@ from medcam.amecam import (
     region_logit_polarity,
     summarise,
 )
+from medcam.metrics.localisation import dice_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from amecam_train import build_slices, parse_args as train_args  # noqa: E402
+from amecam_train import build_slices  # noqa: E402
+from amecam_train import parse_args as train_args
 
 log = logging.getLogger("amecam_evaluate")
 GRAD_METHODS = {"Grad-CAM": medcam.SegGradCAM, "HiResCAM": medcam.SegHiResGradCAM, "LayerCAM": medcam.SegLayerCAM}
@@ -62,8 +63,12 @@ def all_maps(model: ResNet18IN, agg: AttentionAggregator, images: torch.Tensor, 
     head = ExitLogit(model, -1)
     for name, cls in GRAD_METHODS.items():
         cam = cls(head, layer="model.layer4")
-        maps = torch.cat([cam(images[s : s + 32].to(dev), [targets.ClassROI(0)], relu=True, upsample=True).cpu()
-                          for s in range(0, len(images), 32)])
+        maps = torch.cat(
+            [
+                cam(images[s : s + 32].to(dev), [targets.ClassROI(0)], relu=True, upsample=True).cpu()
+                for s in range(0, len(images), 32)
+            ]
+        )
         out[name] = minmax_maps(maps)
     return out
 
@@ -81,8 +86,16 @@ def main(argv=None) -> None:
     t0 = time.time()
     dev = torch.device(a.device)
     ck = torch.load(a.ckpt, map_location="cpu", weights_only=False)
-    targv = ["--data", ck["args"]["data"], "--size", str(ck["args"]["size"]), "--modality", ck["args"]["modality"],
-             "--n-phantoms", str(ck["args"]["n_phantoms"])]
+    targv = [
+        "--data",
+        ck["args"]["data"],
+        "--size",
+        str(ck["args"]["size"]),
+        "--modality",
+        ck["args"]["modality"],
+        "--n-phantoms",
+        str(ck["args"]["n_phantoms"]),
+    ]
     targv += ["--real-root", str(a.real_root or ck["args"]["real_root"])]
     if a.slices_cache is not None:
         targv += ["--slices-cache", str(a.slices_cache)]
@@ -107,8 +120,17 @@ def main(argv=None) -> None:
             d_pos = float(dice_score(tr_maps[name][:, 0] > 0.5, tr.masks, spatial_dims=2).mean())
             d_neg = float(dice_score((1 - tr_maps[name][:, 0]) > 0.5, tr.masks, spatial_dims=2).mean())
             pol = 1 if d_pos >= d_neg else -1
-            polarity.append({"fold": k, "method": name, "polarity": pol, "label_free_vote": vote, **ev,
-                             "train_dice_map": d_pos, "train_dice_inverted": d_neg})
+            polarity.append(
+                {
+                    "fold": k,
+                    "method": name,
+                    "polarity": pol,
+                    "label_free_vote": vote,
+                    **ev,
+                    "train_dice_map": d_pos,
+                    "train_dice_inverted": d_neg,
+                }
+            )
             pred = apply_polarity(te_maps[name], pol)[:, 0] > 0.5
             m = per_slice_metrics(pred, te.masks)
             for key, v in m.items():
@@ -116,26 +138,45 @@ def main(argv=None) -> None:
     rows = {n: summarise({k: np.asarray(v) for k, v in d.items()}) for n, d in per_method.items()}
     n_slices = len(next(iter(per_method.values()))["dice"])
     size = ck["args"]["size"]
-    title = (f"AME-CAM evaluation: data={ck['args']['data']} ({', '.join(names)}), modality={ck['args']['modality']}, "
-             f"slices {size}x{size}, quick={ck['args']['quick']}, {len(ck['folds'])} fold(s), {n_slices} test tumour "
-             f"slices; threshold 0.5 on min-max maps; HD95 in pixels of the {size}x{size} grid (one side empty = "
-             f"{np.hypot(size, size):.1f})")
-    lines = [title, "", "| method | Dice | IoU | HD95 | polarity per fold (train Dice map / inverted; label-free vote) |",
-             "|---|---|---|---|---|"]
+    title = (
+        f"AME-CAM evaluation: data={ck['args']['data']} ({', '.join(names)}), modality={ck['args']['modality']}, "
+        f"slices {size}x{size}, quick={ck['args']['quick']}, {len(ck['folds'])} fold(s), {n_slices} test tumour "
+        f"slices; threshold 0.5 on min-max maps; HD95 in pixels of the {size}x{size} grid (one side empty = "
+        f"{np.hypot(size, size):.1f})"
+    )
+    lines = [
+        title,
+        "",
+        "| method | Dice | IoU | HD95 | polarity per fold (train Dice map / inverted; label-free vote) |",
+        "|---|---|---|---|---|",
+    ]
     for n, r in rows.items():
         pols = [p for p in polarity if p["method"] == n]
-        pol_s = ", ".join(f"{p['polarity']:+d} ({p['train_dice_map']:.2f}/{p['train_dice_inverted']:.2f}; "
-                          f"{p['label_free_vote']:+d})" for p in pols)
-        lines.append(f"| {n} | {r['dice'][0]:.3f} +- {r['dice'][1]:.3f} | {r['iou'][0]:.3f} +- {r['iou'][1]:.3f} | "
-                     f"{r['hd95'][0]:.1f} +- {r['hd95'][1]:.1f} | {pol_s} |")
+        pol_s = ", ".join(
+            f"{p['polarity']:+d} ({p['train_dice_map']:.2f}/{p['train_dice_inverted']:.2f}; {p['label_free_vote']:+d})"
+            for p in pols
+        )
+        lines.append(
+            f"| {n} | {r['dice'][0]:.3f} +- {r['dice'][1]:.3f} | {r['iou'][0]:.3f} +- {r['iou'][1]:.3f} | "
+            f"{r['hd95'][0]:.1f} +- {r['hd95'][1]:.1f} | {pol_s} |"
+        )
     table = "\n".join(lines)
     print(table)
     out = a.out or a.ckpt.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"title": title, "rows": rows, "polarity": polarity, "n_test_slices": n_slices,
-         "seconds": time.time() - t0}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "title": title,
+                "rows": rows,
+                "polarity": polarity,
+                "n_test_slices": n_slices,
+                "seconds": time.time() - t0,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out / 'results.md'} and results.json in {time.time() - t0:.1f}s")
 
 

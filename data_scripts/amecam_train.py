@@ -56,14 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-phantoms", type=int, default=None, help="phantom volumes (default 5 quick / 40 full)")
-    p.add_argument("--folds", default=None, help="real data: comma-separated test-case indices (default: 0 quick, all full)")
+    p.add_argument(
+        "--folds", default=None, help="real data: comma-separated test-case indices (default: 0 quick, all full)"
+    )
     p.add_argument("--size", type=int, default=None, help="slice size (default 96 quick / 240 real / 128 phantom)")
     p.add_argument("--width", type=int, default=None, help="ResNet width (default 16 quick / 64 full)")
     p.add_argument("--cls-steps", type=int, default=None, help="classifier optimiser steps (default 50 / 1500)")
     p.add_argument("--att-epochs", type=int, default=None, help="attention epochs (default 2 / 30)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 / 32")
-    p.add_argument("--slices-cache", type=Path, default=None,
-                   help="save (train) / reuse (evaluate) the prepared slices at this path")
+    p.add_argument(
+        "--slices-cache",
+        type=Path,
+        default=None,
+        help="save (train) / reuse (evaluate) the prepared slices at this path",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=0, help="optional contrastive encoder pre-training")
     a = p.parse_args(argv)
     q = a.quick
@@ -126,13 +132,20 @@ def train_fold(args, data: SliceSet, train_vols: list[int], dev: torch.device, s
     g = torch.Generator().manual_seed(seed)
     pre = []
     if args.pretrain_epochs:
-        pre = pretrain_contrastive(model, tr.images, epochs=args.pretrain_epochs, batch_size=args.batch_size,
-                                   generator=g)
+        pre = pretrain_contrastive(
+            model, tr.images, epochs=args.pretrain_epochs, batch_size=args.batch_size, generator=g
+        )
     t0 = time.time()
-    cls_losses = train_classifier(model, tr.images, tr.labels, epochs=10**6, batch_size=args.batch_size,
-                                  max_steps=args.cls_steps, generator=g)
-    log.info("classifier: %d steps in %.1fs, loss %.3f -> %.3f", len(cls_losses), time.time() - t0,
-             np.mean(cls_losses[:5]), np.mean(cls_losses[-5:]))
+    cls_losses = train_classifier(
+        model, tr.images, tr.labels, epochs=10**6, batch_size=args.batch_size, max_steps=args.cls_steps, generator=g
+    )
+    log.info(
+        "classifier: %d steps in %.1fs, loss %.3f -> %.3f",
+        len(cls_losses),
+        time.time() - t0,
+        np.mean(cls_losses[:5]),
+        np.mean(cls_losses[-5:]),
+    )
     # attention aggregator on the tumour slices, classifier frozen (eval mode, grads only to the aggregator)
     pos = tr.subset(tr.labels == 1)
     maps = torch.cat([exit_cams(model, pos.images[s : s + 64].to(dev))[0].cpu() for s in range(0, len(pos), 64)])
@@ -140,10 +153,16 @@ def train_fold(args, data: SliceSet, train_vols: list[int], dev: torch.device, s
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.time()
-    att_losses = fit_attention(agg, pos.images, maps, model.embed, epochs=args.att_epochs, lr=1e-3,
-                               batch_size=args.batch_size, generator=g)
-    log.info("attention: %d steps in %.1fs, loss %.3f -> %.3f", len(att_losses), time.time() - t0,
-             np.mean(att_losses[:3]), np.mean(att_losses[-3:]))
+    att_losses = fit_attention(
+        agg, pos.images, maps, model.embed, epochs=args.att_epochs, lr=1e-3, batch_size=args.batch_size, generator=g
+    )
+    log.info(
+        "attention: %d steps in %.1fs, loss %.3f -> %.3f",
+        len(att_losses),
+        time.time() - t0,
+        np.mean(att_losses[:3]),
+        np.mean(att_losses[-3:]),
+    )
     return {
         "train_volumes": train_vols,
         "classifier": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -159,8 +178,14 @@ def main(argv=None) -> None:
     dev = torch.device(args.device)
     t_start = time.time()
     data, names = build_slices(args)
-    log.info("%d slices from %d volumes (%d tumour), size %d, %.1fs", len(data), len(names),
-             int(data.labels.sum()), args.size, time.time() - t_start)
+    log.info(
+        "%d slices from %d volumes (%d tumour), size %d, %.1fs",
+        len(data),
+        len(names),
+        int(data.labels.sum()),
+        args.size,
+        time.time() - t_start,
+    )
     folds = []
     for k, (tr, te) in enumerate(splits(args, names)):
         log.info("fold %d: train %s test %s", k, [names[i] for i in tr], [names[i] for i in te])
@@ -170,12 +195,19 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     torch.save({"args": cfg, "volume_names": names, "folds": folds}, args.out / "amecam.pt")
-    summary = {"args": cfg, "folds": [{"train": [names[i] for i in f["train_volumes"]],
-                                       "test": [names[i] for i in f["test_volumes"]],
-                                       "final_classifier_loss": float(np.mean(f["losses"]["classifier"][-10:])),
-                                       "attention_loss_first_last": [f["losses"]["attention"][0],
-                                                                     f["losses"]["attention"][-1]]}
-                                      for f in folds], "seconds": time.time() - t_start}
+    summary = {
+        "args": cfg,
+        "folds": [
+            {
+                "train": [names[i] for i in f["train_volumes"]],
+                "test": [names[i] for i in f["test_volumes"]],
+                "final_classifier_loss": float(np.mean(f["losses"]["classifier"][-10:])),
+                "attention_loss_first_last": [f["losses"]["attention"][0], f["losses"]["attention"][-1]],
+            }
+            for f in folds
+        ],
+        "seconds": time.time() - t_start,
+    }
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"saved {args.out / 'amecam.pt'} in {time.time() - t_start:.1f}s")
 

@@ -17,6 +17,7 @@ Usage::
     python data_scripts/evaluate_demo_model.py                    # prints markdown tables
     python data_scripts/evaluate_demo_model.py --write-card       # also replaces the results block of MODEL_CARD.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -50,7 +51,7 @@ from medcam.models import (  # noqa: E402
 HELDOUT_SEED0 = 10000
 REAL_DIR = ROOT.parent / "shared" / "data" / "brats_real_cases"
 #: case folder -> (modality -> file name), reference label file
-REAL_CASES: Dict[str, Tuple[Dict[str, str], str]] = {
+REAL_CASES: dict[str, tuple[dict[str, str], str]] = {
     "tcga_fg_6692": ({"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, "seg_fused_simple"),
     "tcga_du_7294": ({"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, "seg_fused_simple"),
     "brats_glioma_case_brainlesion": ({"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, "seg_brats25_2"),
@@ -81,7 +82,7 @@ def read_regions(path: Path) -> np.ndarray:
     return labels_to_regions(arr, infer_label_convention(np.unique(arr)))
 
 
-def eval_phantoms(model: torch.nn.Module, n: int) -> List[List[float]]:
+def eval_phantoms(model: torch.nn.Module, n: int) -> list[list[float]]:
     """Dice rows [TC, WT, ET] for held-out phantoms (through the NIfTI writer and the BraTS loader)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,24 +95,28 @@ def eval_phantoms(model: torch.nn.Module, n: int) -> List[List[float]]:
     return rows
 
 
-def eval_real(model: torch.nn.Module, real_dir: Path) -> List[Dict]:
+def eval_real(model: torch.nn.Module, real_dir: Path) -> list[dict]:
     """Per real case: Dice vs the reference at 1 mm, volumes, and the five algorithms' Dice vs the fused map."""
     out = []
     for name, (mods, seg) in REAL_CASES.items():
         folder = real_dir / name
         mapping = {m: folder / f"{f}.nii.gz" for m, f in mods.items()}
-        case = load_brats_case(mapping, channel_order=DEMO_CHANNELS, load_label=False, case_id=name,
-                               **demo_preprocessing_kwargs())
+        case = load_brats_case(
+            mapping, channel_order=DEMO_CHANNELS, load_label=False, case_id=name, **demo_preprocessing_kwargs()
+        )
         prob = predict(model, case.image)
         pred = case.invert(prob) > 0.5  # back on the native 1 mm grid
         ref = read_regions(folder / f"{seg}.nii.gz")
         if pred.shape != ref.shape:
             raise RuntimeError(f"{name}: prediction {pred.shape} vs reference {ref.shape}")
         vox_ml = float(np.prod(case.original_affine[:3, :3].diagonal().__abs__())) / 1000.0
-        row = {"case": name, "reference": f"{seg}.nii.gz",
-               "dice": [dice(pred[k], ref[k]) for k in range(3)],
-               "ref_ml": [float(ref[k].sum()) * vox_ml for k in range(3)],
-               "pred_ml": [float(pred[k].sum()) * vox_ml for k in range(3)]}
+        row = {
+            "case": name,
+            "reference": f"{seg}.nii.gz",
+            "dice": [dice(pred[k], ref[k]) for k in range(3)],
+            "ref_ml": [float(ref[k].sum()) * vox_ml for k in range(3)],
+            "pred_ml": [float(pred[k].sum()) * vox_ml for k in range(3)],
+        }
         algs = [folder / f"seg_{a}.nii.gz" for a in ALGORITHMS]
         if all(p.is_file() for p in algs):
             spread = np.array([[dice(r[k], ref[k]) for k in range(3)] for r in map(read_regions, algs)])
@@ -124,36 +129,49 @@ def fmt(v: Sequence[float]) -> str:
     return " | ".join(f"{x:.3f}" for x in v)
 
 
-def markdown(ph: List[List[float]], real: List[Dict], n_ph: int, seconds: float) -> str:
+def markdown(ph: list[list[float]], real: list[dict], n_ph: int, seconds: float) -> str:
     """The results block (markdown) for the model card."""
     a = np.asarray(ph)
     lines = [
         f"Produced by `python data_scripts/evaluate_demo_model.py --write-card` ({seconds:.0f} s on CPU); threshold "
-        "0.5 on each sigmoid output, no post-processing.", "",
+        "0.5 on each sigmoid output, no post-processing.",
+        "",
         f"**Held-out phantoms** (seeds {HELDOUT_SEED0}-{HELDOUT_SEED0 + n_ph - 1}, never seen in training; "
-        "2 mm, through the BraTS loader):", "",
-        "| | TC | WT | ET |", "|---|---|---|---|",
+        "2 mm, through the BraTS loader):",
+        "",
+        "| | TC | WT | ET |",
+        "|---|---|---|---|",
         f"| mean Dice (n = {n_ph}) | {fmt(a.mean(0))} |",
-        f"| min Dice | {fmt(a.min(0))} |", "",
+        f"| min Dice | {fmt(a.min(0))} |",
+        "",
         "**Real cases** (`../shared/data/brats_real_cases/`, scored on the native 1 mm grid). The reference label "
         "maps are outputs of BraTS challenge segmentation algorithms (pseudo-labels, NOT expert ground truth); "
-        "for the TCGA cases the reference is the fusion of five algorithms.", "",
+        "for the TCGA cases the reference is the fusion of five algorithms.",
+        "",
         "| case | Dice TC | Dice WT | Dice ET | ref. volume TC / WT / ET (ml) | predicted TC / WT / ET (ml) |",
         "|---|---|---|---|---|---|",
     ]
     for r in real:
-        lines.append(f"| {r['case']} | {fmt(r['dice'])} | {' / '.join(f'{v:.1f}' for v in r['ref_ml'])} | "
-                     f"{' / '.join(f'{v:.1f}' for v in r['pred_ml'])} |")
+        lines.append(
+            f"| {r['case']} | {fmt(r['dice'])} | {' / '.join(f'{v:.1f}' for v in r['ref_ml'])} | "
+            f"{' / '.join(f'{v:.1f}' for v in r['pred_ml'])} |"
+        )
     lines.append(f"| mean of {len(real)} | {fmt(np.mean([r['dice'] for r in real], 0))} | | |")
     spread = [r for r in real if "algorithms_vs_fused" in r]
     if spread:
-        lines += ["", "For context, the inter-algorithm spread: Dice of each of the five individual BraTS algorithms "
-                  f"({', '.join(ALGORITHMS)}) against their fused map, min - max:", "",
-                  "| case | TC | WT | ET |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "For context, the inter-algorithm spread: Dice of each of the five individual BraTS algorithms "
+            f"({', '.join(ALGORITHMS)}) against their fused map, min - max:",
+            "",
+            "| case | TC | WT | ET |",
+            "|---|---|---|---|",
+        ]
         for r in spread:
             s = np.asarray(r["algorithms_vs_fused"])
-            lines.append(f"| {r['case']} | " + " | ".join(f"{s[:, k].min():.3f} - {s[:, k].max():.3f}"
-                                                          for k in range(3)) + " |")
+            lines.append(
+                f"| {r['case']} | " + " | ".join(f"{s[:, k].min():.3f} - {s[:, k].max():.3f}" for k in range(3)) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -166,7 +184,7 @@ def write_card(block: str, card: Path) -> None:
     card.write_text(text[: i + len(CARD_START)] + "\n" + block + "\n" + text[j:])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-phantoms", type=int, default=10)
     ap.add_argument("--real-dir", type=Path, default=REAL_DIR)

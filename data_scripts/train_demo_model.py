@@ -28,6 +28,7 @@ Usage::
     # the shipped weights (one H100, about 6.5 min; see medcam/models/MODEL_CARD.md):
     python data_scripts/train_demo_model.py --device cuda --n-train 200 --n-val 10 --batch 4 --steps 2100 --stop-at 2005
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,9 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def make_case(seed: int, spacing: float = DEMO_SPACING_MM, normalize: bool = False) -> Dict[str, np.ndarray]:
+def make_case(seed: int, spacing: float = DEMO_SPACING_MM, normalize: bool = False) -> dict[str, np.ndarray]:
     """One phantom through the demo preprocessing (without the z-score unless ``normalize``), cropped to the brain.
 
     Returns:
@@ -87,8 +88,12 @@ def make_case(seed: int, spacing: float = DEMO_SPACING_MM, normalize: bool = Fal
     tf = build_preprocessing(keys=("image", "label"), **kw)
     lab = np.stack([ph.label == v for v in (1, 2, 4)]).astype(np.float32)  # NCR, ED, ET one-hot (BraTS 2021)
     aff = torch.as_tensor(ph.affine, dtype=torch.float64)
-    out = tf({"image": MetaTensor(torch.from_numpy(ph.image.copy()), affine=aff),
-              "label": MetaTensor(torch.from_numpy(lab), affine=aff.clone())})
+    out = tf(
+        {
+            "image": MetaTensor(torch.from_numpy(ph.image.copy()), affine=aff),
+            "label": MetaTensor(torch.from_numpy(lab), affine=aff.clone()),
+        }
+    )
     img = np.asarray(out["image"].as_tensor().numpy(), dtype=np.float32)
     tissue = np.asarray(out["label"].as_tensor().numpy() > 0.5)
     label = np.zeros(tissue.shape[1:], np.int16)
@@ -99,11 +104,15 @@ def make_case(seed: int, spacing: float = DEMO_SPACING_MM, normalize: bool = Fal
     lo, hi = np.maximum(nz.min(0) - 2, 0), nz.max(0) + 3
     sl = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
     soft = np.stack([ndimage.gaussian_filter(m.astype(np.float32), 1.0) for m in tissue])
-    return {"image": np.ascontiguousarray(img[sl]), "regions": np.ascontiguousarray(regions[sl]),
-            "tissue": np.ascontiguousarray(soft[sl]), "seed": seed}
+    return {
+        "image": np.ascontiguousarray(img[sl]),
+        "regions": np.ascontiguousarray(regions[sl]),
+        "tissue": np.ascontiguousarray(soft[sl]),
+        "seed": seed,
+    }
 
 
-def build_pool(seeds: Sequence[int], workers: int) -> List[Dict[str, np.ndarray]]:
+def build_pool(seeds: Sequence[int], workers: int) -> list[dict[str, np.ndarray]]:
     """Generate the phantom pool (in parallel processes when ``workers > 1``); order follows ``seeds``."""
     if workers <= 1:
         return [make_case(s) for s in seeds]
@@ -149,21 +158,31 @@ class Augmenter:
     """Draws augmented training crops from the pool (see the module docstring); every random number comes from
     ``gen`` (CPU) or ``dgen`` (device), so a run is reproducible."""
 
-    def __init__(self, pool: List[Dict[str, torch.Tensor]], roi: Tuple[int, int, int], gen: torch.Generator,
-                 dgen: torch.Generator, device: torch.device, contrast_jitter: float = 0.25, p_no_et: float = 0.0):
+    def __init__(
+        self,
+        pool: list[dict[str, torch.Tensor]],
+        roi: tuple[int, int, int],
+        gen: torch.Generator,
+        dgen: torch.Generator,
+        device: torch.device,
+        contrast_jitter: float = 0.25,
+        p_no_et: float = 0.0,
+    ):
         self.pool, self.roi, self.gen, self.dgen, self.device = pool, roi, gen, dgen, device
         self.contrast_jitter, self.p_no_et = float(contrast_jitter), float(p_no_et)
         # per-channel intensity ratio NCR / ET: turns the enhancing rim into non-enhancing core tissue
         from medcam.data.phantoms import CHANNELS, TISSUE_INTENSITY
-        self.ncr_over_et = torch.tensor([TISSUE_INTENSITY[c][3] / TISSUE_INTENSITY[c][5] for c in CHANNELS],
-                                        dtype=torch.float32, device=device)
+
+        self.ncr_over_et = torch.tensor(
+            [TISSUE_INTENSITY[c][3] / TISSUE_INTENSITY[c][5] for c in CHANNELS], dtype=torch.float32, device=device
+        )
         r = [torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2.0 for n in roi]
         self.offsets = torch.stack(torch.meshgrid(*r, indexing="ij"), -1).reshape(-1, 3)  # [N, 3] voxel offsets
 
     def u(self, lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(shape or (1,), generator=self.gen, dtype=torch.float64)
 
-    def sample(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One augmented crop: image [4, *roi] float32, regions [3, *roi] float32 (0/1)."""
         case = self.pool[int(torch.randint(len(self.pool), (1,), generator=self.gen))]
         img, tissue, reg = case["image"], case["tissue"], case["regions"]
@@ -198,8 +217,10 @@ class Augmenter:
         xi, yr = out[:4], (out[4:] > 0.5).float()
         bmask = (xi != 0).any(0, keepdim=True).float()
         # intensity in z-space (brain voxels only): scale/shift, blur, noise
-        xi = xi * self.u(0.85, 1.15, 4, 1, 1, 1).float().to(self.device) \
+        xi = (
+            xi * self.u(0.85, 1.15, 4, 1, 1, 1).float().to(self.device)
             + self.u(-0.15, 0.15, 4, 1, 1, 1).float().to(self.device) * bmask
+        )
         if float(self.u(0, 1)) < 0.2:
             w = float(self.u(0.2, 0.8))
             xi = (1 - w) * xi + w * F.avg_pool3d(xi[None], 3, stride=1, padding=1)[0]
@@ -207,7 +228,7 @@ class Augmenter:
         xi = xi + sigma * torch.randn(xi.shape, generator=self.dgen, device=self.device) * bmask
         return xi * bmask, yr
 
-    def batch(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*[self.sample() for _ in range(n)])
         return torch.stack(xs), torch.stack(ys)
 
@@ -220,8 +241,9 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_pool(net: torch.nn.Module, cases: List[Dict[str, np.ndarray]], device: torch.device,
-                  roi: Tuple[int, int, int]) -> np.ndarray:
+def evaluate_pool(
+    net: torch.nn.Module, cases: list[dict[str, np.ndarray]], device: torch.device, roi: tuple[int, int, int]
+) -> np.ndarray:
     """Dice [n_cases, 3] (TC, WT, ET) with sliding-window inference on z-scored whole cases."""
     from monai.inferers import sliding_window_inference
 
@@ -235,13 +257,20 @@ def evaluate_pool(net: torch.nn.Module, cases: List[Dict[str, np.ndarray]], devi
     return np.asarray(rows)
 
 
-def benchmark_step(pool: List[Dict[str, torch.Tensor]], roi: Tuple[int, int, int], batch: int,
-                   device: torch.device, cuda: bool, n: int = 15) -> float:
+def benchmark_step(
+    pool: list[dict[str, torch.Tensor]],
+    roi: tuple[int, int, int],
+    batch: int,
+    device: torch.device,
+    cuda: bool,
+    n: int = 15,
+) -> float:
     """Seconds per training step, timed on a throw-away network and generators (the real run is unaffected)."""
     from monai.losses import DiceCELoss
 
-    aug = Augmenter(pool, roi, torch.Generator().manual_seed(12345),
-                    torch.Generator(device=device).manual_seed(12345), device)
+    aug = Augmenter(
+        pool, roi, torch.Generator().manual_seed(12345), torch.Generator(device=device).manual_seed(12345), device
+    )
     net = demo_network().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DiceCELoss(sigmoid=True)
@@ -267,8 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     ap.add_argument("--steps", type=int, default=None, help="optimisation steps (default 1200 on CPU, 4000 on CUDA)")
-    ap.add_argument("--epochs", type=int, default=None, help="alternative to --steps: passes over the pool, "
-                    "one crop per case per pass")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="alternative to --steps: passes over the pool, one crop per case per pass",
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--roi", type=int, nargs=3, default=None, help="crop size (default 64^3 on CPU, 96^3 on CUDA)")
     ap.add_argument("--n-train", type=int, default=48, help="training phantoms (seeds 0 .. n-1)")
@@ -276,17 +309,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 1))))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-budget-min", type=float, default=None,
-                    help="without --steps/--epochs: time 15 steps of a throw-away copy, then choose the step count "
-                         "that fits this many minutes (logged; rerun with --steps N to reproduce)")
-    ap.add_argument("--contrast-jitter", type=float, default=0.25,
-                    help="tumour-contrast jitter: NCR/ED/ET scaled per channel by 1 +- this")
-    ap.add_argument("--p-no-et", type=float, default=0.0,
-                    help="probability of rendering the enhancing rim as non-enhancing core (ET label removed)")
+    ap.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="without --steps/--epochs: time 15 steps of a throw-away copy, then choose the step count "
+        "that fits this many minutes (logged; rerun with --steps N to reproduce)",
+    )
+    ap.add_argument(
+        "--contrast-jitter",
+        type=float,
+        default=0.25,
+        help="tumour-contrast jitter: NCR/ED/ET scaled per channel by 1 +- this",
+    )
+    ap.add_argument(
+        "--p-no-et",
+        type=float,
+        default=0.0,
+        help="probability of rendering the enhancing rim as non-enhancing core (ET label removed)",
+    )
     ap.add_argument("--init", default=None, help="start from this state_dict (fine-tuning) instead of random")
-    ap.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this many steps while keeping the --steps schedule (to reproduce a run that "
-                         "was stopped by --max-minutes)")
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this many steps while keeping the --steps schedule (to reproduce a run that "
+        "was stopped by --max-minutes)",
+    )
     ap.add_argument("--max-minutes", type=float, default=None, help="safety stop: save and quit after this time")
     ap.add_argument("--out", default=str(ROOT / "medcam/models/weights/demo_segresnet.pt"))
     ap.add_argument("--info-out", default="/tmp/demo_segresnet_train.json", help="training summary (JSON)")
@@ -313,10 +362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.n_train))
     pool_np = build_pool(seeds, args.workers)
     val_np = build_pool([HELDOUT_SEED0 + i for i in range(args.n_val)], args.workers)
-    log(f"pool: {len(pool_np)} training phantoms + {len(val_np)} held-out in {time.time() - t0:.1f} s; "
-        f"shapes e.g. {pool_np[0]['image'].shape}")
-    pool = [{"image": torch.from_numpy(c["image"]).to(device), "tissue": torch.from_numpy(c["tissue"]).to(device),
-             "regions": torch.from_numpy(c["regions"]).to(device)} for c in pool_np]
+    log(
+        f"pool: {len(pool_np)} training phantoms + {len(val_np)} held-out in {time.time() - t0:.1f} s; "
+        f"shapes e.g. {pool_np[0]['image'].shape}"
+    )
+    pool = [
+        {
+            "image": torch.from_numpy(c["image"]).to(device),
+            "tissue": torch.from_numpy(c["tissue"]).to(device),
+            "regions": torch.from_numpy(c["regions"]).to(device),
+        }
+        for c in pool_np
+    ]
 
     steps = args.steps
     if steps is None and args.epochs is not None:
@@ -324,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if steps is None and args.time_budget_min is not None:
         sec = benchmark_step(pool, roi, args.batch, device, cuda)
         steps = max(50, int(args.time_budget_min * 60 / sec) // 50 * 50)
-        log(f"benchmark: {sec:.3f} s/step -> {steps} steps for {args.time_budget_min} min "
-            f"(reproduce with --steps {steps})")
+        log(
+            f"benchmark: {sec:.3f} s/step -> {steps} steps for {args.time_budget_min} min "
+            f"(reproduce with --steps {steps})"
+        )
     steps = steps or (4000 if cuda else 1200)
     gen = torch.Generator().manual_seed(args.seed + 1)
     dgen = torch.Generator(device=device).manual_seed(args.seed + 2)
@@ -343,9 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-5)
     warm = min(100, steps // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    log(f"training {steps} steps, batch {args.batch}, roi {roi}, lr {args.lr}, device {device}, "
-        f"threads {torch.get_num_threads()}")
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+    )
+    log(
+        f"training {steps} steps, batch {args.batch}, roi {roi}, lr {args.lr}, device {device}, "
+        f"threads {torch.get_num_threads()}"
+    )
     t1, run, done = time.time(), [], 0
     net.train()
     for step in range(steps):
@@ -361,8 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = step + 1
         if done % 50 == 0 or done == steps:
             el = time.time() - t1
-            log(f"step {done}/{steps} loss {np.mean(run[-50:]):.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{el / done:.2f} s/step")
+            log(
+                f"step {done}/{steps} loss {np.mean(run[-50:]):.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{el / done:.2f} s/step"
+            )
         if args.stop_at is not None and done >= args.stop_at:
             log(f"stopped at step {done} (--stop-at)")
             break
@@ -377,14 +441,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.save(state, tmp)
     os.replace(tmp, out)
     d = evaluate_pool(net, val_np, device, roi)
-    info = {"command": " ".join(sys.argv), "init": args.init, "contrast_jitter": args.contrast_jitter,
-            "p_no_et": args.p_no_et, "steps_done": done, "steps_planned": steps, "batch": args.batch, "roi": list(roi), "lr": args.lr,
-            "n_train": args.n_train, "train_seeds": [0, args.n_train - 1], "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-            "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
-            "final_loss_last50": float(np.mean(run[-50:])), "arch": {k: v for k, v in DEMO_ARCH.items()},
-            "heldout_dice_mean_TC_WT_ET": d.mean(0).round(4).tolist(), "heldout_seeds": len(val_np),
-            "weights_bytes": out.stat().st_size}
+    info = {
+        "command": " ".join(sys.argv),
+        "init": args.init,
+        "contrast_jitter": args.contrast_jitter,
+        "p_no_et": args.p_no_et,
+        "steps_done": done,
+        "steps_planned": steps,
+        "batch": args.batch,
+        "roi": list(roi),
+        "lr": args.lr,
+        "n_train": args.n_train,
+        "train_seeds": [0, args.n_train - 1],
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "final_loss_last50": float(np.mean(run[-50:])),
+        "arch": {k: v for k, v in DEMO_ARCH.items()},
+        "heldout_dice_mean_TC_WT_ET": d.mean(0).round(4).tolist(),
+        "heldout_seeds": len(val_np),
+        "weights_bytes": out.stat().st_size,
+    }
     Path(args.info_out).write_text(json.dumps(info, indent=1, default=str))
     log(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB); held-out Dice TC/WT/ET {d.mean(0).round(3).tolist()}")
     log(json.dumps(info, default=str))

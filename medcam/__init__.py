@@ -1,4 +1,5 @@
 """medcam: class activation maps for 3D medical-image segmentation networks."""
+
 __version__ = "0.1.0"
 
 import logging as _logging
@@ -39,6 +40,7 @@ def __getattr__(name: str):
             return importlib.import_module(f"medcam.{name}")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'medcam' has no attribute {name!r}")
+
 
 __all__ = [
     "targets",

@@ -12,8 +12,9 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 
@@ -172,12 +173,23 @@ def main() -> None:
 
 def _model_options(fn: Callable) -> Callable:
     opts = [
-        click.option("--model", "-m", "model_spec", default="demo", show_default=True, metavar="MODEL",
-                     help="'demo' (built-in SegResNet, BraTS TC/WT/ET), 'package.module:function' or "
-                          "'file.py:function' (factory returning the network), or a MONAI bundle folder "
-                          "(configs/inference.json + models/model.pt)."),
-        click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="state_dict file for a factory model (loaded with weights_only=True)."),
+        click.option(
+            "--model",
+            "-m",
+            "model_spec",
+            default="demo",
+            show_default=True,
+            metavar="MODEL",
+            help="'demo' (built-in SegResNet, BraTS TC/WT/ET), 'package.module:function' or "
+            "'file.py:function' (factory returning the network), or a MONAI bundle folder "
+            "(configs/inference.json + models/model.pt).",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="state_dict file for a factory model (loaded with weights_only=True).",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -187,14 +199,25 @@ def _model_options(fn: Callable) -> Callable:
 # ---------------------------------------------------------------------------------------------------- layers
 @main.command("layers")
 @_model_options
-@click.option("--size", default=None, metavar="X,Y,Z",
-              help="Spatial size of the example input (default: the model's window size, else 64,64,64).")
+@click.option(
+    "--size",
+    default=None,
+    metavar="X,Y,Z",
+    help="Spatial size of the example input (default: the model's window size, else 64,64,64).",
+)
 @click.option("--in-channels", type=int, default=None, help="Input channels (default: from the first convolution).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the layers as JSON.")
 @common_options
-def layers_cmd(model_spec: str, checkpoint: str | None, size: str | None, in_channels: int | None, device: str,
-               as_json: bool, quiet: bool) -> None:
+def layers_cmd(
+    model_spec: str,
+    checkpoint: str | None,
+    size: str | None,
+    in_channels: int | None,
+    device: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """List the layers you can explain, with output shapes and strides.
 
     One forward pass of a zero input; every module whose output is a feature map [B, K, *f] is listed in call
@@ -220,10 +243,12 @@ def layers_cmd(model_spec: str, checkpoint: str | None, size: str | None, in_cha
         auto = None
     rows = []
     for i in infos:
-        flags = [f for f, on in (("auto", i.name == auto), ("default", i.name == loaded.default_layer),
-                                 ("head", i.is_output)) if on]
-        rows.append({"name": i.name, "type": i.type, "shape": list(i.shape), "stride": list(i.stride),
-                     "flags": flags})
+        flags = [
+            f
+            for f, on in (("auto", i.name == auto), ("default", i.name == loaded.default_layer), ("head", i.is_output))
+            if on
+        ]
+        rows.append({"name": i.name, "type": i.type, "shape": list(i.shape), "stride": list(i.stride), "flags": flags})
     if as_json:
         click.echo(json.dumps({"input_shape": list(example.shape), "layers": rows}, indent=2))
         return
@@ -232,7 +257,9 @@ def layers_cmd(model_spec: str, checkpoint: str | None, size: str | None, in_cha
     click.echo(f"{'name':<{w}}  {'type':<22} {'output shape':<24} {'stride':<18} ")
     for r in rows:
         stride = "x".join(f"{s:g}" for s in r["stride"])
-        click.echo(f"{r['name']:<{w}}  {r['type']:<22} {str(tuple(r['shape'])):<24} {stride:<18} {' '.join(r['flags'])}")
+        click.echo(
+            f"{r['name']:<{w}}  {r['type']:<22} {str(tuple(r['shape'])):<24} {stride:<18} {' '.join(r['flags'])}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- explain
@@ -240,69 +267,168 @@ def _explain_options(fn: Callable) -> Callable:
     from .methods import METHODS
 
     opts = [
-        click.option("--output", "-o", type=click.Path(file_okay=False), default="medcam-out", show_default=True,
-                     help="Output folder; one sub-folder per case."),
-        click.option("--method", "-M", "methods", multiple=True, metavar="NAME",
-                     help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} "
-                          "(gradcam = Seg-Grad-CAM, hirescam = Seg-HiRes-Grad-CAM). [default: hirescam]"),
-        click.option("--target", "-t", "targets", multiple=True, metavar="SPEC",
-                     help="Region of interest to explain (repeatable). `ET` alone = the PREDICTED ET region; "
-                          "ET:class, TC:component=largest|N, mask:file.nii.gz[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], "
-                          "channel:N[:mode]. [default: predicted region of each named output]"),
-        click.option("--layer", "-l", default=None, metavar="NAME",
-                     help="Layer to explain (`medcam layers` lists them) or 'auto' (bottleneck). "
-                          "[default: the model's default, demo: down_layers.3]"),
-        click.option("--regions", default=None, metavar="A,B,C",
-                     help="Names of the output channels in order (demo: TC,WT,ET)."),
-        click.option("--activation", type=click.Choice(["sigmoid", "softmax"]), default=None,
-                     help="The model's output activation (predicted regions). [default: sigmoid]"),
-        click.option("--threshold", type=float, default=None,
-                     help="Probability threshold of predicted regions [default: 0.5 sigmoid, argmax softmax]."),
-        click.option("--channel-order", default=None, metavar="M1,M2,M3,M4",
-                     help="Order of the BraTS modalities fed to the model, e.g. t1ce,t1,t2,flair for MONAI's "
-                          "brats_mri_segmentation bundle. [default: t1,t1ce,t2,flair]"),
-        click.option("--spacing", default=None, metavar="MM",
-                     help="Resample to this voxel size (mm, 1 or 3 numbers) before the model. [demo: 2]"),
-        click.option("--orientation", default=None, metavar="CODES",
-                     help="Reorient to these axis codes before the model, 'none' to keep. [default: RAS]"),
-        click.option("--crop-foreground/--no-crop-foreground", default=None,
-                     help="Crop to the non-zero bounding box before the model (maps are mapped back). [demo: on]"),
-        click.option("--normalize/--no-normalize", default=None,
-                     help="Z-score each channel over its non-zero voxels. [default: on]"),
-        click.option("--divisible-by", type=int, default=None,
-                     help="Pad the preprocessed volume to a multiple of this (whole-image mode)."),
-        click.option("--roi-size", default=None, metavar="X,Y,Z",
-                     help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]"),
-        click.option("--overlap", type=float, default=None,
-                     help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]"),
-        click.option("--sw-batch-size", type=int, default=None,
-                     help="Windows per forward pass. [default: a bundle's inferer, else 1]"),
-        click.option("--blend", type=click.Choice(["constant", "gaussian"]), default=None,
-                     help="Sliding-window blending, as MONAI's sliding_window_inference. "
-                          "[default: a bundle's inferer, else constant]"),
+        click.option(
+            "--output",
+            "-o",
+            type=click.Path(file_okay=False),
+            default="medcam-out",
+            show_default=True,
+            help="Output folder; one sub-folder per case.",
+        ),
+        click.option(
+            "--method",
+            "-M",
+            "methods",
+            multiple=True,
+            metavar="NAME",
+            help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} "
+            "(gradcam = Seg-Grad-CAM, hirescam = Seg-HiRes-Grad-CAM). [default: hirescam]",
+        ),
+        click.option(
+            "--target",
+            "-t",
+            "targets",
+            multiple=True,
+            metavar="SPEC",
+            help="Region of interest to explain (repeatable). `ET` alone = the PREDICTED ET region; "
+            "ET:class, TC:component=largest|N, mask:file.nii.gz[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], "
+            "channel:N[:mode]. [default: predicted region of each named output]",
+        ),
+        click.option(
+            "--layer",
+            "-l",
+            default=None,
+            metavar="NAME",
+            help="Layer to explain (`medcam layers` lists them) or 'auto' (bottleneck). "
+            "[default: the model's default, demo: down_layers.3]",
+        ),
+        click.option(
+            "--regions", default=None, metavar="A,B,C", help="Names of the output channels in order (demo: TC,WT,ET)."
+        ),
+        click.option(
+            "--activation",
+            type=click.Choice(["sigmoid", "softmax"]),
+            default=None,
+            help="The model's output activation (predicted regions). [default: sigmoid]",
+        ),
+        click.option(
+            "--threshold",
+            type=float,
+            default=None,
+            help="Probability threshold of predicted regions [default: 0.5 sigmoid, argmax softmax].",
+        ),
+        click.option(
+            "--channel-order",
+            default=None,
+            metavar="M1,M2,M3,M4",
+            help="Order of the BraTS modalities fed to the model, e.g. t1ce,t1,t2,flair for MONAI's "
+            "brats_mri_segmentation bundle. [default: t1,t1ce,t2,flair]",
+        ),
+        click.option(
+            "--spacing",
+            default=None,
+            metavar="MM",
+            help="Resample to this voxel size (mm, 1 or 3 numbers) before the model. [demo: 2]",
+        ),
+        click.option(
+            "--orientation",
+            default=None,
+            metavar="CODES",
+            help="Reorient to these axis codes before the model, 'none' to keep. [default: RAS]",
+        ),
+        click.option(
+            "--crop-foreground/--no-crop-foreground",
+            default=None,
+            help="Crop to the non-zero bounding box before the model (maps are mapped back). [demo: on]",
+        ),
+        click.option(
+            "--normalize/--no-normalize",
+            default=None,
+            help="Z-score each channel over its non-zero voxels. [default: on]",
+        ),
+        click.option(
+            "--divisible-by",
+            type=int,
+            default=None,
+            help="Pad the preprocessed volume to a multiple of this (whole-image mode).",
+        ),
+        click.option(
+            "--roi-size",
+            default=None,
+            metavar="X,Y,Z",
+            help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]",
+        ),
+        click.option(
+            "--overlap",
+            type=float,
+            default=None,
+            help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]",
+        ),
+        click.option(
+            "--sw-batch-size",
+            type=int,
+            default=None,
+            help="Windows per forward pass. [default: a bundle's inferer, else 1]",
+        ),
+        click.option(
+            "--blend",
+            type=click.Choice(["constant", "gaussian"]),
+            default=None,
+            help="Sliding-window blending, as MONAI's sliding_window_inference. "
+            "[default: a bundle's inferer, else constant]",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--amp", is_flag=True, help="Mixed precision (autocast; bf16 on CPU). Maps are formed in fp32."),
-        click.option("--num-parts", type=int, default=1, show_default=True,
-                     help="Split the cohort into this many parts (one per machine/GPU)."),
+        click.option(
+            "--num-parts",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Split the cohort into this many parts (one per machine/GPU).",
+        ),
         click.option("--part-id", type=int, default=0, show_default=True, help="Which part this run does (0-based)."),
         click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder."),
         click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays."),
-        click.option("--overwrite", is_flag=True,
-                     help="Redo finished cases and replace their folders (default: skip them)."),
+        click.option(
+            "--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them)."
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def _run_explain(inputs: Sequence[str], *, model_spec: str, checkpoint: str | None, output: str,
-                 methods: Sequence[str], targets: Sequence[str], layer: str | None, regions: str | None,
-                 activation: str | None, threshold: float | None, channel_order: str | None, spacing: str | None,
-                 orientation: str | None, crop_foreground: bool | None, normalize: bool | None,
-                 divisible_by: int | None, roi_size: str | None, overlap: float | None, sw_batch_size: int | None,
-                 blend: str | None,
-                 device: str, amp: bool, num_parts: int, part_id: int, slicer: bool, png: bool, overwrite: bool,
-                 quiet: bool) -> dict[str, Any]:
+def _run_explain(
+    inputs: Sequence[str],
+    *,
+    model_spec: str,
+    checkpoint: str | None,
+    output: str,
+    methods: Sequence[str],
+    targets: Sequence[str],
+    layer: str | None,
+    regions: str | None,
+    activation: str | None,
+    threshold: float | None,
+    channel_order: str | None,
+    spacing: str | None,
+    orientation: str | None,
+    crop_foreground: bool | None,
+    normalize: bool | None,
+    divisible_by: int | None,
+    roi_size: str | None,
+    overlap: float | None,
+    sw_batch_size: int | None,
+    blend: str | None,
+    device: str,
+    amp: bool,
+    num_parts: int,
+    part_id: int,
+    slicer: bool,
+    png: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> dict[str, Any]:
     from .methods import METHODS
     from .pipeline import (
         default_targets,
@@ -343,8 +469,17 @@ def _run_explain(inputs: Sequence[str], *, model_spec: str, checkpoint: str | No
     # everything that can be checked before the first case: inputs, parts, model, targets, layer
     cases = discover_cases(inputs)
     split_parts(cases, num_parts, part_id)
-    loaded = load_model(model_spec, checkpoint=checkpoint, device=dev, regions=region_names, activation=activation,
-                        channel_order=order, preprocessing=pre, roi_size=roi, layer=layer)
+    loaded = load_model(
+        model_spec,
+        checkpoint=checkpoint,
+        device=dev,
+        regions=region_names,
+        activation=activation,
+        channel_order=order,
+        preprocessing=pre,
+        roi_size=roi,
+        layer=layer,
+    )
     specs = parse_targets(targets, loaded.regions) if targets else default_targets(loaded.regions)
     layer_name = layer or loaded.default_layer
     if layer_name != "auto":
@@ -354,18 +489,42 @@ def _run_explain(inputs: Sequence[str], *, model_spec: str, checkpoint: str | No
     sw = sliding_settings(loaded.sliding, overlap=overlap, sw_batch_size=sw_batch_size, mode=blend)
     inferer = make_inferer(loaded.roi_size, **sw, progress=False)
     settings = {
-        "model": loaded.describe(), "methods": method_list, "targets": [s.text for s in specs], "layer": layer_name,
+        "model": loaded.describe(),
+        "methods": method_list,
+        "targets": [s.text for s in specs],
+        "layer": layer_name,
         "sliding_window": None if inferer is None else {"roi_size": list(loaded.roi_size), **sw},
-        "threshold": threshold, "amp": amp, "slicer": slicer, "png": png,
+        "threshold": threshold,
+        "amp": amp,
+        "slicer": slicer,
+        "png": png,
     }
-    return explain_cohort(cases, loaded, method_list, specs, layer_name, inferer, output, num_parts=num_parts,
-                          part_id=part_id, device=dev, amp=amp, threshold=threshold, overwrite=overwrite,
-                          slicer=slicer, png=png, progress=not quiet, settings=settings)
+    return explain_cohort(
+        cases,
+        loaded,
+        method_list,
+        specs,
+        layer_name,
+        inferer,
+        output,
+        num_parts=num_parts,
+        part_id=part_id,
+        device=dev,
+        amp=amp,
+        threshold=threshold,
+        overwrite=overwrite,
+        slicer=slicer,
+        png=png,
+        progress=not quiet,
+        settings=settings,
+    )
 
 
 def _report(run: dict[str, Any], output: str) -> None:
-    click.echo(f"medcam: {run['ok']} case(s) explained, {run['skipped']} skipped (already done), "
-               f"{run['failed']} failed -> {output}  (run summary: {run['path']})")
+    click.echo(
+        f"medcam: {run['ok']} case(s) explained, {run['skipped']} skipped (already done), "
+        f"{run['failed']} failed -> {output}  (run summary: {run['path']})"
+    )
     for rec in run["cases"]:
         if rec["status"] == "failed":
             click.echo(f"  FAILED {rec['case_id']}: {rec['error']}")
@@ -400,11 +559,13 @@ def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------- demo
 @main.command("demo")
-@click.option("--output", "-o", type=click.Path(file_okay=False), default="medcam-demo", show_default=True,
-              help="Output folder.")
+@click.option(
+    "--output", "-o", type=click.Path(file_okay=False), default="medcam-demo", show_default=True, help="Output folder."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Phantom seed (tumour position/size).")
-@click.option("--method", "-M", "methods", multiple=True, metavar="NAME",
-              help="CAM method(s). [default: gradcam,hirescam]")
+@click.option(
+    "--method", "-M", "methods", multiple=True, metavar="NAME", help="CAM method(s). [default: gradcam,hirescam]"
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Regenerate the phantom and redo the explanation.")
 @common_options
@@ -431,14 +592,38 @@ def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwr
         logger.info("reusing phantom %s", case_dir)
     else:
         logger.info("writing phantom case %s", case_dir)
-        write_phantom_case(out / "input", seed=seed, spacing_mm=DEMO_SPACING_MM, layout="brats2021",
-                           overwrite=overwrite)
+        write_phantom_case(
+            out / "input", seed=seed, spacing_mm=DEMO_SPACING_MM, layout="brats2021", overwrite=overwrite
+        )
     run = _run_explain(
-        [str(case_dir)], model_spec="demo", checkpoint=None, output=str(out),
-        methods=list(methods) or ["gradcam", "hirescam"], targets=(), layer=None, regions=None, activation=None,
-        threshold=None, channel_order=None, spacing=None, orientation=None, crop_foreground=None, normalize=None,
-        divisible_by=None, roi_size=None, overlap=0.25, sw_batch_size=1, blend="constant", device=device, amp=False,
-        num_parts=1, part_id=0, slicer=True, png=True, overwrite=overwrite, quiet=quiet,
+        [str(case_dir)],
+        model_spec="demo",
+        checkpoint=None,
+        output=str(out),
+        methods=list(methods) or ["gradcam", "hirescam"],
+        targets=(),
+        layer=None,
+        regions=None,
+        activation=None,
+        threshold=None,
+        channel_order=None,
+        spacing=None,
+        orientation=None,
+        crop_foreground=None,
+        normalize=None,
+        divisible_by=None,
+        roi_size=None,
+        overlap=0.25,
+        sw_batch_size=1,
+        blend="constant",
+        device=device,
+        amp=False,
+        num_parts=1,
+        part_id=0,
+        slicer=True,
+        png=True,
+        overwrite=overwrite,
+        quiet=quiet,
     )
     _report(run, str(out))
     if run["failed"]:

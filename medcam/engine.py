@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -320,7 +321,10 @@ class BaseSegCAM:
         if self.batch_targets and len(grad_outputs) > 1:
             try:
                 (g,) = torch.autograd.grad(
-                    y, a, grad_outputs=torch.stack(grad_outputs).to(y.dtype), is_grads_batched=True,
+                    y,
+                    a,
+                    grad_outputs=torch.stack(grad_outputs).to(y.dtype),
+                    is_grads_batched=True,
                     retain_graph=True,  # kept so that the per-target fallback below can still run
                 )
                 return [check_finite_grad(gk, self.layer_name).float() for gk in g.unbind(0)]

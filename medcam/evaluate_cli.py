@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
@@ -193,18 +194,25 @@ def _reference_masks(ref_spec: str, case: Any, specs: Sequence[Any]) -> list[Any
                 out.append(label_region(s.region))
             else:
                 out.append(None)
-                logger.info("case %s: no reference for target %s (%s)", case.case_id, s.name,
-                            "no label file" if label is None else f"the label has no region {s.region!r}")
+                logger.info(
+                    "case %s: no reference for target %s (%s)",
+                    case.case_id,
+                    s.name,
+                    "no label file" if label is None else f"the label has no region {s.region!r}",
+                )
         return out
     if mode.upper() in REGIONS:
         if label is None:
-            raise EvaluateError(f"--reference {mode}: case {case.case_id} has no label (seg) file; "
-                                "use --reference mask:FILE or none")
+            raise EvaluateError(
+                f"--reference {mode}: case {case.case_id} has no label (seg) file; use --reference mask:FILE or none"
+            )
         return [label_region(mode.upper())] * len(specs)
     path = mode[5:] if mode.lower().startswith("mask:") else mode
     if not path or not Path(path).is_file():
-        raise EvaluateError(f"--reference {ref_spec!r}: expected auto, none, TC/WT/ET or mask:FILE "
-                            f"(a mask on the original image grid){'' if not path else f'; file {path!r} not found'}")
+        raise EvaluateError(
+            f"--reference {ref_spec!r}: expected auto, none, TC/WT/ET or mask:FILE "
+            f"(a mask on the original image grid){'' if not path else f'; file {path!r} not found'}"
+        )
     from .errors import MedcamError
     from .pipeline import TargetSpec, mask_on_case_grid
 
@@ -309,8 +317,16 @@ def run_evaluation(
     region_names = [r.strip() for r in regions.split(",") if r.strip()] if regions else None
 
     cases = discover_cases(list(inputs))
-    loaded = load_model(model_spec, checkpoint=checkpoint, device=dev, regions=region_names, activation=activation,
-                        channel_order=order, preprocessing=pre or None, roi_size=roi)
+    loaded = load_model(
+        model_spec,
+        checkpoint=checkpoint,
+        device=dev,
+        regions=region_names,
+        activation=activation,
+        channel_order=order,
+        preprocessing=pre or None,
+        roi_size=roi,
+    )
     specs = parse_targets(targets, loaded.regions) if targets else default_targets(loaded.regions)
     layer_list = list(dict.fromkeys(_split(layers))) or [loaded.default_layer]
     from .layers import resolve_layer
@@ -321,8 +337,14 @@ def run_evaluation(
     inferer = make_inferer(loaded.roi_size, **sliding_settings(loaded.sliding, overlap=overlap), progress=False)
     out_dir = Path(output)
     check_outputs(out_dir, overwrite, plots)  # before the expensive part
-    logger.info("evaluate: %d case(s), methods %s, layers %s, targets %s, metrics %s", len(cases), method_list,
-                layer_list, [s.name for s in specs], list(metric_list))
+    logger.info(
+        "evaluate: %d case(s), methods %s, layers %s, targets %s, metrics %s",
+        len(cases),
+        method_list,
+        layer_list,
+        [s.name for s in specs],
+        list(metric_list),
+    )
 
     total = EvaluationResult()
     failed: list[tuple[str, str]] = []
@@ -334,10 +356,13 @@ def run_evaluation(
             case_metrics = metric_list
             if "localisation" in case_metrics and all(r is None for r in refs):
                 if explicit or ref_mode.lower() != "auto":
-                    raise EvaluateError(f"case {case.case_id}: --metrics localisation needs a reference mask; "
-                                        "the case has no label file (use --reference mask:FILE)")
-                logger.warning("case %s has no label file: localisation skipped (use --reference mask:FILE)",
-                               case.case_id)
+                    raise EvaluateError(
+                        f"case {case.case_id}: --metrics localisation needs a reference mask; "
+                        "the case has no label file (use --reference mask:FILE)"
+                    )
+                logger.warning(
+                    "case %s has no label file: localisation skipped (use --reference mask:FILE)", case.case_id
+                )
                 case_metrics = tuple(m for m in case_metrics if m != "localisation")
             tl = build_targets(specs, case, activation=loaded.activation, threshold=threshold)
             image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
@@ -358,8 +383,9 @@ def run_evaluation(
             logger.error("case %s failed: %s", src.case_id, failed[-1][1])
             continue
         total.extend(res)
-        logger.info("case %d/%d %s: %d rows in %.1f s", i, len(cases), src.case_id, len(res.rows),
-                    time.perf_counter() - t0)
+        logger.info(
+            "case %d/%d %s: %d rows in %.1f s", i, len(cases), src.case_id, len(res.rows), time.perf_counter() - t0
+        )
     if not total.rows:
         raise EvaluateError(f"all {len(cases)} case(s) failed; first: {failed[0][0]}: {failed[0][1]}")
     paths = write_results(total, out_dir, overwrite=overwrite, plots=plots)
@@ -379,51 +405,125 @@ def _method_help() -> str:
 
 @click.command("evaluate", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "-m", "model_spec", default="demo", show_default=True, metavar="MODEL",
-              help="'demo', 'package.module:function' / 'file.py:function' (factory), or a MONAI bundle folder.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="state_dict file for a factory model (loaded with weights_only=True).")
-@click.option("--output", "-o", type=click.Path(file_okay=False), default="medcam-eval", show_default=True,
-              help="Output folder for metrics.csv, metrics.json and the plots.")
+@click.option(
+    "--model",
+    "-m",
+    "model_spec",
+    default="demo",
+    show_default=True,
+    metavar="MODEL",
+    help="'demo', 'package.module:function' / 'file.py:function' (factory), or a MONAI bundle folder.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="state_dict file for a factory model (loaded with weights_only=True).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="medcam-eval",
+    show_default=True,
+    help="Output folder for metrics.csv, metrics.json and the plots.",
+)
 @click.option("--method", "-M", "methods", multiple=True, metavar="NAME", help=_method_help())
-@click.option("--layer", "-l", "layers", multiple=True, metavar="NAME",
-              help="Layer(s) to explain, repeatable, or 'auto'. [default: the model's default, demo: down_layers.3]")
-@click.option("--target", "-t", "targets", multiple=True, metavar="SPEC",
-              help="Target(s) as in `medcam explain`: ET (predicted ET), ET:class, TC:component=largest, "
-                   "mask:FILE[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], channel:N. "
-                   "[default: predicted region of each named output]")
-@click.option("--reference", "-r", default="auto", show_default=True, metavar="REF",
-              help="Reference mask of the localisation metrics: auto (the case's label region matching each "
-                   "target), TC|WT|ET, mask:FILE (original image grid), or none.")
-@click.option("--metrics", "metrics", multiple=True, metavar="NAMES",
-              help="Metric groups, repeat or comma-separate: localisation, deletion, insertion, average_drop, road, "
-                   "sanity; 'all' or 'default'. [default: localisation,deletion,insertion,average_drop]")
+@click.option(
+    "--layer",
+    "-l",
+    "layers",
+    multiple=True,
+    metavar="NAME",
+    help="Layer(s) to explain, repeatable, or 'auto'. [default: the model's default, demo: down_layers.3]",
+)
+@click.option(
+    "--target",
+    "-t",
+    "targets",
+    multiple=True,
+    metavar="SPEC",
+    help="Target(s) as in `medcam explain`: ET (predicted ET), ET:class, TC:component=largest, "
+    "mask:FILE[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], channel:N. "
+    "[default: predicted region of each named output]",
+)
+@click.option(
+    "--reference",
+    "-r",
+    default="auto",
+    show_default=True,
+    metavar="REF",
+    help="Reference mask of the localisation metrics: auto (the case's label region matching each "
+    "target), TC|WT|ET, mask:FILE (original image grid), or none.",
+)
+@click.option(
+    "--metrics",
+    "metrics",
+    multiple=True,
+    metavar="NAMES",
+    help="Metric groups, repeat or comma-separate: localisation, deletion, insertion, average_drop, road, "
+    "sanity; 'all' or 'default'. [default: localisation,deletion,insertion,average_drop]",
+)
 @click.option("--steps", type=int, default=20, show_default=True, help="Deletion / insertion steps.")
-@click.option("--baseline", default="zero", show_default=True,
-              help="Deletion / insertion baseline: zero, mean, blur or a number.")
-@click.option("--map-threshold", default="otsu", show_default=True,
-              help="Threshold of the min-max normalised map for Dice / IoU / HD95: otsu, percentile:Q or value:V.")
+@click.option(
+    "--baseline", default="zero", show_default=True, help="Deletion / insertion baseline: zero, mean, blur or a number."
+)
+@click.option(
+    "--map-threshold",
+    default="otsu",
+    show_default=True,
+    help="Threshold of the min-max normalised map for Dice / IoU / HD95: otsu, percentile:Q or value:V.",
+)
 @click.option("--tolerance-mm", type=float, default=0.0, show_default=True, help="Pointing-game tolerance (mm).")
-@click.option("--road-percentiles", default="10,30,50,70,90", show_default=True,
-              help="ROAD removal percentages (with --metrics road).")
+@click.option(
+    "--road-percentiles",
+    default="10,30,50,70,90",
+    show_default=True,
+    help="ROAD removal percentages (with --metrics road).",
+)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Perturbed images per forward pass.")
 @click.option("--consensus", is_flag=True, help="Also score a MetaCAM-style consensus map of the methods.")
-@click.option("--sanity-steps", type=int, default=6, show_default=True,
-              help="Cascade steps with a map in the sanity check (evenly spaced over the layers, last included).")
+@click.option(
+    "--sanity-steps",
+    type=int,
+    default=6,
+    show_default=True,
+    help="Cascade steps with a map in the sanity check (evenly spaced over the layers, last included).",
+)
 @click.option("--regions", default=None, metavar="A,B,C", help="Names of the output channels (demo: TC,WT,ET).")
-@click.option("--activation", type=click.Choice(["sigmoid", "softmax"]), default=None,
-              help="The model's output activation. [default: sigmoid]")
-@click.option("--threshold", type=float, default=None,
-              help="Probability threshold of predicted regions [default: 0.5 sigmoid, argmax softmax].")
-@click.option("--channel-order", default=None, metavar="M1,M2,M3,M4",
-              help="Order of the BraTS modalities fed to the model. [default: t1,t1ce,t2,flair]")
+@click.option(
+    "--activation",
+    type=click.Choice(["sigmoid", "softmax"]),
+    default=None,
+    help="The model's output activation. [default: sigmoid]",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Probability threshold of predicted regions [default: 0.5 sigmoid, argmax softmax].",
+)
+@click.option(
+    "--channel-order",
+    default=None,
+    metavar="M1,M2,M3,M4",
+    help="Order of the BraTS modalities fed to the model. [default: t1,t1ce,t2,flair]",
+)
 @click.option("--spacing", default=None, metavar="MM", help="Resample to this voxel size (mm) before the model.")
-@click.option("--crop-foreground/--no-crop-foreground", default=None,
-              help="Crop to the non-zero bounding box before the model. [demo: on]")
-@click.option("--roi-size", default=None, metavar="X,Y,Z",
-              help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]")
-@click.option("--overlap", type=float, default=None,
-              help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]")
+@click.option(
+    "--crop-foreground/--no-crop-foreground",
+    default=None,
+    help="Crop to the non-zero bounding box before the model. [demo: on]",
+)
+@click.option(
+    "--roi-size",
+    default=None,
+    metavar="X,Y,Z",
+    help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]",
+)
+@click.option(
+    "--overlap", type=float, default=None, help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]"
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
 @click.option("--overwrite", is_flag=True, help="Replace existing metrics files in OUTPUT.")
@@ -462,5 +562,7 @@ def evaluate_command(inputs: Sequence[str], quiet: bool, verbose: int, debug: bo
     n_ok = run["cases"] - len(run["failed"])
     click.echo(f"medcam: evaluated {n_ok} case(s), {len(res.rows)} rows -> {run['paths']['csv']}")
     if run["failed"]:
-        raise EvaluateError(f"{len(run['failed'])} of {run['cases']} case(s) failed: "
-                            + "; ".join(f"{c}: {m}" for c, m in run["failed"][:3]))
+        raise EvaluateError(
+            f"{len(run['failed'])} of {run['cases']} case(s) failed: "
+            + "; ".join(f"{c}: {m}" for c, m in run["failed"][:3])
+        )

@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class EvaluationResult:
     curves: dict[tuple, tuple[list[float], list[float]]] = field(default_factory=dict)
     sweeps: dict[tuple, tuple[list[float], list[float]]] = field(default_factory=dict)
 
-    def extend(self, other: "EvaluationResult") -> None:
+    def extend(self, other: EvaluationResult) -> None:
         self.rows += other.rows
         self.curves.update(other.curves)
         self.sweeps.update(other.sweeps)
@@ -233,7 +234,13 @@ def evaluate(
             for mode in ("deletion", "insertion"):
                 if mode in metrics:
                     c = M.perturbation_curve(
-                        image[0], smap, logit_fns[k], mode, steps, baseline, batch_size  # type: ignore[arg-type]
+                        image[0],
+                        smap,
+                        logit_fns[k],
+                        mode,
+                        steps,
+                        baseline,
+                        batch_size,  # type: ignore[arg-type]
                     )
                     add(method, layer, tname, f"{mode}_auc", _f(c.auc))
                     res.curves[key + (mode,)] = (c.fractions.tolist(), c.scores[0].tolist())

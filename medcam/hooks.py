@@ -11,7 +11,8 @@ touching the leaf.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ class ActivationHook:
             raise StopForward
         return None
 
-    def __enter__(self) -> "ActivationHook":
+    def __enter__(self) -> ActivationHook:
         self.reset()
         self._handle = self.module.register_forward_hook(self._hook)
         return self

@@ -69,7 +69,9 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
         for name, m in modules.items():
             if m is layer:
                 if isinstance(m, torch.jit.ScriptModule):
-                    raise ModelError(f"layer {name!r} is a TorchScript module and cannot be hooked; use an eager module")
+                    raise ModelError(
+                        f"layer {name!r} is a TorchScript module and cannot be hooked; use an eager module"
+                    )
                 return name, m
         raise LayerError(f"the module {type(layer).__name__} given as layer is not part of the model")
     if not isinstance(layer, str):
@@ -159,5 +161,7 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     cands = [i for i in infos if abs(total_stride(i) - coarsest) < 1e-6]
     most = max(i.channels for i in cands)
     chosen = max((i for i in cands if i.channels == most), key=lambda i: i.order)
-    logger.info("layer='auto' chose %r (%s, output %s, stride %s)", chosen.name, chosen.type, chosen.shape, chosen.stride)
+    logger.info(
+        "layer='auto' chose %r (%s, output %s, stride %s)", chosen.name, chosen.type, chosen.shape, chosen.stride
+    )
     return chosen.name

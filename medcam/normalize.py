@@ -25,7 +25,9 @@ def normalize(maps: torch.Tensor, mode: Literal["minmax", "max"] = "minmax", eps
     if mode == "minmax":
         mn = flat.amin(-1, keepdim=True)
         rng = mx - mn
-        out = torch.where(rng > eps, (flat - mn) / torch.where(rng > eps, rng, torch.ones_like(rng)), torch.zeros_like(flat))
+        out = torch.where(
+            rng > eps, (flat - mn) / torch.where(rng > eps, rng, torch.ones_like(rng)), torch.zeros_like(flat)
+        )
     elif mode == "max":
         out = torch.where(mx > eps, flat / torch.where(mx > eps, mx, torch.ones_like(mx)), torch.zeros_like(flat))
     else:

@@ -177,9 +177,18 @@ def explain_sliding(
             hook.mode = "detach"
             with torch.no_grad(), cam.autocast(sw_device):
                 output = sliding_window_inference(
-                    image, grid.roi_size, inf.sw_batch_size, lambda x: cam.select_output(run_model(cam.model, _reset(hook, x))),
-                    overlap=inf.overlap, mode=inf.mode, sigma_scale=inf.sigma_scale, padding_mode=inf.padding_mode,
-                    cval=inf.cval, sw_device=sw_device, device=device, progress=progress,
+                    image,
+                    grid.roi_size,
+                    inf.sw_batch_size,
+                    lambda x: cam.select_output(run_model(cam.model, _reset(hook, x))),
+                    overlap=inf.overlap,
+                    mode=inf.mode,
+                    sigma_scale=inf.sigma_scale,
+                    padding_mode=inf.padding_mode,
+                    cval=inf.cval,
+                    sw_device=sw_device,
+                    device=device,
+                    progress=progress,
                 )
             output = output.as_tensor() if hasattr(output, "as_tensor") else output
             output = output.float()
@@ -190,7 +199,9 @@ def explain_sliding(
             # channel count (once per explainer), and a zero-stride tensor stands in for the blended output
             n_out = cam._output_channels
             if n_out is None:
-                first = grid.pad_tensor(image[:1], inf.padding_mode, inf.cval)[(slice(None), slice(None), *grid.slices[0])]
+                first = grid.pad_tensor(image[:1], inf.padding_mode, inf.cval)[
+                    (slice(None), slice(None), *grid.slices[0])
+                ]
                 hook.mode = "detach"
                 with torch.no_grad(), cam.autocast(sw_device):
                     n_out = cam.select_output(run_model(cam.model, _reset(hook, first.to(sw_device)))).shape[1]
@@ -283,7 +294,9 @@ def explain_sliding(
                 else:
                     volume_stats = None
                     if act_stats:  # the whole volume's activation statistics, one row per window of the batch
-                        volume_stats = {n: torch.stack([act_stats[b][n] for b, _ in batch]) for n in act_stats[batch[0][0]]}
+                        volume_stats = {
+                            n: torch.stack([act_stats[b][n] for b, _ in batch]) for n in act_stats[batch[0][0]]
+                        }
                     st = cam.gradient_statistics(af, g, volume_stats)
                     for j, (b, i) in enumerate(batch):
                         if k in active[b][i]:
@@ -296,7 +309,9 @@ def explain_sliding(
             hook.mode = "stop"
             n_pos = _feature_positions(spatial, grid.roi_size, feat_shape)
             alpha = {
-                (b, k): cam.weights_from_statistics({n: v[None] for n, v in {**st, **act_stats.get(b, {})}.items()}, n_pos)[0]
+                (b, k): cam.weights_from_statistics(
+                    {n: v[None] for n, v in {**st, **act_stats.get(b, {})}.items()}, n_pos
+                )[0]
                 for (b, k), st in pooled.items()
             }
             for batch in tqdm(all_batches, desc="medcam maps", disable=not progress):
@@ -345,7 +360,7 @@ class ChannelSparse:
         self.channels, self.values = channels, values
 
     @classmethod
-    def from_dense(cls, grad: torch.Tensor, grid: WindowGrid) -> "ChannelSparse":
+    def from_dense(cls, grad: torch.Tensor, grid: WindowGrid) -> ChannelSparse:
         """From a dense ``[B, C, *S]`` gradient on the unpadded grid."""
         nonzero = grad.flatten(2).ne(0).any(dim=2).any(dim=0)  # [C]
         channels = [int(c) for c in torch.nonzero(nonzero).flatten().tolist()]

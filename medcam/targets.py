@@ -16,7 +16,8 @@ same forward pass (or, with a sliding-window inferer, from one no-grad pass over
 from __future__ import annotations
 
 import logging
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,9 +50,7 @@ def _check_channel(channel: int, output: torch.Tensor, what: str = "channel") ->
         )
 
 
-def _predicted_mask(
-    output: torch.Tensor, channel: int, activation: str, threshold: float | None
-) -> torch.Tensor:
+def _predicted_mask(output: torch.Tensor, channel: int, activation: str, threshold: float | None) -> torch.Tensor:
     """Boolean mask ``[B, *S]`` of the voxels the model assigns to ``channel``.
 
     sigmoid: ``sigmoid(y_c) > threshold``; softmax: ``argmax_c y == channel`` when threshold is None, else

@@ -8,7 +8,7 @@ positions and channels) is the one of a convolutional layer on that grid.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +39,9 @@ class TokenGrid:
     def grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
         p = (self.patch_size,) * len(spatial) if isinstance(self.patch_size, int) else tuple(self.patch_size)
         if len(p) != len(spatial):
-            raise LayerError(f"patch_size {self.patch_size} does not match the {len(spatial)} spatial dims of the input")
+            raise LayerError(
+                f"patch_size {self.patch_size} does not match the {len(spatial)} spatial dims of the input"
+            )
         return tuple(s // q for s, q in zip(spatial, p))
 
     def __call__(self, tokens: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:

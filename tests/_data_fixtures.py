@@ -1,4 +1,5 @@
 """Shared helpers for the data/io test modules (not a conftest: imported explicitly)."""
+
 from __future__ import annotations
 
 import os
@@ -14,12 +15,24 @@ REAL = SHARED / "data" / "brats_real_cases"
 TCGA = REAL / "tcga_fg_6692"
 B23 = REAL / "brats_glioma_case_brainlesion"
 
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="shared BraTS cases (../shared beside the repo) not available")
+needs_real = pytest.mark.skipif(
+    not REAL.is_dir(), reason="shared BraTS cases (../shared beside the repo) not available"
+)
 
-TCGA_FILES = {"t1": "t1.nii.gz", "t1ce": "t1ce.nii.gz", "t2": "t2.nii.gz", "flair": "flair.nii.gz",
-              "seg": "seg_fused_simple.nii.gz"}
-B23_FILES = {"t1": "t1n.nii.gz", "t1ce": "t1c.nii.gz", "t2": "t2w.nii.gz", "flair": "t2f.nii.gz",
-             "seg": "seg_brats25_2.nii.gz"}
+TCGA_FILES = {
+    "t1": "t1.nii.gz",
+    "t1ce": "t1ce.nii.gz",
+    "t2": "t2.nii.gz",
+    "flair": "flair.nii.gz",
+    "seg": "seg_fused_simple.nii.gz",
+}
+B23_FILES = {
+    "t1": "t1n.nii.gz",
+    "t1ce": "t1c.nii.gz",
+    "t2": "t2w.nii.gz",
+    "flair": "t2f.nii.gz",
+    "seg": "seg_brats25_2.nii.gz",
+}
 SUFFIX = {
     "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
     "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},

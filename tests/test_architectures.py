@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
-from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, SwinUNETR, UNETR
+from monai.networks.nets import UNETR, AttentionUnet, BasicUNet, DynUNet, SwinUNETR
 
 import medcam
 from medcam import targets as T
 from tests._nets import autograd_reference, reference_maps
-
 
 
 def _nets():
@@ -23,13 +22,24 @@ def _nets():
         # name: (network, input shape, the layer 'auto' must choose)
         "basicunet": (BasicUNet(3, 2, 3, features=(4, 4, 8, 8, 16, 4)), (1, 2, 32, 32, 32), "down_4"),
         "dynunet": (
-            DynUNet(3, 2, 3, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
-                    filters=[4, 8, 16, 32], res_block=True),
+            DynUNet(
+                3,
+                2,
+                3,
+                kernel_size=[3, 3, 3, 3],
+                strides=[1, 2, 2, 2],
+                upsample_kernel_size=[2, 2, 2],
+                filters=[4, 8, 16, 32],
+                res_block=True,
+            ),
             (1, 2, 32, 32, 24),
             "bottleneck",
         ),
-        "attentionunet": (AttentionUnet(3, 2, 3, channels=(4, 8, 16), strides=(2, 2)), (1, 2, 32, 32, 32),
-                          "model.1.submodule.1.submodule"),
+        "attentionunet": (
+            AttentionUnet(3, 2, 3, channels=(4, 8, 16), strides=(2, 2)),
+            (1, 2, 32, 32, 32),
+            "model.1.submodule.1.submodule",
+        ),
         "swinunetr": (
             SwinUNETR(in_channels=2, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
             (1, 2, 64, 64, 64),
@@ -37,8 +47,11 @@ def _nets():
         ),
         # UNETR's coarsest feature map is its patch embedding, a linear filter of the input: the decoder's first
         # stage (ViT bottleneck + skip) is taken instead
-        "unetr": (UNETR(2, 3, img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=2),
-                  (1, 2, 32, 32, 32), "decoder5"),
+        "unetr": (
+            UNETR(2, 3, img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=2),
+            (1, 2, 32, 32, 32),
+            "decoder5",
+        ),
     }
 
 
@@ -65,8 +78,9 @@ def test_auto_layer_and_maps_equal_plain_autograd(name):
     ref = reference_maps(a.double(), g.double())
     for m, res in results.items():
         torch.testing.assert_close(res.maps[:, 0].double(), ref[m], rtol=1e-4, atol=1e-6 * float(ref[m].abs().max()))
-    torch.testing.assert_close(results["hirescam"].scores[:, 0], y[:, 1, 4:20, 4:24, 4:16].sum((1, 2, 3)),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        results["hirescam"].scores[:, 0], y[:, 1, 4:20, 4:24, 4:16].sum((1, 2, 3)), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_dynunet_sliding_window_with_one_window_is_the_whole_volume():

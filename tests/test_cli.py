@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner
 
 from medcam.cli import main
-from tests.test_pipeline import cases_root, tiny_demo, tiny_net  # noqa: F401 - fixtures
 from tests._cli_helpers import assert_one_line_error
+from tests.test_pipeline import cases_root, tiny_demo, tiny_net  # noqa: F401 - fixtures
 
 SMALL = ["--quiet", "--no-png", "--no-slicer", "--device", "cpu"]
 
@@ -32,8 +32,16 @@ def test_help_teaches():
     assert r.exit_code == 0 and all(c in r.output for c in ("layers", "explain", "demo"))
     r = run(["explain", "--help"])
     assert r.exit_code == 0
-    for text in ("PREDICTED ET region", "ET:class", "component=largest", "mask:", "--num-parts", "--channel-order",
-                 "original image grid", "--roi-size"):
+    for text in (
+        "PREDICTED ET region",
+        "ET:class",
+        "component=largest",
+        "mask:",
+        "--num-parts",
+        "--channel-order",
+        "original image grid",
+        "--roi-size",
+    ):
         assert text in " ".join(r.output.split()), text
 
 
@@ -52,8 +60,19 @@ def test_layers_lists_shapes_strides_and_the_auto_choice():
 
 def test_explain_single_case_then_resume(tiny_demo, cases_root, tmp_path):
     out = tmp_path / "out"
-    args = ["explain", cases_root / "Phantom_00003", "-o", out, "-M", "hirescam", "--target", "WT",
-            "--target", "TC:component=largest", *SMALL]
+    args = [
+        "explain",
+        cases_root / "Phantom_00003",
+        "-o",
+        out,
+        "-M",
+        "hirescam",
+        "--target",
+        "WT",
+        "--target",
+        "TC:component=largest",
+        *SMALL,
+    ]
     r = run(args)
     assert r.exit_code == 0, (r.output, r.stderr)
     s = json.loads((out / "Phantom_00003" / "summary.json").read_text())
@@ -88,12 +107,15 @@ def test_explain_cohort_with_a_failing_case_exits_nonzero(tiny_demo, cases_root,
 def test_bad_input_is_one_line_without_traceback(tiny_demo, cases_root, tmp_path):
     case = cases_root / "Phantom_00003"
     assert_one_line_error(run(["explain", tmp_path / "nope", "-o", tmp_path / "o1", *SMALL]), "does not exist")
-    assert_one_line_error(run(["explain", case, "-o", tmp_path / "o2", "--layer", "down_layer.3", *SMALL]),
-                          "unknown layer 'down_layer.3'", "down_layers.3")
-    assert_one_line_error(run(["explain", case, "-o", tmp_path / "o3", "--target", "NCR", *SMALL]),
-                          "unknown region 'NCR'")
-    assert_one_line_error(run(["explain", case, "-o", tmp_path / "o4", "-M", "gradcam3", *SMALL]),
-                          "unknown method")
+    assert_one_line_error(
+        run(["explain", case, "-o", tmp_path / "o2", "--layer", "down_layer.3", *SMALL]),
+        "unknown layer 'down_layer.3'",
+        "down_layers.3",
+    )
+    assert_one_line_error(
+        run(["explain", case, "-o", tmp_path / "o3", "--target", "NCR", *SMALL]), "unknown region 'NCR'"
+    )
+    assert_one_line_error(run(["explain", case, "-o", tmp_path / "o4", "-M", "gradcam3", *SMALL]), "unknown method")
     net = torch.nn.Sequential(torch.nn.Conv3d(4, 3, 1))
     ts = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(net), str(ts))
@@ -112,21 +134,47 @@ def test_bad_input_is_one_line_without_traceback(tiny_demo, cases_root, tmp_path
 
 def test_explain_with_factory_model_and_regions(cases_root, tmp_path):
     fac = tmp_path / "nets.py"
-    fac.write_text("from monai.networks.nets import SegResNet\n"
-                   "def build():\n    return SegResNet(spatial_dims=3, in_channels=4, out_channels=2, init_filters=8,"
-                   " blocks_down=(1, 1, 1, 1))\n")
+    fac.write_text(
+        "from monai.networks.nets import SegResNet\n"
+        "def build():\n    return SegResNet(spatial_dims=3, in_channels=4, out_channels=2, init_filters=8,"
+        " blocks_down=(1, 1, 1, 1))\n"
+    )
     torch.manual_seed(0)
     out = tmp_path / "out"
-    r = run(["explain", cases_root / "Phantom_00003", "-o", out, "--model", f"{fac}:build", "--regions", "bg,tumour",
-             "--activation", "softmax", "--spacing", "8", "--crop-foreground", "--divisible-by", "8",
-             "--target", "tumour", "--target", "channel:0:class", "--layer", "auto", *SMALL])
+    r = run(
+        [
+            "explain",
+            cases_root / "Phantom_00003",
+            "-o",
+            out,
+            "--model",
+            f"{fac}:build",
+            "--regions",
+            "bg,tumour",
+            "--activation",
+            "softmax",
+            "--spacing",
+            "8",
+            "--crop-foreground",
+            "--divisible-by",
+            "8",
+            "--target",
+            "tumour",
+            "--target",
+            "channel:0:class",
+            "--layer",
+            "auto",
+            *SMALL,
+        ]
+    )
     assert r.exit_code == 0, (r.output, r.stderr)
     s = json.loads((out / "Phantom_00003" / "summary.json").read_text())
     assert s["sliding_window"] is None and s["layer"].startswith("down_layers.3")
     assert s["preprocessed_shape"] == [v for v in s["preprocessed_shape"] if v % 8 == 0]
     assert [t["name"] for t in s["targets"]] == ["tumour", "bg-class"]
-    assert s["model"]["activation"] == "softmax" and s["predicted_voxels"]["bg"] + s["predicted_voxels"]["tumour"] \
-        == int(np.prod(s["preprocessed_shape"]))
+    assert s["model"]["activation"] == "softmax" and s["predicted_voxels"]["bg"] + s["predicted_voxels"][
+        "tumour"
+    ] == int(np.prod(s["preprocessed_shape"]))
 
 
 def test_demo_writes_everything(tiny_demo, tmp_path):
@@ -157,8 +205,13 @@ def test_evaluate_is_registered_when_available(monkeypatch):
 def test_console_script_error_policy(tmp_path):
     exe = Path(sys.executable).with_name("medcam")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "medcam.cli"]
-    p = subprocess.run([*cmd, "explain", str(tmp_path / "missing_case"), "-o", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    p = subprocess.run(
+        [*cmd, "explain", str(tmp_path / "missing_case"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("medcam: error: input")
     assert "Traceback" not in p.stderr

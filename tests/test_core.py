@@ -55,7 +55,10 @@ def unet3d():
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-@pytest.mark.parametrize("net_layer", [("segresnet", "down_layers.3"), ("segresnet", "up_layers.1"), ("unet3d", "model.1.submodule.1.submodule")])
+@pytest.mark.parametrize(
+    "net_layer",
+    [("segresnet", "down_layers.3"), ("segresnet", "up_layers.1"), ("unet3d", "model.1.submodule.1.submodule")],
+)
 def test_agrees_with_plain_autograd_3d(request, name, net_layer):
     net = request.getfixturevalue(net_layer[0])
     layer = net_layer[1]
@@ -200,7 +203,9 @@ def test_contrast_roi_is_difference_of_maps(segresnet):
     x = torch.randn(1, 2, 16, 16, 16)
     cam = medcam.SegHiResGradCAM(segresnet, layer="down_layers.3")
     maps = cam(x, [T.ClassROI(1), T.ClassROI(2), T.ContrastROI(1, 2, alpha=0.5)], relu=False)
-    torch.testing.assert_close(maps[:, 2], maps[:, 0] - 0.5 * maps[:, 1], rtol=1e-4, atol=1e-4 * float(maps.abs().max()))
+    torch.testing.assert_close(
+        maps[:, 2], maps[:, 0] - 0.5 * maps[:, 1], rtol=1e-4, atol=1e-4 * float(maps.abs().max())
+    )
     # alpha = 0 is the base target
     m0 = cam(x, [T.ContrastROI(1, 2, alpha=0.0)], relu=False)
     torch.testing.assert_close(m0[:, 0], maps[:, 0], rtol=1e-5, atol=1e-6)

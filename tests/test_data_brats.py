@@ -1,12 +1,13 @@
 """BraTS case discovery (both layouts + mapping), channel order and TC/WT/ET conversion."""
+
 from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests._data_fixtures import B23, B23_FILES, TCGA, TCGA_FILES, arrange_case, needs_real
 from medcam.data import MedcamDataError, discover_brats_case, infer_label_convention, labels_to_regions, load_brats_case
+from tests._data_fixtures import B23, B23_FILES, TCGA, TCGA_FILES, arrange_case, needs_real
 
 
 def _data(path):
@@ -64,8 +65,12 @@ def test_brats2023_layout_et_is_label_3(case2023):
 
 @needs_real
 def test_mapping_with_2023_names_and_custom_channel_order(tmp_path):
-    mapping = {"t1n": B23 / "t1n.nii.gz", "t1c": B23 / "t1c.nii.gz", "t2w": B23 / "t2w.nii.gz",
-               "t2f": B23 / "t2f.nii.gz"}
+    mapping = {
+        "t1n": B23 / "t1n.nii.gz",
+        "t1c": B23 / "t1c.nii.gz",
+        "t2w": B23 / "t2w.nii.gz",
+        "t2f": B23 / "t2f.nii.gz",
+    }
     case = load_brats_case(mapping, channel_order=("t1ce", "t1", "t2", "flair"), normalize=False, orientation=None)
     assert case.layout == "mapping" and case.label is None
     assert case.channel_names == ("t1ce", "t1", "t2", "flair")

@@ -1,16 +1,16 @@
 """Generic volume loading (NIfTI, NRRD, MHA, DICOM series) and the clear errors for bad input."""
+
 from __future__ import annotations
 
 import gzip
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests._data_fixtures import write_nifti
 from medcam.data import MedcamDataError, build_preprocessing, load_volumes
 from medcam.data.loading import ras_affine_to_sitk, read_header, sitk_to_ras_affine
+from tests._data_fixtures import write_nifti
 
 SHAPE = (20, 22, 24)
 # LPS-ordered axes (like BraTS) with anisotropic spacing and a non-zero origin
@@ -48,10 +48,14 @@ def _write_dicom_series(folder, data, affine):
         sl = vol[:, :, k]
         pos = vol.TransformIndexToPhysicalPoint((0, 0, k))
         tags = {
-            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
-            "0008|0060": "MR", "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{p:.6f}" for p in pos),
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
+            "0008|0060": "MR",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{p:.6f}" for p in pos),
             "0020|0037": "\\".join(f"{v:.6f}" for v in list(d[:, 0]) + list(d[:, 1])),
-            "0018|0050": f"{spacing[2]:.6f}", "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
+            "0018|0050": f"{spacing[2]:.6f}",
+            "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
             "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.44.{k + 1}",
         }
         for t, v in tags.items():

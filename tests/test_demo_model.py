@@ -1,4 +1,5 @@
 """The shipped demo SegResNet: weights file, architecture, and a sanity check of its segmentation on a phantom."""
+
 from __future__ import annotations
 
 import importlib.resources
@@ -66,8 +67,12 @@ def test_segments_heldout_phantom():
     kw = {**demo_preprocessing_kwargs(), "crop_foreground": True, "divisible_by": 8}
     tf = build_preprocessing(keys=("image", "label"), **kw)
     aff = torch.as_tensor(ph.affine)
-    data = tf({"image": MetaTensor(torch.from_numpy(ph.image.copy()), affine=aff),
-               "label": MetaTensor(torch.from_numpy(labels_to_regions(ph.label).astype(np.float32)), affine=aff)})
+    data = tf(
+        {
+            "image": MetaTensor(torch.from_numpy(ph.image.copy()), affine=aff),
+            "label": MetaTensor(torch.from_numpy(labels_to_regions(ph.label).astype(np.float32)), affine=aff),
+        }
+    )
     model = load_demo_model()
     with torch.no_grad():
         y = model(data["image"].as_tensor()[None])

@@ -88,7 +88,7 @@ def test_evaluate_writes_table_with_case_labels_as_reference(tiny_demo, case_dir
     # independent recomputation of one cell: the reference of target WT is the case's own WT label
     import medcam
     from medcam.metrics import localisation_scores
-    from medcam.pipeline import spacing_of, build_targets, load_case, load_model, make_inferer, parse_targets
+    from medcam.pipeline import build_targets, load_case, load_model, make_inferer, parse_targets, spacing_of
 
     loaded = load_model("demo")
     case = load_case(case_dir, loaded)
@@ -97,22 +97,43 @@ def test_evaluate_writes_table_with_case_labels_as_reference(tiny_demo, case_dir
     m = cam(case.image.as_tensor()[None].float(), tl)[0, 0]
     wt = case.label.as_tensor()[1] > 0
     loc = localisation_scores(m[None], wt[None], "otsu", spacing=spacing_of(case.image.affine))
-    got = next(float(r_["value"]) for r_ in rows
-               if (r_["method"], r_["target"], r_["metric"]) == ("hirescam", "WT", "energy_pointing_game"))
+    got = next(
+        float(r_["value"])
+        for r_ in rows
+        if (r_["method"], r_["target"], r_["metric"]) == ("hirescam", "WT", "energy_pointing_game")
+    )
     assert got == pytest.approx(loc["energy_pointing_game"].item(), rel=1e-4, abs=1e-6)
 
     # outputs exist: refused without --overwrite (one line), replaced with it
     assert_one_line_error(run(args), "exists")
-    r = run([case_dir, "-o", out, "-M", "hirescam", "-t", "WT", "--metrics", "deletion", "--no-plots", "--overwrite",
-             *FAST])
+    r = run(
+        [case_dir, "-o", out, "-M", "hirescam", "-t", "WT", "--metrics", "deletion", "--no-plots", "--overwrite", *FAST]
+    )
     assert r.exit_code == 0, r.stderr
     assert {r_["metric"] for r_ in read_rows(out / "metrics.csv")[1]} == {"deletion_auc"}
 
 
 def test_evaluate_sanity_and_reference_none(tiny_demo, case_dir, tmp_path):
     out = tmp_path / "eval"
-    r = run([case_dir, "-o", out, "-M", "hirescam", "-t", "ET", "--reference", "none", "--metrics", "default,sanity",
-             "--sanity-steps", "2", "--no-plots", *FAST])
+    r = run(
+        [
+            case_dir,
+            "-o",
+            out,
+            "-M",
+            "hirescam",
+            "-t",
+            "ET",
+            "--reference",
+            "none",
+            "--metrics",
+            "default,sanity",
+            "--sanity-steps",
+            "2",
+            "--no-plots",
+            *FAST,
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     metrics = {r_["metric"] for r_ in read_rows(out / "metrics.csv")[1]}
     assert "dice" not in metrics and "deletion_auc" in metrics  # no reference: localisation dropped
@@ -143,14 +164,17 @@ def test_evaluate_is_registered_in_the_medcam_group():
     assert r.exit_code == 0 and "--reference" in r.output and "--metrics" in r.output
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--metrics", "speed"], "unknown metric 'speed'"),
-    (["-M", "gradkam"], "unknown method 'gradkam'"),
-    (["--reference", "mask:nope.nii.gz"], "--reference"),
-    (["--map-threshold", "median"], "--map-threshold"),
-    (["-t", "NCR"], "unknown region 'NCR'"),
-    (["-l", "no.such.layer"], "no.such.layer"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--metrics", "speed"], "unknown metric 'speed'"),
+        (["-M", "gradkam"], "unknown method 'gradkam'"),
+        (["--reference", "mask:nope.nii.gz"], "--reference"),
+        (["--map-threshold", "median"], "--map-threshold"),
+        (["-t", "NCR"], "unknown region 'NCR'"),
+        (["-l", "no.such.layer"], "no.such.layer"),
+    ],
+)
 def test_evaluate_bad_options_one_line(tiny_demo, case_dir, tmp_path, extra, needle):
     assert_one_line_error(run([case_dir, "-o", tmp_path / "e", *extra, *FAST]), needle)
     assert not (tmp_path / "e" / "metrics.csv").exists()

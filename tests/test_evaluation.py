@@ -81,20 +81,32 @@ def test_evaluate_road_sanity_and_cohort(case):
     assert res.value("hirescam", "mid", "class1", "sanity_spearman_final", case="a") < 0.99
     assert res.value("hirescam", "mid", "class1", "sanity_original_constant", case="a") == 0.0
     assert 0 <= res.value("hirescam", "mid", "class1", "sanity_constant_steps", case="a") <= 3
-    thin = evaluate(model, img, targets.ClassROI(1), methods=("hirescam",), layers=("mid",), metrics=("sanity",),
-                    sanity_max_steps=1)
+    thin = evaluate(
+        model, img, targets.ClassROI(1), methods=("hirescam",), layers=("mid",), metrics=("sanity",), sanity_max_steps=1
+    )
     # one map only, after randomising every layer: the "final" value is the same, the mean is over that one step
     assert thin.value("hirescam", "mid", "class1", "sanity_spearman_final") == pytest.approx(
-        res.value("hirescam", "mid", "class1", "sanity_spearman_final", case="a"), abs=1e-6)
+        res.value("hirescam", "mid", "class1", "sanity_spearman_final", case="a"), abs=1e-6
+    )
     assert thin.value("hirescam", "mid", "class1", "sanity_spearman_mean") == pytest.approx(
-        thin.value("hirescam", "mid", "class1", "sanity_spearman_final"))
+        thin.value("hirescam", "mid", "class1", "sanity_spearman_final")
+    )
 
 
 def test_evaluate_target_names_label_the_rows(case):
     model, img, ref = case
     tl = [targets.ClassROI(1), targets.PredictedROI(1)]
-    res = evaluate(model, img, tl, methods=("gradcam",), layers=("mid",), reference=ref, steps=2,
-                   metrics=("localisation", "deletion"), target_names=["WT-class", "WT"])
+    res = evaluate(
+        model,
+        img,
+        tl,
+        methods=("gradcam",),
+        layers=("mid",),
+        reference=ref,
+        steps=2,
+        metrics=("localisation", "deletion"),
+        target_names=["WT-class", "WT"],
+    )
     assert {r["target"] for r in res.rows} == {"WT-class", "WT"}
     assert {k[3] for k in res.curves} == {"WT-class", "WT"} and {k[3] for k in res.sweeps} == {"WT-class", "WT"}
     with pytest.raises(MedcamError, match="one per target"):

@@ -1,4 +1,5 @@
 """save_heatmap: round trips on real LPS and RAS files through preprocessing (orientation + spacing) and back."""
+
 from __future__ import annotations
 
 import nibabel as nib
@@ -8,7 +9,15 @@ import SimpleITK as sitk
 
 from medcam.data import MedcamDataError, load_brats_case, load_volumes
 from medcam.io import OutputExistsError, atomic_write, save_heatmap
-from tests._data_fixtures import TCGA, TCGA_FILES, arrange_case, needs_real, voxel_to_world, weighted_centroid, write_nifti
+from tests._data_fixtures import (
+    TCGA,
+    TCGA_FILES,
+    arrange_case,
+    needs_real,
+    voxel_to_world,
+    weighted_centroid,
+    write_nifti,
+)
 
 
 def _sitk_geometry(path):
@@ -33,8 +42,9 @@ def _roundtrip(case, tmp_path, block_slices, name):
     centre_pre = weighted_centroid(pre)
     world_expected = voxel_to_world(case.image.affine.numpy(), centre_pre)
     back = case.invert(pre)
-    out = save_heatmap(back, case.reference_path, tmp_path / f"{name}.nii.gz", method="seg-grad-cam", target="WT",
-                       layer="decoder.3")
+    out = save_heatmap(
+        back, case.reference_path, tmp_path / f"{name}.nii.gz", method="seg-grad-cam", target="WT", layer="decoder.3"
+    )
     _check_same_grid_both_readers(out, case.reference_path)
     img = nib.load(str(out))
     data = np.asarray(img.dataobj)
@@ -68,10 +78,14 @@ def test_roundtrip_real_lps_case_with_resampling(real_lps_case, tmp_path):
     # header traps: float32, map range, fresh display range, intent, description, codes as the source (1, 2)
     h, src_h = img.header, nib.load(str(case.reference_path)).header
     assert src_h.get_data_dtype() == np.int16 and h.get_data_dtype() == np.float32
-    assert float(h["cal_min"]) == pytest.approx(float(data.min())) and float(h["cal_max"]) == pytest.approx(float(data.max()))
+    assert float(h["cal_min"]) == pytest.approx(float(data.min())) and float(h["cal_max"]) == pytest.approx(
+        float(data.max())
+    )
     assert int(h["intent_code"]) == 1001 and h["intent_name"].item() == b"medcam heatmap"
     assert h["descrip"].item() == b"medcam seg-grad-cam target=WT layer=decoder.3"
-    assert (int(h["sform_code"]), int(h["qform_code"])) == (int(src_h["sform_code"]), int(src_h["qform_code"])) == (1, 2)
+    assert (
+        (int(h["sform_code"]), int(h["qform_code"])) == (int(src_h["sform_code"]), int(src_h["qform_code"])) == (1, 2)
+    )
     np.testing.assert_allclose(img.get_qform(), img.get_sform(), atol=1e-5)
 
 
@@ -112,7 +126,9 @@ def test_exact_voxel_position_without_resampling(tmp_path):
     img = nib.load(str(out))
     ijk = np.argwhere(np.asarray(img.dataobj) == 1.0)
     assert ijk.tolist() == [[239 - 100, 239 - 60, 70]]  # LPS file: first two axes flipped
-    np.testing.assert_allclose(voxel_to_world(img.affine, ijk[0]), voxel_to_world(case.image.affine.numpy(), (100, 60, 70)))
+    np.testing.assert_allclose(
+        voxel_to_world(img.affine, ijk[0]), voxel_to_world(case.image.affine.numpy(), (100, 60, 70))
+    )
 
 
 def _small_ref(tmp_path, dtype=np.int16, slope=None):

@@ -1,4 +1,5 @@
 """PNG overlays through the ROI centre."""
+
 from __future__ import annotations
 
 import matplotlib.image as mpimg
@@ -32,8 +33,9 @@ def test_roi_centre():
 
 def test_save_overlay_png(tmp_path):
     image, heat, roi = _arrays()
-    out = save_overlay_png(image, heat, roi, tmp_path / "ov.png", title="Seg-Grad-CAM | WT | decoder.3",
-                           spacing=(1.0, 1.0, 2.5), dpi=50)
+    out = save_overlay_png(
+        image, heat, roi, tmp_path / "ov.png", title="Seg-Grad-CAM | WT | decoder.3", spacing=(1.0, 1.0, 2.5), dpi=50
+    )
     png = mpimg.imread(str(out))
     assert png.shape == (240, 650, 4)  # 13 x 4.8 inches at 50 dpi, RGBA
     assert png[..., :3].std() > 0.05  # not blank

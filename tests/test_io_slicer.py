@@ -1,4 +1,5 @@
 """3D Slicer export: .seg.nrrd readable by slicerio/pynrrd with named segments, heatmaps, colour table, scene."""
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -37,11 +38,23 @@ def test_export_regions_scene(phantom_case, tmp_path):
     case, ref = phantom_case
     regions = case.invert(case.label, nearest=True)
     heat = {"Seg-Grad-CAM WT": case.invert(case.image[3]), "TC": case.invert(case.image[1])}
-    scene = export_slicer_scene(tmp_path / "case", image_path=case.reference_path, heatmaps=heat,
-                                segmentation=regions, method="seg-grad-cam", layer="decoder.3")
+    scene = export_slicer_scene(
+        tmp_path / "case",
+        image_path=case.reference_path,
+        heatmaps=heat,
+        segmentation=regions,
+        method="seg-grad-cam",
+        layer="decoder.3",
+    )
     names = sorted(p.name for p in (tmp_path / "case").iterdir())
-    assert names == ["heatmap_TC.nii.gz", "heatmap_sgm-Grad-CAM_WT.nii.gz", "image_Phantom_00005_t1.nii.gz",
-                     "medcam_heat.ctbl", "scene.mrml", "segmentation.seg.nrrd"]
+    assert names == [
+        "heatmap_TC.nii.gz",
+        "heatmap_sgm-Grad-CAM_WT.nii.gz",
+        "image_Phantom_00005_t1.nii.gz",
+        "medcam_heat.ctbl",
+        "scene.mrml",
+        "segmentation.seg.nrrd",
+    ]
     assert not any(("seg" in n.lower() or "label" in n.lower()) for n in names if n.startswith("heatmap"))
     # segmentation: 3 overlapping regions, each its own layer, geometry = reference in LPS
     seg = slicerio.read_segmentation(str(tmp_path / "case" / "segmentation.seg.nrrd"))
@@ -61,7 +74,9 @@ def test_export_regions_scene(phantom_case, tmp_path):
     np.testing.assert_allclose(hm.affine, ref.affine)
     assert hm.header["descrip"].item() == b"medcam seg-grad-cam target=Seg-Grad-CAM WT layer=decoder.3"
     # colour table: 256 entries, entry 0 transparent
-    rows = [r.split() for r in (tmp_path / "case" / "medcam_heat.ctbl").read_text().splitlines() if not r.startswith("#")]
+    rows = [
+        r.split() for r in (tmp_path / "case" / "medcam_heat.ctbl").read_text().splitlines() if not r.startswith("#")
+    ]
     assert len(rows) == 256 and rows[0][-1] == "0" and rows[255][-1] == "255"
     # scene: every referenced file exists; slice views show image + semi-transparent heatmap with the colour table
     root = ET.parse(scene).getroot()
@@ -84,8 +99,11 @@ def test_export_label_map_segments(phantom_case, tmp_path):
     assert set(np.unique(label)) == {0, 1, 2, 4}
     out = write_seg_nrrd(label, ref.affine, tmp_path / "ref.seg.nrrd")
     seg = slicerio.read_segmentation(str(out))
-    assert [(s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == [("NCR", 1, 0), ("ED", 2, 0),
-                                                                                  ("ET", 4, 0)]
+    assert [(s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == [
+        ("NCR", 1, 0),
+        ("ED", 2, 0),
+        ("ET", 4, 0),
+    ]
     np.testing.assert_array_equal(seg["voxels"], label)
     ext = seg["segments"][2]["extent"]
     where = np.argwhere(label == 4)
@@ -102,8 +120,9 @@ def test_export_errors_and_overwrite(phantom_case, tmp_path):
     with pytest.raises(MedcamDataError, match=r"Heatmap 'WT' has shape \(3, 3, 3\)"):
         export_slicer_scene(tmp_path / "a", image_path=case.reference_path, heatmaps={"WT": np.zeros((3, 3, 3))})
     with pytest.raises(MedcamDataError, match="Segmentation has shape"):
-        export_slicer_scene(tmp_path / "a", image_path=case.reference_path, heatmaps=heat,
-                            segmentation=np.zeros((3, 3, 3)))
+        export_slicer_scene(
+            tmp_path / "a", image_path=case.reference_path, heatmaps=heat, segmentation=np.zeros((3, 3, 3))
+        )
     assert not (tmp_path / "a").exists()
     export_slicer_scene(tmp_path / "b", image_path=case.reference_path, heatmaps=heat)
     with pytest.raises(OutputExistsError):

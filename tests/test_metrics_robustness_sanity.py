@@ -33,7 +33,9 @@ def test_rankdata_and_spearman_match_scipy_with_ties():
     got = spearman(ta, tb)
     exp = [spearmanr(a[i].ravel(), b[i].ravel()).statistic for i in range(3)]
     assert np.allclose(got.numpy(), exp, atol=1e-5)
-    assert np.allclose(pearson(ta, tb).numpy(), [np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(3)], atol=1e-5)
+    assert np.allclose(
+        pearson(ta, tb).numpy(), [np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(3)], atol=1e-5
+    )
     assert spearman(torch.ones(1, 3, 3, 3), ta[:1, :3, :3, :3]).item() == 0.0  # dead map: see the next test
 
 

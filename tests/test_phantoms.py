@@ -1,4 +1,5 @@
 """Phantom generator: determinism, seed variation, geometry, labels, intensities vs real cases, layouts."""
+
 from __future__ import annotations
 
 import nibabel as nib
@@ -58,8 +59,10 @@ def test_deterministic_and_seed_dependent(ph):
 
 def test_tissue_contrasts_follow_table(ph):
     wm = ph.brain_mask & (ph.label == 0)
-    rel = {m: {v: np.median(ph.image[c][ph.label == v]) / np.median(ph.image[c][wm]) for v in (1, 2, 4)}
-           for c, m in enumerate(MODS)}
+    rel = {
+        m: {v: np.median(ph.image[c][ph.label == v]) / np.median(ph.image[c][wm]) for v in (1, 2, 4)}
+        for c, m in enumerate(MODS)
+    }
     assert rel["t1ce"][4] > 1.3 and rel["flair"][2] > 1.5 and rel["t2"][1] > 1.5 and rel["t1"][1] < 1.0
     t = TISSUE_INTENSITY
     # enhancing tumour vs necrosis ratio in T1ce close to the table (1.70 / 0.60), despite noise and partial volume

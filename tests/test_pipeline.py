@@ -45,9 +45,17 @@ def tiny_demo(monkeypatch):
     monkeypatch.setattr(demo, "load_demo_model", lambda device="cpu": tiny_net().to(device))
     monkeypatch.setattr(demo, "DEMO_ROI_SIZE", TINY_ROI)
     monkeypatch.setattr(demo, "DEMO_SPACING_MM", TINY_SPACING)
-    monkeypatch.setattr(demo, "demo_preprocessing_kwargs", lambda: {
-        "orientation": "RAS", "spacing": (TINY_SPACING,) * 3, "normalize": True, "crop_foreground": False,
-        "divisible_by": None})
+    monkeypatch.setattr(
+        demo,
+        "demo_preprocessing_kwargs",
+        lambda: {
+            "orientation": "RAS",
+            "spacing": (TINY_SPACING,) * 3,
+            "normalize": True,
+            "crop_foreground": False,
+            "divisible_by": None,
+        },
+    )
     return demo
 
 
@@ -62,14 +70,17 @@ def cases_root(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- target specs
-@pytest.mark.parametrize("spec,kind,channel,rank,name", [
-    ("ET", "predicted", 2, None, "ET"),
-    ("wt:predicted", "predicted", 1, None, "WT"),
-    ("ET:class", "class", 2, None, "ET-class"),
-    ("TC:component=largest", "component", 0, 1, "TC-component1"),
-    ("TC:component=2", "component", 0, 2, "TC-component2"),
-    ("channel:1:class", "class", 1, None, "WT-class"),
-])
+@pytest.mark.parametrize(
+    "spec,kind,channel,rank,name",
+    [
+        ("ET", "predicted", 2, None, "ET"),
+        ("wt:predicted", "predicted", 1, None, "WT"),
+        ("ET:class", "class", 2, None, "ET-class"),
+        ("TC:component=largest", "component", 0, 1, "TC-component1"),
+        ("TC:component=2", "component", 0, 2, "TC-component2"),
+        ("channel:1:class", "class", 1, None, "WT-class"),
+    ],
+)
 def test_parse_target_grammar(spec, kind, channel, rank, name):
     t = parse_target(spec, REGIONS)
     assert (t.kind, t.channel, t.rank, t.name) == (kind, channel, rank, name)
@@ -127,9 +138,18 @@ def test_fake_monai_bundle(tmp_path):
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
-    cfg = {"network_def": {"_target_": "monai.networks.nets.SegResNet", "spatial_dims": 3, "in_channels": 4,
-                           "out_channels": 3, "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-           "network": "$@network_def.to('cpu')"}
+    cfg = {
+        "network_def": {
+            "_target_": "monai.networks.nets.SegResNet",
+            "spatial_dims": 3,
+            "in_channels": 4,
+            "out_channels": 3,
+            "init_filters": 8,
+            "blocks_down": [1, 1],
+            "blocks_up": [1],
+        },
+        "network": "$@network_def.to('cpu')",
+    }
     (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
     torch.manual_seed(1)
     ref = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 1), blocks_up=(1,))
@@ -156,9 +176,18 @@ def _bundle_with_inferer(root, inferer):
 
     root.joinpath("configs").mkdir(parents=True)
     root.joinpath("models").mkdir()
-    cfg = {"network_def": {"_target_": "monai.networks.nets.SegResNet", "spatial_dims": 3, "in_channels": 4,
-                           "out_channels": 3, "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-           "inferer": inferer}
+    cfg = {
+        "network_def": {
+            "_target_": "monai.networks.nets.SegResNet",
+            "spatial_dims": 3,
+            "in_channels": 4,
+            "out_channels": 3,
+            "init_filters": 8,
+            "blocks_down": [1, 1],
+            "blocks_up": [1],
+        },
+        "inferer": inferer,
+    }
     (root / "configs" / "inference.json").write_text(json.dumps(cfg))
     net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 1), blocks_up=(1,))
     torch.save(net.state_dict(), root / "models" / "model.pt")
@@ -169,22 +198,36 @@ def test_bundle_sliding_window_settings_are_reused(tmp_path, caplog):
     """A bundle's own SlidingWindowInferer sets roi/overlap/sw_batch/mode unless the command line overrides them."""
     from medcam.pipeline import make_inferer, sliding_settings
 
-    sw = {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16], "sw_batch_size": 2, "overlap": 0.5,
-          "mode": "gaussian"}
+    sw = {
+        "_target_": "SlidingWindowInferer",
+        "roi_size": [32, 32, 16],
+        "sw_batch_size": 2,
+        "overlap": 0.5,
+        "mode": "gaussian",
+    }
     loaded = load_model(str(_bundle_with_inferer(tmp_path / "a", sw)))
     assert loaded.roi_size == (32, 32, 16)
     assert loaded.sliding == {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian"}
     inferer = make_inferer(loaded.roi_size, **sliding_settings(loaded.sliding, overlap=None, sw_batch_size=None))
     assert (inferer.overlap, inferer.sw_batch_size, str(getattr(inferer.mode, "value", inferer.mode))) == (
-        0.5, 2, "gaussian")
-    assert sliding_settings(loaded.sliding, overlap=0.1, mode=None) == {"overlap": 0.1, "sw_batch_size": 2,
-                                                                       "mode": "gaussian"}
+        0.5,
+        2,
+        "gaussian",
+    )
+    assert sliding_settings(loaded.sliding, overlap=0.1, mode=None) == {
+        "overlap": 0.1,
+        "sw_batch_size": 2,
+        "mode": "gaussian",
+    }
     # --roi-size still wins over the bundle's
     assert load_model(str(tmp_path / "a"), roi_size=(16, 16, 16)).roi_size == (16, 16, 16)
     # no sliding-window inferer: whole image and medcam's defaults
     simple = load_model(str(_bundle_with_inferer(tmp_path / "b", {"_target_": "SimpleInferer"})))
-    assert simple.roi_size is None and sliding_settings(simple.sliding) == {"overlap": 0.25, "sw_batch_size": 1,
-                                                                          "mode": "constant"}
+    assert simple.roi_size is None and sliding_settings(simple.sliding) == {
+        "overlap": 0.25,
+        "sw_batch_size": 1,
+        "mode": "constant",
+    }
     # an inferer that cannot be built alone: a warning, then the defaults
     broken = {"_target_": "SlidingWindowInferer", "roi_size": "@missing_key"}
     with caplog.at_level("WARNING", logger="medcam"):  # a CLI test may have set medcam's level
@@ -194,9 +237,11 @@ def test_bundle_sliding_window_settings_are_reused(tmp_path, caplog):
 
 def test_factory_checkpoint_and_torchscript(tmp_path):
     fac = tmp_path / "my_nets.py"
-    fac.write_text("import torch\n"
-                   "def build():\n    return torch.nn.Sequential(torch.nn.Conv3d(2, 3, 1))\n"
-                   "def scripted():\n    return torch.jit.script(build())\n")
+    fac.write_text(
+        "import torch\n"
+        "def build():\n    return torch.nn.Sequential(torch.nn.Conv3d(2, 3, 1))\n"
+        "def scripted():\n    return torch.jit.script(build())\n"
+    )
     torch.manual_seed(2)
     net = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 1))
     ck = tmp_path / "w.pt"
@@ -230,10 +275,12 @@ def test_discover_cases(cases_root, tmp_path):
     assert len(vol) == 1 and vol[0].kind == "volumes" and len(vol[0].source) == len(files)
     csv = tmp_path / "m.csv"
     c3 = cases_root / "Phantom_00003"
-    csv.write_text("case_id,folder,t1,t1ce,t2,flair\n"
-                   f"a,{cases_root / 'Phantom_00004'},,,,\n"
-                   f"b,,{c3}/Phantom_00003_t1.nii.gz,{c3}/Phantom_00003_t1ce.nii.gz,{c3}/Phantom_00003_t2.nii.gz,"
-                   f"{c3}/Phantom_00003_flair.nii.gz\n")
+    csv.write_text(
+        "case_id,folder,t1,t1ce,t2,flair\n"
+        f"a,{cases_root / 'Phantom_00004'},,,,\n"
+        f"b,,{c3}/Phantom_00003_t1.nii.gz,{c3}/Phantom_00003_t1ce.nii.gz,{c3}/Phantom_00003_t2.nii.gz,"
+        f"{c3}/Phantom_00003_flair.nii.gz\n"
+    )
     man = discover_cases([csv])
     assert [(c.case_id, c.kind) for c in man] == [("a", "brats_folder"), ("b", "brats_mapping")]
     with pytest.raises(PipelineError, match="does not exist"):
@@ -342,8 +389,9 @@ def test_cohort_failures_resume_and_parts(tiny_demo, cases_root, tmp_path):
     assert (run2["ok"], run2["skipped"], run2["failed"]) == (0, 2, 1)
     assert (out / "Phantom_00003" / "summary.json").stat().st_mtime_ns == mtime
     # other settings: refused per case, not silently skipped
-    run3 = explain_cohort(discover_cases([root]), model, ["hirescam"], specs, None, inferer, out,
-                          **{**kw, "settings": {"m": 2}})
+    run3 = explain_cohort(
+        discover_cases([root]), model, ["hirescam"], specs, None, inferer, out, **{**kw, "settings": {"m": 2}}
+    )
     assert run3["failed"] == 3 and "other settings" in run3["cases"][1]["error"]
     # parts: each part writes its own run summary and handles its own share
     out2 = tmp_path / "out2"

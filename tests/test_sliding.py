@@ -19,7 +19,9 @@ LAYER = "down_layers.2"
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8, blocks_down=(1, 2, 2), blocks_up=(1, 1)).eval()
+    return SegResNet(
+        spatial_dims=3, in_channels=2, out_channels=3, init_filters=8, blocks_down=(1, 2, 2), blocks_up=(1, 1)
+    ).eval()
 
 
 def _reference(net, x, inferer, weights_fn, method, probability=None, error_bound=None):
@@ -42,7 +44,12 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     try:
         with torch.enable_grad():
             y = sliding_window_inference(
-                x, inferer.roi_size, inferer.sw_batch_size, predictor, overlap=inferer.overlap, mode=inferer.mode,
+                x,
+                inferer.roi_size,
+                inferer.sw_batch_size,
+                predictor,
+                overlap=inferer.overlap,
+                mode=inferer.mode,
                 with_coord=True,
             )
             p = {None: y, "sigmoid": torch.sigmoid(y), "softmax": torch.softmax(y, dim=1)}[probability]
@@ -79,7 +86,9 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
 
         share = sliding_window_inference(x[:1], roi, 1, one_hot, overlap=inferer.overlap, mode=inferer.mode)[0]
         # (one window per call and no padding in the tests that use this: coords[w][0][2:] is window w's box)
-        pooled = [F.adaptive_avg_pool3d(share[w][tuple(coords[w][0][2:])][None, None], feat) for w in range(len(coords))]
+        pooled = [
+            F.adaptive_avg_pool3d(share[w][tuple(coords[w][0][2:])][None, None], feat) for w in range(len(coords))
+        ]
         act_sum = sum((a.double() * p.double()).sum((0, 2, 3, 4)) for a, p in zip(acts, pooled))
         if method == "xgradcam":
             alpha = sum((g.double() * a.double()).sum((0, 2, 3, 4)) for g, a in zip(grads, acts)) / (act_sum + 1e-7)
@@ -89,7 +98,9 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
             for g, a in zip(grads, acts):
                 g = g.double()
                 den = 2 * g**2 + s_ * g**3
-                coef = torch.where(den != 0, g**2 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(g))
+                coef = torch.where(
+                    den != 0, g**2 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(g)
+                )
                 alpha = alpha + (coef * F.relu(g)).sum((0, 2, 3, 4))
                 # ReLU(g) / (2 + S g) has poles at g = -2 / S: its slope 2 / (2 + S g)^2 turns a relative round-off
                 # eps of float32 gradients (two paths multiply the blending weights in another order) into
@@ -100,7 +111,12 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
                 a_max = torch.stack([a.double().abs().amax((0, 2, 3, 4)) for a in acts]).amax(0)
                 error_bound.append(float((dalpha * a_max).sum()))
     window_maps = [
-        F.interpolate((alpha[None, :, None, None, None] * a.double()).sum(1, keepdim=True), size=roi, mode="trilinear", align_corners=False)
+        F.interpolate(
+            (alpha[None, :, None, None, None] * a.double()).sum(1, keepdim=True),
+            size=roi,
+            mode="trilinear",
+            align_corners=False,
+        )
         for a in acts
     ]
     it = iter(window_maps)
@@ -110,8 +126,12 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     return blended[:, 0].double()
 
 
-CLASSES = {"hirescam": medcam.SegHiResGradCAM, "gradcam": medcam.SegGradCAM, "xgradcam": medcam.SegXGradCAM,
-           "gradcam++": medcam.SegGradCAMPlusPlus}
+CLASSES = {
+    "hirescam": medcam.SegHiResGradCAM,
+    "gradcam": medcam.SegGradCAM,
+    "xgradcam": medcam.SegXGradCAM,
+    "gradcam++": medcam.SegGradCAMPlusPlus,
+}
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
@@ -166,8 +186,10 @@ def test_score_of_blended_output_and_sw_batch(net):
     torch.testing.assert_close(r1.maps, r3.maps, rtol=1e-4, atol=1e-5 * float(r1.maps.max()))
 
 
-@pytest.mark.parametrize("cls", [medcam.SegHiResGradCAM, medcam.SegGradCAM, medcam.SegXGradCAM, medcam.SegLayerCAM,
-                                 medcam.SegGradCAMPlusPlus])
+@pytest.mark.parametrize(
+    "cls",
+    [medcam.SegHiResGradCAM, medcam.SegGradCAM, medcam.SegXGradCAM, medcam.SegLayerCAM, medcam.SegGradCAMPlusPlus],
+)
 def test_one_window_equals_whole_volume(net, cls):
     torch.manual_seed(3)
     x = torch.randn(1, 2, 32, 24, 16)

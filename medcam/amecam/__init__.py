@@ -37,11 +37,31 @@ from .slices import (
 )
 
 __all__ = [
-    "AttentionAggregator", "apply_polarity", "fit_attention", "mean_aggregate", "minmax_maps",
-    "region_logit_polarity", "DEFAULT_EXIT_WEIGHTS", "ExitLogit", "ResNet18IN", "ame_cam_maps", "exit_cams",
-    "multi_exit_loss", "pretrain_contrastive", "train_classifier", "c2am_loss", "cosine_matrix", "nt_xent_loss",
-    "sim_max_loss", "sim_min_loss", "SliceSet", "extract_slices",
-    "load_brats_case", "minmax_volume", "per_slice_metrics", "summarise",
+    "AttentionAggregator",
+    "apply_polarity",
+    "fit_attention",
+    "mean_aggregate",
+    "minmax_maps",
+    "region_logit_polarity",
+    "DEFAULT_EXIT_WEIGHTS",
+    "ExitLogit",
+    "ResNet18IN",
+    "ame_cam_maps",
+    "exit_cams",
+    "multi_exit_loss",
+    "pretrain_contrastive",
+    "train_classifier",
+    "c2am_loss",
+    "cosine_matrix",
+    "nt_xent_loss",
+    "sim_max_loss",
+    "sim_min_loss",
+    "SliceSet",
+    "extract_slices",
+    "load_brats_case",
+    "minmax_volume",
+    "per_slice_metrics",
+    "summarise",
 ]
 from .segmentation import AMECAM  # noqa: E402  (needs the core engine: medcam.SegHiResGradCAM, ...)
 

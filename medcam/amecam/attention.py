@@ -13,7 +13,7 @@ Implemented from the paper's description.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -77,8 +77,9 @@ class AttentionAggregator(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments (saved with the weights)."""
-        return dict(n_maps=self.n_maps, image_channels=self.image_channels, spatial_dims=self.spatial_dims,
-                    hidden=self.hidden)
+        return dict(
+            n_maps=self.n_maps, image_channels=self.image_channels, spatial_dims=self.spatial_dims, hidden=self.hidden
+        )
 
     def _check(self, image: torch.Tensor, maps: torch.Tensor) -> None:
         nd = self.spatial_dims + 2
@@ -209,8 +210,12 @@ def region_logit_polarity(
     li, lo = torch.cat(ins), torch.cat(outs)
     votes = int((li > lo).sum())
     pol = 1 if votes * 2 >= len(li) else -1
-    ev = {"votes_for_map": votes, "n": int(len(li)), "mean_logit_inside": float(li.mean()),
-          "mean_logit_outside": float(lo.mean())}
+    ev = {
+        "votes_for_map": votes,
+        "n": int(len(li)),
+        "mean_logit_inside": float(li.mean()),
+        "mean_logit_outside": float(lo.mean()),
+    }
     logger.info("polarity %+d (%d of %d slices favour the map as is)", pol, votes, len(li))
     return pol, ev
 

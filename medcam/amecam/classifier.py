@@ -13,7 +13,7 @@ Implemented from the paper's description; no code was taken from the official re
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -98,9 +98,7 @@ class ResNet18IN(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise MedcamError(
-                f"ResNet18IN expects input [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}"
-            )
+            raise MedcamError(f"ResNet18IN expects input [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < 32:
             raise MedcamError(f"input slices must be at least 32x32 (stride 32), got {tuple(x.shape[-2:])}")
 
@@ -294,8 +292,12 @@ def train_classifier(
                 break
             if len(pos) and len(neg):  # balanced batch
                 half = batch_size // 2
-                idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
-                                 neg[torch.randint(len(neg), (batch_size - half,), generator=g)]])
+                idx = torch.cat(
+                    [
+                        pos[torch.randint(len(pos), (half,), generator=g)],
+                        neg[torch.randint(len(neg), (batch_size - half,), generator=g)],
+                    ]
+                )
             else:
                 idx = torch.randint(images.shape[0], (batch_size,), generator=g)
             x, y = images[idx].to(dev), labels[idx].to(dev).float()
@@ -321,7 +323,7 @@ __all__.append("train_classifier")
 def ame_cam_maps(
     model: ResNet18IN,
     images: torch.Tensor,
-    aggregator: "torch.nn.Module | None" = None,
+    aggregator: torch.nn.Module | None = None,
     batch_size: int = 32,
 ) -> dict[str, torch.Tensor]:
     """All AME-CAM maps of a batch of slices (CPU float32 outputs).

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -244,7 +245,9 @@ class AMECAM:
             elif v.ndim == nd + 1:
                 v = v[None]
             elif v.ndim != nd + 2:
-                raise MedcamError(f"volumes must be [Cin, *S] or [B, Cin, *S] with {nd} spatial dims, got {tuple(v.shape)}")
+                raise MedcamError(
+                    f"volumes must be [Cin, *S] or [B, Cin, *S] with {nd} spatial dims, got {tuple(v.shape)}"
+                )
             lm = (self.layer_maps(v.to(dev), tl) if layer_maps is None else layer_maps[j]).cpu()  # [B, K, L, *S]
             if lm.shape[:3] != (v.shape[0], len(tl), self.n_layers) or lm.shape[3:] != v.shape[2:]:
                 raise MedcamError(f"layer maps {tuple(lm.shape)} do not match volume {tuple(v.shape)} and targets")
@@ -269,8 +272,15 @@ class AMECAM:
         # freeze the network for the embedding passes (modes and flags restored afterwards)
         with preserved_model_state(self.model):
             losses = fit_attention(
-                self.aggregator, x, m, embed, epochs=epochs, lr=lr, batch_size=batch_size,
-                generator=torch.Generator().manual_seed(seed), attend=self._attend,
+                self.aggregator,
+                x,
+                m,
+                embed,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                generator=torch.Generator().manual_seed(seed),
+                attend=self._attend,
             )
         return losses
 
@@ -299,14 +309,16 @@ class AMECAM:
             path,
         )
 
-    def load(self, path: str | os.PathLike, strict: bool = True) -> "AMECAM":
+    def load(self, path: str | os.PathLike, strict: bool = True) -> AMECAM:
         """Load an aggregator saved by :meth:`save` (layer names and method must match unless ``strict=False``)."""
         ck = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ck, dict) or ck.get("format_version") != _FORMAT_VERSION:
             raise MedcamError(f"{path} is not an AMECAM aggregator file (format {_FORMAT_VERSION})")
         if ck["layers"] != list(self.layer_names) or ck["method"] != self.method.__name__:
-            msg = (f"aggregator was trained for layers {ck['layers']} with {ck['method']}, this AMECAM uses "
-                   f"{self.layer_names} with {self.method.__name__}")
+            msg = (
+                f"aggregator was trained for layers {ck['layers']} with {ck['method']}, this AMECAM uses "
+                f"{self.layer_names} with {self.method.__name__}"
+            )
             if strict:
                 raise MedcamError(msg)
             logger.warning(msg)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -61,20 +61,24 @@ class SliceSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def subset(self, keep: torch.Tensor | np.ndarray | Sequence[int]) -> "SliceSet":
+    def subset(self, keep: torch.Tensor | np.ndarray | Sequence[int]) -> SliceSet:
         """Slices selected by a boolean mask or index list."""
         k = torch.as_tensor(keep)
         return SliceSet(self.images[k], self.labels[k], self.masks[k], self.volume_index[k], self.slice_index[k])
 
     @staticmethod
-    def concat(sets: Sequence["SliceSet"]) -> "SliceSet":
+    def concat(sets: Sequence[SliceSet]) -> SliceSet:
         """Concatenate slice sets (volume indices are kept as given)."""
         if not sets:
             raise MedcamError("nothing to concatenate")
-        return SliceSet(*(torch.cat([getattr(s, f) for s in sets]) for f in
-                          ("images", "labels", "masks", "volume_index", "slice_index")))
+        return SliceSet(
+            *(
+                torch.cat([getattr(s, f) for s in sets])
+                for f in ("images", "labels", "masks", "volume_index", "slice_index")
+            )
+        )
 
-    def resized(self, size: int | tuple[int, int], pad_square: bool = True) -> "SliceSet":
+    def resized(self, size: int | tuple[int, int], pad_square: bool = True) -> SliceSet:
         """Copy resized to ``size`` (images bilinear with antialiasing, masks by nearest neighbour).
 
         With ``pad_square`` non-square slices are first zero-padded (centred) to a square, keeping the aspect ratio.

@@ -12,12 +12,14 @@ Label conventions:
 Both are converted to the three overlapping regions networks are trained on, channel order **TC, WT, ET**:
 TC = NCR + ET, WT = NCR + ED + ET, ET = ET (MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` after mapping 3 -> 4).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -39,23 +41,33 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 #: canonical modality names, in the default channel order
-MODALITIES: Tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 #: region channel names produced by :func:`labels_to_regions`
-REGIONS: Tuple[str, ...] = ("TC", "WT", "ET")
+REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
 #: file-name suffix per canonical modality for each layout (``<ID>_t1.nii.gz`` / ``<ID>-t1n.nii.gz``)
-LAYOUT_SUFFIXES: Dict[str, Dict[str, str]] = {
+LAYOUT_SUFFIXES: dict[str, dict[str, str]] = {
     "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
     "brats2023": {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f", "seg": "-seg"},
 }
 #: label values per convention: name -> value
-LABEL_CONVENTIONS: Dict[str, Dict[str, int]] = {
+LABEL_CONVENTIONS: dict[str, dict[str, int]] = {
     "brats2021": {"NCR": 1, "ED": 2, "ET": 4},
     "brats2023": {"NETC": 1, "SNFH": 2, "ET": 3},
 }
 #: accepted aliases in explicit mappings -> canonical name
-MODALITY_ALIASES: Dict[str, str] = {
-    "t1": "t1", "t1n": "t1", "t1w": "t1", "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t2": "t2", "t2w": "t2",
-    "flair": "flair", "t2f": "flair", "seg": "seg", "label": "seg",
+MODALITY_ALIASES: dict[str, str] = {
+    "t1": "t1",
+    "t1n": "t1",
+    "t1w": "t1",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t1gd": "t1ce",
+    "t2": "t2",
+    "t2w": "t2",
+    "flair": "flair",
+    "t2f": "flair",
+    "seg": "seg",
+    "label": "seg",
 }
 _EXTS = (".nii.gz", ".nii")
 
@@ -71,7 +83,7 @@ class BratsCase(VolumeCase):
     """
 
     layout: str = "mapping"
-    label_convention: Optional[str] = None
+    label_convention: str | None = None
 
 
 def _match(folder: Path, suffix: str):
@@ -81,7 +93,7 @@ def _match(folder: Path, suffix: str):
     return hits
 
 
-def discover_brats_case(folder: PathLike) -> Tuple[str, str, Dict[str, Path]]:
+def discover_brats_case(folder: PathLike) -> tuple[str, str, dict[str, Path]]:
     """Find the modality files of a BraTS case folder.
 
     Detects the BraTS 2017-2021 layout (``<ID>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair``, optional ``_seg``) or the
@@ -120,9 +132,11 @@ def discover_brats_case(folder: PathLike) -> Tuple[str, str, Dict[str, Path]]:
     ext = next(e for e in _EXTS if first.name.endswith(e))
     first_mod = next(m for m in MODALITIES if hits[m])
     case_id = first.name[: -len(sufs[first_mod] + ext)]
-    paths: Dict[str, Path] = {}
+    paths: dict[str, Path] = {}
     for m in MODALITIES + ("seg",):
-        cands = [p for p in hits[m] if p.name[: -len(sufs[m]) - len(ext if p.name.endswith(ext) else ".nii")] == case_id]
+        cands = [
+            p for p in hits[m] if p.name[: -len(sufs[m]) - len(ext if p.name.endswith(ext) else ".nii")] == case_id
+        ]
         exact = [folder / f"{case_id}{sufs[m]}{e}" for e in _EXTS]
         exact = [p for p in exact if p.exists()]
         if exact:
@@ -138,14 +152,12 @@ def discover_brats_case(folder: PathLike) -> Tuple[str, str, Dict[str, Path]]:
     return layout, case_id, paths
 
 
-def _normalise_mapping(mapping: Mapping[str, PathLike]) -> Dict[str, Path]:
-    out: Dict[str, Path] = {}
+def _normalise_mapping(mapping: Mapping[str, PathLike]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
     for key, p in mapping.items():
         canon = MODALITY_ALIASES.get(str(key).lower())
         if canon is None:
-            raise MedcamDataError(
-                f"Unknown modality name {key!r} in the mapping; use {sorted(set(MODALITY_ALIASES))}."
-            )
+            raise MedcamDataError(f"Unknown modality name {key!r} in the mapping; use {sorted(set(MODALITY_ALIASES))}.")
         if canon in out:
             raise MedcamDataError(f"Modality {canon!r} given twice in the mapping (as {key!r}).")
         out[canon] = Path(p)
@@ -169,7 +181,7 @@ def infer_label_convention(values: Sequence[int]) -> str:
     return "brats2023" if 3 in vals else "brats2021"
 
 
-def labels_to_regions(label: Union[np.ndarray, torch.Tensor], convention: str = "brats2021") -> np.ndarray:
+def labels_to_regions(label: np.ndarray | torch.Tensor, convention: str = "brats2021") -> np.ndarray:
     """Convert a BraTS label map to the overlapping regions TC, WT, ET.
 
     Args:
@@ -200,17 +212,17 @@ def labels_to_regions(label: Union[np.ndarray, torch.Tensor], convention: str = 
 
 
 def load_brats_case(
-    source: Union[PathLike, Mapping[str, PathLike]],
+    source: PathLike | Mapping[str, PathLike],
     *,
     channel_order: Sequence[str] = MODALITIES,
-    orientation: Optional[str] = "RAS",
-    spacing: Optional[Sequence[float]] = None,
+    orientation: str | None = "RAS",
+    spacing: Sequence[float] | None = None,
     normalize: bool = True,
     crop_foreground: bool = False,
-    divisible_by: Optional[int] = None,
+    divisible_by: int | None = None,
     load_label: bool = True,
-    label_convention: Optional[str] = None,
-    case_id: Optional[str] = None,
+    label_convention: str | None = None,
+    case_id: str | None = None,
 ) -> BratsCase:
     """Load a BraTS case (folder in either layout, or a modality -> file mapping) and preprocess it invertibly.
 
@@ -263,16 +275,25 @@ def load_brats_case(
             regions = labels_to_regions(seg, convention)
         except MedcamDataError as exc:
             raise MedcamDataError(f"Label file '{seg_path}': {exc}") from exc
-        label_mt = MetaTensor(torch.from_numpy(regions.astype(np.float32)), affine=seg.affine.clone(),
-                              meta={k: v for k, v in dict(seg.meta).items() if k != "affine"}
-                              | {"filename_or_obj": str(seg_path)})
+        label_mt = MetaTensor(
+            torch.from_numpy(regions.astype(np.float32)),
+            affine=seg.affine.clone(),
+            meta={k: v for k, v in dict(seg.meta).items() if k != "affine"} | {"filename_or_obj": str(seg_path)},
+        )
         keys = ("image", "label")
     image, loaded = load_channels([paths[m] for m in order])
     if label_mt is not None:
-        check_same_grid([loaded[0], type(loaded[0])(seg_path, tuple(label_mt.shape[1:]),
-                                                    np.asarray(label_mt.affine, float))])
-    transform = build_preprocessing(keys=keys, orientation=orientation, spacing=spacing, normalize=normalize,
-                                    crop_foreground=crop_foreground, divisible_by=divisible_by)
+        check_same_grid(
+            [loaded[0], type(loaded[0])(seg_path, tuple(label_mt.shape[1:]), np.asarray(label_mt.affine, float))]
+        )
+    transform = build_preprocessing(
+        keys=keys,
+        orientation=orientation,
+        spacing=spacing,
+        normalize=normalize,
+        crop_foreground=crop_foreground,
+        divisible_by=divisible_by,
+    )
     data = {"image": image}
     if label_mt is not None:
         data["label"] = label_mt
@@ -280,7 +301,15 @@ def load_brats_case(
     ref = paths[order[0]] if "t1" not in order else paths["t1"]
     ref_idx = order.index("t1")
     return BratsCase(
-        image=out["image"], label=out.get("label"), paths=dict(paths), reference_path=ref, case_id=str(case_id or cid),
-        channel_names=order, transform=transform, original_shape=tuple(loaded[ref_idx].shape),
-        original_affine=loaded[ref_idx].affine, layout=layout, label_convention=convention,
+        image=out["image"],
+        label=out.get("label"),
+        paths=dict(paths),
+        reference_path=ref,
+        case_id=str(case_id or cid),
+        channel_names=order,
+        transform=transform,
+        original_shape=tuple(loaded[ref_idx].shape),
+        original_affine=loaded[ref_idx].affine,
+        layout=layout,
+        label_convention=convention,
     )

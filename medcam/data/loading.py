@@ -6,13 +6,15 @@ and DICOM series folders) and checked for NaN/Inf and all-zero content, all befo
 
 Affines follow MONAI/nibabel: a 4x4 matrix mapping voxel indices (i, j, k) to RAS world coordinates in mm.
 """
+
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -50,11 +52,11 @@ class ImageHeader:
     """
 
     path: Path
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     affine: np.ndarray
 
     @property
-    def spacing(self) -> Tuple[float, ...]:
+    def spacing(self) -> tuple[float, ...]:
         """Voxel size in mm along each array axis."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
@@ -73,7 +75,7 @@ def sitk_to_ras_affine(spacing: Sequence[float], origin: Sequence[float], direct
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
 
 
-def ras_affine_to_sitk(affine: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
+def ras_affine_to_sitk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """Inverse of :func:`sitk_to_ras_affine`: RAS affine -> (spacing, origin, direction) in ITK's LPS convention."""
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -81,7 +83,7 @@ def ras_affine_to_sitk(affine: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[flo
     return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.ravel().tolist())
 
 
-def _dicom_files(folder: Path) -> List[str]:
+def _dicom_files(folder: Path) -> list[str]:
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise MedcamDataError(
@@ -147,7 +149,9 @@ def read_header(path: PathLike) -> ImageHeader:
             "Split 4D/multi-component files into one 3D file per channel and pass them as a list."
         )
     if min(shape) < 2:
-        raise MedcamDataError(f"Image '{path}' has shape {shape}; a 3D volume needs at least 2 voxels along every axis.")
+        raise MedcamDataError(
+            f"Image '{path}' has shape {shape}; a 3D volume needs at least 2 voxels along every axis."
+        )
     return ImageHeader(path=path, shape=shape, affine=affine)
 
 
@@ -209,7 +213,7 @@ def read_volume(path: PathLike, *, is_label: bool = False) -> MetaTensor:
     return vol
 
 
-def load_channels(paths: Sequence[PathLike]) -> Tuple[MetaTensor, List[ImageHeader]]:
+def load_channels(paths: Sequence[PathLike]) -> tuple[MetaTensor, list[ImageHeader]]:
     """Validate then read several single-channel files and stack them as channels.
 
     Header checks for all files run before any voxel data is read.
@@ -253,16 +257,16 @@ class VolumeCase:
     """
 
     image: MetaTensor
-    label: Optional[MetaTensor]
-    paths: Dict[str, Path]
+    label: MetaTensor | None
+    paths: dict[str, Path]
     reference_path: Path
     case_id: str
-    channel_names: Tuple[str, ...]
+    channel_names: tuple[str, ...]
     transform: Compose
-    original_shape: Tuple[int, int, int]
+    original_shape: tuple[int, int, int]
     original_affine: np.ndarray = field(repr=False)
 
-    def invert(self, volume: Union[np.ndarray, torch.Tensor], *, nearest: bool = False) -> np.ndarray:
+    def invert(self, volume: np.ndarray | torch.Tensor, *, nearest: bool = False) -> np.ndarray:
         """Map a volume from preprocessed space back onto the ORIGINAL image grid with MONAI ``Invertd``.
 
         Args:
@@ -295,14 +299,14 @@ class VolumeCase:
 
 
 def load_volumes(
-    paths: Union[PathLike, Sequence[PathLike], Mapping[str, PathLike]],
+    paths: PathLike | Sequence[PathLike] | Mapping[str, PathLike],
     *,
-    orientation: Optional[str] = "RAS",
-    spacing: Optional[Sequence[float]] = None,
+    orientation: str | None = "RAS",
+    spacing: Sequence[float] | None = None,
     normalize: bool = True,
     crop_foreground: bool = False,
-    divisible_by: Optional[int] = None,
-    case_id: Optional[str] = None,
+    divisible_by: int | None = None,
+    case_id: str | None = None,
 ) -> VolumeCase:
     """Load one or several co-registered 3D volumes as channels and preprocess them invertibly.
 
@@ -334,14 +338,24 @@ def load_volumes(
         names = tuple(f"channel{i}" for i in range(len(files)))
     image, headers = load_channels(files)
     transform = build_preprocessing(
-        keys=("image",), orientation=orientation, spacing=spacing, normalize=normalize,
-        crop_foreground=crop_foreground, divisible_by=divisible_by,
+        keys=("image",),
+        orientation=orientation,
+        spacing=spacing,
+        normalize=normalize,
+        crop_foreground=crop_foreground,
+        divisible_by=divisible_by,
     )
     out = transform({"image": image})
     return VolumeCase(
-        image=out["image"], label=None, paths=dict(zip(names, files)), reference_path=files[0],
-        case_id=case_id or strip_image_suffix(files[0].name), channel_names=names, transform=transform,
-        original_shape=tuple(headers[0].shape), original_affine=headers[0].affine,
+        image=out["image"],
+        label=None,
+        paths=dict(zip(names, files)),
+        reference_path=files[0],
+        case_id=case_id or strip_image_suffix(files[0].name),
+        channel_names=names,
+        transform=transform,
+        original_shape=tuple(headers[0].shape),
+        original_affine=headers[0].affine,
     )
 
 

@@ -13,14 +13,16 @@ varies with ``seed``; the same seed always gives the same case.
 Orientation: arrays and affines are LPS by default (like BraTS: affine diag(-spacing, -spacing, +spacing)), or RAS
 with ``orientation="RAS"``. Affines are nibabel/MONAI-style voxel -> RAS world (mm) matrices either way.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.metadata
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -31,17 +33,17 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 #: channel order of :attr:`Phantom.image`
-CHANNELS: Tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 _TISSUES = ("WM", "GM", "CSF", "NCR", "ED", "ET")
 #: intensity relative to normal brain, per modality (rows) and tissue (columns WM, GM, CSF, NCR, ED, ET)
-TISSUE_INTENSITY: Dict[str, Tuple[float, ...]] = {
+TISSUE_INTENSITY: dict[str, tuple[float, ...]] = {
     "t1": (1.15, 0.80, 0.35, 0.55, 0.85, 0.65),
     "t1ce": (1.10, 0.82, 0.40, 0.60, 0.85, 1.70),
     "t2": (0.70, 0.95, 2.60, 2.40, 1.85, 2.10),
     "flair": (0.80, 1.05, 0.30, 1.60, 2.05, 1.95),
 }
 #: intensity (file units) of normal brain per modality, so files look like BraTS int16 data
-BRAIN_LEVEL: Dict[str, float] = {"t1": 500.0, "t1ce": 600.0, "t2": 400.0, "flair": 350.0}
+BRAIN_LEVEL: dict[str, float] = {"t1": 500.0, "t1ce": 600.0, "t2": 400.0, "flair": 350.0}
 #: BraTS 2017-2021 labels used in :attr:`Phantom.label`
 LABEL_NCR, LABEL_ED, LABEL_ET = 1, 2, 4
 
@@ -75,7 +77,7 @@ class Phantom:
     seed: int
 
     @property
-    def spacing(self) -> Tuple[float, float, float]:
+    def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm)."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
@@ -85,8 +87,10 @@ def template_path(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution("nilearn")
     except importlib.metadata.PackageNotFoundError as exc:
-        raise PhantomError("The phantom generator needs the 'nilearn' package (for its MNI152 template files); "
-                           "install it with `pip install nilearn`.") from exc
+        raise PhantomError(
+            "The phantom generator needs the 'nilearn' package (for its MNI152 template files); "
+            "install it with `pip install nilearn`."
+        ) from exc
     path = Path(dist.locate_file(_TEMPLATE.format(name)))
     if not path.is_file():
         raise PhantomError(f"MNI152 template file '{path}' not found in the nilearn installation; reinstall nilearn.")
@@ -94,7 +98,7 @@ def template_path(name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _templates() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _templates() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(t1, gm, wm) as float32 in [0, 1] at 1 mm, and the template affine (RAS)."""
     imgs = [nib.load(str(template_path(n))) for n in ("t1", "gm", "wm")]
     arrs = [np.asarray(im.dataobj, dtype=np.float32) / 255.0 for im in imgs]
@@ -116,7 +120,7 @@ def _smooth_field(rng: np.random.Generator, coords: Sequence[np.ndarray], n_term
 
 def generate_phantom(
     seed: int = 0,
-    spacing_mm: Union[float, Sequence[float]] = 2.0,
+    spacing_mm: float | Sequence[float] = 2.0,
     *,
     orientation: str = "LPS",
     noise: float = 0.03,
@@ -206,8 +210,10 @@ def generate_phantom(
 
     # --- tissue fractions: normal tissue outside the tumour, tumour tissue inside (soft edges)
     sig = 0.6 / sp
-    fr = {t: ndimage.gaussian_filter((label == v).astype(np.float32), sig)
-          for t, v in (("NCR", LABEL_NCR), ("ED", LABEL_ED), ("ET", LABEL_ET))}
+    fr = {
+        t: ndimage.gaussian_filter((label == v).astype(np.float32), sig)
+        for t, v in (("NCR", LABEL_NCR), ("ED", LABEL_ED), ("ET", LABEL_ET))
+    }
     tumour = np.clip(fr["NCR"] + fr["ED"] + fr["ET"], 0, 1)
     # oedema keeps some underlying anatomy (it infiltrates), the core replaces it
     normal_w = 1.0 - tumour
@@ -223,7 +229,7 @@ def generate_phantom(
         sigma = noise * BRAIN_LEVEL[mod]
         n1 = rng.normal(0.0, sigma, shape).astype(np.float32)
         n2 = rng.normal(0.0, sigma, shape).astype(np.float32)
-        image[c] = np.sqrt((clean + n1) ** 2 + n2 ** 2) * brain  # Rician magnitude, skull-stripped
+        image[c] = np.sqrt((clean + n1) ** 2 + n2**2) * brain  # Rician magnitude, skull-stripped
     label[~brain] = 0
 
     if orientation == "LPS":
@@ -232,9 +238,13 @@ def generate_phantom(
         flip = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
         affine = affine @ flip
     return Phantom(
-        image=np.ascontiguousarray(image, dtype=np.float32), label=np.ascontiguousarray(label),
-        affine=affine, brain_mask=np.ascontiguousarray(brain), centre_mm=np.asarray(centre, float),
-        radius_mm=radius, seed=int(seed),
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        label=np.ascontiguousarray(label),
+        affine=affine,
+        brain_mask=np.ascontiguousarray(brain),
+        centre_mm=np.asarray(centre, float),
+        radius_mm=radius,
+        seed=int(seed),
     )
 
 
@@ -253,9 +263,9 @@ def default_case_id(seed: int, layout: str) -> str:
 def write_phantom_case(
     out_dir: PathLike,
     seed: int = 0,
-    spacing_mm: Union[float, Sequence[float]] = 2.0,
+    spacing_mm: float | Sequence[float] = 2.0,
     layout: str = "brats2021",
-    case_id: Optional[str] = None,
+    case_id: str | None = None,
     *,
     orientation: str = "LPS",
     overwrite: bool = False,

@@ -14,10 +14,11 @@ so ``monai.transforms.Invertd`` (see :meth:`medcam.data.loading.VolumeCase.inver
 space back to the original grid. All transforms use ``allow_missing_keys=True`` so the same pipeline inverts a
 single key.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from monai.transforms import (
@@ -45,12 +46,12 @@ def build_preprocessing(
     keys: Sequence[str] = ("image", "label"),
     *,
     image_key: str = "image",
-    orientation: Optional[str] = "RAS",
-    spacing: Optional[Sequence[float]] = None,
+    orientation: str | None = "RAS",
+    spacing: Sequence[float] | None = None,
     normalize: bool = True,
     crop_foreground: bool = False,
     crop_margin: int = 0,
-    divisible_by: Optional[int] = None,
+    divisible_by: int | None = None,
 ) -> Compose:
     """Build the MONAI ``Compose`` of dict transforms used by the loaders.
 
@@ -70,7 +71,7 @@ def build_preprocessing(
     keys = tuple(keys)
     if image_key not in keys:
         raise ValueError(f"image_key {image_key!r} must be one of keys {keys}")
-    modes: Tuple[str, ...] = tuple("bilinear" if k == image_key else "nearest" for k in keys)
+    modes: tuple[str, ...] = tuple("bilinear" if k == image_key else "nearest" for k in keys)
     steps = [EnsureChannelFirstd(keys=keys, channel_dim=0, allow_missing_keys=True)]
     if orientation is not None:
         steps.append(Orientationd(keys=keys, axcodes=orientation, labels=_RAS_LABELS, allow_missing_keys=True))
@@ -81,8 +82,14 @@ def build_preprocessing(
         steps.append(Spacingd(keys=keys, pixdim=pix, mode=modes, padding_mode="zeros", allow_missing_keys=True))
     if crop_foreground:
         steps.append(
-            CropForegroundd(keys=keys, source_key=image_key, select_fn=nonzero_foreground, margin=crop_margin,
-                            allow_smaller=True, allow_missing_keys=True)
+            CropForegroundd(
+                keys=keys,
+                source_key=image_key,
+                select_fn=nonzero_foreground,
+                margin=crop_margin,
+                allow_smaller=True,
+                allow_missing_keys=True,
+            )
         )
     if normalize:
         steps.append(NormalizeIntensityd(keys=image_key, nonzero=True, channel_wise=True))

@@ -4,14 +4,16 @@ Every writer in medcam goes through :func:`atomic_write`: the content is written
 destination folder and then moved into place with :func:`os.replace`, so a crash never leaves a half-written file and
 an existing file is replaced in one step. Existing outputs are refused unless ``overwrite=True``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,13 @@ to the map's range, qform = sform = the reference affine, the reference's sform/
 with a name, and a ``descrip`` naming method/target/layer. nibabel and SimpleITK both read back the reference's shape,
 spacing, origin and direction.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -39,7 +40,7 @@ class ReferenceGeometry:
         xyz_unit: spatial unit string for nibabel ("mm").
     """
 
-    shape: Tuple[int, int, int]
+    shape: tuple[int, int, int]
     affine: np.ndarray
     sform_code: int = 1
     qform_code: int = 1
@@ -69,7 +70,7 @@ def reference_geometry(reference: PathLike) -> ReferenceGeometry:
     return ReferenceGeometry(tuple(hdr.shape), hdr.affine, sform_code, qform_code, unit)
 
 
-def _as_3d(volume: np.ndarray, shape: Tuple[int, ...], what: str) -> np.ndarray:
+def _as_3d(volume: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
     arr = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
@@ -169,7 +170,9 @@ def save_label_map(
     return out_path
 
 
-def read_geometry_sitk(path: PathLike) -> Tuple[Tuple[int, ...], Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
+def read_geometry_sitk(
+    path: PathLike,
+) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """(size, spacing mm, origin mm LPS, direction 3x3 row-major) as SimpleITK reads ``path`` (for checks)."""
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))

@@ -5,11 +5,13 @@ with their first axis horizontal and the third axis vertical for coronal/sagitta
 (``case.image``) this gives the neurological convention (patient's right on the right of the picture is NOT applied:
 left-right follows the array axis, labelled on the plot).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,7 +30,7 @@ def _np(a) -> np.ndarray:
     return np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a)
 
 
-def roi_centre(heatmap: np.ndarray, roi_mask: Optional[np.ndarray] = None) -> Tuple[int, int, int]:
+def roi_centre(heatmap: np.ndarray, roi_mask: np.ndarray | None = None) -> tuple[int, int, int]:
     """Voxel index (i, j, k) the slices go through: the ROI's centre of mass (rounded) if the ROI is not empty,
     else the heatmap's maximum."""
     if roi_mask is not None and np.any(roi_mask):
@@ -44,16 +46,16 @@ def roi_centre(heatmap: np.ndarray, roi_mask: Optional[np.ndarray] = None) -> Tu
 def save_overlay_png(
     image: np.ndarray,
     heatmap: np.ndarray,
-    roi_mask: Optional[np.ndarray],
+    roi_mask: np.ndarray | None,
     out_path: PathLike,
     *,
     title: str,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    centre: Optional[Sequence[int]] = None,
+    centre: Sequence[int] | None = None,
     alpha: float = 0.5,
     cmap: str = "inferno",
-    vmin: Optional[float] = None,
-    vmax: Optional[float] = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
     dpi: int = 100,
     overwrite: bool = False,
 ) -> Path:
@@ -95,7 +97,7 @@ def save_overlay_png(
     if hi <= lo:
         hi = lo + 1e-6
     nz = image[image != 0]
-    ilo, ihi = (np.percentile(nz, [0.5, 99.5]) if nz.size else (0.0, 1.0))
+    ilo, ihi = np.percentile(nz, [0.5, 99.5]) if nz.size else (0.0, 1.0)
 
     # (name, 2D slice as [rows, cols], aspect = row spacing / col spacing, axis labels)
     views = [
@@ -109,8 +111,16 @@ def save_overlay_png(
     im_h = None
     for ax, (name, cut, aspect, (xl, yl), where) in zip(axes, views):
         ax.imshow(cut(image), cmap="gray", vmin=ilo, vmax=ihi, origin="lower", aspect=aspect, interpolation="nearest")
-        im_h = ax.imshow(cut(heatmap), cmap=cmap, vmin=lo, vmax=hi, alpha=alpha, origin="lower", aspect=aspect,
-                         interpolation="nearest")
+        im_h = ax.imshow(
+            cut(heatmap),
+            cmap=cmap,
+            vmin=lo,
+            vmax=hi,
+            alpha=alpha,
+            origin="lower",
+            aspect=aspect,
+            interpolation="nearest",
+        )
         if mask is not None and cut(mask).any():
             ax.contour(cut(mask).astype(float), levels=[0.5], colors="cyan", linewidths=1.0, origin="lower")
         ax.set_title(f"{name} ({where})")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,9 @@ def make_baseline(image: torch.Tensor, baseline: Baseline = "zero", blur_sigma: 
         try:
             return torch.broadcast_to(baseline.to(image.device, torch.float32), image.shape).clone()
         except RuntimeError as e:
-            raise MedcamError(f"baseline tensor {tuple(baseline.shape)} does not broadcast to {tuple(image.shape)}") from e
+            raise MedcamError(
+                f"baseline tensor {tuple(baseline.shape)} does not broadcast to {tuple(image.shape)}"
+            ) from e
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return torch.full(image.shape, float(baseline), device=image.device)
     if baseline == "zero":
@@ -159,7 +162,9 @@ def _prepare(image: torch.Tensor, saliency: torch.Tensor, spatial_dims: int) -> 
             )
         image = image[0]
     if image.ndim != spatial_dims + 1:
-        raise MedcamError(f"image must be [Cin, *S] or [1, Cin, *S] with {spatial_dims} spatial dims, got {tuple(image.shape)}")
+        raise MedcamError(
+            f"image must be [Cin, *S] or [1, Cin, *S] with {spatial_dims} spatial dims, got {tuple(image.shape)}"
+        )
     spatial = tuple(image.shape[1:])
     if tuple(saliency.shape[saliency.ndim - spatial_dims :]) != spatial or saliency.ndim < spatial_dims:
         raise MedcamError(

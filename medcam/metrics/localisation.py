@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -215,7 +215,11 @@ def hausdorff95(
     g = (ref > 0).reshape(-1, 1, *spatial)
     np_ = p.flatten(1).any(1)
     ng = g.flatten(1).any(1)
-    out = torch.where(np_ | ng, torch.full(np_.shape, float(empty_value), device=pred.device), torch.zeros(np_.shape, device=pred.device))
+    out = torch.where(
+        np_ | ng,
+        torch.full(np_.shape, float(empty_value), device=pred.device),
+        torch.zeros(np_.shape, device=pred.device),
+    )
     both = np_ & ng
     if both.any():
         hd = compute_hausdorff_distance(

@@ -20,8 +20,9 @@ The system is built and solved on the CPU with scipy.sparse (direct LU factorisa
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -77,7 +78,9 @@ def noisy_linear_imputation(
     if not isinstance(image, torch.Tensor) or not isinstance(removed, torch.Tensor):
         raise MedcamError("image and removed must be torch tensors")
     if removed.ndim != image.ndim - 1 or tuple(removed.shape) != tuple(image.shape[1:]):
-        raise MedcamError(f"removed {tuple(removed.shape)} must have the image's spatial shape {tuple(image.shape[1:])}")
+        raise MedcamError(
+            f"removed {tuple(removed.shape)} must have the image's spatial shape {tuple(image.shape[1:])}"
+        )
     if noise < 0:
         raise MedcamError(f"noise must be >= 0, got {noise}")
     if solver not in ("auto", "direct", "cg"):

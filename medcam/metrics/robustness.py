@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -139,7 +140,9 @@ def robustness(
                 seg = seg_fn(xn)
             m = map_fn(xn).detach()
             if m.shape != map0.shape:
-                raise MedcamError(f"map_fn returned {tuple(m.shape)} on the noisy image, {tuple(map0.shape)} on the clean one")
+                raise MedcamError(
+                    f"map_fn returned {tuple(m.shape)} on the noisy image, {tuple(map0.shape)} on the clean one"
+                )
             d = _dice_all(seg0, seg)
             sim = float(torch.nanmean(map_similarity(map0, m, similarity, spatial_dims).float()))
             records.append({"sigma": float(sigma), "repeat": r, "dice": d, "similarity": sim, "stable": d >= tau})

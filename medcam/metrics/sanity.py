@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -297,7 +298,8 @@ def cascading_randomization(
         logger.warning(
             "cascading_randomization: the trained model's map is constant (dead) for %d of %d maps; the test is "
             "uninformative for them (similarity 0 against any non-constant randomised map)",
-            int(dead[0].sum()), dead[0].numel(),
+            int(dead[0].sum()),
+            dead[0].numel(),
         )
     maps = [m0] if keep_maps else []
     n = len(layer_list)
@@ -324,6 +326,9 @@ def cascading_randomization(
             if keep_maps:
                 maps.append(mi)
     return SanityResult(
-        layers=layer_list, similarity={k: torch.stack(v) for k, v in sims.items()}, constant=torch.stack(dead),
-        maps=maps, steps=steps,
+        layers=layer_list,
+        similarity={k: torch.stack(v) for k, v in sims.items()},
+        constant=torch.stack(dead),
+        maps=maps,
+        steps=steps,
     )

@@ -11,12 +11,13 @@ The weights (``medcam/models/weights/demo_segresnet.pt``, a plain ``state_dict``
 ``data_scripts/train_demo_model.py``; see ``medcam/models/MODEL_CARD.md`` for the training data, settings and
 Dice scores. It is a demonstration model for explaining segmentations, NOT a clinical tool.
 """
+
 from __future__ import annotations
 
 import importlib.resources
 import io
 import logging
-from typing import Any, Dict, Tuple, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,20 +25,25 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 #: input channel order (canonical modality names of :mod:`medcam.data.brats`)
-DEMO_CHANNELS: Tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+DEMO_CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 #: output channel order (overlapping regions: tumour core, whole tumour, enhancing tumour)
-DEMO_REGIONS: Tuple[str, ...] = ("TC", "WT", "ET")
+DEMO_REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
 #: isotropic working resolution (mm) the network was trained at
 DEMO_SPACING_MM: float = 2.0
 #: sliding-window size (voxels at :data:`DEMO_SPACING_MM`) used for training crops and inference
-DEMO_ROI_SIZE: Tuple[int, int, int] = (96, 96, 96)
+DEMO_ROI_SIZE: tuple[int, int, int] = (96, 96, 96)
 #: default layer to explain: the bottleneck (deepest encoder stage, 1/8 resolution, 64 channels)
 DEMO_LAYER: str = "down_layers.3"
 #: file name of the weights inside ``medcam.models.weights``
 DEMO_WEIGHTS: str = "demo_segresnet.pt"
 #: SegResNet constructor arguments (kept here so training and loading can never disagree)
-DEMO_ARCH: Dict[str, Any] = dict(
-    spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
+DEMO_ARCH: dict[str, Any] = dict(
+    spatial_dims=3,
+    in_channels=4,
+    out_channels=3,
+    init_filters=8,
+    blocks_down=(1, 2, 2, 4),
+    blocks_up=(1, 1, 1),
     dropout_prob=None,
 )
 
@@ -54,7 +60,7 @@ def demo_network() -> nn.Module:
     return SegResNet(**DEMO_ARCH)
 
 
-def demo_preprocessing_kwargs() -> Dict[str, Any]:
+def demo_preprocessing_kwargs() -> dict[str, Any]:
     """Keyword arguments for :func:`medcam.data.load_brats_case` (or ``load_volumes``) matching training.
 
     RAS orientation, resampling to :data:`DEMO_SPACING_MM` mm isotropic, and channel-wise z-score normalisation over
@@ -65,8 +71,13 @@ def demo_preprocessing_kwargs() -> Dict[str, Any]:
         dict with keys ``orientation``, ``spacing``, ``normalize``, ``crop_foreground``, ``divisible_by``.
     """
     s = float(DEMO_SPACING_MM)
-    return {"orientation": "RAS", "spacing": (s, s, s), "normalize": True, "crop_foreground": False,
-            "divisible_by": None}
+    return {
+        "orientation": "RAS",
+        "spacing": (s, s, s),
+        "normalize": True,
+        "crop_foreground": False,
+        "divisible_by": None,
+    }
 
 
 def demo_weights_bytes() -> bytes:
@@ -84,7 +95,7 @@ def demo_weights_bytes() -> bytes:
     return res.read_bytes()
 
 
-def load_demo_model(device: Union[str, torch.device] = "cpu") -> nn.Module:
+def load_demo_model(device: str | torch.device = "cpu") -> nn.Module:
     """Build :func:`demo_network`, load the shipped weights (``weights_only=True``) and put it in eval mode.
 
     Args:

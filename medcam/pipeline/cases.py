@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .common import PathLike
 from .errors import PipelineError
@@ -109,7 +110,9 @@ def discover_cases(inputs: Sequence[PathLike]) -> list[CaseSource]:
 
     paths = [Path(p) for p in inputs]
     if not paths:
-        raise PipelineError("no input given: pass a BraTS case folder, a folder of cases, a CSV manifest or image files")
+        raise PipelineError(
+            "no input given: pass a BraTS case folder, a folder of cases, a CSV manifest or image files"
+        )
     for p in paths:
         if not p.exists():
             raise PipelineError(f"input '{p}' does not exist")
@@ -135,7 +138,9 @@ def discover_cases(inputs: Sequence[PathLike]) -> list[CaseSource]:
                 raise PipelineError(f"no BraTS case in '{folder}' nor in its sub-folders: {first_error}") from None
     else:
         if any(p.is_dir() for p in paths) and len(paths) > 1:
-            raise PipelineError("give either one folder (a case or a folder of cases), one CSV manifest, or image files")
+            raise PipelineError(
+                "give either one folder (a case or a folder of cases), one CSV manifest, or image files"
+            )
         if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
             raise PipelineError(f"manifest '{paths[0]}' is not a file")
         cases = [CaseSource(_safe_id(strip_image_suffix(paths[0].name)), "volumes", list(paths))]
@@ -169,7 +174,6 @@ def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
             f"case {source.case_id} has {case.image.shape[0]} channels but the model takes {model.in_channels}"
         )
     return case
-
 
 
 def split_parts(cases: Sequence[CaseSource], num_parts: int = 1, part_id: int = 0) -> list[CaseSource]:

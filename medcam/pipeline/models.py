@@ -7,9 +7,10 @@ import importlib.util
 import logging
 import sys
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"checkpoint '{path}' holds no state_dict (a dict of tensors)")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -131,8 +132,11 @@ def _load_weights(net: nn.Module, state: Mapping[str, torch.Tensor], source: str
         own = set(net.state_dict())
         missing = sorted(own - set(state))[:3]
         unexpected = sorted(set(state) - own)[:3]
-        detail = f"missing keys {missing}, unexpected keys {unexpected}" if missing or unexpected else (
-            str(e).strip().splitlines()[-1].strip()[:200])
+        detail = (
+            f"missing keys {missing}, unexpected keys {unexpected}"
+            if missing or unexpected
+            else (str(e).strip().splitlines()[-1].strip()[:200])
+        )
         raise ModelError(f"weights in '{source}' do not fit the network {type(net).__name__}: {detail}") from e
 
 
@@ -140,8 +144,9 @@ def _import_factory(spec: str) -> Callable[[], Any]:
     """``pkg.module:function`` or ``path/to/file.py:function`` -> the callable."""
     mod_name, _, fn_name = spec.rpartition(":")
     if not mod_name or not fn_name or not fn_name.isidentifier():
-        raise PipelineError(f"--model {spec!r}: expected 'demo', 'package.module:function', 'file.py:function' or a "
-                            "MONAI bundle folder")
+        raise PipelineError(
+            f"--model {spec!r}: expected 'demo', 'package.module:function', 'file.py:function' or a MONAI bundle folder"
+        )
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
@@ -187,12 +192,19 @@ def _bundle_inferer(parser: Any, cfg: Path) -> tuple[tuple[int, ...] | None, dic
     try:
         inferer = parser.get_parsed_content("inferer", instantiate=True)
     except Exception as e:  # noqa: BLE001 - an inferer needing other parts of the config: fall back to defaults
-        logger.warning("bundle '%s': its inferer could not be built (%s: %s); using medcam's sliding-window defaults",
-                       cfg, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        logger.warning(
+            "bundle '%s': its inferer could not be built (%s: %s); using medcam's sliding-window defaults",
+            cfg,
+            type(e).__name__,
+            str(e).splitlines()[0][:200] if str(e) else "",
+        )
         return None, {}
     if not isinstance(inferer, SlidingWindowInferer):
-        logger.info("bundle '%s': inferer %s is not a SlidingWindowInferer; whole-image explanation by default",
-                    cfg, type(inferer).__name__)
+        logger.info(
+            "bundle '%s': inferer %s is not a SlidingWindowInferer; whole-image explanation by default",
+            cfg,
+            type(inferer).__name__,
+        )
         return None, {}
     mode = getattr(inferer.mode, "value", inferer.mode)
     overlap = inferer.overlap if isinstance(inferer.overlap, (int, float)) else inferer.overlap[0]
@@ -207,8 +219,14 @@ def _load_bundle(folder: Path) -> tuple[nn.Module, str, tuple[int, ...] | None, 
 
     Returns ``(network, weights path, the inferer's roi_size or None, its other sliding-window settings)``.
     """
-    cfg = next((folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")
-                if (folder / "configs" / n).is_file()), None)
+    cfg = next(
+        (
+            folder / "configs" / n
+            for n in ("inference.json", "inference.yaml", "inference.yml")
+            if (folder / "configs" / n).is_file()
+        ),
+        None,
+    )
     if cfg is None:
         raise PipelineError(f"'{folder}' is not a MONAI bundle: configs/inference.json is missing")
     weights = folder / "models" / "model.pt"
@@ -277,8 +295,13 @@ def load_model(
     """
     if activation is not None and activation not in ("sigmoid", "softmax"):
         raise PipelineError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
-    pre: dict[str, Any] = {"orientation": "RAS", "spacing": None, "normalize": True, "crop_foreground": False,
-                           "divisible_by": None}
+    pre: dict[str, Any] = {
+        "orientation": "RAS",
+        "spacing": None,
+        "normalize": True,
+        "crop_foreground": False,
+        "divisible_by": None,
+    }
     spec = str(spec)
     if spec == "demo":
         from ..models import demo
@@ -299,9 +322,16 @@ def load_model(
         # the brain fits in one window once cropped to its bounding box: several times faster, same maps
         pre["crop_foreground"] = True
         loaded = LoadedModel(
-            net=net, kind="demo", spec=spec, checkpoint=ckpt, regions=tuple(demo.DEMO_REGIONS), activation="sigmoid",
-            channel_order=tuple(demo.DEMO_CHANNELS), default_layer=demo.DEMO_LAYER,
-            roi_size=tuple(demo.DEMO_ROI_SIZE), in_channels=len(demo.DEMO_CHANNELS),
+            net=net,
+            kind="demo",
+            spec=spec,
+            checkpoint=ckpt,
+            regions=tuple(demo.DEMO_REGIONS),
+            activation="sigmoid",
+            channel_order=tuple(demo.DEMO_CHANNELS),
+            default_layer=demo.DEMO_LAYER,
+            roi_size=tuple(demo.DEMO_ROI_SIZE),
+            in_channels=len(demo.DEMO_CHANNELS),
         )
     elif Path(spec).is_dir():
         if checkpoint is not None:
@@ -354,4 +384,3 @@ def load_model(
         loaded.in_channels = _first_conv_channels(loaded.net)
     loaded.net = loaded.net.to(device).eval()
     return loaded
-

@@ -10,8 +10,9 @@ import platform
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,14 @@ def sliding_settings(model_settings: dict[str, Any], **given: Any) -> dict[str, 
     return out
 
 
-def make_inferer(roi_size: Sequence[int] | None, *, overlap: float = 0.25, sw_batch_size: int = 1,
-                 mode: str = "constant", progress: bool = False) -> Any:
+def make_inferer(
+    roi_size: Sequence[int] | None,
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    mode: str = "constant",
+    progress: bool = False,
+) -> Any:
     """A MONAI ``SlidingWindowInferer`` (or None for whole-image explanation when ``roi_size`` is None/empty)."""
     if not roi_size:
         return None
@@ -64,8 +71,13 @@ def make_inferer(roi_size: Sequence[int] | None, *, overlap: float = 0.25, sw_ba
         raise PipelineError(f"overlap must be in [0, 1), got {overlap}")
     if mode not in ("constant", "gaussian"):
         raise PipelineError(f"blend mode must be 'constant' or 'gaussian', got {mode!r}")
-    return SlidingWindowInferer(tuple(int(s) for s in roi_size), sw_batch_size=int(sw_batch_size),
-                                overlap=float(overlap), mode=mode, progress=progress)
+    return SlidingWindowInferer(
+        tuple(int(s) for s in roi_size),
+        sw_batch_size=int(sw_batch_size),
+        overlap=float(overlap),
+        mode=mode,
+        progress=progress,
+    )
 
 
 def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
@@ -104,8 +116,14 @@ def versions() -> dict[str, str]:
     import monai
     import nibabel
 
-    return {"medcam": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
-            "nibabel": nibabel.__version__, "python": platform.python_version()}
+    return {
+        "medcam": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _overlay_channel(case: Any, region: str) -> int:
@@ -205,7 +223,7 @@ def explain_case(
 
     t0 = time.perf_counter()
     tl = build_targets(targets, case, activation=model.activation, threshold=threshold)
-    image = (case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image))
+    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
     image = image[None].float().to(device)
     output = predict(net, image, inferer, amp=amp)
     timings["predict_s"] = round(time.perf_counter() - t0, 3)
@@ -215,14 +233,17 @@ def explain_case(
     regions = list(model.regions) if len(model.regions) == n_out else [f"ch{i}" for i in range(n_out)]
     for s in targets:
         if s.channel >= n_out:
-            raise TargetError(f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs")
+            raise TargetError(
+                f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs"
+            )
 
     results = {}
     timings["explain_s"] = {}
     for m in methods:
         t0 = time.perf_counter()
-        cam = METHODS[m](net, layer=layer, inferer=inferer, amp=amp, output_activation=model.activation,
-                         progress=progress)
+        cam = METHODS[m](
+            net, layer=layer, inferer=inferer, amp=amp, output_activation=model.activation, progress=progress
+        )
         res = cam.explain(image, tl, output=output if inferer is not None else None)
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
         results[m] = res
@@ -242,13 +263,23 @@ def explain_case(
         roi_masks = [t.roi(output)[0].cpu().numpy() > 0 for t in tl]
         slicer_maps: dict[str, np.ndarray] = {}
         for k, (spec, t) in enumerate(zip(targets, tl)):
-            target_rows.append({
-                "name": spec.name, "spec": spec.text, "kind": spec.kind, "channel": spec.channel,
-                "region": regions[spec.channel], "target": repr(t),
-                "roi_voxels": int(first.roi_voxels[0, k]),
-                "roi_volume_ml": round(int(first.roi_voxels[0, k]) * voxel_ml, 4),
-                "score": {}, "map_max": {}, "map_sum": {}, "heatmaps": {}, "overlays": {},
-            })
+            target_rows.append(
+                {
+                    "name": spec.name,
+                    "spec": spec.text,
+                    "kind": spec.kind,
+                    "channel": spec.channel,
+                    "region": regions[spec.channel],
+                    "target": repr(t),
+                    "roi_voxels": int(first.roi_voxels[0, k]),
+                    "roi_volume_ml": round(int(first.roi_voxels[0, k]) * voxel_ml, 4),
+                    "score": {},
+                    "map_max": {},
+                    "map_sum": {},
+                    "heatmaps": {},
+                    "overlays": {},
+                }
+            )
         for m, res in results.items():
             maps = res.maps[0].detach().float().cpu().numpy()  # [K, *S] preprocessed grid
             original = case.invert(maps)  # [K, *original]
@@ -257,8 +288,9 @@ def explain_case(
                 row["map_max"][m] = float(maps[k].max())
                 row["map_sum"][m] = float(maps[k].sum())
                 rel = f"heatmaps/{m.replace('+', 'pp')}_{spec.name}.nii.gz"
-                save_heatmap(original[k], ref, staging / rel, method=METHOD_LABELS.get(m, m), target=spec.name,
-                             layer=layer_name)
+                save_heatmap(
+                    original[k], ref, staging / rel, method=METHOD_LABELS.get(m, m), target=spec.name, layer=layer_name
+                )
                 row["heatmaps"][m] = rel
                 slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
                 if png:
@@ -266,9 +298,12 @@ def explain_case(
                     ch = _overlay_channel(case, regions[spec.channel])
                     bg = case.image[ch].detach().cpu().numpy() if hasattr(case.image, "detach") else case.image[ch]
                     save_overlay_png(
-                        bg, maps[k], roi_masks[k], staging / rel_png,
+                        bg,
+                        maps[k],
+                        roi_masks[k],
+                        staging / rel_png,
                         title=f"{case.case_id} | {METHOD_LABELS.get(m, m)} | target {spec.name} | layer {layer_name}"
-                              f" | ROI contour, background {case.channel_names[ch]}",
+                        f" | ROI contour, background {case.channel_names[ch]}",
                         spacing=sp,
                     )
                     row["overlays"][m] = rel_png
@@ -283,8 +318,13 @@ def explain_case(
         if slicer:
             pred_orig = case.invert(pred_np, nearest=True)
             export_slicer_scene(
-                staging / "slicer", image_path=ref, heatmaps=slicer_maps, segmentation=pred_orig,
-                segment_names=[f"predicted {r}" for r in regions], method="+".join(methods), layer=layer_name,
+                staging / "slicer",
+                image_path=ref,
+                heatmaps=slicer_maps,
+                segmentation=pred_orig,
+                segment_names=[f"predicted {r}" for r in regions],
+                method="+".join(methods),
+                layer=layer_name,
             )
             slicer_rel = "slicer/scene.mrml"
         timings["write_s"] = round(time.perf_counter() - t0, 3)
@@ -304,11 +344,16 @@ def explain_case(
             "feature_shape": list(first.feature_shape),
             "methods": {m: METHOD_LABELS.get(m, m) for m in methods},
             "score_definition": "S = sum over ROI voxels of the target channel's logit (blended output with "
-                                "sliding windows); maps: pre-ReLU on the layer grid -> trilinear upsampling -> ReLU, "
-                                "not normalised",
-            "sliding_window": None if inferer is None else {
-                "roi_size": list(inferer.roi_size), "overlap": inferer.overlap, "mode": str(inferer.mode),
-                "sw_batch_size": inferer.sw_batch_size, "windows": first.stats.get("windows"),
+            "sliding windows); maps: pre-ReLU on the layer grid -> trilinear upsampling -> ReLU, "
+            "not normalised",
+            "sliding_window": None
+            if inferer is None
+            else {
+                "roi_size": list(inferer.roi_size),
+                "overlap": inferer.overlap,
+                "mode": str(inferer.mode),
+                "sw_batch_size": inferer.sw_batch_size,
+                "windows": first.stats.get("windows"),
                 "backward_windows": {m: r.stats.get("backward_windows") for m, r in results.items()},
             },
             "threshold": 0.5 if threshold is None and model.activation == "sigmoid" else threshold,
@@ -391,18 +436,37 @@ def explain_cohort(
             if case_dir.exists() and not overwrite:
                 prev = read_summary(case_dir)
                 if prev is None:
-                    raise PipelineError(f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
-                                        "it (pass --overwrite, or move it away)")
+                    raise PipelineError(
+                        f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
+                        "it (pass --overwrite, or move it away)"
+                    )
                 if prev.get("settings_signature") != signature:
-                    raise PipelineError(f"'{case_dir}' was explained with other settings; pass --overwrite to redo it "
-                                        "or choose another --output")
+                    raise PipelineError(
+                        f"'{case_dir}' was explained with other settings; pass --overwrite to redo it "
+                        "or choose another --output"
+                    )
                 rec.update(status="skipped", summary=f"{src.case_id}/{SUMMARY_NAME}")
                 logger.info("case %s already done: skipped", src.case_id)
             else:
                 case = load_case(src, model)
-                explain_case(case, model, methods, targets, layer, inferer, case_dir, device=device, amp=amp,
-                             threshold=threshold, overwrite=overwrite, slicer=slicer, png=png,
-                             progress=progress and single, settings=settings, source=src)
+                explain_case(
+                    case,
+                    model,
+                    methods,
+                    targets,
+                    layer,
+                    inferer,
+                    case_dir,
+                    device=device,
+                    amp=amp,
+                    threshold=threshold,
+                    overwrite=overwrite,
+                    slicer=slicer,
+                    png=png,
+                    progress=progress and single,
+                    settings=settings,
+                    source=src,
+                )
                 rec.update(status="ok", summary=f"{src.case_id}/{SUMMARY_NAME}")
         except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort
             msg = " ".join(str(e).split()) or type(e).__name__

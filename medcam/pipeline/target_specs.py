@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,9 +66,7 @@ def _channel_of(token: str, regions: Sequence[str], spec: str) -> tuple[int, str
             raise TargetError(f"--target {spec!r}: channel {i} is out of range for regions {', '.join(regions)}")
         return i, regions[i] if regions else f"ch{i}"
     names = ", ".join(regions) if regions else "none (this model's regions are unnamed; pass --regions)"
-    raise TargetError(
-        f"--target {spec!r}: unknown region {token!r}; known regions: {names}; or use channel:N"
-    )
+    raise TargetError(f"--target {spec!r}: unknown region {token!r}; known regions: {names}; or use channel:N")
 
 
 def _default_region(regions: Sequence[str], spec: str) -> tuple[int, str]:
@@ -75,7 +74,9 @@ def _default_region(regions: Sequence[str], spec: str) -> tuple[int, str]:
         return regions.index("WT"), "WT"
     if len(regions) == 1:
         return 0, regions[0]
-    raise TargetError(f"--target {spec!r}: say which output region the ROI is on, e.g. {spec}:{regions[0] if regions else 'channel:0'}")
+    raise TargetError(
+        f"--target {spec!r}: say which output region the ROI is on, e.g. {spec}:{regions[0] if regions else 'channel:0'}"
+    )
 
 
 def parse_target(spec: str, regions: Sequence[str] = ()) -> TargetSpec:
@@ -163,8 +164,10 @@ def parse_targets(specs: Iterable[str], regions: Sequence[str] = ()) -> list[Tar
 def default_targets(regions: Sequence[str]) -> list[TargetSpec]:
     """The predicted region of every named output channel (demo: TC, WT, ET)."""
     if not regions:
-        raise TargetError("no --target given and the model's output channels are unnamed: pass --target channel:N "
-                          "or name the channels with --regions")
+        raise TargetError(
+            "no --target given and the model's output channels are unnamed: pass --target channel:N "
+            "or name the channels with --regions"
+        )
     return parse_targets(list(regions), regions)
 
 
@@ -206,8 +209,9 @@ def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
     return res
 
 
-def build_targets(specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid",
-                  threshold: float | None = None) -> list[Target]:
+def build_targets(
+    specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid", threshold: float | None = None
+) -> list[Target]:
     """Targets for ``case`` (masks and boxes resampled onto ``case.image``'s grid).
 
     Returns:
@@ -224,4 +228,3 @@ def build_targets(specs: Sequence[TargetSpec], case: Any, *, activation: str = "
         else:
             out.append(MaskROI(mask_on_case_grid(case, s), s.channel))
     return out
-
