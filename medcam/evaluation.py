@@ -7,16 +7,29 @@ writes ``metrics.csv``, ``metrics.json`` and plots (deletion / insertion curves,
 
 Metric groups (``metrics=``):
 - ``"localisation"`` (needs ``reference``): energy pointing game, pointing game, Dice / IoU / HD95 (mm) after the
-  chosen threshold, and a threshold sweep (Dice vs fixed thresholds on min-max normalised maps).
-- ``"deletion"`` / ``"insertion"``: curve AUCs on the explained (logit) ROI score, baseline ``baseline``.
+  chosen threshold, and a threshold sweep (Dice vs fixed thresholds on min-max normalised maps). The HD95 row names
+  its convention: ``hd95_monai_mm`` (default, max of the two directed 95th percentiles) or ``hd95_pooled_mm``
+  (``hd95_convention="pooled"``: medpy's 95th percentile of the pooled distances).
+- ``"deletion"``: ``deletion_auc``, curve AUC on the explained (logit) ROI score, substrate ``baseline``.
+- ``"insertion"``: ``insertion_rise_auc`` (default, RISE's protocol: start from the blurred image, score the mean
+  probability over the ROI, in [0, 1]) or ``insertion_baseline_auc`` (``insertion_protocol="baseline"``: start from
+  ``baseline``, score the logits, the former definition).
+- Deletion, insertion and ROAD break ties of the map at random and average over ``tie_draws`` draws; the row
+  ``tied_fraction`` gives the fraction of the map's voxels that share their value with another voxel. A constant
+  map (e.g. all zero) or an empty ROI gives NaN (with a warning) for these metrics.
 - ``"average_drop"``: average drop (%) and increase in confidence on the probability ROI score.
-- ``"road"``: ROAD MoRF / LeRF means and the combined score (slow: a sparse solve per percentile).
-- ``"sanity"``: cascading randomisation; the Spearman / SSIM similarity after randomising all layers (step ``-1``)
+- ``"road"``: ROAD MoRF / LeRF means and the combined score at the paper's 10, 20, ..., 90 % with Rong et al.'s
+  imputation weights (slow: a sparse solve per percentile and tie draw).
+- ``"sanity"``: cascading randomisation with every target frozen to the trained model's region (a ``MaskROI`` of
+  the region the trained model's output gives it, :func:`medcam.metrics.freeze_targets`: a ``PredictedROI`` is not
+  re-predicted by the randomised models, as in Adebayo et al., who keep the explained output fixed); the Spearman /
+  SSIM similarity after randomising all layers (step ``-1``)
   and the mean over steps (lower = the method depends on the weights, as it should). A constant ("dead") map has
   similarity 0 with a non-constant map and 1 with another constant map (convention of :mod:`medcam.metrics.sanity`);
   ``sanity_constant_steps`` counts the randomisation steps whose map was constant, and ``sanity_original_constant``
   is 1 when the trained model's own map is constant (then the sanity rows are uninformative).
 With ``consensus=True`` and two methods or more, a MetaCAM-style consensus map ("metacam") is scored too.
+The conventions used are recorded in :attr:`EvaluationResult.settings` and written to ``metrics.json``.
 
 The command line ``medcam evaluate`` (:data:`evaluate_command`, defined in :mod:`medcam.evaluate_cli`) runs this on
 BraTS case folders, image files or a cohort and writes the same files.
@@ -57,16 +70,20 @@ class EvaluationResult:
         rows: dicts with keys ``case, method, layer, target, metric, value``.
         curves: ``(case, method, layer, target, mode) -> (fractions [T+1], scores [T+1])`` for deletion/insertion.
         sweeps: ``(case, method, layer, target) -> (thresholds [T], dice [T])``.
+        settings: the metric conventions used (HD95 convention, insertion protocol, tie-breaking, ROAD percentiles,
+            sanity-check target freezing), written to ``metrics.json``.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: dict[tuple, tuple[list[float], list[float]]] = field(default_factory=dict)
     sweeps: dict[tuple, tuple[list[float], list[float]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def extend(self, other: EvaluationResult) -> None:
         self.rows += other.rows
         self.curves.update(other.curves)
         self.sweeps.update(other.sweeps)
+        self.settings.update(other.settings)
 
     def value(self, method: str, layer: str, target: str, metric: str, case: str | None = None) -> float:
         """The value of one cell (raises KeyError if absent)."""
@@ -136,7 +153,7 @@ def evaluate(
     steps: int = 20,
     baseline: str | float = "zero",
     batch_size: int = 4,
-    road_percentiles: Sequence[float] = (10, 30, 50, 70, 90),
+    road_percentiles: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90),
     output_activation: str = "sigmoid",
     inferer: Any = None,
     consensus: bool = False,
@@ -144,6 +161,9 @@ def evaluate(
     sanity_max_steps: int | None = None,
     case_id: str = "case",
     target_names: Sequence[str] | None = None,
+    insertion_protocol: str = "rise",
+    hd95_convention: str = "monai",
+    tie_draws: int = 3,
 ) -> EvaluationResult:
     """Explain one case with every (method, layer) and score every target's map.
 
@@ -160,8 +180,9 @@ def evaluate(
         metrics: subset of :data:`ALL_METRICS`.
         threshold: ``(method, value)`` for Dice / IoU / HD95: ``("otsu", None)``, ``("percentile", 90)``,
             ``("value", 0.5)`` on min-max normalised maps.
-        steps, baseline, batch_size: deletion / insertion settings (see :func:`medcam.metrics.perturbation_curve`).
-        road_percentiles: ROAD removal percentages.
+        steps, baseline, batch_size: deletion / insertion settings (see :func:`medcam.metrics.perturbation_curve`);
+            ``baseline`` is the deletion substrate (and the insertion start with ``insertion_protocol="baseline"``).
+        road_percentiles: ROAD removal percentages (default the paper's 10, 20, ..., 90).
         output_activation: ``"sigmoid"`` or ``"softmax"``: the probability score of the average drop.
         inferer: optional MONAI ``SlidingWindowInferer`` for explanation and scoring of whole volumes.
         consensus: also score a MetaCAM-style consensus of the methods (per layer and target).
@@ -171,6 +192,10 @@ def evaluate(
         case_id: the ``case`` column.
         target_names: labels of the ``target`` column, one per target (default: each target's ``name``, e.g.
             ``predicted2``); must be distinct.
+        insertion_protocol: ``"rise"`` (blurred start, mean ROI probability; row ``insertion_rise_auc``) or
+            ``"baseline"`` (start from ``baseline``, logits; row ``insertion_baseline_auc``).
+        hd95_convention: ``"monai"`` (row ``hd95_monai_mm``) or ``"pooled"`` (medpy; row ``hd95_pooled_mm``).
+        tie_draws: random tie-breaking draws averaged by deletion, insertion and ROAD.
     Returns:
         :class:`EvaluationResult`.
     """
@@ -207,8 +232,23 @@ def evaluate(
     if output_activation not in ("sigmoid", "softmax"):
         raise MedcamError(f"output_activation must be 'sigmoid' or 'softmax', got {output_activation!r}")
     thr_method, thr_value = threshold
+    if insertion_protocol not in ("rise", "baseline"):
+        raise MedcamError(f"insertion_protocol must be 'rise' or 'baseline', got {insertion_protocol!r}")
+    M.hd95_key(hd95_convention)  # validates the convention before any work
+    if int(tie_draws) < 1:
+        raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
+    curve_kw = dict(steps=steps, batch_size=batch_size, tie_draws=tie_draws)
 
     res = EvaluationResult()
+    res.settings = {
+        "hd95_convention": hd95_convention,
+        "insertion_protocol": insertion_protocol,
+        "deletion": f"substrate {baseline}, logit ROI score",
+        "ties": f"random, mean of {int(tie_draws)} draws",
+        "road_percentiles": [float(p) for p in road_percentiles],
+        "road_stencil": "rong",
+        "sanity_targets": "frozen to the trained model's region (MaskROI)",
+    }
     with preserved_model_state(model):
         net: Callable = model if inferer is None else (lambda x: inferer(x, model))
         with torch.no_grad():
@@ -216,6 +256,10 @@ def evaluate(
         weights = [t.score_weights(out) for t in tl]
         logit_fns = [M.make_score_fn(net, w, batch_size) for w in weights]
         prob_fns = [M.make_score_fn(net, w, batch_size, activation=output_activation) for w in weights]
+        mean_prob_fns = [
+            M.make_score_fn(net, w, batch_size, activation=output_activation, reduction="mean") for w in weights
+        ]
+        frozen = M.freeze_targets(tl, out)  # sanity check: the trained model's regions, fixed for the cascade
 
         def add(method: str, layer: str, target: str, metric: str, v: float) -> None:
             res.rows.append(dict(case=case_id, method=method, layer=layer, target=target, metric=metric, value=v))
@@ -225,36 +269,38 @@ def evaluate(
             key = (case_id, method, layer, tname)
             if "localisation" in metrics and refs[k] is not None:
                 loc = M.localisation_scores(
-                    smap[None], refs[k].to(smap.device)[None], thr_method, thr_value, "minmax", spacing, tolerance_mm
-                )
+                    smap[None], refs[k].to(smap.device)[None], thr_method, thr_value, "minmax", spacing, tolerance_mm,
+                    hd95_convention=hd95_convention,  # type: ignore[arg-type]
+                )  # fmt: skip
                 for name, v in loc.items():
                     add(method, layer, tname, name, _f(v))
                 sw = M.threshold_sweep(smap[None], refs[k].to(smap.device)[None])
                 res.sweeps[key] = (sw["thresholds"].tolist(), sw["dice"].reshape(-1).tolist())
+            if any(m in metrics for m in ("deletion", "insertion", "road")):
+                add(method, layer, tname, "tied_fraction", _f(M.tied_fraction(smap[None])))
             for mode in ("deletion", "insertion"):
                 if mode in metrics:
-                    c = M.perturbation_curve(
-                        image[0],
-                        smap,
-                        logit_fns[k],
-                        mode,
-                        steps,
-                        baseline,
-                        batch_size,  # type: ignore[arg-type]
-                    )
-                    add(method, layer, tname, f"{mode}_auc", _f(c.auc))
+                    if mode == "insertion" and insertion_protocol == "rise":
+                        c = M.insertion_curve(image[0], smap, mean_prob_fns[k], protocol="rise", **curve_kw)
+                        metric = "insertion_rise_auc"
+                    else:
+                        c = M.perturbation_curve(
+                            image[0], smap, logit_fns[k], mode, baseline=baseline, protocol="baseline", **curve_kw
+                        )  # type: ignore[arg-type]
+                        metric = "deletion_auc" if mode == "deletion" else "insertion_baseline_auc"
+                    add(method, layer, tname, metric, _f(c.auc))
                     res.curves[key + (mode,)] = (c.fractions.tolist(), c.scores[0].tolist())
             if "average_drop" in metrics:
                 ad = M.average_drop_increase(image[0], smap, prob_fns[k])
                 add(method, layer, tname, "average_drop_percent", _f(ad["drop_percent"]))
                 add(method, layer, tname, "increase_in_confidence", _f(ad["increase"]))
             if "road" in metrics:
-                r = M.road(image[0], smap, logit_fns[k], road_percentiles, batch_size=batch_size)
+                r = M.road(image[0], smap, logit_fns[k], road_percentiles, batch_size=batch_size, tie_draws=tie_draws)
                 add(method, layer, tname, "road_morf", float(r.morf.mean()))
                 add(method, layer, tname, "road_lerf", float(r.lerf.mean()))
                 add(method, layer, tname, "road_combined", _f(r.combined))
             if "sanity" in metrics and map_fn is not None:
-                s = M.cascading_randomization(model, map_fn, max_steps=sanity_max_steps)
+                s = M.cascading_randomization(model, map_fn, max_steps=sanity_max_steps)  # map_fn uses frozen[k]
                 for meas, v in s.similarity.items():
                     add(method, layer, tname, f"sanity_{meas}_final", _f(v[-1]))
                     add(method, layer, tname, f"sanity_{meas}_mean", float(v[1:].float().nanmean()))
@@ -273,7 +319,7 @@ def evaluate(
                 for k in range(len(tl)):
 
                     def map_fn(m: nn.Module, cls=cls, lname=lname, k=k) -> torch.Tensor:
-                        return cls(m, lname, inferer=inferer)(image, [tl[k]])[0, 0].to(image.device)
+                        return cls(m, lname, inferer=inferer)(image, [frozen[k]])[0, 0].to(image.device)
 
                     score_map(mname, lname, k, maps[k], map_fn)
             if consensus and len(per_method) >= 2:
@@ -342,7 +388,7 @@ def write_results(
             {**r, "value": None if isinstance(r["value"], float) and math.isnan(r["value"]) else r["value"]}
             for r in result.rows
         ]
-        Path(tmp).write_text(json.dumps({"columns": cols, "rows": rows}, indent=1))
+        Path(tmp).write_text(json.dumps({"columns": cols, "settings": result.settings, "rows": rows}, indent=1))
     if plots:
         import matplotlib
 
@@ -355,7 +401,10 @@ def write_results(
             ax.plot(x, y, label=f"{case} {method} {layer} {target}")
         for ax, mode in zip(axes, ("deletion", "insertion")):
             what = "removed" if mode == "deletion" else "inserted"
-            ax.set(title=f"{mode} curve", xlabel=f"fraction of voxels {what}", ylabel="ROI score")
+            proto = result.settings.get(f"{mode}_protocol")
+            title = f"{mode} curve" + (f" ({proto} protocol)" if proto else "")
+            ylabel = "mean ROI probability" if proto == "rise" else "ROI score"
+            ax.set(title=title, xlabel=f"fraction of voxels {what}", ylabel=ylabel)
         for ax in axes:
             if ax.get_lines():
                 ax.legend(fontsize=6)

@@ -29,7 +29,7 @@ def test_deletion_and_insertion_hand_values():
     assert torch.allclose(d.fractions, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))
     assert d.scores.tolist() == [[10.0, 8.0, 5.0, 1.0, 0.0]]
     assert d.auc.item() == pytest.approx(0.25 * (9 + 6.5 + 3 + 0.5))
-    i = insertion_curve(IMG, SAL, _sum_score, steps=4)
+    i = insertion_curve(IMG, SAL, _sum_score, steps=4, protocol="baseline")
     assert i.scores.tolist() == [[0.0, 2.0, 5.0, 9.0, 10.0]]
     assert i.auc.item() == pytest.approx(0.25 * (1 + 3.5 + 7 + 9.5))
     # constant baseline 1: deletion replaces removed voxels by 1
@@ -85,7 +85,7 @@ def test_linear_model_true_contribution_beats_random_maps():
     res = deletion_curve(x, torch.cat([contribution[None], rand]), fn, steps=16)
     assert res.scores[:, -1].abs().max() < 1e-4
     assert (res.auc[0] < res.auc[1:]).all()
-    ins = insertion_curve(x, torch.cat([contribution[None], rand]), fn, steps=16)
+    ins = insertion_curve(x, torch.cat([contribution[None], rand]), fn, steps=16, protocol="baseline")
     assert (ins.auc[0] > ins.auc[1:]).all()
 
 

@@ -106,6 +106,56 @@ def test_hd95_matches_monai_and_empty_conventions():
     assert volume_diagonal_mm((240, 240, 155)) == pytest.approx(373.13, abs=0.01)
 
 
+def _blob(rng, shape, n):
+    """A few random boxes: realistic masks whose two directed distance sets differ."""
+    m = np.zeros(shape, dtype=bool)
+    for _ in range(n):
+        lo = [int(rng.integers(0, s - 3)) for s in shape]
+        hi = [lo_ + int(rng.integers(2, 6)) for lo_ in lo]
+        m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return m
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 2.0, 0.5)])
+def test_hd95_pooled_matches_medpy_and_monai_convention_is_the_max(spacing):
+    medpy_binary = pytest.importorskip("medpy.metric.binary")
+    from monai.metrics import compute_hausdorff_distance
+
+    rng = np.random.default_rng(1)
+    shape = (14, 15, 16)
+    preds = [_blob(rng, shape, 3) for _ in range(4)] + [rng.random(shape) > 0.8]
+    refs = [_blob(rng, shape, 2) for _ in range(4)] + [rng.random(shape) > 0.7]
+    p = torch.from_numpy(np.stack(preds))
+    g = torch.from_numpy(np.stack(refs))
+    pooled = hausdorff95(p, g, spacing=spacing, convention="pooled")
+    monai = hausdorff95(p, g, spacing=spacing, convention="monai")
+    ref_pooled = [medpy_binary.hd95(a, b, voxelspacing=spacing) for a, b in zip(preds, refs)]
+    assert np.allclose(pooled.numpy(), ref_pooled, atol=1e-4)
+    ref_monai = compute_hausdorff_distance(
+        p[:, None].float(), g[:, None].float(), include_background=True, percentile=95, spacing=list(spacing or (1,) * 3)
+    )
+    assert torch.allclose(monai, ref_monai.reshape(-1).float(), atol=1e-4)
+    # the two conventions differ on these masks, and pooling never exceeds the larger directed percentile
+    assert (monai - pooled).abs().max() > 0.1
+    assert bool((pooled <= monai + 1e-5).all())
+
+
+def test_hd95_convention_named_in_outputs():
+    maps = torch.zeros(1, 1, 8, 8, 8)
+    maps[..., 1:4, 1:4, 1:4] = 1.0
+    g = torch.zeros(1, 1, 8, 8, 8, dtype=torch.bool)
+    g[..., 2:6, 2:6, 2:7] = True
+    mon = localisation_scores(maps, g, method="value", value=0.5)
+    poo = localisation_scores(maps, g, method="value", value=0.5, hd95_convention="pooled")
+    assert "hd95_monai_mm" in mon and "hd95_pooled_mm" not in mon and "hd95_mm" not in mon
+    assert "hd95_pooled_mm" in poo and "hd95_monai_mm" not in poo
+    assert poo["hd95_pooled_mm"].item() == pytest.approx(hausdorff95(maps > 0.5, g, convention="pooled").item())
+    sw = threshold_sweep(maps, g, thresholds=[0.5], hd95=True, hd95_convention="pooled")
+    assert sw["hd95_pooled_mm"].reshape(-1)[0].item() == pytest.approx(poo["hd95_pooled_mm"].item())
+    with pytest.raises(MedcamError, match="hd95_convention"):
+        hausdorff95(maps > 0, g, convention="medpy")
+
+
 def test_percentile_matches_numpy_and_otsu_matches_skimage():
     from skimage.filters import threshold_otsu
 
@@ -148,7 +198,7 @@ def test_localisation_scores_and_sweep():
     assert s["iou"].item() == pytest.approx(8 / 12)
     assert s["energy_pointing_game"].item() == pytest.approx(8 / 8.3)
     assert s["pointing_game"].item() == 1.0
-    assert s["hd95_mm"].item() == pytest.approx(1.0)
+    assert s["hd95_monai_mm"].item() == pytest.approx(1.0)
     sw = threshold_sweep(maps, g, thresholds=[0.0, 0.2, 0.5])
     assert sw["dice"].shape == (3, 1, 1)
     assert sw["dice"][0].item() == pytest.approx(2 * 8 / (9 + 12))  # t = 0 keeps the 0.3 voxel too

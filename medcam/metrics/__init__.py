@@ -9,36 +9,50 @@ depend on the CAM engine: faithfulness metrics take a batched ``score_fn(images 
 from .ensemble import ConsensusResult, consensus, top_k_masks
 from .faithfulness import (
     CurveResult,
+    ScoreFunction,
     average_drop_increase,
     deletion_curve,
     insertion_curve,
     make_baseline,
     make_score_fn,
     perturbation_curve,
+    tied_fraction,
+    voxel_ranks,
 )
 from .localisation import (
+    HD95_CONVENTIONS,
     dice_score,
     energy_pointing_game,
     hausdorff95,
+    hd95_key,
     iou_score,
     localisation_scores,
     pointing_game,
     threshold_sweep,
     volume_diagonal_mm,
 )
-from .road import RoadResult, noisy_linear_imputation, road
+from .road import DEFAULT_PERCENTILES, RoadResult, noisy_linear_imputation, road, stencil_weights
 from .robustness import RobustnessResult, add_noise, robustness
-from .sanity import SanityResult, cascading_randomization, map_similarity, pearson, rankdata, spearman, ssim
+from .sanity import (
+    SanityResult,
+    cascading_randomization,
+    freeze_targets,
+    map_similarity,
+    pearson,
+    rankdata,
+    spearman,
+    ssim,
+)
 from .thresholds import normalize_maps, otsu_threshold, percentile_threshold, threshold_maps
 
 __all__ = [
     "ConsensusResult", "consensus", "top_k_masks",
-    "CurveResult", "average_drop_increase", "deletion_curve", "insertion_curve", "make_baseline", "make_score_fn",
-    "perturbation_curve",
-    "dice_score", "energy_pointing_game", "hausdorff95", "iou_score", "localisation_scores", "pointing_game",
+    "CurveResult", "ScoreFunction", "average_drop_increase", "deletion_curve", "insertion_curve", "make_baseline",
+    "make_score_fn", "perturbation_curve", "tied_fraction", "voxel_ranks",
+    "HD95_CONVENTIONS", "dice_score", "energy_pointing_game", "hausdorff95", "hd95_key", "iou_score", "localisation_scores", "pointing_game",
     "threshold_sweep", "volume_diagonal_mm",
-    "RoadResult", "noisy_linear_imputation", "road",
+    "DEFAULT_PERCENTILES", "RoadResult", "noisy_linear_imputation", "road", "stencil_weights",
     "RobustnessResult", "add_noise", "robustness",
-    "SanityResult", "cascading_randomization", "map_similarity", "pearson", "rankdata", "spearman", "ssim",
+    "SanityResult", "cascading_randomization", "freeze_targets", "map_similarity", "pearson", "rankdata", "spearman", "ssim",
     "normalize_maps", "otsu_threshold", "percentile_threshold", "threshold_maps",
 ]  # fmt: skip

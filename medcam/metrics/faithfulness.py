@@ -3,10 +3,29 @@ increase in confidence (Chattopadhay et al. 2018), for 3D volumes, with batched 
 
 The explained score is given as ``score_fn(images [N, Cin, *S]) -> scores [N]`` (batched), or built with
 :func:`make_score_fn` from a model and fixed score weights ``W`` (the ROI, taken from the unperturbed image):
-``score(x) = sum_{c,u} W[c, u] * act(model(x))[c, u]``.
+``score(x) = sum_{c,u} W[c, u] * act(model(x))[c, u]`` (optionally divided by ``sum W``: the mean over the ROI).
 
 A "removed" voxel has all its input channels replaced by the baseline value at that voxel: 0 (MRI background,
 default), the channel mean, a Gaussian blur of the image, a constant or a user tensor.
+
+Protocols of the curves (``protocol=``, named in :class:`CurveResult` and in the tables of :mod:`medcam.evaluation`):
+
+* ``"rise"`` (default of insertion; Petsiuk et al.'s code ``eclique/RISE``, ``evaluation.py``): insertion starts
+  from a Gaussian blur of the image and restores voxels in map order; deletion replaces voxels by 0. Both score the
+  model's *probability*: pass a probability score (``make_score_fn(..., activation="sigmoid"|"softmax",
+  reduction="mean")``, the mean probability over the ROI, in [0, 1]). Deviations kept from RISE's code: the blur is
+  a Gaussian of ``blur_sigma`` (default 5) voxels truncated at 3 sigma with replicate padding (RISE: an 11-tap kernel
+  of sigma 5, i.e. truncated at 1 sigma, with zero padding, which darkens the border); the segmentation score is the
+  mean probability over the ROI (RISE: the probability of the top class); ties are broken at random (below).
+* ``"baseline"`` (default of deletion; the former insertion): both ends use ``baseline``; any score (e.g. logits).
+
+Ties. After a ReLU most voxels of a map are often exactly 0; ranking them by voxel index would make most of the
+curve measure the scan order. With ``ties="random"`` (default) the order within a group of equal values is a random
+permutation (seeded), and the curve is averaged over ``tie_draws`` permutations (the steps whose removed set does not
+cut a tied group are identical in every draw and computed once); ``ties="index"`` keeps the raster order.
+:func:`tied_fraction` reports the fraction of voxels that share their value with another voxel (in every result).
+A constant map (max == min, e.g. all zero) has no order at all and an empty ROI has no score: both give NaN and a
+warning instead of a number.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ from .thresholds import normalize_maps
 
 __all__ = [
     "ScoreFn",
+    "ScoreFunction",
     "make_score_fn",
     "make_baseline",
     "CurveResult",
@@ -33,12 +53,78 @@ __all__ = [
     "insertion_curve",
     "average_drop_increase",
     "voxel_ranks",
+    "tied_fraction",
 ]
 
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 Baseline = Literal["zero", "mean", "blur"] | float | torch.Tensor
+Protocol = Literal["rise", "baseline"]
+Ties = Literal["random", "index"]
+
+
+class ScoreFunction:
+    """Batched ROI score of a segmentation model, built by :func:`make_score_fn` (callable like any ``score_fn``).
+
+    Attributes:
+        weights: ``W`` ``[C, *S]`` float32.
+        activation: None (logits), ``"sigmoid"`` or ``"softmax"``.
+        reduction: ``"sum"`` or ``"mean"`` (divided by ``sum max(W, 0)``, the ROI's size for a 0/1 mask).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+        weights: torch.Tensor,
+        batch_size: int,
+        activation: Literal["sigmoid", "softmax"] | None,
+        reduction: Literal["sum", "mean"],
+        device: torch.device | None,
+    ):
+        self.model = model
+        self.weights = weights
+        self.batch_size = batch_size
+        self.activation = activation
+        self.reduction = reduction
+        self._device = device
+        self._norm = float(weights.clamp_min(0).sum()) if reduction == "mean" else 1.0
+
+    @property
+    def empty_roi(self) -> bool:
+        """True when the score has no voxel to score (``W`` all zero, or no positive weight with ``"mean"``)."""
+        return not bool(self.weights.any()) or (self.reduction == "mean" and not self._norm > 0)
+
+    @property
+    def kind(self) -> str:
+        """``"logit"`` or ``"probability"`` (with an activation), followed by ``" mean"`` for the ROI mean."""
+        k = "logit" if self.activation is None else "probability"
+        return k + (" mean" if self.reduction == "mean" else " sum")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        d = self._device if self._device is not None else images.device
+        ww = self.weights.to(d)
+        out = []
+        with torch.no_grad():
+            for i in range(0, images.shape[0], self.batch_size):
+                y = self.model(images[i : i + self.batch_size].to(d))
+                if not isinstance(y, torch.Tensor):
+                    raise MedcamError(f"model returned {type(y).__name__}; the score needs a tensor [N, C, *S]")
+                if tuple(y.shape[1:]) != tuple(ww.shape):
+                    raise MedcamError(
+                        f"model output {tuple(y.shape)} does not match the score weights {tuple(ww.shape)}: build W "
+                        "from this model's output on the same image size"
+                    )
+                y = y.float()
+                if self.activation == "sigmoid":
+                    y = torch.sigmoid(y)
+                elif self.activation == "softmax":
+                    y = torch.softmax(y, dim=1)
+                out.append((y * ww).flatten(1).sum(1))
+        s = torch.cat(out).to(images.device)
+        if self.reduction == "mean":
+            s = s / self._norm if self._norm > 0 else torch.full_like(s, math.nan)
+        return s
 
 
 def make_score_fn(
@@ -46,7 +132,8 @@ def make_score_fn(
     weights: torch.Tensor,
     batch_size: int = 8,
     activation: Literal["sigmoid", "softmax"] | None = None,
-) -> ScoreFn:
+    reduction: Literal["sum", "mean"] = "sum",
+) -> ScoreFunction:
     """Batched ROI score of a segmentation model: ``S(x_n) = sum_{c,u} W[c,u] act(model(x))[n,c,u]``.
 
     Runs under ``torch.no_grad`` in chunks of ``batch_size`` volumes, on the device of the model's parameters (the
@@ -58,14 +145,18 @@ def make_score_fn(
         weights: ``W`` ``[C, *S]`` or ``[1, C, *S]``, e.g. ``target.score_weights(output)`` of the unperturbed image.
         batch_size: volumes per forward pass.
         activation: None (score the logits), ``"sigmoid"`` or ``"softmax"`` (over dim 1), e.g. for average drop,
-            which needs a positive score.
+            which needs a positive score, and RISE's protocol, which scores the probability.
+        reduction: ``"sum"`` (default) or ``"mean"``: divided by ``sum max(W, 0)`` (the ROI's voxel count for a 0/1
+            mask), so a probability score is the mean probability over the ROI, in [0, 1]. NaN for an empty ROI.
     Returns:
-        ``score_fn(images [N, Cin, *S]) -> [N]`` float32 on ``images.device``.
+        a :class:`ScoreFunction`: ``score_fn(images [N, Cin, *S]) -> [N]`` float32 on ``images.device``.
     """
     if batch_size < 1:
         raise MedcamError(f"batch_size must be >= 1, got {batch_size}")
     if activation not in (None, "sigmoid", "softmax"):
         raise MedcamError(f"activation must be None, 'sigmoid' or 'softmax', got {activation!r}")
+    if reduction not in ("sum", "mean"):
+        raise MedcamError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if not isinstance(weights, torch.Tensor):
         raise MedcamError(f"weights must be a torch.Tensor [C, *S], got {type(weights).__name__}")
     w = weights.detach().float()
@@ -78,30 +169,7 @@ def make_score_fn(
         dev = next(iter(model.parameters()), torch.empty(0)).device if any(True for _ in model.parameters()) else None
     elif not callable(model):
         raise MedcamError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
-
-    def score_fn(images: torch.Tensor) -> torch.Tensor:
-        d = dev if dev is not None else images.device
-        ww = w.to(d)
-        out = []
-        with torch.no_grad():
-            for i in range(0, images.shape[0], batch_size):
-                y = model(images[i : i + batch_size].to(d))
-                if not isinstance(y, torch.Tensor):
-                    raise MedcamError(f"model returned {type(y).__name__}; the score needs a tensor [N, C, *S]")
-                if tuple(y.shape[1:]) != tuple(ww.shape):
-                    raise MedcamError(
-                        f"model output {tuple(y.shape)} does not match the score weights {tuple(ww.shape)}: build W "
-                        "from this model's output on the same image size"
-                    )
-                y = y.float()
-                if activation == "sigmoid":
-                    y = torch.sigmoid(y)
-                elif activation == "softmax":
-                    y = torch.softmax(y, dim=1)
-                out.append((y * ww).flatten(1).sum(1))
-        return torch.cat(out).to(images.device)
-
-    return score_fn
+    return ScoreFunction(model, w, batch_size, activation, reduction, dev)
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -177,12 +245,87 @@ def _prepare(image: torch.Tensor, saliency: torch.Tensor, spatial_dims: int) -> 
     return image, sal
 
 
-def voxel_ranks(saliency: torch.Tensor) -> torch.Tensor:
-    """Rank of every voxel in map order, most relevant first: ``[M, V]`` long, ties broken by voxel index."""
-    order = torch.argsort(-saliency.flatten(1), dim=1, stable=True)
+def voxel_ranks(
+    saliency: torch.Tensor, ties: Ties = "random", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Rank of every voxel in map order, most relevant first: ``[M, *S]`` (or ``[M, V]``) -> ``[M, V]`` long.
+
+    Args:
+        saliency: maps, flattened from dim 1.
+        ties: ``"random"``: voxels of equal value are ordered by a random permutation drawn from ``generator``
+            (CPU; default seed 0); ``"index"``: by voxel index (raster order).
+    """
+    flat = saliency.flatten(1)
+    if ties == "index":
+        order = torch.argsort(-flat, dim=1, stable=True)
+    elif ties == "random":
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        perm = torch.argsort(torch.rand(flat.shape, generator=gen), dim=1).to(flat.device)
+        o = torch.argsort(-torch.gather(flat, 1, perm), dim=1, stable=True)
+        order = torch.gather(perm, 1, o)
+    else:
+        raise MedcamError(f"ties must be 'random' or 'index', got {ties!r}")
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
     return ranks
+
+
+def tied_fraction(saliency: torch.Tensor) -> torch.Tensor:
+    """Fraction of voxels whose value is shared with at least one other voxel of the same map.
+
+    Args:
+        saliency: ``[M, *S]`` (flattened from dim 1).
+    Returns:
+        ``[M]`` float32 in [0, 1] (1 for a constant map; 0 when all values are distinct).
+    """
+    v = torch.sort(saliency.flatten(1).float(), dim=1).values
+    eq = v[:, 1:] == v[:, :-1]
+    tied = torch.zeros_like(v, dtype=torch.bool)
+    tied[:, 1:] |= eq
+    tied[:, :-1] |= eq
+    return tied.float().mean(1)
+
+
+def _cuts_in_ties(sal: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` bool: does removing the top ``counts[k]`` voxels of map ``m`` split a group of equal values?
+
+    Only then does the removed set depend on the tie order (else every tie-breaking gives the same set)."""
+    v = torch.sort(sal.flatten(1), dim=1, descending=True).values  # [M, V]
+    n = v.shape[1]
+    c = counts.to(v.device).long()
+    inner = (c > 0) & (c < n)
+    ci = c.clamp(1, max(n - 1, 1))
+    split = v[:, ci - 1] == v[:, ci]
+    return split & inner[None]
+
+
+def _check_orderable(sal: torch.Tensor, what: str) -> torch.Tensor:
+    """``[M]`` bool: True for a constant map (no order): warn once."""
+    flat = sal.flatten(1)
+    const = flat.amax(1) == flat.amin(1)
+    if bool(const.any()):
+        logger.warning(
+            "%s: %d of %d maps are constant (e.g. all zero after the ReLU): they rank no voxel above another, so "
+            "their result is NaN (not a number from the scan order)",
+            what,
+            int(const.sum()),
+            const.numel(),
+        )
+    return const
+
+
+def _empty_roi(score_fn: ScoreFn, what: str) -> bool:
+    if bool(getattr(score_fn, "empty_roi", False)):
+        logger.warning("%s: the ROI of the score is empty (nothing to explain): result is NaN", what)
+        return True
+    return False
+
+
+def _check_ties(ties: str, tie_draws: int) -> None:
+    if ties not in ("random", "index"):
+        raise MedcamError(f"ties must be 'random' or 'index', got {ties!r}")
+    if int(tie_draws) < 1:
+        raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
 
 
 @dataclass
@@ -191,15 +334,35 @@ class CurveResult:
 
     Attributes:
         fractions: ``[T+1]`` fraction of voxels removed (inserted), 0..1.
-        scores: ``[M, T+1]`` score at each step, one row per map.
+        scores: ``[M, T+1]`` score at each step, one row per map (mean over the tie-breaking draws; NaN rows for a
+            constant map or an empty ROI).
         auc: ``[M]`` area under the curve over the fraction (trapezoid rule), in score units.
         mode: ``"deletion"`` or ``"insertion"``.
+        protocol: ``"rise"`` or ``"baseline"`` (see the module docstring).
+        substrate: what removed voxels become (``"zero"``, ``"blur(sigma=5)"``, ...).
+        score: the score's kind when known (``"probability mean"``, ``"logit sum"``, ...), else ``"user"``.
+        tied_fraction: ``[M]`` fraction of voxels sharing their value with another voxel (:func:`tied_fraction`).
+        ties, tie_draws: tie-breaking rule and number of random draws averaged.
     """
 
     fractions: torch.Tensor
     scores: torch.Tensor
     auc: torch.Tensor
     mode: str
+    protocol: str = "baseline"
+    substrate: str = "zero"
+    score: str = "user"
+    tied_fraction: torch.Tensor | None = None
+    ties: str = "index"
+    tie_draws: int = 1
+
+
+def _substrate_name(baseline: Baseline, blur_sigma: float) -> str:
+    if isinstance(baseline, torch.Tensor):
+        return "tensor"
+    if baseline == "blur":
+        return f"blur(sigma={blur_sigma:g})"
+    return str(baseline)
 
 
 def perturbation_curve(
@@ -208,17 +371,21 @@ def perturbation_curve(
     score_fn: ScoreFn,
     mode: Literal["deletion", "insertion"] = "deletion",
     steps: int = 20,
-    baseline: Baseline = "zero",
+    baseline: Baseline | None = None,
     batch_size: int = 8,
     blur_sigma: float = 5.0,
     spatial_dims: int = 3,
+    protocol: Protocol | None = None,
+    ties: Ties = "random",
+    tie_draws: int = 3,
+    seed: int = 0,
 ) -> CurveResult:
     """Deletion / insertion curve (Petsiuk et al. 2018, RISE) of one or several maps of one case.
 
-    Voxels are ranked by the map, most relevant first (ties by voxel index). At step ``k = 0..T`` the top
-    ``n_k = round(k V / T)`` voxels are replaced by the baseline (deletion) or the baseline has them restored from
+    Voxels are ranked by the map, most relevant first (ties: see ``ties``). At step ``k = 0..T`` the top
+    ``n_k = round(k V / T)`` voxels are replaced by the substrate (deletion) or the substrate has them restored from
     the image (insertion); ``s_k = score_fn(x_k)``. ``AUC = sum_k (f_{k+1} - f_k)(s_k + s_{k+1}) / 2`` with
-    ``f_k = n_k / V``. Deletion: lower is better; insertion: higher is better.
+    ``f_k = n_k / V`` (RISE's ``auc``). Deletion: lower is better; insertion: higher is better.
 
     Args:
         image: ``[Cin, *S]`` or ``[1, Cin, *S]``.
@@ -226,47 +393,94 @@ def perturbation_curve(
         score_fn: batched score ``[N, Cin, *S] -> [N]`` (see :func:`make_score_fn`).
         mode: ``"deletion"`` or ``"insertion"``.
         steps: number of steps ``T``.
-        baseline: see :func:`make_baseline`.
+        baseline: the substrate with ``protocol="baseline"`` (see :func:`make_baseline`; default ``"zero"``).
+        protocol: ``"rise"`` (substrate 0 for deletion, ``blur(blur_sigma)`` for insertion; a probability score is
+            required when ``score_fn`` is a :class:`ScoreFunction`) or ``"baseline"``. None: ``"rise"`` for
+            insertion, ``"baseline"`` for deletion.
         batch_size: perturbed volumes per ``score_fn`` call.
+        ties: ``"random"`` (average over ``tie_draws`` seeded permutations of tied voxels) or ``"index"``.
+        seed: seed of the tie-breaking permutations.
     Returns:
-        :class:`CurveResult` (``scores [M, T+1]``, ``auc [M]``).
+        :class:`CurveResult` (``scores [M, T+1]``, ``auc [M]``, the protocol, ``tied_fraction [M]``).
     """
     if mode not in ("deletion", "insertion"):
         raise MedcamError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1 or batch_size < 1:
         raise MedcamError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    if protocol is None:
+        protocol = "rise" if mode == "insertion" else "baseline"
+    if protocol not in ("rise", "baseline"):
+        raise MedcamError(f"protocol must be 'rise' or 'baseline', got {protocol!r}")
+    _check_ties(ties, tie_draws)
+    if protocol == "rise":
+        if baseline is not None:
+            raise MedcamError(
+                f"protocol='rise' fixes the substrate (0 for deletion, a blur for insertion); to use baseline="
+                f"{_substrate_name(baseline, blur_sigma)!r} pass protocol='baseline'"
+            )
+        if isinstance(score_fn, ScoreFunction) and score_fn.activation is None:
+            raise MedcamError(
+                "RISE's protocol scores the probability, but this score_fn scores logits: build it with "
+                "make_score_fn(model, W, activation='sigmoid' or 'softmax', reduction='mean'), or pass "
+                "protocol='baseline'"
+            )
+        baseline = "blur" if mode == "insertion" else "zero"
+    elif baseline is None:
+        baseline = "zero"
     image, sal = _prepare(image, saliency, spatial_dims)
     base = make_baseline(image, baseline, blur_sigma).flatten(1)
     img = image.float().flatten(1)
     m, v = sal.shape[0], img.shape[1]
-    ranks = voxel_ranks(sal)
     n_k = torch.round(torch.arange(steps + 1, dtype=torch.float64) * v / steps).long()
-    jobs = [(i, k) for i in range(m) for k in range(steps + 1)]
-    scores = torch.empty(m, steps + 1, device=image.device)
+    fr = (n_k.double() / v).to(image.device).float()
+    tf = tied_fraction(sal)
+    kind = score_fn.kind if isinstance(score_fn, ScoreFunction) else "user"
+    meta = dict(protocol=protocol, substrate=_substrate_name(baseline, blur_sigma), score=kind, tied_fraction=tf)
+    draws = int(tie_draws) if ties == "random" else 1
+    meta.update(ties=ties, tie_draws=draws)
+    const = _check_orderable(sal, f"{mode} curve")
+    nan = torch.full((m, steps + 1), math.nan, device=image.device)
+    if _empty_roi(score_fn, f"{mode} curve"):
+        return CurveResult(fractions=fr, scores=nan, auc=nan[:, 0].clone(), mode=mode, **meta)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(int(seed))
+    ranks = [voxel_ranks(sal, ties, gen) for _ in range(draws)]  # draws x [M, V]
+    split = _cuts_in_ties(sal, n_k) if draws > 1 else torch.zeros(m, steps + 1, dtype=torch.bool)
+    jobs = [
+        (i, k, d)
+        for i in range(m)
+        if not bool(const[i])
+        for k in range(steps + 1)
+        for d in range(draws if bool(split[i, k]) else 1)
+    ]
+    total = torch.zeros(m, steps + 1, device=image.device)
+    count = torch.zeros(m, steps + 1, device=image.device)
     for j in range(0, len(jobs), batch_size):
         chunk = jobs[j : j + batch_size]
         vols = []
-        for i, k in chunk:
-            sel = (ranks[i] < n_k[k]).unsqueeze(0)
+        for i, k, d in chunk:
+            sel = (ranks[d][i] < n_k[k]).unsqueeze(0)
             x = torch.where(sel, base, img) if mode == "deletion" else torch.where(sel, img, base)
             vols.append(x.reshape(image.shape))
         s = score_fn(torch.stack(vols)).reshape(-1).float()
         if s.shape[0] != len(chunk):
             raise MedcamError(f"score_fn returned {s.shape[0]} scores for {len(chunk)} volumes; it must return [N]")
-        for (i, k), sv in zip(chunk, s.to(image.device)):
-            scores[i, k] = sv
-    fr = (n_k.double() / v).to(image.device).float()
+        for (i, k, _), sv in zip(chunk, s.to(image.device)):
+            total[i, k] += sv
+            count[i, k] += 1
+    scores = torch.where(count > 0, total / count.clamp_min(1), nan)
     auc = torch.trapezoid(scores, fr, dim=1)
-    return CurveResult(fractions=fr, scores=scores, auc=auc, mode=mode)
+    return CurveResult(fractions=fr, scores=scores, auc=auc, mode=mode, **meta)  # type: ignore[arg-type]
 
 
 def deletion_curve(image: torch.Tensor, saliency: torch.Tensor, score_fn: ScoreFn, **kwargs) -> CurveResult:
-    """:func:`perturbation_curve` with ``mode="deletion"`` (lower AUC is better)."""
+    """:func:`perturbation_curve` with ``mode="deletion"`` (lower AUC is better; default protocol ``"baseline"``
+    with substrate 0)."""
     return perturbation_curve(image, saliency, score_fn, mode="deletion", **kwargs)
 
 
 def insertion_curve(image: torch.Tensor, saliency: torch.Tensor, score_fn: ScoreFn, **kwargs) -> CurveResult:
-    """:func:`perturbation_curve` with ``mode="insertion"`` (higher AUC is better)."""
+    """:func:`perturbation_curve` with ``mode="insertion"`` (higher AUC is better; default protocol ``"rise"``:
+    start from the blurred image, score a probability; ``protocol="baseline"`` for the former behaviour)."""
     return perturbation_curve(image, saliency, score_fn, mode="insertion", **kwargs)
 
 
@@ -293,7 +507,7 @@ def average_drop_increase(
     image, sal = _prepare(image, saliency, spatial_dims)
     lnorm = normalize_maps(sal, normalize, spatial_dims).clamp(0, 1)
     base = make_baseline(image, baseline)
-    xs = [image.float()[None]] + [(l[None] * image.float() + (1 - l[None]) * base)[None] for l in lnorm]
+    xs = [image.float()[None]] + [(lm[None] * image.float() + (1 - lm[None]) * base)[None] for lm in lnorm]
     s = score_fn(torch.cat(xs)).reshape(-1).float().to(image.device)
     y, o = s[0], s[1:]
     if not y > 0:

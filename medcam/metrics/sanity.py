@@ -15,6 +15,13 @@ every similarity here follows one documented convention (``constant="convention"
 ``constant="nan"`` returns NaN instead whenever a map is constant (the mathematical value; aggregate with
 ``nanmean`` and count the NaNs yourself). "Constant" means max == min exactly over the map; :class:`SanityResult`
 also flags the constant maps of every randomisation step (``constant``).
+
+Frozen targets. Adebayo et al. explain a fixed output of the network while its weights are randomised. A target
+defined by the model's own prediction (``PredictedROI``, ``ComponentROI``) would instead be re-predicted by every
+randomised model and move (typically to an empty region, killing the map), so the test would measure the drift of the
+target, not the map's dependence on the weights. :func:`freeze_targets` fixes every target to the region it has on
+the trained model's output (a ``MaskROI`` of it); :func:`cascading_randomization` does this with ``targets=`` and
+``image=``, and :func:`medcam.evaluation.evaluate` always does it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import MedcamError
+from ..targets import ContrastROI, MaskROI, Target, as_target_list
 from .thresholds import _flat, _lead, check_maps, normalize_maps
 
 __all__ = [
@@ -39,6 +47,7 @@ __all__ = [
     "ssim",
     "map_similarity",
     "SanityResult",
+    "freeze_targets",
     "cascading_randomization",
 ]
 
@@ -198,6 +207,8 @@ class SanityResult:
         maps: the maps per step if ``keep_maps`` (list of tensors), else empty.
         steps: number of layers randomised at each row (``[0, 1, 2, ...]``; thinned out with ``max_steps``): row
             ``j`` randomised ``layers[:steps[j]]``.
+        frozen_targets: the targets frozen to the trained model's output and given to every ``map_fn`` call (when
+            ``targets=`` was passed), else empty.
     """
 
     layers: list[str]
@@ -205,6 +216,59 @@ class SanityResult:
     constant: torch.Tensor | None = None
     maps: list[torch.Tensor] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    frozen_targets: list[Target] = field(default_factory=list)
+
+
+class _FixedWeights(Target):
+    """A target whose score weights ``W`` are fixed (for custom targets that define their own ``score_weights``)."""
+
+    def __init__(self, weights: torch.Tensor, roi: torch.Tensor, channel: int, name: str):
+        super().__init__(channel)
+        self.weights, self.mask, self._name = weights, roi, name
+
+    def roi(self, output: torch.Tensor) -> torch.Tensor:
+        return self.mask.to(output.device).expand(output.shape[0], *self.mask.shape[1:]).clone()
+
+    def score_weights(self, output: torch.Tensor) -> torch.Tensor:
+        if tuple(self.weights.shape[1:]) != tuple(output.shape[1:]):
+            raise MedcamError(
+                f"frozen target weights {tuple(self.weights.shape)} do not fit output {tuple(output.shape)}"
+            )
+        return self.weights.to(output.device).expand(output.shape[0], *self.weights.shape[1:]).clone()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+def freeze_targets(targets: Target | Sequence[Target], output: torch.Tensor) -> list[Target]:
+    """Every target fixed to the region it has on ``output`` (the trained model's output on the explained image).
+
+    A target's region ``M = target.roi(output)`` becomes ``MaskROI(M, target.channel)``; a ``ContrastROI`` keeps its
+    reference channel and ``alpha`` with its region frozen; a custom target overriding ``score_weights`` gets its
+    weights ``W = target.score_weights(output)`` fixed. Targets that do not depend on the prediction are unchanged in
+    effect (their frozen weights are the same).
+
+    Args:
+        targets: :mod:`medcam.targets` objects.
+        output: model output ``[1, C, *S]`` (detached logits of the trained model).
+    Returns:
+        list of targets, one per input target, whose score weights no longer depend on the model's output.
+    """
+    if not isinstance(output, torch.Tensor) or output.ndim < 3:
+        raise MedcamError("output must be the model output tensor [1, C, *S] of the explained image")
+    out = output.detach()
+    frozen: list[Target] = []
+    for t in as_target_list(targets):
+        roi = t.roi(out).detach()
+        if isinstance(t, ContrastROI):
+            f: Target = ContrastROI(t.channel, t.reference_channel, t.alpha, MaskROI(roi, t.channel))
+        elif type(t).score_weights is Target.score_weights:
+            f = MaskROI(roi, t.channel)
+        else:
+            f = _FixedWeights(t.score_weights(out).detach(), roi, t.channel, t.name)
+        frozen.append(f)
+    return frozen
 
 
 def _reinit(module: nn.Module) -> None:
@@ -219,21 +283,46 @@ def _reinit(module: nn.Module) -> None:
                 nn.init.normal_(p, std=0.1)
 
 
-def _execution_order(model: nn.Module, map_fn: Callable[[nn.Module], torch.Tensor]) -> tuple[list[str], torch.Tensor]:
-    """Names of the modules holding parameters directly, in forward execution order, and the map of ``model``."""
-    order: list[str] = []
+def _param_hooks(model: nn.Module, record: Callable[[str], None]) -> list:
     handles = []
     for name, mod in model.named_modules():
         if any(True for _ in mod.parameters(recurse=False)):
-            handles.append(
-                mod.register_forward_hook(lambda m, i, o, name=name: order.append(name) if name not in order else None)
-            )
+            handles.append(mod.register_forward_hook(lambda m, i, o, name=name: record(name)))
+    return handles
+
+
+def _execution_order(
+    model: nn.Module, map_fn: Callable[[nn.Module], torch.Tensor], original: nn.Module | None = None
+) -> tuple[list[str], torch.Tensor, bool]:
+    """Names of the modules holding parameters directly, in forward execution order, the map of ``model``, and
+    whether ``map_fn`` ran ``original`` (the user's model) instead."""
+    order: list[str] = []
+    ran_original: list[str] = []
+    handles = _param_hooks(model, lambda n: order.append(n) if n not in order else None)
+    if original is not None:
+        handles += _param_hooks(original, ran_original.append)
     try:
         m0 = map_fn(model)
     finally:
         for h in handles:
             h.remove()
-    return order, m0
+    return order, m0, bool(ran_original)
+
+
+def _no_model_run_message(model: nn.Module, ran_original: bool) -> str:
+    if not any(True for _ in model.parameters()):
+        return "the model has no parameters to randomise"
+    if ran_original:
+        return (
+            "map_fn ran the original model, not the model it was given: the cascade randomises a copy, which map_fn "
+            "must use, e.g. map_fn=lambda m: SegGradCAM(m, layer)(image, targets) (not a model captured from outside)"
+        )
+    return (
+        "map_fn(model) ran none of the parametrised modules of the model it was given, so its map cannot depend on "
+        "the weights and the layers' execution order is unknown: compute the map from map_fn's argument, e.g. "
+        "map_fn=lambda m: SegGradCAM(m, layer)(image, targets); to test a map that deliberately ignores the model, "
+        "pass layers=[...] explicitly"
+    )
 
 
 def cascading_randomization(
@@ -245,6 +334,9 @@ def cascading_randomization(
     seed: int = 0,
     keep_maps: bool = False,
     max_steps: int | None = None,
+    targets: Target | Sequence[Target] | None = None,
+    image: torch.Tensor | None = None,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> SanityResult:
     """Cascading model-parameter randomisation test (Adebayo et al. 2018, "Sanity checks for saliency maps").
 
@@ -266,6 +358,12 @@ def cascading_randomization(
         max_steps: compute the map after at most this many cascade steps, evenly spaced over the layers and always
             including the last (every layer still gets randomised in cascade; only the costly ``map_fn`` calls are
             thinned out): for networks with dozens of parametrised modules. None: after every layer.
+        targets, image: freeze the targets (recommended for targets defined by the prediction, see the module
+            docstring): the trained model's output on ``image`` (``[1, Cin, *S]``) fixes every target's region
+            (:func:`freeze_targets`) before the cascade, and ``map_fn`` is then called as ``map_fn(model,
+            frozen_targets)`` at every step, e.g. ``lambda m, t: SegGradCAM(m, layer)(image, t)``.
+        forward: ``forward(model, image) -> output [1, C, *S]`` for the frozen regions (default ``model(image)``;
+            e.g. ``lambda m, x: inferer(x, m)`` for sliding windows).
     Returns:
         :class:`SanityResult`; ``similarity[m][0]`` compares the trained model with itself (1 unless ``map_fn`` is
         random); ``steps`` says how many layers were randomised at each row.
@@ -275,19 +373,40 @@ def cascading_randomization(
     for m in measures:
         if m not in ("spearman", "pearson", "ssim"):
             raise MedcamError(f"unknown similarity measure {m!r}; use 'spearman', 'pearson' or 'ssim'")
+    if (targets is None) != (image is None):
+        raise MedcamError("freezing the targets needs both targets= and image= (the explained image [1, Cin, *S])")
     net = copy.deepcopy(model)
     names = dict(net.named_modules())
+    frozen: list[Target] = []
+    if targets is not None:
+        with torch.no_grad():
+            out = forward(net, image) if forward is not None else net(image)
+        if not isinstance(out, torch.Tensor):
+            raise MedcamError(f"the model returned {type(out).__name__}; pass forward= returning the output tensor")
+        frozen = freeze_targets(targets, out)
+        two_arg = map_fn
+
+        def map_fn(m: nn.Module) -> torch.Tensor:
+            return two_arg(m, frozen)  # type: ignore[call-arg]
+
     if layers is not None:
         missing = [n for n in layers if n not in names]
         if missing:
             raise MedcamError(f"layers {missing} are not modules of the model; see medcam.list_layers(model)")
         layer_list = list(layers)
-        m0 = map_fn(net)
+        order, m0, ran_original = _execution_order(net, map_fn, model)
+        if not order:
+            if ran_original:
+                raise MedcamError(_no_model_run_message(net, ran_original))
+            logger.warning(
+                "cascading_randomization: map_fn(model) does not run the model it is given, so its maps cannot "
+                "change (expected only for a model-independent baseline such as an edge detector)"
+            )
     else:
-        order, m0 = _execution_order(net, map_fn)
+        order, m0, ran_original = _execution_order(net, map_fn, model)
         layer_list = list(reversed(order))
         if not layer_list:
-            raise MedcamError("the model has no parameters to randomise")
+            raise MedcamError(_no_model_run_message(net, ran_original))
     if not isinstance(m0, torch.Tensor):
         raise MedcamError(f"map_fn must return a tensor, got {type(m0).__name__}")
     m0 = m0.detach()
@@ -331,4 +450,5 @@ def cascading_randomization(
         constant=torch.stack(dead),
         maps=maps,
         steps=steps,
+        frozen_targets=frozen,
     )
