@@ -239,7 +239,7 @@ def run_evaluation(
     baseline: str = "zero",
     map_threshold: str = "otsu",
     tolerance_mm: float = 0.0,
-    road_percentiles: str = "10,30,50,70,90",
+    road_percentiles: str = "10,20,30,40,50,60,70,80,90",
     batch_size: int = 4,
     consensus: bool = False,
     sanity_steps: int = 6,
@@ -254,6 +254,9 @@ def run_evaluation(
     device: str = "auto",
     overwrite: bool = False,
     plots: bool = True,
+    hd95_convention: str = "monai",
+    insertion_protocol: str = "rise",
+    tie_draws: int = 3,
 ) -> dict[str, Any]:
     """The body of ``medcam evaluate`` (usable from Python). Returns ``{"paths", "result", "cases", "failed"}``.
 
@@ -290,6 +293,8 @@ def run_evaluation(
         raise EvaluateError(f"--sanity-steps must be >= 1, got {sanity_steps}")
     if batch_size < 1:
         raise EvaluateError(f"--batch-size must be >= 1, got {batch_size}")
+    if tie_draws < 1:
+        raise EvaluateError(f"--tie-draws must be >= 1, got {tie_draws}")
     if threshold is not None and not 0 < threshold < 1:
         raise EvaluateError(f"--threshold must be a probability in (0, 1), got {threshold}")
     try:
@@ -373,7 +378,8 @@ def run_evaluation(
                 metrics=case_metrics, threshold=thr, tolerance_mm=tolerance_mm, steps=steps, baseline=base,
                 batch_size=batch_size, road_percentiles=percentiles, output_activation=loaded.activation,
                 inferer=inferer, consensus=consensus, sanity_max_steps=sanity_steps, case_id=src.case_id,
-                target_names=[s.name for s in specs],
+                target_names=[s.name for s in specs], hd95_convention=hd95_convention,
+                insertion_protocol=insertion_protocol, tie_draws=tie_draws,
             )  # fmt: skip
         except (MedcamError, click.ClickException, ValueError, OSError, RuntimeError) as e:
             if len(cases) == 1:
@@ -477,9 +483,31 @@ def _method_help() -> str:
 @click.option("--tolerance-mm", type=float, default=0.0, show_default=True, help="Pointing-game tolerance (mm).")
 @click.option(
     "--road-percentiles",
-    default="10,30,50,70,90",
+    default="10,20,30,40,50,60,70,80,90",
     show_default=True,
-    help="ROAD removal percentages (with --metrics road).",
+    help="ROAD removal percentages (with --metrics road; the paper's grid by default).",
+)
+@click.option(
+    "--hd95-convention",
+    type=click.Choice(["monai", "pooled"]),
+    default="monai",
+    show_default=True,
+    help="HD95: monai = max of the two directed 95th percentiles; pooled = medpy's percentile of both (row "
+    "hd95_monai_mm / hd95_pooled_mm).",
+)
+@click.option(
+    "--insertion-protocol",
+    type=click.Choice(["rise", "baseline"]),
+    default="rise",
+    show_default=True,
+    help="Insertion: rise = from the blurred image, mean ROI probability (RISE); baseline = from --baseline, logits.",
+)
+@click.option(
+    "--tie-draws",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Random tie-breaking orders averaged by deletion / insertion / ROAD.",
 )
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Perturbed images per forward pass.")
 @click.option("--consensus", is_flag=True, help="Also score a MetaCAM-style consensus map of the methods.")

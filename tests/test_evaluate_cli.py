@@ -75,15 +75,15 @@ def test_evaluate_writes_table_with_case_labels_as_reference(tiny_demo, case_dir
         "deletion_insertion.png", "metrics.csv", "metrics.json", "threshold_sweep.png"]  # fmt: skip
     cols, rows = read_rows(out / "metrics.csv")
     assert cols == ["case", "method", "layer", "target", "metric", "value"]
-    per_map = {"energy_pointing_game", "pointing_game", "dice", "iou", "threshold_fraction", "hd95_mm",
-               "deletion_auc", "insertion_auc", "average_drop_percent", "increase_in_confidence"}  # fmt: skip
+    per_map = {"energy_pointing_game", "pointing_game", "dice", "iou", "threshold_fraction", "hd95_monai_mm",
+               "deletion_auc", "insertion_rise_auc", "average_drop_percent", "increase_in_confidence", "tied_fraction"}  # fmt: skip
     assert {r_["metric"] for r_ in rows} == per_map
     assert len(rows) == 2 * 1 * 2 * len(per_map)  # methods x layers x targets x metrics
     assert {r_["case"] for r_ in rows} == {"Phantom_00000"}
     assert {r_["target"] for r_ in rows} == {"WT", "ET-class"}  # the spec names, not predicted1/class2
     assert {r_["layer"] for r_ in rows} == {"down_layers.3"}
     assert len(json.loads((out / "metrics.json").read_text())["rows"]) == len(rows)
-    assert "evaluated 1 case(s), 40 rows" in r.output
+    assert "evaluated 1 case(s), 44 rows" in r.output
 
     # independent recomputation of one cell: the reference of target WT is the case's own WT label
     import medcam
@@ -110,7 +110,15 @@ def test_evaluate_writes_table_with_case_labels_as_reference(tiny_demo, case_dir
         [case_dir, "-o", out, "-M", "hirescam", "-t", "WT", "--metrics", "deletion", "--no-plots", "--overwrite", *FAST]
     )
     assert r.exit_code == 0, r.stderr
-    assert {r_["metric"] for r_ in read_rows(out / "metrics.csv")[1]} == {"deletion_auc"}
+    assert {r_["metric"] for r_ in read_rows(out / "metrics.csv")[1]} == {"deletion_auc", "tied_fraction"}
+    # the conventions are options and are named in the table and in metrics.json
+    r = run([case_dir, "-o", out, "-M", "hirescam", "-t", "WT", "--metrics", "localisation,insertion", "--no-plots",
+             "--overwrite", "--hd95-convention", "pooled", "--insertion-protocol", "baseline", *FAST])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    names = {r_["metric"] for r_ in read_rows(out / "metrics.csv")[1]}
+    assert {"hd95_pooled_mm", "insertion_baseline_auc"} <= names and "hd95_monai_mm" not in names
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["hd95_convention"] == "pooled" and settings["insertion_protocol"] == "baseline"
 
 
 def test_evaluate_sanity_and_reference_none(tiny_demo, case_dir, tmp_path):

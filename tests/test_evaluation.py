@@ -12,7 +12,13 @@ import medcam
 from medcam import targets
 from medcam.errors import MedcamError
 from medcam.evaluation import evaluate, evaluate_cohort, write_results
-from medcam.metrics import deletion_curve, localisation_scores, make_score_fn
+from medcam.metrics import (
+    deletion_curve,
+    insertion_curve,
+    localisation_scores,
+    make_score_fn,
+    tied_fraction,
+)
 
 
 class TinySeg(nn.Module):
@@ -45,8 +51,8 @@ def test_evaluate_table_matches_direct_metrics(case):
         model, img, tl, methods=("gradcam", "hirescam"), layers=("mid", "enc"), reference=ref,
         spacing=(1.0, 1.0, 2.0), steps=5, consensus=True,
     )  # fmt: skip
-    per_map = {"energy_pointing_game", "pointing_game", "dice", "iou", "threshold_fraction", "hd95_mm",
-               "deletion_auc", "insertion_auc", "average_drop_percent", "increase_in_confidence"}  # fmt: skip
+    per_map = {"energy_pointing_game", "pointing_game", "dice", "iou", "threshold_fraction", "hd95_monai_mm",
+               "deletion_auc", "insertion_rise_auc", "average_drop_percent", "increase_in_confidence", "tied_fraction"}  # fmt: skip
     assert {r["metric"] for r in res.rows} == per_map
     assert len(res.rows) == 3 * 2 * 2 * len(per_map)  # (2 methods + metacam) x 2 layers x 2 targets
     # independent recomputation of one cell
@@ -56,9 +62,12 @@ def test_evaluate_table_matches_direct_metrics(case):
         w = tl[1].score_weights(model(img))
     d = deletion_curve(img, m, make_score_fn(model, w), steps=5)
     assert res.value("hirescam", "mid", tl[1].name, "deletion_auc") == pytest.approx(d.auc.item(), rel=1e-5)
+    ins = insertion_curve(img, m, make_score_fn(model, w, activation="sigmoid", reduction="mean"), steps=5)
+    assert res.value("hirescam", "mid", tl[1].name, "insertion_rise_auc") == pytest.approx(ins.auc.item(), rel=1e-5)
+    assert res.value("hirescam", "mid", tl[1].name, "tied_fraction") == pytest.approx(tied_fraction(m[None]).item())
     loc = localisation_scores(m[None], ref[None], "otsu", spacing=(1.0, 1.0, 2.0))
     assert res.value("hirescam", "mid", tl[1].name, "dice") == pytest.approx(loc["dice"].item())
-    assert res.value("hirescam", "mid", tl[1].name, "hd95_mm") == pytest.approx(loc["hd95_mm"].item())
+    assert res.value("hirescam", "mid", tl[1].name, "hd95_monai_mm") == pytest.approx(loc["hd95_monai_mm"].item())
     key = ("case", "gradcam", "enc", tl[0].name, "insertion")
     assert len(res.curves[key][0]) == 6
     df = res.to_dataframe()
@@ -146,3 +155,65 @@ def test_write_results_atomic_and_refuses_overwrite(case, tmp_path):
         write_results(res, tmp_path / "out")
     write_results(res, tmp_path / "out", overwrite=True, plots=False)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_evaluate_names_conventions_in_rows_and_json(case, tmp_path):
+    model, img, ref = case
+    res = evaluate(
+        model, img, targets.ClassROI(1), methods=("hirescam",), layers=("mid",), reference=ref, steps=4,
+        metrics=("localisation", "insertion"), insertion_protocol="baseline", hd95_convention="pooled",
+    )  # fmt: skip
+    names = {r["metric"] for r in res.rows}
+    assert {"hd95_pooled_mm", "insertion_baseline_auc"} <= names
+    assert not names & {"hd95_monai_mm", "hd95_mm", "insertion_rise_auc", "insertion_auc"}
+    cam = medcam.SegHiResGradCAM(model, "mid")
+    m = cam(img, [targets.ClassROI(1)])[0, 0]
+    with torch.no_grad():
+        w = targets.ClassROI(1).score_weights(model(img))
+    ins = insertion_curve(img, m, make_score_fn(model, w), steps=4, protocol="baseline", baseline="zero")
+    assert res.value("hirescam", "mid", "class1", "insertion_baseline_auc") == pytest.approx(ins.auc.item(), rel=1e-5)
+    loc = localisation_scores(m[None], ref[None], "otsu", hd95_convention="pooled")
+    assert res.value("hirescam", "mid", "class1", "hd95_pooled_mm") == pytest.approx(loc["hd95_pooled_mm"].item())
+    assert res.settings["hd95_convention"] == "pooled" and res.settings["insertion_protocol"] == "baseline"
+    paths = write_results(res, tmp_path / "o", plots=False)
+    js = json.loads(paths["json"].read_text())
+    assert js["settings"]["hd95_convention"] == "pooled" and js["settings"]["road_percentiles"][-1] == 90.0
+    with pytest.raises(MedcamError, match="hd95_convention"):
+        evaluate(model, img, targets.ClassROI(1), metrics=("deletion",), hd95_convention="medpy")
+    with pytest.raises(MedcamError, match="insertion_protocol"):
+        evaluate(model, img, targets.ClassROI(1), metrics=("deletion",), insertion_protocol="blur")
+
+
+def test_evaluate_sanity_freezes_predicted_roi_literal_adebayo_reference(case):
+    """evaluate()'s sanity rows against a literal cascade: same re-initialisation, the trained model's predicted
+    region kept fixed as a MaskROI, Spearman from scipy."""
+    import copy
+
+    from scipy.stats import spearmanr
+
+    model, img, _ = case
+    with torch.no_grad():
+        prob = torch.sigmoid(model(img)[:, 1])
+    t = targets.PredictedROI(1, threshold=float(prob.quantile(0.7)))  # the trained model predicts 30 % of the volume
+    with torch.no_grad():
+        trained_roi = t.roi(model(img))
+    assert 0 < trained_roi.sum() < trained_roi.numel()
+    res = evaluate(model, img, t, methods=("hirescam",), layers=("mid",), metrics=("sanity",))
+    m0 = medcam.SegHiResGradCAM(model, "mid")(img, [t])[0, 0]
+    net = copy.deepcopy(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name in ("head", "mid", "enc"):  # reverse execution order, cascading
+            getattr(net, name).reset_parameters()
+    frozen_map = medcam.SegHiResGradCAM(net, "mid")(img, [targets.MaskROI(trained_roi, 1)])[0, 0]
+    moved_map = medcam.SegHiResGradCAM(net, "mid")(img, [t])[0, 0]  # region re-predicted: what must not happen
+
+    def sp(a, b):
+        if a.max() == a.min() or b.max() == b.min():
+            return 0.0 if (a.max() == a.min()) != (b.max() == b.min()) else 1.0
+        return spearmanr(a.reshape(-1).numpy(), b.reshape(-1).numpy()).statistic
+
+    got = res.value("hirescam", "mid", "predicted1", "sanity_spearman_final")
+    assert got == pytest.approx(sp(m0, frozen_map), abs=1e-5)
+    assert abs(sp(m0, moved_map) - sp(m0, frozen_map)) > 1e-3  # the reference can tell the two protocols apart
+    assert res.value("hirescam", "mid", "predicted1", "sanity_original_constant") == 0.0

@@ -13,6 +13,7 @@ from medcam.metrics import (
     make_baseline,
     make_score_fn,
     perturbation_curve,
+    tied_fraction,
 )
 
 
@@ -124,3 +125,120 @@ def test_bad_inputs_fail_early():
         deletion_curve(torch.rand(2, 1, 1, 1, 4), SAL, _sum_score)
     with pytest.raises(MedcamError, match="mode"):
         perturbation_curve(IMG, SAL, _sum_score, mode="erase")
+
+
+# ---- issue 16: RISE protocol, ties, NaN conventions -------------------------------------------------------------
+
+
+def _rise_literal(model_prob, img, sal, substrate, step):
+    """Petsiuk et al.'s CausalMetric loop (eclique/RISE, evaluation.py), insertion mode, written out: start from the
+    substrate, restore `step` voxels per iteration in decreasing saliency, score the probability, normalised AUC."""
+    hw = sal.numel()
+    n_steps = (hw + step - 1) // step
+    start = substrate.clone().reshape(img.shape[0], -1)
+    finish = img.clone().reshape(img.shape[0], -1)
+    order = np.argsort(-sal.reshape(-1).numpy(), kind="stable")
+    scores = np.empty(n_steps + 1)
+    for i in range(n_steps + 1):
+        scores[i] = float(model_prob(start.reshape(1, *img.shape)))
+        coords = order[step * i : step * (i + 1)]
+        start[:, coords] = finish[:, coords]
+    auc = (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+    return scores, auc
+
+
+def test_insertion_default_is_rise_protocol_against_literal_loop():
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1)).eval()
+    x = torch.randn(1, 2, 6, 6, 8)
+    with torch.no_grad():
+        roi = (model(x)[:, 1] > 0).float()
+    w = torch.zeros(1, 2, 6, 6, 8)
+    w[:, 1] = roi
+    sal = torch.rand(6, 6, 8, generator=torch.Generator().manual_seed(3))  # no ties
+    fn = make_score_fn(model, w, activation="sigmoid", reduction="mean")
+    res = insertion_curve(x, sal, fn, steps=16, blur_sigma=2.0)
+    assert (res.protocol, res.substrate, res.score) == ("rise", "blur(sigma=2)", "probability mean")
+
+    def prob(v):  # mean sigmoid probability over the ROI, computed directly
+        with torch.no_grad():
+            return (torch.sigmoid(model(v))[:, 1] * roi).sum() / roi.sum()
+
+    blurred = torch.from_numpy(
+        np.stack([gaussian_filter(x[0, c].double().numpy(), 2.0, mode="nearest", truncate=3.0) for c in range(2)])
+    ).float()
+    scores, auc = _rise_literal(prob, x[0], sal, blurred, step=6 * 6 * 8 // 16)
+    assert np.allclose(res.scores[0].numpy(), scores, atol=1e-5)
+    assert res.auc.item() == pytest.approx(auc, abs=1e-5)
+    assert 0.0 <= res.scores.min() and res.scores.max() <= 1.0
+    # the former protocol is kept as an option and says so
+    old = insertion_curve(x, sal, make_score_fn(model, w), steps=16, protocol="baseline")
+    assert (old.protocol, old.substrate, old.score) == ("baseline", "zero", "logit sum")
+    with pytest.raises(MedcamError, match="probability"):
+        insertion_curve(x, sal, make_score_fn(model, w), steps=4)
+    with pytest.raises(MedcamError, match="protocol='baseline'"):
+        insertion_curve(x, sal, fn, steps=4, baseline="mean")
+
+
+def test_random_ties_average_to_the_expected_curve_and_skip_untied_steps():
+    # linear score: the exact expected curve over uniformly random orders of tied voxels is
+    # S - sum(removed untied) - (number removed from the tied group / its size) * (tied group's sum)
+    img = torch.tensor([4.0, 1.0, 2.0, 8.0, 3.0, 5.0, 6.0, 7.0]).reshape(1, 1, 1, 8)
+    sal = torch.tensor([0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]).reshape(1, 1, 8)  # 6 tied zeros, as after a ReLU
+    calls = []
+
+    def score(v):
+        calls.append(v.shape[0])
+        return v.flatten(1).sum(1)
+
+    steps = 4
+    res = deletion_curve(img, sal, score, steps=steps, tie_draws=500)
+    x = img.reshape(-1).numpy()
+    tied = x[1:7]
+    expected = []
+    for k in range(steps + 1):
+        n = round(k * 8 / steps)
+        untied = [0, 7][: min(n, 2)]
+        from_group = max(0, n - 2)
+        expected.append(x.sum() - x[untied].sum() - from_group / tied.size * tied.sum())
+    # per step the Monte-Carlo error of 500 draws is far below 0.5 (sd of a 2-of-6 sum <= 4)
+    assert np.allclose(res.scores[0].numpy(), expected, atol=0.5)
+    # steps 0 (nothing), 1 (2 untied voxels) and 4 (everything) do not cut the tied group: computed once
+    assert sum(calls) == 3 + 2 * 500
+    assert res.tied_fraction.item() == pytest.approx(6 / 8) and res.tie_draws == 500 and res.ties == "random"
+    # raster order (ties="index") is one particular order
+    idx = deletion_curve(img, sal, _sum_score, steps=steps, ties="index")
+    assert idx.scores[0, 2].item() == pytest.approx(x.sum() - x[[0, 7, 1, 2]].sum())
+    # the same seed gives the same curve
+    again = deletion_curve(img, sal, _sum_score, steps=steps, tie_draws=3, seed=5)
+    assert torch.equal(again.scores, deletion_curve(img, sal, _sum_score, steps=steps, tie_draws=3, seed=5).scores)
+
+
+def test_tied_fraction_matches_numpy():
+    rng = np.random.default_rng(0)
+    maps = np.maximum(rng.normal(size=(3, 5, 6, 7)), 0).round(1)
+    _, inv, cnt = np.unique(maps[1], return_inverse=True, return_counts=True)
+    ref1 = (cnt[inv.reshape(-1)] > 1).mean()
+    tf = tied_fraction(torch.from_numpy(maps))
+    assert tf[1].item() == pytest.approx(ref1)
+    assert tied_fraction(torch.zeros(1, 4, 4)).item() == 1.0
+    assert tied_fraction(torch.arange(16.0).reshape(1, 4, 4)).item() == 0.0
+
+
+def test_constant_map_and_empty_roi_give_nan_with_warning(caplog):
+    model = nn.Conv3d(1, 2, 1).eval()
+    w = torch.zeros(1, 2, 1, 1, 4)
+    w[:, 1] = 1.0
+    sal = torch.stack([torch.zeros(1, 1, 4), SAL])
+    with caplog.at_level("WARNING", logger="medcam.metrics"):
+        r = deletion_curve(IMG, sal, make_score_fn(model, w), steps=4)
+    assert torch.isnan(r.scores[0]).all() and torch.isnan(r.auc[0]) and not torch.isnan(r.auc[1])
+    assert "constant" in caplog.text
+    caplog.clear()
+    empty = make_score_fn(model, torch.zeros_like(w), activation="sigmoid", reduction="mean")
+    assert empty.empty_roi
+    with caplog.at_level("WARNING", logger="medcam.metrics"):
+        e = insertion_curve(IMG, SAL, empty, steps=4)
+    assert torch.isnan(e.auc).all() and "empty" in caplog.text

@@ -132,7 +132,11 @@ def test_hd95_pooled_matches_medpy_and_monai_convention_is_the_max(spacing):
     ref_pooled = [medpy_binary.hd95(a, b, voxelspacing=spacing) for a, b in zip(preds, refs)]
     assert np.allclose(pooled.numpy(), ref_pooled, atol=1e-4)
     ref_monai = compute_hausdorff_distance(
-        p[:, None].float(), g[:, None].float(), include_background=True, percentile=95, spacing=list(spacing or (1,) * 3)
+        p[:, None].float(),
+        g[:, None].float(),
+        include_background=True,
+        percentile=95,
+        spacing=list(spacing or (1,) * 3),
     )
     assert torch.allclose(monai, ref_monai.reshape(-1).float(), atol=1e-4)
     # the two conventions differ on these masks, and pooling never exceeds the larger directed percentile

@@ -185,7 +185,7 @@ def _road_sum_expectation(img, sal, pc):
     valid = [p for p in perms if all(v[p[i]] >= v[p[i + 1]] for i in range(v.size - 1))]  # map orders
     for p_ in pc:
         n = int(round(p_ * v.size / 100))
-        for name, pick in (("morf", lambda o: o[:n]), ("lerf", lambda o: o[v.size - n :])):
+        for name, pick in (("morf", lambda o, n=n: o[:n]), ("lerf", lambda o, n=n: o[v.size - n :])):
             vals = []
             for o in valid:
                 rem = np.zeros(v.size, dtype=bool)

@@ -220,3 +220,86 @@ def test_top_k_and_consensus_hand_values():
     assert consensus(maps, 40, min_votes=3).mask.sum().item() == 0
     with pytest.raises(MedcamError, match="several methods"):
         consensus(maps[:1], 40)
+
+
+# ---- issue 16: frozen targets, truthful messages ------------------------------------------------------------------
+
+
+def test_freeze_targets_fix_the_trained_region():
+    from medcam import targets as T
+    from medcam.metrics import freeze_targets
+
+    out = torch.randn(1, 3, 5, 6, 7)
+    tl = [T.PredictedROI(1), T.ClassROI(2), T.ContrastROI(1, 2, 0.5, region=T.PredictedROI(1))]
+    fz = freeze_targets(tl, out)
+    assert isinstance(fz[0], T.MaskROI) and isinstance(fz[1], T.MaskROI) and isinstance(fz[2], T.ContrastROI)
+    other = torch.randn(1, 3, 5, 6, 7)  # a different (randomised) model's output
+    for t, f in zip(tl, fz):
+        assert torch.equal(f.score_weights(other), t.score_weights(out))  # frozen: independent of the new output
+    assert not torch.equal(tl[0].score_weights(other), tl[0].score_weights(out))
+
+
+def test_cascading_randomization_frozen_roi_identical_across_the_cascade():
+    import medcam
+    from medcam import targets as T
+
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        trained_roi = (torch.sigmoid(model(x)[:, 1]) > 0.5).float()
+    assert 0 < trained_roi.sum() < trained_roi.numel()
+    seen = []
+
+    def map_fn(m, tl):
+        with torch.no_grad():
+            seen.append(tl[0].roi(m(x)).clone())  # the region this step explains
+        return medcam.SegHiResGradCAM(m, "conv2")(x, tl)[0, 0]
+
+    res = cascading_randomization(model, map_fn, targets=[T.PredictedROI(1)], image=x, seed=1, keep_maps=True)
+    assert len(seen) == 4 and all(torch.equal(r, trained_roi) for r in seen)
+    assert isinstance(res.frozen_targets[0], T.MaskROI)
+    # without freezing, the randomised models re-predict (move) the region: what the frozen protocol prevents
+    moved = []
+
+    def drifting(m):
+        with torch.no_grad():
+            moved.append(T.PredictedROI(1).roi(m(x)))
+        return medcam.SegHiResGradCAM(m, "conv2")(x, [T.PredictedROI(1)])[0, 0]
+
+    cascading_randomization(model, drifting, seed=1)
+    assert not all(torch.equal(r, trained_roi) for r in moved[1:])
+    # the step-3 map equals an independent recomputation: same re-initialisation, trained model's region as a mask
+    import copy
+
+    net = copy.deepcopy(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        for name in ("head", "conv2", "conv1"):
+            getattr(net, name).reset_parameters()
+    ref = medcam.SegHiResGradCAM(net, "conv2")(x, [T.MaskROI(trained_roi, 1)])[0, 0]
+    assert torch.allclose(res.maps[-1], ref, atol=1e-6)
+    with pytest.raises(MedcamError, match="both targets= and image="):
+        cascading_randomization(model, map_fn, targets=[T.PredictedROI(1)])
+
+
+def test_cascading_randomization_says_what_happened_when_map_fn_ignores_the_model(caplog):
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    # map_fn captures the user's model instead of using the copy it is given
+    with pytest.raises(MedcamError, match="ran the original model, not the model it was given"):
+        cascading_randomization(model, lambda m: _grad_x_input(model, x))
+    with pytest.raises(MedcamError, match="ran the original model"):
+        cascading_randomization(model, lambda m: _grad_x_input(model, x), layers=["head"])
+    # map_fn never runs any model
+    with pytest.raises(MedcamError, match="ran none of the parametrised modules") as e:
+        cascading_randomization(model, lambda m: x[:, 0].abs())
+    assert "no parameters" not in str(e.value) and "layers=" in str(e.value)
+    # the model really has no parameters
+    with pytest.raises(MedcamError, match="no parameters to randomise"):
+        cascading_randomization(nn.ReLU(), lambda m: m(x[:, 0]))
+    # explicit layers and a deliberately model-independent map: allowed, with a warning
+    with caplog.at_level("WARNING", logger="medcam.metrics.sanity"):
+        cascading_randomization(model, lambda m: x[:, 0].abs(), layers=["head"])
+    assert "does not run the model" in caplog.text
