@@ -242,3 +242,27 @@ def test_constant_map_and_empty_roi_give_nan_with_warning(caplog):
     with caplog.at_level("WARNING", logger="medcam.metrics"):
         e = insertion_curve(IMG, SAL, empty, steps=4)
     assert torch.isnan(e.auc).all() and "empty" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_curves_and_road_on_cuda_equal_cpu():
+    from medcam.metrics import road
+
+    torch.manual_seed(0)
+    model = nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(1, 1, 6, 6, 6)
+    w = torch.zeros(1, 2, 6, 6, 6)
+    w[:, 1, 1:5, 1:5, 1:5] = 1.0
+    sal = torch.relu(torch.randn(6, 6, 6, generator=torch.Generator().manual_seed(1)))  # ties at 0
+    out = {}
+    for dev in ("cpu", "cuda"):
+        m = model.to(dev)
+        lf = make_score_fn(m, w.to(dev))
+        pf = make_score_fn(m, w.to(dev), activation="sigmoid", reduction="mean")
+        d = deletion_curve(x.to(dev), sal.to(dev), lf, steps=6)
+        i = insertion_curve(x.to(dev), sal.to(dev), pf, steps=6, blur_sigma=1.0)
+        r = road(x.to(dev), sal.to(dev), lf, percentiles=(30, 70), noise=0.0)
+        assert d.scores.device.type == dev and r.combined.device.type == dev
+        out[dev] = (d.scores.cpu(), i.scores.cpu(), r.combined.cpu())
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)

@@ -303,3 +303,12 @@ def test_cascading_randomization_says_what_happened_when_map_fn_ignores_the_mode
     with caplog.at_level("WARNING", logger="medcam.metrics.sanity"):
         cascading_randomization(model, lambda m: x[:, 0].abs(), layers=["head"])
     assert "does not run the model" in caplog.text
+
+
+def test_cascading_randomization_frozen_needs_a_two_argument_map_fn():
+    from medcam import targets as T
+
+    model = _Net().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with pytest.raises(MedcamError, match="two arguments"):
+        cascading_randomization(model, lambda m: _grad_x_input(m, x), targets=[T.PredictedROI(1)], image=x)

@@ -293,6 +293,8 @@ def _cuts_in_ties(sal: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     v = torch.sort(sal.flatten(1), dim=1, descending=True).values  # [M, V]
     n = v.shape[1]
     c = counts.to(v.device).long()
+    if n < 2:
+        return torch.zeros(v.shape[0], c.numel(), dtype=torch.bool, device=v.device)
     inner = (c > 0) & (c < n)
     ci = c.clamp(1, max(n - 1, 1))
     split = v[:, ci - 1] == v[:, ci]

@@ -27,6 +27,7 @@ the trained model's output (a ``MaskROI`` of it); :func:`cascading_randomization
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -385,6 +386,15 @@ def cascading_randomization(
             raise MedcamError(f"the model returned {type(out).__name__}; pass forward= returning the output tensor")
         frozen = freeze_targets(targets, out)
         two_arg = map_fn
+        try:
+            inspect.signature(two_arg).bind(net, frozen)
+        except TypeError:
+            raise MedcamError(
+                "with targets= the map_fn is called as map_fn(model, frozen_targets): give it two arguments, e.g. "
+                "lambda m, t: SegGradCAM(m, layer)(image, t)"
+            ) from None
+        except ValueError:  # no signature available (some builtins): call it and see
+            pass
 
         def map_fn(m: nn.Module) -> torch.Tensor:
             return two_arg(m, frozen)  # type: ignore[call-arg]
