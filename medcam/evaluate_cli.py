@@ -472,7 +472,10 @@ def _method_help() -> str:
 )
 @click.option("--steps", type=int, default=20, show_default=True, help="Deletion / insertion steps.")
 @click.option(
-    "--baseline", default="zero", show_default=True, help="Deletion / insertion baseline: zero, mean, blur or a number."
+    "--baseline",
+    default="zero",
+    show_default=True,
+    help="Deletion substrate (and the insertion start with --insertion-protocol baseline): zero, mean, blur or a number.",
 )
 @click.option(
     "--map-threshold",
