@@ -310,6 +310,15 @@ def _execution_order(
     return order, m0, bool(ran_original)
 
 
+def _bind_targets(map_fn: Callable[..., torch.Tensor], frozen: list[Target]) -> Callable[[nn.Module], torch.Tensor]:
+    """``map_fn(model, frozen)`` as a one-argument map function."""
+
+    def fn(m: nn.Module) -> torch.Tensor:
+        return map_fn(m, frozen)
+
+    return fn
+
+
 def _no_model_run_message(model: nn.Module, ran_original: bool) -> str:
     if not any(True for _ in model.parameters()):
         return "the model has no parameters to randomise"
@@ -328,7 +337,7 @@ def _no_model_run_message(model: nn.Module, ran_original: bool) -> str:
 
 def cascading_randomization(
     model: nn.Module,
-    map_fn: Callable[[nn.Module], torch.Tensor],
+    map_fn: Callable[..., torch.Tensor],
     layers: Sequence[str] | None = None,
     measures: Sequence[Similarity] = ("spearman", "ssim"),
     spatial_dims: int = 3,
@@ -379,15 +388,15 @@ def cascading_randomization(
     net = copy.deepcopy(model)
     names = dict(net.named_modules())
     frozen: list[Target] = []
+    fn: Callable[[nn.Module], torch.Tensor] = map_fn
     if targets is not None:
         with torch.no_grad():
             out = forward(net, image) if forward is not None else net(image)
         if not isinstance(out, torch.Tensor):
             raise MedcamError(f"the model returned {type(out).__name__}; pass forward= returning the output tensor")
         frozen = freeze_targets(targets, out)
-        two_arg = map_fn
         try:
-            inspect.signature(two_arg).bind(net, frozen)
+            inspect.signature(map_fn).bind(net, frozen)
         except TypeError:
             raise MedcamError(
                 "with targets= the map_fn is called as map_fn(model, frozen_targets): give it two arguments, e.g. "
@@ -396,15 +405,14 @@ def cascading_randomization(
         except ValueError:  # no signature available (some builtins): call it and see
             pass
 
-        def map_fn(m: nn.Module) -> torch.Tensor:
-            return two_arg(m, frozen)  # type: ignore[call-arg]
+        fn = _bind_targets(map_fn, frozen)
 
     if layers is not None:
         missing = [n for n in layers if n not in names]
         if missing:
             raise MedcamError(f"layers {missing} are not modules of the model; see medcam.list_layers(model)")
         layer_list = list(layers)
-        order, m0, ran_original = _execution_order(net, map_fn, model)
+        order, m0, ran_original = _execution_order(net, fn, model)
         if not order:
             if ran_original:
                 raise MedcamError(_no_model_run_message(net, ran_original))
@@ -413,7 +421,7 @@ def cascading_randomization(
                 "change (expected only for a model-independent baseline such as an edge detector)"
             )
     else:
-        order, m0, ran_original = _execution_order(net, map_fn, model)
+        order, m0, ran_original = _execution_order(net, fn, model)
         layer_list = list(reversed(order))
         if not layer_list:
             raise MedcamError(_no_model_run_message(net, ran_original))
@@ -448,7 +456,7 @@ def cascading_randomization(
             if i not in checkpoints:
                 continue
             steps.append(i)
-            mi = map_fn(net).detach()
+            mi = fn(net).detach()
             for m in measures:
                 sims[m].append(map_similarity(m0, mi, m, spatial_dims))
             dead.append(is_constant(mi, spatial_dims))
