@@ -237,7 +237,7 @@ def evaluate(
     M.hd95_key(hd95_convention)  # validates the convention before any work
     if int(tie_draws) < 1:
         raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
-    curve_kw = dict(steps=steps, batch_size=batch_size, tie_draws=tie_draws)
+    curve_kw: dict[str, Any] = dict(steps=steps, batch_size=batch_size, tie_draws=tie_draws)
 
     res = EvaluationResult()
     res.settings = {

@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -437,13 +437,15 @@ def perturbation_curve(
     fr = (n_k.double() / v).to(image.device).float()
     tf = tied_fraction(sal)
     kind = score_fn.kind if isinstance(score_fn, ScoreFunction) else "user"
-    meta = dict(protocol=protocol, substrate=_substrate_name(baseline, blur_sigma), score=kind, tied_fraction=tf)
     draws = int(tie_draws) if ties == "random" else 1
+    meta: dict[str, Any] = dict(
+        protocol=protocol, substrate=_substrate_name(baseline, blur_sigma), score=kind, tied_fraction=tf
+    )
     meta.update(ties=ties, tie_draws=draws)
     const = _check_orderable(sal, f"{mode} curve")
     nan = torch.full((m, steps + 1), math.nan, device=image.device)
     if _empty_roi(score_fn, f"{mode} curve"):
-        return CurveResult(fractions=fr, scores=nan, auc=nan[:, 0].clone(), mode=mode, **meta)  # type: ignore[arg-type]
+        return CurveResult(fractions=fr, scores=nan, auc=nan[:, 0].clone(), mode=mode, **meta)
     gen = torch.Generator().manual_seed(int(seed))
     ranks = [voxel_ranks(sal, ties, gen) for _ in range(draws)]  # draws x [M, V]
     split = _cuts_in_ties(sal, n_k) if draws > 1 else torch.zeros(m, steps + 1, dtype=torch.bool)
@@ -471,7 +473,7 @@ def perturbation_curve(
             count[i, k] += 1
     scores = torch.where(count > 0, total / count.clamp_min(1), nan)
     auc = torch.trapezoid(scores, fr, dim=1)
-    return CurveResult(fractions=fr, scores=scores, auc=auc, mode=mode, **meta)  # type: ignore[arg-type]
+    return CurveResult(fractions=fr, scores=scores, auc=auc, mode=mode, **meta)
 
 
 def deletion_curve(image: torch.Tensor, saliency: torch.Tensor, score_fn: ScoreFn, **kwargs) -> CurveResult:

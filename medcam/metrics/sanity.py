@@ -389,7 +389,7 @@ def cascading_randomization(
     names = dict(net.named_modules())
     frozen: list[Target] = []
     fn: Callable[[nn.Module], torch.Tensor] = map_fn
-    if targets is not None:
+    if targets is not None and image is not None:
         with torch.no_grad():
             out = forward(net, image) if forward is not None else net(image)
         if not isinstance(out, torch.Tensor):
