@@ -116,3 +116,11 @@ METHODS: dict[str, type[BaseSegCAM]] = {
     "gradcam++": SegGradCAMPlusPlus,
     "layercam": SegLayerCAM,
 }
+
+
+def _register_more() -> None:
+    """Methods defined in their own modules (issue 18): MI-CAM, MI-Grad-CAM."""
+    from .micam import SegMICAM, SegMIGradCAM
+
+    METHODS.update({"micam": SegMICAM, "migradcam": SegMIGradCAM})
+
