@@ -11,8 +11,8 @@ from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
 from .methods import _register_more as _register_more_methods
 from .micam import SegMICAM, SegMIGradCAM
-from .sycam import SynthesizedCAM
 from .normalize import normalize
+from .sycam import SynthesizedCAM
 from .tokens import TokenGrid
 
 _register_more_methods()

@@ -283,7 +283,7 @@ class SegMICAM(_MIBase):
         self._needs_prediction = any(t.needs_prediction for t in tl)
         hists, reference, act = self._histograms(image, tl)
         alphas = torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])  # [B,T,K]
-        for k, t in enumerate(tl):
+        for t in tl:
             if not bool((t.roi(reference) != 0).any()):
                 logger.warning("target %r has an empty ROI: its map is all zero", t)
         stats: dict[str, Any] = {"mi_weights": alphas.float().cpu()}

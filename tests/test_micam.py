@@ -54,10 +54,13 @@ def _literal_micam(net, x, roi: np.ndarray, margin: int, bins: int, act=None):
     region = ndimage.binary_dilation(roi, structure=np.ones((3,) * nd), iterations=margin) if margin else roi
     xs = x[0].numpy()
     mi = np.array(
-        [np.mean([_np_mi(up[0, k].numpy()[region], xs[c][region], bins) for c in range(x.shape[1])]) for k in range(act.shape[1])]
+        [
+            np.mean([_np_mi(up[0, k].numpy()[region], xs[c][region], bins) for c in range(x.shape[1])])
+            for k in range(act.shape[1])
+        ]
     )
     alpha = mi / mi.sum()
-    m = (torch.as_tensor(alpha, dtype=torch.float32)[:, *([None] * nd)] * act[0]).sum(0)
+    m = (torch.as_tensor(alpha, dtype=torch.float32)[(slice(None), *([None] * nd))] * act[0]).sum(0)
     m = F.interpolate(m[None, None], size=x.shape[2:], mode="trilinear" if nd == 3 else "bilinear", align_corners=False)
     return torch.relu(m[0, 0]), alpha
 
@@ -82,7 +85,9 @@ def test_mi_estimator_matches_numpy_and_is_additive():
     wr = torch.rand(500, generator=gen, dtype=torch.float64)
     h3 = JointHistogram((a.min(1).values, a.max(1).values), (x.min(1).values, x.max(1).values), 8)
     h3.add(a, x, wr)
-    assert math.isclose(float(mutual_information(h3.counts)[0, 1]), _np_mi(a[1].numpy(), x[0].numpy(), 8, wr.numpy()), rel_tol=1e-10)
+    assert math.isclose(
+        float(mutual_information(h3.counts)[0, 1]), _np_mi(a[1].numpy(), x[0].numpy(), 8, wr.numpy()), rel_tol=1e-10
+    )
     nmi = normalized_mutual_information(h.counts)
     assert bool(((nmi >= 0) & (nmi <= 1)).all())
 
@@ -155,7 +160,9 @@ def test_sliding_equals_literal_on_stitched_volume_without_overlap():
     roi = np.zeros((16, 16, 8), bool)
     roi[tuple(slice(a, b) for a, b in zip(start, stop))] = True
     region = ndimage.binary_dilation(roi, structure=np.ones((3, 3, 3)), iterations=1)
-    mi = np.array([np.mean([_np_mi(up[k].numpy()[region], x[0, c].numpy()[region], 8) for c in range(2)]) for k in range(5)])
+    mi = np.array(
+        [np.mean([_np_mi(up[k].numpy()[region], x[0, c].numpy()[region], 8) for c in range(2)]) for k in range(5)]
+    )
     np.testing.assert_allclose(res.stats["mi_weights"][0, 0].numpy(), mi / mi.sum(), rtol=1e-5)
     ref = torch.zeros(16, 16, 8)
     alpha = torch.as_tensor(mi / mi.sum(), dtype=torch.float32)
