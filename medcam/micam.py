@@ -155,15 +155,15 @@ class _MIBase(BaseSegCAM):
                 w = bw.flatten()[r.flatten()]
                 for ch in _chunks(aw.shape[0]):
                     hists[(b, k)].add(_upsampled_values(self, aw, grid.roi_size, r, ch), x, w, channels=ch)
+        n_act = next(iter(hists.values())).counts.shape[1] if hists else None
+        if n_act is None:  # every region is empty: one window tells the channel count (the weights are all 0)
+            n_act = _activations(self, hook, x_pad, grid, [(0, 0)], sw_device).shape[1]
         hook.mode = "grad"
-        n_act = None
         out: list[list[JointHistogram]] = []
         for b in range(bsz):
             row = []
             for k in range(len(tl)):
                 if (b, k) not in hists:
-                    if n_act is None:
-                        n_act = next(iter(hists.values())).counts.shape[1] if hists else 1
                     z = torch.zeros(n_act, device=sw_device)
                     zi = torch.zeros(image.shape[1], device=sw_device)
                     hists[(b, k)] = JointHistogram((z, z), (zi, zi), self.bins)

@@ -199,3 +199,15 @@ def test_bad_parameters_are_clear_errors():
         medcam.SegMICAM(net, "feat", bins=1)
     with pytest.raises(medcam.MedcamError, match="margin"):
         medcam.SegMICAM(net, "feat", margin=-1)
+
+
+def test_empty_roi_gives_zero_map_whole_and_sliding(caplog):
+    net = TinySeg().eval()
+    x = torch.randn(1, 2, 16, 12, 10)
+    empty = T.MaskROI(torch.zeros(16, 12, 10), 1)
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1, overlap=0.25)
+    for inf in (None, inferer):
+        res = medcam.SegMICAM(net, "feat", bins=4, margin=1, inferer=inf).explain(x, [empty, T.ClassROI(0)])
+        assert float(res.maps[0, 0].abs().max()) == 0.0 and float(res.maps[0, 1].max()) > 0
+        assert res.stats["mi_weights"].shape == (1, 2, 5)
+    assert "empty ROI" in caplog.text
