@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .engine import BaseSegCAM, CAMResult, run_model, weighted_channel_sum
 from .errors import MedcamError
@@ -130,7 +131,8 @@ class _MIBase(BaseSegCAM):
         lo: dict[tuple[int, int], torch.Tensor] = {}
         hi: dict[tuple[int, int], torch.Tensor] = {}
         hook.mode = "stop"
-        for b, i in todo:  # pass 1: activation ranges over R (min/max are exact over windows)
+        show = not (self.progress or self.inferer.progress)
+        for b, i in tqdm(todo, desc="MI-CAM ranges", disable=show):  # pass 1: ranges over R (min/max reduce exactly)
             aw = _activations(self, hook, x_pad, grid, [(b, i)], sw_device)[0]
             for k in meets[(b, i)]:
                 r = regions[k][(b, *grid.slices[i])].to(sw_device)
@@ -143,7 +145,7 @@ class _MIBase(BaseSegCAM):
         for (b, k), mn in lo.items():
             img_range = _img_range(image[b].to(sw_device), _region(tl[k], reference, self.margin)[b].to(sw_device))
             hists[(b, k)] = JointHistogram((mn, hi[(b, k)]), img_range, self.bins)
-        for b, i in todo:  # pass 2: joint histograms, each voxel weighted by its normalised blending weight
+        for b, i in tqdm(todo, desc="MI-CAM histograms", disable=show):  # pass 2: counts weighted by blending
             aw = _activations(self, hook, x_pad, grid, [(b, i)], sw_device)[0]
             xw = x_pad[(b, slice(None), *grid.slices[i])].to(sw_device)
             bw = grid.blend_weight(i, sw_device)
@@ -182,7 +184,7 @@ class _MIBase(BaseSegCAM):
         hists = self._histograms(image, tl)[0]
         return torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])
 
-    def _histograms(self, image, tl):
+    def _histograms(self, image, tl, output=None):
         """``(histograms [B][T], output or None, extra)`` for whole image or window by window."""
         if self.inferer is None:
             with self.hooked("detach") as hook:
@@ -192,9 +194,9 @@ class _MIBase(BaseSegCAM):
                 act = self.to_feature_map(hook.activation, image.shape[2:])
             y = out.detach().float()
             return self._whole_histograms(image, tl, act, y), y, act
-        return self._sliding(image, tl, maps=False)
+        return self._sliding(image, tl, maps=False, output=output)
 
-    def _sliding(self, image, tl, maps: bool, alphas=None):
+    def _sliding(self, image, tl, maps: bool, alphas=None, output=None):
         from .sliding import WindowGrid, _activations, stitch_device
 
         inf = self.inferer
@@ -205,14 +207,24 @@ class _MIBase(BaseSegCAM):
         x_pad = grid.pad_tensor(image, inf.padding_mode, inf.cval)
         with self.hooked("detach") as hook:
             if not maps:
-                reference = self._reference_output(image, hook, grid, sw_device, device)
+                if output is not None:  # the caller's blended output (spares the prediction pass)
+                    output = output.as_tensor() if hasattr(output, "as_tensor") else output
+                    if output.shape[0] != image.shape[0] or tuple(output.shape[2:]) != spatial:
+                        raise MedcamError(
+                            f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the "
+                            "blended output of sliding_window_inference on this image"
+                        )
+                    reference = output.detach().float().to(device)
+                else:
+                    reference = self._reference_output(image, hook, grid, sw_device, device)
                 hists = self._sliding_histograms(image, tl, hook, grid, x_pad, sw_device, reference)
                 return hists, reference, None
             acc = torch.zeros((image.shape[0], len(tl), *grid.padded_size), device=device)
             hook.mode = "stop"
             feat: tuple[int, ...] = ()
+            show = not (self.progress or self.inferer.progress)
             for b in range(image.shape[0]):
-                for i, s in enumerate(grid.slices):
+                for i, s in enumerate(tqdm(grid.slices, desc="MI-CAM maps", disable=show)):
                     aw = _activations(self, hook, x_pad, grid, [(b, i)], sw_device)
                     feat = tuple(aw.shape[2:])
                     m = weighted_channel_sum(alphas[b].to(sw_device).float(), aw.expand(len(tl), *aw.shape[1:]))
@@ -281,7 +293,9 @@ class SegMICAM(_MIBase):
                 "upsample=False is not available with an inferer: window maps are stitched on the input grid"
             )
         self._needs_prediction = any(t.needs_prediction for t in tl)
-        hists, reference, act = self._histograms(image, tl)
+        if output is not None and self.inferer is None:
+            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
+        hists, reference, act = self._histograms(image, tl, output)
         alphas = torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])  # [B,T,K]
         for t in tl:
             if not bool((t.roi(reference) != 0).any()):
@@ -340,7 +354,7 @@ class SegMIGradCAM(_MIBase):
         image = validate_image(image)
         self._ensure_layer(image)
         self._needs_prediction = any(t.needs_prediction for t in tl)
-        hists = self._histograms(image, tl)[0]
+        hists = self._histograms(image, tl, output if self.inferer is not None else None)[0]
         nmi = torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])  # [B,T,K]
         results = []
         for b in range(image.shape[0]):

@@ -211,3 +211,19 @@ def test_empty_roi_gives_zero_map_whole_and_sliding(caplog):
         assert float(res.maps[0, 0].abs().max()) == 0.0 and float(res.maps[0, 1].max()) > 0
         assert res.stats["mi_weights"].shape == (1, 2, 5)
     assert "empty ROI" in caplog.text
+
+
+def test_given_blended_output_is_used_and_gives_the_same_maps():
+    torch.manual_seed(5)
+    net = TinySeg().eval()
+    x = torch.randn(1, 2, 16, 16, 8)
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=1, overlap=0.25)
+    with torch.no_grad():
+        out = inferer(x, net)
+    tl = [T.PredictedROI(1)]
+    a = medcam.SegMICAM(net, "feat", bins=8, inferer=inferer).explain(x, tl)
+    b = medcam.SegMICAM(net, "feat", bins=8, inferer=inferer).explain(x, tl, output=out)
+    assert int(a.roi_voxels[0, 0]) > 0 and float(a.maps.max()) > 0
+    torch.testing.assert_close(a.maps, b.maps)
+    with pytest.raises(medcam.MedcamError, match="output has shape"):
+        medcam.SegMICAM(net, "feat", inferer=inferer).explain(x, tl, output=out[:, :, :8])
