@@ -9,9 +9,13 @@ from .engine import BaseSegCAM, CAMResult, interpolate_upsampler
 from .errors import LayerError, MedcamError, ModelError, TargetError
 from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
+from .methods import _register_more as _register_more_methods
+from .micam import SegMICAM, SegMIGradCAM
 from .normalize import normalize
+from .sycam import SynthesizedCAM
 from .tokens import TokenGrid
 
+_register_more_methods()
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 # data loading and I/O pull in nibabel/SimpleITK/ITK: imported on first use, so `import medcam` stays light
@@ -29,6 +33,8 @@ _LAZY = {
     "metrics": None,
     "amecam": None,
     "AMECAM": "medcam.amecam",
+    "synthesize": "medcam.synthesis",
+    "SynthesisCase": "medcam.synthesis",
 }
 
 
@@ -51,6 +57,9 @@ __all__ = [
     "SegXGradCAM",
     "SegGradCAMPlusPlus",
     "SegLayerCAM",
+    "SegMICAM",
+    "SegMIGradCAM",
+    "SynthesizedCAM",
     "METHODS",
     "list_layers",
     "LayerInfo",

@@ -281,7 +281,7 @@ def _explain_options(fn: Callable) -> Callable:
             "methods",
             multiple=True,
             metavar="NAME",
-            help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} "
+            help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)}, synth:FILE "
             "(gradcam = Seg-Grad-CAM, hirescam = Seg-HiRes-Grad-CAM). [default: hirescam]",
         ),
         click.option(
@@ -442,10 +442,19 @@ def _run_explain(
     )
 
     method_list = _split_list(methods) or ["hirescam"]
-    unknown = [m for m in method_list if m.lower() not in METHODS]
+    unknown = [m for m in method_list if m.lower() not in METHODS and not m.startswith("synth:")]
     if unknown:
-        _fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    method_list = list(dict.fromkeys(m.lower() for m in method_list))
+        _fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} or synth:FILE")
+    method_list = list(dict.fromkeys(m if m.startswith("synth:") else m.lower() for m in method_list))
+    for m in method_list:
+        if m.startswith("synth:"):
+            from .errors import MedcamError
+            from .methods import resolve_method
+
+            try:
+                resolve_method(m)  # a missing or bad expression file fails here, before any work
+            except MedcamError as e:
+                _fail(str(e))
     if threshold is not None and not 0 < threshold < 1:
         _fail(f"--threshold must be a probability in (0, 1), got {threshold}")
     dev = _device(device)

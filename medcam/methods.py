@@ -116,3 +116,27 @@ METHODS: dict[str, type[BaseSegCAM]] = {
     "gradcam++": SegGradCAMPlusPlus,
     "layercam": SegLayerCAM,
 }
+
+
+def _register_more() -> None:
+    """Methods defined in their own modules (issue 18): MI-CAM, MI-Grad-CAM."""
+    from .micam import SegMICAM, SegMIGradCAM
+
+    METHODS.update({"micam": SegMICAM, "migradcam": SegMIGradCAM})
+
+
+def resolve_method(spec: str) -> tuple[str, type[BaseSegCAM]]:
+    """``(key, class)`` for a method name of :data:`METHODS` (case-insensitive) or ``synth:FILE`` (a SyCAM expression
+    saved by :meth:`medcam.SynthesizedCAM.save`; key ``synth-<file stem>``, usable in file names)."""
+    from pathlib import Path
+
+    from .errors import MedcamError
+
+    if spec.startswith("synth:"):
+        from .sycam import SynthesizedCAM
+
+        path = spec[len("synth:") :]
+        return f"synth-{Path(path).stem}", SynthesizedCAM.class_from_file(path)
+    if spec.lower() not in METHODS:
+        raise MedcamError(f"unknown method {spec!r}; choose from {', '.join(METHODS)} or synth:FILE")
+    return spec.lower(), METHODS[spec.lower()]

@@ -35,6 +35,8 @@ METHOD_LABELS: dict[str, str] = {
     "xgradcam": "Seg-XGrad-CAM",
     "gradcam++": "Seg-Grad-CAM++",
     "layercam": "Seg-LayerCAM",
+    "micam": "Seg-MI-CAM",
+    "migradcam": "Seg-MI-Grad-CAM",
 }
 SUMMARY_NAME = "summary.json"
 #: BraTS modality used as overlay background per region (ET/TC are seen on T1ce, the oedema of WT on FLAIR)
@@ -210,9 +212,13 @@ def explain_case(
     t_start = time.perf_counter()
     if not isinstance(model, LoadedModel):
         model = LoadedModel(net=model, kind="module", spec=type(model).__name__)
-    unknown = [m for m in methods if m not in METHODS]
+    from ..methods import resolve_method
+
+    unknown = [m for m in methods if m not in METHODS and not m.startswith("synth:")]
     if unknown or not methods:
-        raise PipelineError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise PipelineError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} or synth:FILE")
+    method_classes = dict(resolve_method(m) for m in methods)  # key -> class ("synth:F" -> "synth-<stem>")
+    methods = list(method_classes)
     layer = layer or model.default_layer
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -241,7 +247,7 @@ def explain_case(
     timings["explain_s"] = {}
     for m in methods:
         t0 = time.perf_counter()
-        cam = METHODS[m](
+        cam = method_classes[m](
             net, layer=layer, inferer=inferer, amp=amp, output_activation=model.activation, progress=progress
         )
         res = cam.explain(image, tl, output=output if inferer is not None else None)
