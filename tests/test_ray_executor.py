@@ -1,0 +1,173 @@
+"""Cohorts on Ray (medcam.pipeline.ray_executor): same results as the local loop, retries, interruption, failures.
+
+One local Ray instance (``num_cpus=2``) serves the whole module: Ray start-up costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medcam.pipeline import LoadedModel, discover_cases, explain_cohort, parse_targets
+from tests._ray_helpers import REGIONS, KillingNet, tiny_net
+
+ray = pytest.importorskip("ray")
+from medcam.pipeline.ray_executor import RayExecutor  # noqa: E402
+
+LAYER = "net.down_layers.3"
+PRE = {"orientation": "RAS", "spacing": (8.0,) * 3, "normalize": True, "crop_foreground": False, "divisible_by": 16}
+KW = dict(png=False, slicer=False, progress=False, settings={"test": "ray"})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance with 2 CPUs whose workers can import ``tests`` (repository root on PYTHONPATH)."""
+    root = str(Path(__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([old] if old else []))
+    try:
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from medcam.data.phantoms import write_phantom_case
+
+    root = tmp_path_factory.mktemp("ray_cohort")
+    for seed in (3, 4, 5, 6):
+        write_phantom_case(root, seed=seed, spacing_mm=3.0)
+    return root
+
+
+def _model(control: Path, poison=(), delay_s=0.0) -> LoadedModel:
+    control.mkdir(parents=True, exist_ok=True)
+    net = KillingNet(tiny_net(), str(control), poison, delay_s).eval()
+    return LoadedModel(net=net, kind="factory", spec="tests._ray_helpers:tiny_net", regions=REGIONS, preprocessing=PRE)
+
+
+def _explain(cases, model, out, **kw):
+    specs = parse_targets(["WT", "ET:class"], REGIONS)
+    return explain_cohort(cases, model, ["hirescam", "gradcam"], specs, LAYER, None, out, **{**KW, **kw})
+
+
+def _comparable(run: dict) -> dict:
+    """The run summary without what differs between any two runs (timings, output path)."""
+    out = {k: v for k, v in run.items() if k not in ("output", "path")}
+    out["cases"] = [{k: v for k, v in c.items() if k != "seconds"} for c in run["cases"]]
+    return out
+
+
+def _case_without_timings(path: Path) -> dict:
+    s = json.loads(path.read_text())
+    s.pop("timings")
+    return s
+
+
+@pytest.fixture
+def one_thread():
+    """Local and worker runs both on one torch thread, so that their float sums are done in the same order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ray_equals_local_run(ray_local, cohort, tmp_path, one_thread):
+    cases = discover_cases([cohort])
+    model = _model(tmp_path / "control")
+    local = _explain(cases, model, tmp_path / "local")
+    ex = RayExecutor(workers=2)
+    dist = _explain(cases, model, tmp_path / "ray", executor=ex)
+    assert (dist["ok"], dist["failed"]) == (4, 0)
+    assert _comparable(dist) == _comparable(local)
+    on_disk = json.loads((tmp_path / "ray" / "cohort_summary.json").read_text())
+    assert [c["case_id"] for c in on_disk["cases"]] == [c.case_id for c in cases]
+    for c in cases:
+        maps = sorted((tmp_path / "local" / c.case_id / "heatmaps").iterdir())
+        assert len(maps) == 4
+        for m in maps:
+            assert (tmp_path / "ray" / c.case_id / "heatmaps" / m.name).read_bytes() == m.read_bytes(), m
+        a = _case_without_timings(tmp_path / "local" / c.case_id / "summary.json")
+        b = _case_without_timings(tmp_path / "ray" / c.case_id / "summary.json")
+        assert a == b
+    logs = list((tmp_path / "ray" / "logs").glob("worker-*.log"))
+    assert len(logs) == 2 and any("case Phantom_" in p.read_text() for p in logs)
+    # resume through Ray: everything is done, nothing is sent to a worker
+    again = _explain(cases, model, tmp_path / "ray", executor=RayExecutor(workers=2))
+    assert (again["ok"], again["skipped"]) == (0, 4)
+
+
+def test_killed_worker_is_retried_and_a_case_that_kills_every_worker_fails(ray_local, cohort, tmp_path):
+    from medcam.pipeline import load_case
+
+    cases = discover_cases([cohort])
+    control = tmp_path / "control"
+    poison_case = cases[2]
+    probe = _model(control)
+    poison = float(load_case(poison_case, probe).image.double().sum())
+    model = _model(control, poison=(poison,))
+    (control / "kill-once").touch()  # the first forward anywhere kills its worker
+    ex = RayExecutor(workers=2, max_retries=1)
+    run = _explain(cases, model, tmp_path / "out", executor=ex)
+    kills = (control / "killed.log").read_text().splitlines()
+    assert len(kills) == 1 + 2  # the armed kill, then the poison case on its first try and its one retry
+    assert not (control / "kill-once").exists()
+    status = {c["case_id"]: c for c in run["cases"]}
+    assert (run["ok"], run["failed"]) == (3, 1)
+    bad = status[poison_case.case_id]
+    assert bad["status"] == "failed" and bad["error"].startswith("WorkerDied: the worker process died 2 time(s)")
+    assert ex.attempts[poison_case.case_id] == 2 and sum(ex.attempts.values()) == 3
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["cohort_summary.json", "logs"] + [c.case_id for c in cases if c is not poison_case]
+    )  # no staging folder left, no folder for the failed case
+    on_disk = json.loads((out / "cohort_summary.json").read_text())
+    assert on_disk["failed"] == 1 and on_disk["cases"][2]["error"] == bad["error"]
+
+
+def test_case_error_is_recorded_once_not_retried(ray_local, cohort, tmp_path):
+    cases = discover_cases([cohort])
+    broken = tmp_path / "cohort" / "Broken_00001"
+    for c in cases[:1]:
+        shutil.copytree(c.source, tmp_path / "cohort" / c.case_id)
+    broken.mkdir(parents=True)
+    for m in ("t1", "t1ce", "t2", "flair"):
+        (broken / f"Broken_00001_{m}.nii.gz").write_bytes(b"not a nifti")
+    ex = RayExecutor(workers=2)
+    run = _explain(discover_cases([tmp_path / "cohort"]), _model(tmp_path / "control"), tmp_path / "out", executor=ex)
+    assert [c["status"] for c in run["cases"]] == ["failed", "ok"]
+    assert "Broken_00001_t1.nii.gz" in run["cases"][0]["error"] and ex.attempts == {}
+
+
+def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_local, cohort, tmp_path):
+    cases = discover_cases([cohort])
+    model = _model(tmp_path / "control", delay_s=0.5)
+    out = tmp_path / "out"
+    seen = []
+
+    def stop_after_first(rec):
+        seen.append(rec["case_id"])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _explain(cases, model, out, executor=RayExecutor(workers=2), on_case=stop_after_first)
+    left = sorted(p.name for p in out.iterdir() if p.name != "logs")
+    assert seen and set(seen) <= set(left)
+    assert all((out / name / "summary.json").is_file() for name in left)  # complete folders only, no staging
+    assert not (out / "cohort_summary.json").exists()
+    run = _explain(cases, model, out, executor=RayExecutor(workers=2))
+    by_status = {s: sorted(c["case_id"] for c in run["cases"] if c["status"] == s) for s in ("ok", "skipped")}
+    assert by_status["skipped"] == left
+    assert by_status["ok"] == sorted(c.case_id for c in cases if c.case_id not in left)
