@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from .cli_ray import ray_executor_from_options, ray_options
+
 logger = logging.getLogger("medcam")
 
 EPILOG_EXPLAIN = """\b
@@ -398,79 +400,6 @@ def _explain_options(fn: Callable) -> Callable:
     return fn
 
 
-def _ray_options(fn: Callable) -> Callable:
-    """--ray [ADDRESS] and the options of its workers (shared by explain and evaluate)."""
-    opts = [
-        click.option(
-            "--ray",
-            "ray_address",
-            is_flag=False,
-            flag_value="local",
-            default=None,
-            metavar="[ADDRESS]",
-            help="Run the cases on Ray workers: --ray alone starts a local Ray instance (all CPUs/GPUs here); "
-            "--ray auto joins the cluster of `ray start`; --ray ray://HEAD:10001 joins through Ray Client. "
-            "Needs pip install 'medcam[ray]'.",
-        ),
-        click.option(
-            "--gpus-per-worker",
-            type=float,
-            default=None,
-            help="GPU share of each Ray worker (0.5 = two workers per GPU, 0 = CPU workers). "
-            "[default: 1 if the cluster has GPUs, else 0]",
-        ),
-        click.option(
-            "--cpus-per-worker",
-            type=float,
-            default=1,
-            show_default=True,
-            help="CPU cores of each Ray worker (its torch threads).",
-        ),
-        click.option(
-            "--workers",
-            type=int,
-            default=None,
-            help="Number of Ray workers. [default: as many as the cluster's GPUs (or CPUs) allow]",
-        ),
-        click.option(
-            "--max-retries",
-            type=int,
-            default=2,
-            show_default=True,
-            help="Ray: how often a case is retried on another worker when its worker dies (killed, out of memory).",
-        ),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
-
-
-def _executor(
-    ray_address: str | None,
-    gpus_per_worker: float | None,
-    cpus_per_worker: float,
-    workers: int | None,
-    max_retries: int,
-    device: str,
-) -> Any:
-    """None (this process) or the Ray executor the options ask for (checked before any case is loaded)."""
-    if ray_address is None:
-        if gpus_per_worker is not None or workers is not None:
-            _fail("--gpus-per-worker and --workers need --ray")
-        return None
-    from .pipeline.executors import ray_executor
-
-    if gpus_per_worker is None and device == "cpu":
-        gpus_per_worker = 0.0  # --device cpu: CPU workers
-    return ray_executor(
-        None if ray_address == "local" else ray_address,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-        workers=workers,
-        max_retries=max_retries,
-    )
-
-
 def _run_explain(
     inputs: Sequence[str],
     *,
@@ -545,7 +474,7 @@ def _run_explain(
     region_names = [r.strip() for r in regions.split(",") if r.strip()] if regions else None
 
     # everything that can be checked before the first case: executor, inputs, parts, model, targets, layer
-    executor = _executor(ray_address, gpus_per_worker, cpus_per_worker, workers, max_retries, device)
+    executor = ray_executor_from_options(ray_address, gpus_per_worker, cpus_per_worker, workers, max_retries, device)
     cases = discover_cases(inputs)
     split_parts(cases, num_parts, part_id)
     loaded = load_model(
@@ -619,7 +548,7 @@ def _report(run: dict[str, Any], output: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @_model_options
 @_explain_options
-@_ray_options
+@ray_options
 @common_options
 def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.

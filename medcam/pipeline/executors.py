@@ -11,8 +11,10 @@ wherever it runs.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import PipelineError
@@ -50,6 +52,20 @@ class Executor(Protocol):
     """Runs ``work.run_case`` for every source and reports each record as it completes."""
 
     def run(self, work: CaseWork, sources: Sequence[Any], on_record: Callable[[Record], None]) -> None: ...
+
+
+def input_bytes(src: Any) -> float:
+    """Bytes of a case's input files (a :class:`~medcam.pipeline.CaseSource`: folder, mapping or file list); 0 if
+    unknown. The size used for largest-first scheduling."""
+    paths = src.source.values() if isinstance(src.source, Mapping) else src.source
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    total = 0
+    for p in map(Path, paths):
+        try:
+            total += sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
+        except OSError:
+            pass
+    return float(total)
 
 
 class LocalExecutor:

@@ -26,7 +26,7 @@ from ..errors import ModelError, TargetError
 from .cases import CaseSource, load_case, split_parts
 from .common import PathLike, _jsonable
 from .errors import PipelineError
-from .executors import Executor, resolve_executor
+from .executors import Executor, input_bytes, resolve_executor
 from .models import LoadedModel
 from .target_specs import TargetSpec, build_targets
 
@@ -466,16 +466,8 @@ class ExplainWork:
         return replace(self, device=device)
 
     def cost(self, src: CaseSource) -> float:
-        """Bytes of the case's input files (largest cases are scheduled first); 0 if unknown."""
-        paths = src.source.values() if isinstance(src.source, Mapping) else src.source
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        total = 0
-        for p in map(Path, paths):
-            try:
-                total += sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
-            except OSError:
-                pass
-        return float(total)
+        """Bytes of the case's input files (largest cases are scheduled first)."""
+        return input_bytes(src)
 
     def failed_record(self, src: CaseSource, error: str) -> dict[str, Any]:
         return {**_failed_record(src, error), "seconds": 0.0}
