@@ -6,7 +6,7 @@
 Every run explains the same cases with the same model and settings (``explain_cohort``; only the executor differs)
 into its own output folder. Printed per run (one JSON line each, then everything as one JSON object):
 
-* ``wall_s``: from the call to the cohort summary written; for Ray it includes starting the workers (import of
+* ``wall_s`` (the local run after one untimed warm-up case): from the call to the cohort summary written; for Ray it includes starting the workers (import of
   torch/MONAI, model unpickled and moved) but not ``ray.init`` (timed once, ``ray_init_s``);
 * ``case_s``: the sum of the cases' own seconds (load, explain, write) as recorded in ``cohort_summary.json``;
 * ``startup_s`` (Ray): time until the first worker started its first case = first record's arrival minus its own
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         local_ex = LocalExecutor()
         if args.gpu:
             model.net.cuda()
+        _run(cases[:1], model, root / "warm-up", local_ex)  # one-off imports and allocations, not timed
         result["runs"]["local"] = _run(cases, model, root / "out-local", local_ex)
         print(json.dumps({"run": "local", **result["runs"]["local"]}), flush=True)
         torch.set_num_threads(old_threads)

@@ -137,23 +137,49 @@ def test_killed_worker_is_retried_and_a_case_that_kills_every_worker_fails(ray_l
     assert on_disk["failed"] == 1 and on_disk["cases"][2]["error"] == bad["error"]
 
 
-def test_case_error_is_recorded_once_not_retried(ray_local, cohort, tmp_path):
-    cases = discover_cases([cohort])
-    broken = tmp_path / "cohort" / "Broken_00001"
-    for c in cases[:1]:
-        shutil.copytree(c.source, tmp_path / "cohort" / c.case_id)
+def test_cli_ray_records_a_case_error_once_without_retry(ray_local, cohort, tmp_path):
+    from click.testing import CliRunner
+
+    from medcam.cli import main
+
+    root = tmp_path / "cohort"
+    shutil.copytree(cohort / "Phantom_00003", root / "Phantom_00003")
+    broken = root / "Broken_00001"
     broken.mkdir(parents=True)
     for m in ("t1", "t1ce", "t2", "flair"):
         (broken / f"Broken_00001_{m}.nii.gz").write_bytes(b"not a nifti")
-    ex = RayExecutor(workers=2)
-    run = _explain(discover_cases([tmp_path / "cohort"]), _model(tmp_path / "control"), tmp_path / "out", executor=ex)
+    args = [str(root), "-o", str(tmp_path / "out"), "--model", "tests._ray_helpers:tiny_net", "--regions", "TC,WT,ET"]
+    args += ["--spacing", "8", "--roi-size", "0", "--divisible-by", "16", "--no-crop-foreground", "--layer"]
+    args += ["down_layers.3", "--no-png", "--no-slicer", "--quiet", "--device", "cpu", "--ray", "--workers", "1"]
+    r = CliRunner().invoke(main, ["explain", *args])
+    assert r.exit_code == 1, r.output
+    assert "1 case(s) explained, 0 skipped (already done), 1 failed" in r.stdout
+    run = json.loads((tmp_path / "out" / "cohort_summary.json").read_text())
     assert [c["status"] for c in run["cases"]] == ["failed", "ok"]
-    assert "Broken_00001_t1.nii.gz" in run["cases"][0]["error"] and ex.attempts == {}
+    assert "Broken_00001_t1.nii.gz" in run["cases"][0]["error"]
+    logs = "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("worker-*.log"))
+    started = [ln for ln in logs.splitlines() if ln.endswith(": case Broken_00001")]
+    assert len(started) == 1  # a case error is not a lost worker: not retried
+
+
+def test_evaluate_on_ray_equals_local(ray_local, cohort, tmp_path, one_thread):
+    from medcam.evaluate_cli import run_evaluation
+
+    kw = dict(
+        model_spec="tests._ray_helpers:tiny_net", regions="TC,WT,ET", spacing="8", crop_foreground=False,
+        roi_size="24,24,24", methods=["gradcam"], targets=["WT"], metrics=["localisation"], plots=False,
+        device="cpu",
+    )  # fmt: skip
+    local = run_evaluation([str(cohort)], output=str(tmp_path / "local"), **kw)
+    dist = run_evaluation([str(cohort)], output=str(tmp_path / "ray"), executor=RayExecutor(workers=2), **kw)
+    assert local["failed"] == dist["failed"] == [] and len(local["result"].rows) > 4 * 3
+    assert dist["result"].rows == local["result"].rows
+    assert (tmp_path / "ray" / "metrics.csv").read_bytes() == (tmp_path / "local" / "metrics.csv").read_bytes()
 
 
 def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_local, cohort, tmp_path):
     cases = discover_cases([cohort])
-    model = _model(tmp_path / "control", delay_s=0.5)
+    model = _model(tmp_path / "control", delay_s=0.2)
     out = tmp_path / "out"
     seen = []
 
@@ -167,7 +193,7 @@ def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_lo
     assert seen and set(seen) <= set(left)
     assert all((out / name / "summary.json").is_file() for name in left)  # complete folders only, no staging
     assert not (out / "cohort_summary.json").exists()
-    run = _explain(cases, model, out, executor=RayExecutor(workers=2))
+    run = _explain(cases, model, out)  # resume is decided by the driver, the same code for every executor
     by_status = {s: sorted(c["case_id"] for c in run["cases"] if c["status"] == s) for s in ("ok", "skipped")}
     assert by_status["skipped"] == left
     assert by_status["ok"] == sorted(c.case_id for c in cases if c.case_id not in left)

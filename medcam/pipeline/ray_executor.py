@@ -122,7 +122,9 @@ class RayExecutor:
         """Start/join Ray unless this process is already connected; True if this call connected."""
         if ray.is_initialized():
             return False
-        kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
+        # Ray's own driver-side messages follow medcam's verbosity (--quiet: errors only)
+        level = max(logging.INFO, logging.getLogger("medcam").getEffectiveLevel())
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": level, **self.init_kwargs}
         if self.address and self.address.startswith("ray://"):
             kwargs.pop("include_dashboard", None)
         try:
