@@ -62,3 +62,8 @@ class KillingNet(nn.Module):
         if self.delay_s:
             time.sleep(self.delay_s)
         return self.net(x)
+
+
+def slow_tiny_net() -> nn.Module:
+    """:func:`tiny_net` taking 1 s per forward pass (a cohort that is still running when a test interrupts it)."""
+    return KillingNet(tiny_net(), control="/nonexistent-medcam-control", delay_s=1.0).eval()

@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,22 +182,41 @@ def test_evaluate_on_ray_equals_local(ray_local, cohort, tmp_path, one_thread):
 
 
 def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_local, cohort, tmp_path):
-    cases = discover_cases([cohort])
-    model = _model(tmp_path / "control", delay_s=0.2)
+    """``medcam explain --ray ADDRESS`` in another process joins the running Ray instance and gets SIGINT (Ctrl-C)
+    once its first case folder exists; a re-run then explains exactly the cases without a folder."""
     out = tmp_path / "out"
-    seen = []
-
-    def stop_after_first(rec):
-        seen.append(rec["case_id"])
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _explain(cases, model, out, executor=RayExecutor(workers=2), on_case=stop_after_first)
+    address = ray.get_runtime_context().gcs_address
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    args = [str(cohort), "-o", str(out), "--model", "tests._ray_helpers:slow_tiny_net", "--regions", "TC,WT,ET"]
+    args += ["--spacing", "8", "--roi-size", "0", "--divisible-by", "16", "--no-crop-foreground", "--layer"]
+    args += ["net.down_layers.3", "--no-png", "--no-slicer", "--quiet", "--device", "cpu"]
+    code = "import sys; from medcam.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", code, "explain", *args]
+    proc = subprocess.Popen([*cmd, "--ray", address, "--workers", "2"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and any(p.is_dir() and p.name.startswith("Phantom") for p in out.iterdir()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "interrupted" in err, err
     left = sorted(p.name for p in out.iterdir() if p.name != "logs")
-    assert seen and set(seen) <= set(left)
-    assert all((out / name / "summary.json").is_file() for name in left)  # complete folders only, no staging
-    assert not (out / "cohort_summary.json").exists()
-    run = _explain(cases, model, out)  # resume is decided by the driver, the same code for every executor
+    assert left and all(n.startswith("Phantom") for n in left), left  # no staging folder, no run summary
+    assert all((out / n / "summary.json").is_file() for n in left)  # complete folders only
+    # the same command again, here in this process and without Ray (resume is the driver's, for every executor)
+    from click.testing import CliRunner
+
+    from medcam.cli import main
+
+    r = CliRunner().invoke(main, ["explain", *args])
+    assert r.exit_code == 0, r.output
+    run = json.loads((out / "cohort_summary.json").read_text())
     by_status = {s: sorted(c["case_id"] for c in run["cases"] if c["status"] == s) for s in ("ok", "skipped")}
     assert by_status["skipped"] == left
-    assert by_status["ok"] == sorted(c.case_id for c in cases if c.case_id not in left)
+    assert by_status["ok"] == sorted(c.case_id for c in discover_cases([cohort]) if c.case_id not in left)
