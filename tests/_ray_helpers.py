@@ -67,3 +67,24 @@ class KillingNet(nn.Module):
 def slow_tiny_net() -> nn.Module:
     """:func:`tiny_net` taking 1 s per forward pass (a cohort that is still running when a test interrupts it)."""
     return KillingNet(tiny_net(), control="/nonexistent-medcam-control", delay_s=1.0).eval()
+
+
+class BrokenSetupWork:
+    """A work object whose set-up fails on a worker (e.g. a model that cannot be moved to the worker's device)."""
+
+    log_dir = None
+
+    def setup(self, device=None):
+        raise RuntimeError(f"cannot set up on {device}")
+
+    def run_case(self, source):  # pragma: no cover - never reached
+        return {"case_id": source, "status": "ok", "seconds": 0.0}
+
+    def failed_record(self, source, error):  # pragma: no cover - never reached
+        return {"case_id": source, "status": "failed", "error": error, "seconds": 0.0}
+
+    def discard_partial(self, source):
+        pass
+
+    def cost(self, source):
+        return 0.0

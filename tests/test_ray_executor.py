@@ -35,7 +35,7 @@ def ray_local():
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([old] if old else []))
     try:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
     finally:
         if old is None:
             del os.environ["PYTHONPATH"]
@@ -220,3 +220,13 @@ def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_lo
     by_status = {s: sorted(c["case_id"] for c in run["cases"] if c["status"] == s) for s in ("ok", "skipped")}
     assert by_status["skipped"] == left
     assert by_status["ok"] == sorted(c.case_id for c in discover_cases([cohort]) if c.case_id not in left)
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_a_clear_error(ray_local):
+    from medcam.pipeline import PipelineError
+    from tests._ray_helpers import BrokenSetupWork
+
+    records = []
+    with pytest.raises(PipelineError, match="a Ray worker could not start.*cannot set up on cpu"):
+        RayExecutor(workers=1).run(BrokenSetupWork(), ["a", "b"], records.append)
+    assert records == []

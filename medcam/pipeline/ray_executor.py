@@ -10,6 +10,8 @@ needs the ``ray`` package (``pip install 'medcam[ray]'``).
 * **Faults**: a case that raises is a ``"failed"`` record (from the worker, as in a local run). A worker process that
   dies during a case (SIGKILL, out of memory, pre-empted node) is replaced by a new actor; its case's staging folder
   is removed and the case is queued again, at the front, up to ``max_retries`` times, then recorded as failed.
+* **A worker that cannot start** (the model cannot be unpickled or moved to its device) stops the run with a
+  :class:`PipelineError`: no case could run there, and retrying every case would only repeat it.
 * **Interruption of the driver**: the workers are killed, their staging folders removed; case folders only ever
   appear complete (the worker moves its staging folder into place), so a re-run resumes.
 * **Logs**: each worker appends the ``medcam`` log records to ``<log_dir>/worker-<slot>-<pid>.log``.
@@ -226,6 +228,11 @@ class RayExecutor:
         try:
             return ray.get(ref)
         except _WORKER_LOST as e:
+            if getattr(e, "actor_init_failed", False):  # the worker never started: no case can run there
+                raise PipelineError(
+                    f"a Ray worker could not start (setting up the model failed): {' '.join(str(e).split())[:800]}"
+                    " - is medcam (and the model's code) installed on every node in the same version?"
+                ) from None
             cid = _case_id(src)
             self.attempts[cid] = self.attempts.get(cid, 0) + 1
             logger.warning(

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -473,9 +474,10 @@ class ExplainWork:
         return {**_failed_record(src, error), "seconds": 0.0}
 
     def discard_partial(self, src: CaseSource) -> None:
-        """Remove the staging folders ``OUT/.partial-XXXXXXXX-<case>`` a killed attempt left."""
-        for p in self.out_dir.glob(f".partial-*-{src.case_id}"):
-            if p.name[len(".partial-") + 8 :] == f"-{src.case_id}":
+        """Remove the staging folders a killed attempt at ``src`` left: ``OUT/.partial-[<pid>@<host>-]<hex8>-<case>``."""
+        pattern = re.compile(r"^\.partial-(?:\d+@[A-Za-z0-9_.]+-)?[0-9a-f]{8}-" + re.escape(src.case_id) + "$")
+        for p in self.out_dir.glob(".partial-*"):
+            if pattern.match(p.name) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
     def run_case(self, src: CaseSource) -> dict[str, Any]:
