@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from .cli_ray import ray_executor_from_options, ray_options
+
 logger = logging.getLogger("medcam")
 
 EPILOG_EXPLAIN = """\b
@@ -428,6 +430,11 @@ def _run_explain(
     png: bool,
     overwrite: bool,
     quiet: bool,
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float = 1,
+    workers: int | None = None,
+    max_retries: int = 2,
 ) -> dict[str, Any]:
     from .methods import METHODS
     from .pipeline import (
@@ -475,7 +482,8 @@ def _run_explain(
     order = [c.strip().lower() for c in channel_order.split(",")] if channel_order else None
     region_names = [r.strip() for r in regions.split(",") if r.strip()] if regions else None
 
-    # everything that can be checked before the first case: inputs, parts, model, targets, layer
+    # everything that can be checked before the first case: executor, inputs, parts, model, targets, layer
+    executor = ray_executor_from_options(ray_address, gpus_per_worker, cpus_per_worker, workers, max_retries, device)
     cases = discover_cases(inputs)
     split_parts(cases, num_parts, part_id)
     loaded = load_model(
@@ -526,6 +534,7 @@ def _run_explain(
         png=png,
         progress=not quiet,
         settings=settings,
+        executor=executor,
     )
 
 
@@ -548,6 +557,7 @@ def _report(run: dict[str, Any], output: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @_model_options
 @_explain_options
+@ray_options
 @common_options
 def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.

@@ -16,10 +16,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
+
+from .cli_ray import ray_executor_from_options, ray_options
 
 __all__ = ["evaluate_command", "EvaluateError", "parse_metrics", "parse_map_threshold"]
 
@@ -224,6 +227,106 @@ def _reference_masks(ref_spec: str, case: Any, specs: Sequence[Any]) -> list[Any
 
 
 # ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class EvaluateWork:
+    """``medcam evaluate``'s per-case job, picklable (shipped once to each worker of an executor).
+
+    :meth:`run_case` loads one case, explains and scores it (:func:`medcam.evaluation.evaluate`) and returns the
+    record ``{case_id, status, result | error, seconds}``; with ``raise_errors`` (a one-case run in this process)
+    a bad case raises instead, as the command always did.
+    """
+
+    model: Any
+    methods: list[str]
+    layers: list[str]
+    specs: list[Any]
+    ref_mode: str
+    metrics: tuple[str, ...]
+    explicit: bool
+    threshold: float | None
+    map_threshold: Any
+    tolerance_mm: float
+    steps: int
+    baseline: Any
+    batch_size: int
+    percentiles: tuple[float, ...]
+    inferer: Any
+    consensus: bool
+    sanity_steps: int
+    device: str
+    out_dir: Path
+    raise_errors: bool = False
+    hd95_convention: str = "monai"
+    insertion_protocol: str = "rise"
+    tie_draws: int = 3
+
+    @property
+    def log_dir(self) -> Path:
+        return self.out_dir / "logs"
+
+    def setup(self, device: str | None = None) -> EvaluateWork:
+        if device is None or device == self.device:
+            return self
+        self.model.net.to(device)  # a worker's own unpickled copy
+        return replace(self, device=device, raise_errors=False)
+
+    def cost(self, src: Any) -> float:
+        from .pipeline.executors import input_bytes
+
+        return input_bytes(src)
+
+    def failed_record(self, src: Any, error: str) -> dict[str, Any]:
+        return {"case_id": src.case_id, "status": "failed", "error": error, "seconds": 0.0}
+
+    def discard_partial(self, src: Any) -> None:
+        """Nothing to remove: a case writes nothing, the driver writes the tables at the end."""
+
+    def _case_metrics(self, case: Any, refs: list[Any]) -> tuple[str, ...]:
+        case_metrics = self.metrics
+        if "localisation" in case_metrics and all(r is None for r in refs):
+            if self.explicit or self.ref_mode.lower() != "auto":
+                raise EvaluateError(
+                    f"case {case.case_id}: --metrics localisation needs a reference mask; "
+                    "the case has no label file (use --reference mask:FILE)"
+                )
+            logger.warning("case %s has no label file: localisation skipped (use --reference mask:FILE)", case.case_id)
+            case_metrics = tuple(m for m in case_metrics if m != "localisation")
+        return case_metrics
+
+    def run_case(self, src: Any) -> dict[str, Any]:
+        import torch
+
+        from .errors import MedcamError
+        from .evaluation import evaluate
+        from .pipeline import build_targets, load_case, spacing_of
+
+        t0 = time.perf_counter()
+        try:
+            case = load_case(src, self.model)
+            refs = _reference_masks(self.ref_mode, case, self.specs)
+            case_metrics = self._case_metrics(case, refs)
+            tl = build_targets(self.specs, case, activation=self.model.activation, threshold=self.threshold)
+            image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
+            image = image[None].float().to(self.device)
+            res = evaluate(
+                self.model.net, image, tl, methods=self.methods, layers=self.layers,
+                reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
+                metrics=case_metrics, threshold=self.map_threshold, tolerance_mm=self.tolerance_mm, steps=self.steps,
+                baseline=self.baseline, batch_size=self.batch_size, road_percentiles=self.percentiles,
+                output_activation=self.model.activation, inferer=self.inferer, consensus=self.consensus,
+                sanity_max_steps=self.sanity_steps, case_id=src.case_id, target_names=[s.name for s in self.specs],
+                hd95_convention=self.hd95_convention, insertion_protocol=self.insertion_protocol,
+                tie_draws=self.tie_draws,
+            )  # fmt: skip
+        except (MedcamError, click.ClickException, ValueError, OSError, RuntimeError) as e:
+            if self.raise_errors:
+                raise
+            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            logger.error("case %s failed: %s", src.case_id, " ".join(msg.split()))
+            return {"case_id": src.case_id, "status": "failed", "error": " ".join(msg.split()), "seconds": 0.0}
+        return {"case_id": src.case_id, "status": "ok", "result": res, "seconds": time.perf_counter() - t0}
+
+
 def run_evaluation(
     inputs: Sequence[str],
     *,
@@ -257,27 +360,26 @@ def run_evaluation(
     hd95_convention: str = "monai",
     insertion_protocol: str = "rise",
     tie_draws: int = 3,
+    executor: Any = None,
 ) -> dict[str, Any]:
     """The body of ``medcam evaluate`` (usable from Python). Returns ``{"paths", "result", "cases", "failed"}``.
+
+    ``executor``: who evaluates the cases (see :func:`medcam.pipeline.explain_cohort`): None/``"local"`` this
+    process, ``"ray"`` or a ``RayExecutor`` Ray workers; the results are gathered in cohort order either way.
 
     Every argument is validated (inputs, model, methods, layers, targets, metrics, output files) before the first
     case is explained. Raises :class:`EvaluateError` (or a :class:`~medcam.errors.MedcamError`) for bad input.
     """
-    import torch
 
-    from .errors import MedcamError
-    from .evaluation import EvaluationResult, check_outputs, evaluate, write_results
+    from .evaluation import EvaluationResult, check_outputs, write_results
     from .methods import METHODS
     from .pipeline import (
-        build_targets,
         default_targets,
         discover_cases,
-        load_case,
         load_model,
         make_inferer,
         parse_targets,
         sliding_settings,
-        spacing_of,
     )
 
     method_list = list(dict.fromkeys(m.lower() for m in _split(methods))) or ["gradcam", "hirescam"]
@@ -351,47 +453,39 @@ def run_evaluation(
         list(metric_list),
     )
 
+    work = EvaluateWork(
+        loaded, method_list, layer_list, specs, ref_mode, metric_list, explicit, threshold, thr, tolerance_mm, steps,
+        base, batch_size, percentiles, inferer, consensus, sanity_steps, dev, out_dir, raise_errors=len(cases) == 1,
+        hd95_convention=hd95_convention, insertion_protocol=insertion_protocol, tie_draws=tie_draws,
+    )  # fmt: skip
+    from .pipeline.executors import resolve_executor
+
+    runner = resolve_executor(executor)
+    by_id: dict[str, dict[str, Any]] = {}
+
+    def record(rec: dict[str, Any]) -> None:
+        by_id[rec["case_id"]] = rec
+        if rec["status"] == "ok":
+            logger.info(
+                "case %d/%d %s: %d rows in %.1f s",
+                len(by_id),
+                len(cases),
+                rec["case_id"],
+                len(rec["result"].rows),
+                rec["seconds"],
+            )
+
+    runner.run(work, cases, record)
     total = EvaluationResult()
     failed: list[tuple[str, str]] = []
-    for i, src in enumerate(cases, 1):
-        t0 = time.perf_counter()
-        try:
-            case = load_case(src, loaded)
-            refs = _reference_masks(ref_mode, case, specs)
-            case_metrics = metric_list
-            if "localisation" in case_metrics and all(r is None for r in refs):
-                if explicit or ref_mode.lower() != "auto":
-                    raise EvaluateError(
-                        f"case {case.case_id}: --metrics localisation needs a reference mask; "
-                        "the case has no label file (use --reference mask:FILE)"
-                    )
-                logger.warning(
-                    "case %s has no label file: localisation skipped (use --reference mask:FILE)", case.case_id
-                )
-                case_metrics = tuple(m for m in case_metrics if m != "localisation")
-            tl = build_targets(specs, case, activation=loaded.activation, threshold=threshold)
-            image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
-            image = image[None].float().to(dev)
-            res = evaluate(
-                loaded.net, image, tl, methods=method_list, layers=layer_list,
-                reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
-                metrics=case_metrics, threshold=thr, tolerance_mm=tolerance_mm, steps=steps, baseline=base,
-                batch_size=batch_size, road_percentiles=percentiles, output_activation=loaded.activation,
-                inferer=inferer, consensus=consensus, sanity_max_steps=sanity_steps, case_id=src.case_id,
-                target_names=[s.name for s in specs], hd95_convention=hd95_convention,
-                insertion_protocol=insertion_protocol, tie_draws=tie_draws,
-            )  # fmt: skip
-        except (MedcamError, click.ClickException, ValueError, OSError, RuntimeError) as e:
-            if len(cases) == 1:
-                raise
-            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            failed.append((src.case_id, " ".join(msg.split())))
-            logger.error("case %s failed: %s", src.case_id, failed[-1][1])
-            continue
-        total.extend(res)
-        logger.info(
-            "case %d/%d %s: %d rows in %.1f s", i, len(cases), src.case_id, len(res.rows), time.perf_counter() - t0
-        )
+    for src in cases:  # cohort order, whoever ran the cases
+        rec = by_id[src.case_id]
+        if rec["status"] == "ok":
+            total.extend(rec["result"])
+        else:
+            failed.append((src.case_id, rec["error"]))
+    if len(cases) == 1 and failed:
+        raise EvaluateError(failed[0][1])
     if not total.rows:
         raise EvaluateError(f"all {len(cases)} case(s) failed; first: {failed[0][0]}: {failed[0][1]}")
     paths = write_results(total, out_dir, overwrite=overwrite, plots=plots)
@@ -561,7 +655,19 @@ def _method_help() -> str:
 @click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr (the final summary line stays).")
 @click.option("--verbose", "-v", count=True, help="More log messages (per-case progress).")
 @click.option("--debug", is_flag=True, help="Show the Python traceback of errors.")
-def evaluate_command(inputs: Sequence[str], quiet: bool, verbose: int, debug: bool, **kw: Any) -> None:
+@ray_options
+def evaluate_command(
+    inputs: Sequence[str],
+    quiet: bool,
+    verbose: int,
+    debug: bool,
+    ray_address: str | None,
+    gpus_per_worker: float | None,
+    cpus_per_worker: float,
+    workers: int | None,
+    max_retries: int,
+    **kw: Any,
+) -> None:
     """Score CAM methods x layers x targets on a case, image files, or a cohort.
 
     INPUTS as for `medcam explain`: one BraTS case folder, one folder of case folders, a CSV manifest, or image
@@ -573,6 +679,9 @@ def evaluate_command(inputs: Sequence[str], quiet: bool, verbose: int, debug: bo
     """
     _setup_logging(quiet, verbose, debug)
     try:
+        kw["executor"] = ray_executor_from_options(
+            ray_address, gpus_per_worker, cpus_per_worker, workers, max_retries, kw.get("device", "auto")
+        )
         run = run_evaluation(inputs, **kw)
     except click.ClickException as e:
         if debug:

@@ -34,7 +34,9 @@ TC = 0, WT = 1, ET = 2, sigmoid outputs):
 
 Modules: :mod:`~medcam.pipeline.models` (model loading), :mod:`~medcam.pipeline.target_specs` (``--target``
 parsing), :mod:`~medcam.pipeline.cases` (case discovery and loading), :mod:`~medcam.pipeline.run` (explaining cases
-and cohorts), :mod:`~medcam.pipeline.errors` (:class:`PipelineError`); everything is re-exported here.
+and cohorts), :mod:`~medcam.pipeline.errors` (:class:`PipelineError`), :mod:`~medcam.pipeline.executors` (who runs a cohort's
+cases: this process, or Ray workers with :mod:`~medcam.pipeline.ray_executor`, ``explain_cohort(...,
+executor="ray")``); everything but the Ray executor (which needs ``ray``) is re-exported here.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ from __future__ import annotations
 from .cases import CaseSource, discover_cases, load_case, split_parts
 from .common import PathLike
 from .errors import PipelineError
+from .executors import LocalExecutor, resolve_executor
 from .models import LoadedModel, load_model, load_state_dict_file
 from .run import (
     METHOD_LABELS,
     SUMMARY_NAME,
+    ExplainWork,
     explain_case,
     explain_cohort,
     json_key,
@@ -78,6 +82,9 @@ __all__ = [
     "predict",
     "explain_case",
     "explain_cohort",
+    "ExplainWork",
+    "LocalExecutor",
+    "resolve_executor",
     "split_parts",
     "versions",
     "load_state_dict_file",

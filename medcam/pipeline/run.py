@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from ..errors import ModelError, TargetError
 from .cases import CaseSource, load_case, split_parts
 from .common import PathLike, _jsonable
 from .errors import PipelineError
+from .executors import Executor, input_bytes, resolve_executor
 from .models import LoadedModel
 from .target_specs import TargetSpec, build_targets
 
@@ -384,6 +389,138 @@ def explain_case(
     return summary
 
 
+def _resume_record(src: CaseSource, out_dir: Path, overwrite: bool, signature: str) -> dict[str, Any] | None:
+    """The ``"skipped"`` record of a case already done with the same settings, or None if it is to be done.
+
+    Raises:
+        PipelineError: the case folder exists but holds no medcam summary, or one written with other settings.
+    """
+    case_dir = out_dir / src.case_id
+    if overwrite or not case_dir.exists():
+        return None
+    prev = read_summary(case_dir)
+    if prev is None:
+        raise PipelineError(
+            f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
+            "it (pass --overwrite, or move it away)"
+        )
+    if prev.get("settings_signature") != signature:
+        raise PipelineError(
+            f"'{case_dir}' was explained with other settings; pass --overwrite to redo it or choose another --output"
+        )
+    return {
+        "case_id": src.case_id,
+        "source": src.describe(),
+        "status": "skipped",
+        "summary": f"{src.case_id}/{SUMMARY_NAME}",
+    }
+
+
+def _failed_record(src: CaseSource, e: BaseException | str) -> dict[str, Any]:
+    if isinstance(e, str):
+        error = e
+    else:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        error = f"{type(e).__name__}: {msg}"
+    return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": error}
+
+
+@dataclass
+class ExplainWork:
+    """One cohort's per-case job, picklable: what :func:`explain_cohort` ships to each worker of an executor.
+
+    :meth:`run_case` is the one function that explains a case of a cohort, wherever it runs: resume check, load,
+    :func:`explain_case` (staging folder + atomic move), and the case's record; errors become ``"failed"`` records.
+    """
+
+    model: LoadedModel
+    methods: Sequence[str]
+    targets: Sequence[TargetSpec]
+    layer: str | None
+    inferer: Any
+    out_dir: Path
+    device: str = "cpu"
+    amp: bool = False
+    threshold: float | None = None
+    overwrite: bool = False
+    slicer: bool = True
+    png: bool = True
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    window_progress: bool = False
+
+    @property
+    def signature(self) -> str:
+        return _settings_signature(self.settings)
+
+    @property
+    def log_dir(self) -> Path:
+        """Where workers of a distributed executor write their logs: ``OUT/logs``."""
+        return self.out_dir / "logs"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved."""
+        state = self.__dict__.copy()
+        net = self.model.net
+        if any(t.device.type != "cpu" for t in itertools.chain(net.parameters(), net.buffers())):
+            state["model"] = replace(self.model, net=copy.deepcopy(net).cpu())
+        return state
+
+    def setup(self, device: str | None = None) -> ExplainWork:
+        """This work on ``device`` (the model moved there once); None: the configured device, as it is."""
+        if device is None or device == self.device:
+            return self
+        self.model.net.to(device)  # a worker's own unpickled copy
+        return replace(self, device=device)
+
+    def cost(self, src: CaseSource) -> float:
+        """Bytes of the case's input files (largest cases are scheduled first)."""
+        return input_bytes(src)
+
+    def failed_record(self, src: CaseSource, error: str) -> dict[str, Any]:
+        return {**_failed_record(src, error), "seconds": 0.0}
+
+    def discard_partial(self, src: CaseSource) -> None:
+        """Remove the staging folders a killed attempt at ``src`` left: ``OUT/.partial-[<pid>@<host>-]<hex8>-<case>``."""
+        pattern = re.compile(r"^\.partial-(?:\d+@[A-Za-z0-9_.]+-)?[0-9a-f]{8}-" + re.escape(src.case_id) + "$")
+        for p in self.out_dir.glob(".partial-*"):
+            if pattern.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def run_case(self, src: CaseSource) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rec: dict[str, Any]
+        try:
+            rec = _resume_record(src, self.out_dir, self.overwrite, self.signature) or {}
+            if not rec:
+                case = load_case(src, self.model)
+                explain_case(
+                    case,
+                    self.model,
+                    self.methods,
+                    self.targets,
+                    self.layer,
+                    self.inferer,
+                    self.out_dir / src.case_id,
+                    device=self.device,
+                    amp=self.amp,
+                    threshold=self.threshold,
+                    overwrite=self.overwrite,
+                    slicer=self.slicer,
+                    png=self.png,
+                    progress=self.window_progress,
+                    settings=self.settings,
+                    source=src,
+                )
+                rec = {"case_id": src.case_id, "source": src.describe(), "status": "ok"}
+                rec["summary"] = f"{src.case_id}/{SUMMARY_NAME}"
+        except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort
+            rec = _failed_record(src, e)
+            logger.error("case %s failed: %s", src.case_id, rec["error"])
+            logger.debug("traceback of case %s", src.case_id, exc_info=True)
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        return rec
+
+
 def explain_cohort(
     cases: Sequence[CaseSource],
     model: LoadedModel,
@@ -404,6 +541,7 @@ def explain_cohort(
     progress: bool = True,
     settings: Mapping[str, Any] | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    executor: str | Executor | None = None,
 ) -> dict[str, Any]:
     """Explain many cases into ``out_dir/<case_id>/``, resumably; failures are recorded, not fatal.
 
@@ -412,78 +550,64 @@ def explain_cohort(
     * A case that raises is recorded as ``"failed"`` with ``"error"`` and the run goes on; nothing of it is left
       on disk, so the next run retries it.
     * ``num_parts``/``part_id`` pick this machine's share (:func:`split_parts`).
+    * ``executor``: who explains the cases that are not done yet: None/``"local"`` this process, one after the
+      other; ``"ray"`` a Ray cluster (:class:`~medcam.pipeline.ray_executor.RayExecutor` with its defaults: a local
+      Ray instance, one worker per GPU or CPU); or an executor object, e.g. ``RayExecutor("auto",
+      gpus_per_worker=0.5)``. Every executor runs the same per-case function (:meth:`ExplainWork.run_case`), so
+      case folders and the run summary have the same content whichever is used.
 
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or
         ``cohort_summary.part<i>-of-<N>.json`` for a split run): ``cases`` [{case_id, status, error, seconds,
-        summary}], counts ``ok``/``skipped``/``failed``.
+        summary}] in cohort order, counts ``ok``/``skipped``/``failed``.
     """
     from tqdm.auto import tqdm
 
     from ..io import write_text_atomic
 
+    runner = resolve_executor(executor)
     out_dir = Path(out_dir)
     mine = split_parts(cases, num_parts, part_id)
     settings = dict(settings or {})
-    signature = _settings_signature(settings)
     run_name = "cohort_summary.json" if num_parts == 1 else f"cohort_summary.part{part_id}-of-{num_parts}.json"
     run_path = out_dir / run_name
     if run_path.exists() and json_key(run_path, "medcam_version") is None:
         raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
     single = len(mine) == 1
-    records = []
-    bar = tqdm(mine, desc="medcam cases", unit="case", disable=not progress or single)
-    for src in bar:
-        bar.set_postfix_str(src.case_id)
-        t0 = time.perf_counter()
-        case_dir = out_dir / src.case_id
-        rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
-        try:
-            if case_dir.exists() and not overwrite:
-                prev = read_summary(case_dir)
-                if prev is None:
-                    raise PipelineError(
-                        f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
-                        "it (pass --overwrite, or move it away)"
-                    )
-                if prev.get("settings_signature") != signature:
-                    raise PipelineError(
-                        f"'{case_dir}' was explained with other settings; pass --overwrite to redo it "
-                        "or choose another --output"
-                    )
-                rec.update(status="skipped", summary=f"{src.case_id}/{SUMMARY_NAME}")
-                logger.info("case %s already done: skipped", src.case_id)
-            else:
-                case = load_case(src, model)
-                explain_case(
-                    case,
-                    model,
-                    methods,
-                    targets,
-                    layer,
-                    inferer,
-                    case_dir,
-                    device=device,
-                    amp=amp,
-                    threshold=threshold,
-                    overwrite=overwrite,
-                    slicer=slicer,
-                    png=png,
-                    progress=progress and single,
-                    settings=settings,
-                    source=src,
-                )
-                rec.update(status="ok", summary=f"{src.case_id}/{SUMMARY_NAME}")
-        except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort
-            msg = " ".join(str(e).split()) or type(e).__name__
-            rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
-            logger.error("case %s failed: %s", src.case_id, msg)
-            logger.debug("traceback of case %s", src.case_id, exc_info=True)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        records.append(rec)
+    work = ExplainWork(
+        model, list(methods), list(targets), layer, inferer, out_dir, str(device), amp, threshold, overwrite,
+        slicer, png, settings, window_progress=progress and single,
+    )  # fmt: skip
+    by_id: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(mine), desc="medcam cases", unit="case", disable=not progress or single)
+
+    def record(rec: dict[str, Any]) -> None:
+        by_id[rec["case_id"]] = rec
+        bar.update(1)
+        bar.set_postfix_str(rec["case_id"])
         if on_case is not None:
             on_case(rec)
-    bar.close()
+
+    todo = []
+    for src in mine:  # resume is decided here, on the driver: workers only get cases still to do
+        t0 = time.perf_counter()
+        try:
+            rec = _resume_record(src, out_dir, overwrite, work.signature)
+        except PipelineError as e:
+            rec = _failed_record(src, e)
+            logger.error("case %s failed: %s", src.case_id, rec["error"])
+        if rec is None:
+            todo.append(src)
+            continue
+        if rec["status"] == "skipped":
+            logger.info("case %s already done: skipped", src.case_id)
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        record(rec)
+    try:
+        runner.run(work, todo, record)
+    finally:
+        bar.close()
+    records = [by_id[src.case_id] for src in mine]
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
     run = {
         "medcam_version": __version__,
@@ -495,7 +619,7 @@ def explain_cohort(
         **counts,
         "cases": records,
         "settings": _jsonable(settings),
-        "settings_signature": signature,
+        "settings_signature": work.signature,
         "versions": versions(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
