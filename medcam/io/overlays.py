@@ -185,9 +185,7 @@ def heat_cmap(name: str = DEFAULT_CMAP) -> Colormap:
     base = matplotlib.colormaps[name]
     rgba = base(np.linspace(0.0, 1.0, 256))
     rgba[:, 3] = np.clip(np.linspace(0.0, 1.0, 256) / 0.1, 0.0, 1.0)  # opacity ramps up over the lowest 10 %
-    cm = ListedColormap(rgba, name=f"{name}_fade")
-    cm.set_bad(alpha=0.0)
-    return cm
+    return ListedColormap(rgba, name=f"{name}_fade").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------- drawing

@@ -179,7 +179,7 @@ def _case_page(cid: str, summary: dict[str, Any], case_rel: str) -> str:
 <span class="meta">layer {_esc(summary.get("layer"))} | model {_esc((summary.get("model") or {}).get("spec", ""))}</span></header>
 <section id="viewer-controls">
   <div id="map-buttons"></div>
-  <label>threshold <input id="threshold" type="range" min="0" max="1000" value="0"> <span id="thr-value"></span></label>
+  <label>threshold <input id="threshold" type="range" min="0" max="1000" value="50"> <span id="thr-value"></span></label>
   <label>opacity <input id="opacity" type="range" min="0" max="100" value="70"></label>
   <label><input id="outlines" type="checkbox" checked> predicted-region outlines</label>
   <label>scan <select id="scan"></select></label>
@@ -187,7 +187,8 @@ def _case_page(cid: str, summary: dict[str, Any], case_rel: str) -> str:
 </section>
 <div id="gl-wrap"><canvas id="gl"></canvas></div>
 <p class="meta">Radiological convention (patient's right on the viewer's left). Colour bar in map units;
-one scale for all maps of the case (0 to the largest map value). <span id="legend"></span></p>
+one scale for all maps of the case (0 to the largest map value); values below the threshold (default 5 % of the
+scale) are transparent. <span id="legend"></span></p>
 <table><tr><th>target</th><th>ROI ml</th><th>map max (per method)</th></tr>{"".join(rows)}</table>
 <ul>{warn}</ul>
 <p>{" | ".join(links)}</p>

@@ -49,7 +49,7 @@
   async function showMap(i) {
     const entry = D.maps[i];
     current = i;
-    mapVol = await load(entry, { colormap: "warm", cal_min: scaleMax * 1e-6, cal_max: scaleMax, opacity: 0.7 });
+    mapVol = await load(entry, { colormap: "turbo", cal_min: scaleMax * 1e-6, cal_max: scaleMax, opacity: 0.7 });
     document.querySelectorAll("#map-buttons button").forEach((b) => b.classList.toggle("on", Number(b.dataset.i) === i));
     say(entry.method_label + " | target " + entry.target + " | map max " + entry.max.toPrecision(3) +
         (entry.max > 0 ? "" : " | map is zero"));
