@@ -133,7 +133,9 @@ def load_page(
             for ev in s.events:
                 meth, p = ev.get("method"), ev.get("params", {})
                 if meth == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                    errors.append("console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+                    errors.append(
+                        "console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in p["args"])
+                    )
                 elif meth == "Runtime.exceptionThrown":
                     d = p.get("exceptionDetails", {})
                     errors.append("exception: " + str(d.get("exception", {}).get("description") or d.get("text")))

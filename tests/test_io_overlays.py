@@ -37,7 +37,7 @@ def test_save_overlay_png(tmp_path):
         image, heat, roi, tmp_path / "ov.png", title="Seg-Grad-CAM | WT | decoder.3", spacing=(1.0, 1.0, 2.5), dpi=50
     )
     png = mpimg.imread(str(out))
-    assert png.shape == (230, 650, 4)  # 13 x 4.6 inches at 50 dpi, RGBA
+    assert png.shape == (215, 650, 4)  # 13 x 4.3 inches at 50 dpi, RGBA
     assert png[..., :3].std() > 0.05  # not blank
     assert [p.name for p in tmp_path.iterdir()] == ["ov.png"]
     with pytest.raises(OutputExistsError):

@@ -179,6 +179,23 @@ def foreground_window(image: np.ndarray, percentiles: tuple[float, float] = (1.0
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
+def foreground_box_mm(vol: RasVolume, margin_mm: float = 6.0) -> list[tuple[float, float]]:
+    """Per RAS axis, the (low, high) world coordinates (mm) of the scan's non-zero voxels, widened by
+    ``margin_mm`` and clipped to the field of view (the whole field of view for an all-zero scan)."""
+    nz = np.nonzero(vol.data)
+    out = []
+    for a in range(3):
+        mm = vol.axis_mm(a)
+        half = abs(vol.affine[a, a]) / 2
+        fov = (float(mm[0] - half), float(mm[-1] + half))
+        if nz[0].size == 0:
+            out.append(fov)
+            continue
+        lo, hi = float(mm[nz[a].min()] - half - margin_mm), float(mm[nz[a].max()] + half + margin_mm)
+        out.append((max(lo, fov[0]), min(hi, fov[1])))
+    return out
+
+
 def heat_cmap(name: str = DEFAULT_CMAP) -> Colormap:
     """The heatmap colour map: zero voxels (masked before drawing) are transparent, and the opacity ramps up
     linearly over the lowest 10 % of the scale so the faint tails of an upsampled map do not tint the whole scan."""
@@ -232,6 +249,7 @@ def draw_views(
     alpha: float = 0.6,
     mm_axes: bool = True,
     fontsize: float = 9.0,
+    margin_mm: float = 6.0,
 ) -> Any:
     """Draw axial, coronal, sagittal views of ``layer`` through RAS voxel ``centre`` on three matplotlib axes.
 
@@ -241,12 +259,14 @@ def draw_views(
         centre: voxel index (i, j, k) on the RAS grid.
         vmin, vmax: the colour scale of the map (map units); voxels <= 0 are transparent.
         mm_axes: label the axes in mm (world coordinates); else hide the ticks (montage cells).
+        margin_mm: the views are cropped to the scan's foreground (non-zero voxels) plus this margin.
 
     Returns:
         The last heatmap image (for a colour bar), or None when nothing was drawn.
     """
     vol = layer.background
     cm = heat_cmap(cmap)
+    box = foreground_box_mm(vol, margin_mm=margin_mm)
     zero = layer.heatmap is not None and not np.any(layer.heatmap > 0)
     im_h = None
     for ax, view in zip(axes, VIEWS):
@@ -283,8 +303,9 @@ def draw_views(
                 bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "red"},
             )
         _letters(ax, view, fontsize)
-        ax.set_xlim(bg.extent[0], bg.extent[1])
-        ax.set_ylim(bg.extent[2], bg.extent[3])
+        h_ax, v_ax = [a for a in range(3) if a != _VIEW_AXIS[view]]
+        ax.set_xlim(box[h_ax][1], box[h_ax][0])  # descending: patient's right (or anterior) on the left
+        ax.set_ylim(box[v_ax][0], box[v_ax][1])
         ax.set_facecolor("black")
         where = f"{view} {'xyz'[_VIEW_AXIS[view]]} = {bg.position_mm:.1f} mm"
         if vol.oblique > 0.5:
@@ -426,7 +447,7 @@ def overlay_figure(
     hi = hi if vmax is None else float(vmax)
     if hi <= lo:
         hi = lo + 1.0
-    fig = Figure(figsize=(13, 4.6), dpi=dpi)
+    fig = Figure(figsize=(13, 4.3), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     layer = OverlayLayer(bg, hm, roi, window or foreground_window(image))
