@@ -95,13 +95,28 @@ def test_report_files_and_embedded_volumes(explained):
         row = next(t for t in s["targets"] if t["name"] == m["target"])
         orig = nib.load(str(out / "Phantom_00003" / row["heatmaps"][m["method"]]))
         img = _decode(m)
-        assert img.get_data_dtype() == np.uint8 and img.shape == orig.shape
-        np.testing.assert_allclose(img.affine, orig.affine, atol=1e-5)
-        a, b = np.asarray(img.dataobj, dtype=np.float64), orig.get_fdata()
+        # maps subsampled down to the working grid: 8 mm model grid on 3 mm scans -> every 2nd voxel
+        st = m["stride"]
+        assert st == 2
+        b = orig.get_fdata()[::st, ::st, ::st]
+        assert img.get_data_dtype() == np.uint8 and img.shape == b.shape
+        np.testing.assert_allclose(img.affine, orig.affine @ np.diag([st, st, st, 1]), atol=1e-5)
+        a = np.asarray(img.dataobj, dtype=np.float64)
         assert m["max"] == pytest.approx(b.max(), rel=1e-6)
         assert np.abs(a - b).max() <= m["step"] / 2 + 1e-6 * max(b.max(), 1)
         assert np.all(a[b == 0] == 0)
     assert data["scale"][1] == pytest.approx(max(m["max"] for m in data["maps"]))
+    scan = next(sc for sc in data["scans"] if sc["channel"] == "t1ce")
+    t1ce = nib.load(str(next((out / "Phantom_00003" / "slicer").glob("image_t1ce.*"))))
+    sc_img = _decode(scan)
+    assert sc_img.shape == t1ce.shape and scan["stride"] == 1  # scans at full resolution
+    ref = t1ce.get_fdata()
+    fg = ref[ref != 0]
+    lo, hi, top = np.percentile(fg, [1, 99, 99.9])
+    assert (scan["cal_min"], scan["cal_max"]) == pytest.approx((lo, hi), rel=1e-5)
+    step = float(sc_img.dataobj.slope)  # nibabel moves the scaling from the header to the proxy on load
+    inside = ref <= top
+    assert np.abs(np.asarray(sc_img.dataobj, dtype=np.float64)[inside] - ref[inside]).max() <= step / 2 + 1e-3
     reg = _decode(data["regions"])
     assert int(reg.header["intent_code"]) == 1002  # NIfTI label intent: NiiVue draws it as outlines
     # the whole report stays small for a phantom case

@@ -109,9 +109,11 @@ def build_case_data(case_dir: Path, summary: dict[str, Any], *, max_voxels: int)
 
     maps = []
     affine = None
+    working = summary.get("preprocessed_spacing_mm")
     for row in summary.get("targets", []):
         for m, rel in (row.get("heatmaps") or {}).items():
             arr, affine = V.read_nifti(case_dir / rel)
+            stride = V.map_stride(np.linalg.norm(affine[:3, :3], axis=0), working)
             label = (summary.get("methods") or {}).get(m, m)
             maps.append(
                 V.pack_map(
@@ -119,6 +121,7 @@ def build_case_data(case_dir: Path, summary: dict[str, Any], *, max_voxels: int)
                     arr,
                     affine,
                     max_voxels=max_voxels,
+                    min_stride=stride,
                     method=m,
                     method_label=label,
                     target=row["name"],

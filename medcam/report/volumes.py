@@ -10,7 +10,8 @@ To keep that small:
   foreground (values above the 99.9th percentile are clipped; the window shown is the 1st-99th percentile);
 * a volume with more than ``max_voxels`` voxels is subsampled by the smallest integer stride that fits (every
   s-th voxel, affine scaled accordingly; BraTS' 240 x 240 x 155 = 8.9 M voxels is kept at full resolution with the
-  default 10 M);
+  default 10 M); maps are also subsampled down to the model's working grid (:func:`map_stride`: stride 2 for the
+  demo's 2 mm grid on 1 mm scans), which they carry no finer detail than;
 * predicted regions become one uint8 label volume (value k+1 for region k, smaller regions drawn over larger
   ones, as BraTS ET inside TC inside WT).
 """
@@ -67,9 +68,20 @@ def _sub(arr: np.ndarray, affine: np.ndarray, stride: int) -> tuple[np.ndarray, 
     return arr[::stride, ::stride, ::stride], affine @ np.diag([stride, stride, stride, 1.0])
 
 
-def pack_map(name: str, arr: np.ndarray, affine: np.ndarray, *, max_voxels: int = DEFAULT_MAX_VOXELS, **info: Any):
-    """A heatmap [X, Y, Z] (map units, >= 0) as uint8 with ``scl_slope = max / 255``."""
-    stride = _stride(arr.shape, max_voxels)
+def pack_map(
+    name: str,
+    arr: np.ndarray,
+    affine: np.ndarray,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    min_stride: int = 1,
+    **info: Any,
+):
+    """A heatmap [X, Y, Z] (map units, >= 0) as uint8 with ``scl_slope = max / 255``.
+
+    ``min_stride``: subsample at least this much (a map computed on a coarser working grid and interpolated onto the
+    original grid carries no detail finer than that grid: :func:`map_stride`)."""
+    stride = max(_stride(arr.shape, max_voxels), int(min_stride))
     a, aff = _sub(np.asarray(arr, np.float32), affine, stride)
     hi = float(np.max(a)) if a.size else 0.0
     if hi > 0:
@@ -78,6 +90,14 @@ def pack_map(name: str, arr: np.ndarray, affine: np.ndarray, *, max_voxels: int 
         q, slope = np.zeros(a.shape), 1.0
     info = {**info, "max": hi, "step": slope, "stride": stride}
     return PackedVolume(name, _nifti_b64(q, aff, slope, 0.0), 0.0, hi, info)
+
+
+def map_stride(original_spacing: Sequence[float], working_spacing: Sequence[float] | None) -> int:
+    """Largest integer stride not finer than the model's working grid: ``floor(min(working / original))``, >= 1."""
+    if not working_spacing:
+        return 1
+    ratio = min(float(w) / float(o) for w, o in zip(working_spacing, original_spacing))
+    return max(1, int(np.floor(ratio + 1e-6)))
 
 
 def pack_scan(name: str, arr: np.ndarray, affine: np.ndarray, *, max_voxels: int = DEFAULT_MAX_VOXELS):
