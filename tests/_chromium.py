@@ -115,7 +115,12 @@ def load_page(
             ready = None
             end = time.monotonic() + timeout
             while time.monotonic() < end:
-                r = s.call("Runtime.evaluate", {"expression": ready_js, "returnByValue": True}, session=sid)
+                r = s.call(  # the page's main thread may be busy decoding volumes: wait for it
+                    "Runtime.evaluate",
+                    {"expression": ready_js, "returnByValue": True},
+                    session=sid,
+                    timeout=max(1.0, end - time.monotonic()),
+                )
                 ready = r.get("result", {}).get("value")
                 if ready:
                     break

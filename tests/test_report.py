@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import nibabel as nib
@@ -80,6 +81,12 @@ def test_report_files_and_embedded_volumes(explained):
     index = (rep / "index.html").read_text()
     assert "cases/Phantom_00003.html" in index and "WT" in index
     page = (rep / "cases" / "Phantom_00003.html").read_text()
+    # zippable: every link and script of the pages is relative and points at a file of OUT
+    for html_file, text in ((rep / "index.html", index), (rep / "cases" / "Phantom_00003.html", page)):
+        for ref in re.findall(r"(?:href|src)='([^']+)'|(?:href|src)=\"([^\"]+)\"", text):
+            ref = ref[0] or ref[1]
+            assert "://" not in ref and not ref.startswith("/"), ref
+            assert (html_file.parent / ref).resolve().is_file(), (html_file.name, ref)
     scripts = re.findall(r"<script[^>]*>", page)
     assert scripts and all("src=" in s and 'type="module"' not in s and "http" not in s for s in scripts)
     assert "http://" not in page and "https://" not in page  # nothing fetched at view time
@@ -102,7 +109,7 @@ def test_report_files_and_embedded_volumes(explained):
         assert img.get_data_dtype() == np.uint8 and img.shape == b.shape
         np.testing.assert_allclose(img.affine, orig.affine @ np.diag([st, st, st, 1]), atol=1e-5)
         a = np.asarray(img.dataobj, dtype=np.float64)
-        assert m["max"] == pytest.approx(b.max(), rel=1e-6)
+        assert m["max"] == pytest.approx(orig.get_fdata().max(), rel=1e-6)
         assert np.abs(a - b).max() <= m["step"] / 2 + 1e-6 * max(b.max(), 1)
         assert np.all(a[b == 0] == 0)
     assert data["scale"][1] == pytest.approx(max(m["max"] for m in data["maps"]))
@@ -186,3 +193,45 @@ def test_report_pages_in_headless_chromium(explained, tmp_path):
     inside = [b for b in blobs if _grey_beside(png, b)]
     assert inside, f"no heatmap blob inside the scan in the screenshot ({len(blobs)} coloured blobs)"
     assert sum((b[0].stop - b[0].start) * (b[1].stop - b[1].start) for b in inside) > 200
+
+
+# ---------------------------------------------------------------------------------------------------- notebooks
+def test_viz_show_finds_the_case_and_falls_back_to_the_montage(explained):
+    from IPython.display import Image
+
+    from medcam.viz import ViewerError, case_folder, show
+
+    case = explained / "Phantom_00003"
+    assert case_folder(case) == case and case_folder(explained) == case
+    assert case_folder({"output": str(explained), "cases": [{"case_id": "Phantom_00003", "status": "ok"}]}) == case
+    with pytest.raises(ViewerError, match="pass the case folder"):
+        case_folder({"case_id": "Phantom_00003"})
+    with pytest.raises(ViewerError, match="not a medcam case folder"):
+        case_folder(explained / "report")
+    img = show(case)  # no notebook kernel here: the static montage
+    assert isinstance(img, Image) and img.data[:4] == b"\x89PNG"
+    assert img.data == (case / "montage.png").read_bytes()
+
+
+def test_viz_show_widget_switches_maps_and_threshold(explained):
+    pytest.importorskip("ipyniivue")
+    from ipyniivue import NiiVue
+
+    from medcam.viz import show
+
+    case = explained / "Phantom_00003"
+    s = json.loads((case / "summary.json").read_text())
+    box = show(case, widget=True)
+    (chooser, thr), nv = box.children[0].children, box.children[1]
+    assert isinstance(nv, NiiVue) and nv.opts.is_radiological_convention
+    names = [Path(v.path).name for v in nv.volumes]
+    assert names[0] == "image_t1ce.nii.gz" and len(names) == 2
+    scale = max(v for t in s["targets"] for v in t["map_max"].values())
+    assert thr.max == pytest.approx(scale) and nv.volumes[1].cal_max == pytest.approx(scale)
+    first = Path(nv.volumes[1].path).name
+    chooser.value = len(chooser.options) - 1
+    assert Path(nv.volumes[1].path).name != first
+    last = s["targets"][-1]
+    assert Path(nv.volumes[1].path) == case / last["heatmaps"][list(last["heatmaps"])[-1]]
+    thr.value = scale / 2
+    assert nv.volumes[1].cal_min == pytest.approx(scale / 2)

@@ -113,7 +113,7 @@ def write_case_figures(
 
     Returns:
         ``{"scale": [lo, hi] or None, "shared_scale", "slice_at", "montage": path or None, "background": {target:
-        channel}}``.
+        channel}, "images": {channel: file}, "centres_mm": {target: [x, y, z] RAS mm of the slices}}``.
     """
     if not entries:
         raise MedcamDataError("write_case_figures needs at least one map")
@@ -178,6 +178,9 @@ def write_case_figures(
         "montage": montage_rel,
         "background": dict(target_background),
         "images": {k: str(v) for k, v in (images or {}).items()},
+        "centres_mm": {
+            t: [round(float(v), 3) for v in next(iter(ras_bg.values())).world(c)] for t, c in centres.items()
+        },
     }
 
 

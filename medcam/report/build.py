@@ -149,6 +149,7 @@ def build_case_data(case_dir: Path, summary: dict[str, Any], *, max_voxels: int)
         "scans": scans,
         "background": preferred,
         "target_background": figs.get("background") or {},
+        "centres_mm": figs.get("centres_mm") or {},
         "maps": maps,
         "regions": reg_js,
         "scale": [0.0, hi if hi > 0 else 1.0],

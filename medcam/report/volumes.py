@@ -82,8 +82,9 @@ def pack_map(
     ``min_stride``: subsample at least this much (a map computed on a coarser working grid and interpolated onto the
     original grid carries no detail finer than that grid: :func:`map_stride`)."""
     stride = max(_stride(arr.shape, max_voxels), int(min_stride))
-    a, aff = _sub(np.asarray(arr, np.float32), affine, stride)
-    hi = float(np.max(a)) if a.size else 0.0
+    full = np.asarray(arr, np.float32)
+    hi = float(np.max(full)) if full.size else 0.0  # the map's maximum on the original grid, before subsampling
+    a, aff = _sub(full, affine, stride)
     if hi > 0:
         q, slope = np.rint(np.clip(a, 0, None) / hi * 255.0), hi / 255.0
     else:

@@ -14,6 +14,7 @@
     crosshairWidth: 0.5,
     dragAndDropEnabled: false,
     multiplanarShowRender: 0,
+    sagittalNoseLeft: true,
     logLevel: "error",
   });
   let scanVol = null, mapVol = null, regionVol = null, current = null;
@@ -54,6 +55,8 @@
     say(entry.method_label + " | target " + entry.target + " | map max " + entry.max.toPrecision(3) +
         (entry.max > 0 ? "" : " | map is zero"));
     order(); applyMapDisplay();
+    const c = (D.centres_mm || {})[entry.target];  // the slices of the PNGs: the ROI's centre of mass
+    if (c && nv.volumes.length) { nv.scene.crosshairPos = nv.mm2frac(c); nv.drawScene(); }
   }
   function buttons() {
     const box = document.getElementById("map-buttons");
@@ -108,8 +111,9 @@
       outl.disabled = true;
     }
     await showScan(D.background);
-    const first = D.maps.findIndex((m) => m.max > 0);
-    if (D.maps.length) await showMap(first >= 0 ? first : 0);
+    let first = 0;  // start with the strongest map (the others are one click away)
+    D.maps.forEach((m, i) => { if (m.max > D.maps[first].max) first = i; });
+    if (D.maps.length) await showMap(first);
     thr.addEventListener("input", applyMapDisplay);
     opac.addEventListener("input", applyMapDisplay);
     outl.addEventListener("change", () => { order(); nv.updateGLVolume(); });
