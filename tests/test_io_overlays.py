@@ -234,3 +234,19 @@ def test_shared_and_own_colour_scales_in_the_figure():
     cb = [ax for ax in own.axes if ax.get_label() == "<colorbar>"]
     assert cb[0].get_ylim() == pytest.approx((0, 5.0))
     assert "map value" in cb[0].get_ylabel()
+
+
+def test_slices_of_an_empty_roi_and_a_zero_map_go_through_the_brain():
+    from medcam.io.overlays import slice_centre
+
+    bg = np.zeros((20, 30, 10))
+    bg[10:16, 4:10, 2:8] = 1
+    zero = np.zeros_like(bg)
+    assert slice_centre(zero, np.zeros(bg.shape, bool), "roi", bg) == (12, 6, 4)  # brain centre of mass, rounded
+    assert slice_centre(zero, None, "max", None) == (10, 15, 5)
+    hm = zero.copy()
+    hm[3, 4, 5] = 2.0
+    assert slice_centre(hm, None, "roi", bg) == (3, 4, 5) and slice_centre(hm, bg > 0, "max") == (3, 4, 5)
+    assert slice_centre(hm, bg > 0, "roi") == (12, 6, 4)
+    with pytest.raises(MedcamDataError, match="'roi' or 'max'"):
+        slice_centre(hm, None, "middle")

@@ -78,6 +78,8 @@ def test_report_files_and_embedded_volumes(explained):
     for f in ("index.html", "assets/niivue.umd.js", "assets/LICENSE-niivue.txt", "assets/viewer.js"):
         assert (rep / f).is_file(), f
     assert "BSD 2-Clause" in (rep / "assets" / "LICENSE-niivue.txt").read_text()
+    bundle = (rep / "assets" / "niivue.umd.js").read_text(encoding="utf-8")
+    assert "import(" not in bundle and "sA.niivue={}" in bundle  # one classic UMD script, no lazily loaded chunks
     index = (rep / "index.html").read_text()
     assert "cases/Phantom_00003.html" in index and "WT" in index
     page = (rep / "cases" / "Phantom_00003.html").read_text()

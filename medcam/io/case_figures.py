@@ -131,7 +131,8 @@ def write_case_figures(
     centres = {}
     for t in targets:
         t_maps = [m for e, m in zip(entries, ras_maps) if e.target == t]
-        centres[t] = slice_centre(np.maximum.reduce(t_maps), ras_rois.get(t), slice_at)
+        bg_t = ras_bg[target_background[t]].data
+        centres[t] = slice_centre(np.maximum.reduce(t_maps), ras_rois.get(t), slice_at, bg_t)
     for e, m in zip(entries, ras_maps):
         ch = target_background[e.target]
         mmax = float(np.max(m))

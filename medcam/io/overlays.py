@@ -158,12 +158,22 @@ def roi_centre(heatmap: np.ndarray, roi_mask: np.ndarray | None = None) -> tuple
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
 
 
-def slice_centre(heatmap: np.ndarray, roi_mask: np.ndarray | None, at: str = "roi") -> tuple[int, int, int]:
-    """``at="roi"``: :func:`roi_centre`; ``at="max"``: the map's maximum (the ROI centre if the map is zero)."""
-    if at == "max" and np.max(heatmap) > 0:
-        return tuple(int(v) for v in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+def slice_centre(
+    heatmap: np.ndarray, roi_mask: np.ndarray | None, at: str = "roi", background: np.ndarray | None = None
+) -> tuple[int, int, int]:
+    """``at="roi"``: :func:`roi_centre`; ``at="max"``: the map's maximum (the ROI centre if the map is zero).
+
+    With an empty ROI and an all-zero map there is nothing to aim at: the centre of mass of ``background``'s
+    non-zero voxels (the brain), else the middle of the grid."""
     if at not in ("roi", "max"):
         raise MedcamDataError(f"slice position must be 'roi' or 'max', got {at!r}")
+    if at == "max" and np.max(heatmap) > 0:
+        return tuple(int(v) for v in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+    if np.max(heatmap) <= 0 and (roi_mask is None or not np.any(roi_mask)):
+        fg = None if background is None else np.asarray(background) != 0
+        if fg is not None and fg.any():
+            return tuple(int(round(v)) for v in ndimage.center_of_mass(fg))
+        return tuple(int(n) // 2 for n in np.shape(heatmap))
     return roi_centre(heatmap, roi_mask)
 
 
@@ -439,7 +449,7 @@ def overlay_figure(
     hm = ras(heatmap, affine).data
     roi = None if roi_mask is None else ras(roi_mask, affine).data
     if centre is None:
-        c = slice_centre(hm, roi, slice_at)
+        c = slice_centre(hm, roi, slice_at, bg.data)
     else:  # a voxel index of the given arrays -> RAS grid index
         c = tuple(int(v) for v in np.argwhere(ras(_index_volume(np.shape(image), centre), affine).data)[0])
     lo, hi = map_scale([hm])
