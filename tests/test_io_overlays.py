@@ -174,8 +174,18 @@ def test_background_window_is_the_foreground_percentiles():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(np.arange(216) + 1, [1, 99])))
 
 
-def test_case_figures_share_one_scale_and_warn_on_zero_maps(tmp_path, caplog):
+def test_case_figures_share_one_scale_and_warn_on_zero_maps(tmp_path):
+    import logging
+
     from medcam.io.case_figures import MapEntry, write_case_figures, zero_map_warnings
+
+    class Keep(logging.Handler):  # on the module's logger: the CLI may stop "medcam" from propagating to root
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
 
     image, heat, block, aff = _case("LPS")
     entries = [
@@ -184,10 +194,18 @@ def test_case_figures_share_one_scale_and_warn_on_zero_maps(tmp_path, caplog):
         MapEntry("gradcam", "Seg-Grad-CAM", "ET", np.zeros_like(heat), "overlays/gradcam_ET.png"),
         MapEntry("hirescam", "Seg-HiRes-Grad-CAM", "ET", heat * 2, "overlays/hirescam_ET.png"),
     ]
-    with caplog.at_level("WARNING"):
+    keep = Keep()
+    log = logging.getLogger("medcam.io.case_figures")
+    level = log.level
+    log.addHandler(keep)
+    log.setLevel(logging.WARNING)  # an earlier in-process `medcam --quiet` leaves "medcam" at ERROR
+    try:
         warnings = zero_map_warnings("c1", entries)
+    finally:
+        log.removeHandler(keep)
+        log.setLevel(level)
     assert len(warnings) == 1 and "Seg-Grad-CAM" in warnings[0] and "ET" in warnings[0]
-    assert "zero everywhere" in caplog.text
+    assert keep.messages == warnings and "zero everywhere" in warnings[0]
     info = write_case_figures(
         tmp_path,
         entries,
