@@ -5,6 +5,11 @@
   const status = document.getElementById("status");
   const say = (t) => { if (status) status.textContent = t; };
   if (!D || !window.niivue) { say("viewer data or NiiVue bundle missing"); return; }
+  if (!D.scans.length) {  // explained with --no-png --no-slicer and the original files moved away
+    say("no scan found for this case (neither slicer/image_* nor the original files): the maps cannot be shown");
+    document.body.dataset.ready = "1";
+    return;
+  }
   const NV = window.niivue;
   const nv = new NV.Niivue({
     isColorbar: true,
