@@ -45,7 +45,8 @@ Targets (repeat --target; default: the predicted region of every named output):
   box:x0,y0,z0:x1,y1,z1[:WT]  voxel box of the original grid, x0 <= i < x1
   channel:N[:class|...]     by output channel number, for models without --regions
 \b
-Output per case: OUT/<case_id>/summary.json, heatmaps/*.nii.gz (original grid), overlays/*.png, slicer/scene.mrml.
+Output per case: OUT/<case_id>/summary.json, heatmaps/*.nii.gz (original grid), overlays/*.png, montage.png,
+slicer/scene.mrml; with --report also OUT/report/index.html (or later: medcam report OUT).
 Finished cases are skipped when you run the same command again; the exit code is 1 if any case failed."""
 
 
@@ -390,7 +391,23 @@ def _explain_options(fn: Callable) -> Callable:
         ),
         click.option("--part-id", type=int, default=0, show_default=True, help="Which part this run does (0-based)."),
         click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder."),
-        click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays."),
+        click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays and the montage."),
+        click.option(
+            "--shared-scale/--no-shared-scale",
+            default=True,
+            show_default=True,
+            help="One colour scale for all PNGs of a case (0 .. the largest map value over methods and targets).",
+        ),
+        click.option(
+            "--slice-at",
+            type=click.Choice(["roi", "max"]),
+            default="roi",
+            show_default=True,
+            help="PNG slices through the ROI's centre of mass (roi) or the map's maximum (max).",
+        ),
+        click.option(
+            "--report", is_flag=True, help="Write the HTML report OUTPUT/report/index.html at the end (medcam report)."
+        ),
         click.option(
             "--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them)."
         ),
@@ -435,6 +452,8 @@ def _run_explain(
     cpus_per_worker: float = 1,
     workers: int | None = None,
     max_retries: int = 2,
+    shared_scale: bool = True,
+    slice_at: str = "roi",
 ) -> dict[str, Any]:
     from .methods import METHODS
     from .pipeline import (
@@ -515,6 +534,7 @@ def _run_explain(
         "amp": amp,
         "slicer": slicer,
         "png": png,
+        "figures": {"shared_scale": shared_scale, "slice_at": slice_at} if png else None,
     }
     return explain_cohort(
         cases,
@@ -570,10 +590,43 @@ def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
     --method for every --target at --layer (with MONAI sliding windows if --roi-size), and the maps are mapped back
     onto the original image grid.
     """
+    want_report = kw.pop("report")
     run = _run_explain(inputs, **kw)
     _report(run, kw["output"])
+    if want_report:
+        _write_report(kw["output"])
     if run["failed"]:
         sys.exit(1)
+
+
+def _write_report(output: str) -> None:
+    from .report import write_report
+
+    index = write_report(output)
+    click.echo(f"  report: {index} (open it in a browser; works offline, zip the whole folder to share)")
+
+
+# ---------------------------------------------------------------------------------------------------- report
+@main.command("report")
+@click.argument("output", type=click.Path())
+@click.option(
+    "--max-voxels",
+    type=int,
+    default=10_000_000,
+    show_default=True,
+    help="Volumes larger than this are subsampled (integer stride) in the report to keep it small.",
+)
+@common_options
+def report_cmd(output: str, max_voxels: int, quiet: bool) -> None:
+    """Write OUTPUT/report/index.html: a cohort table and an interactive 3D viewer (NiiVue) per case.
+
+    OUTPUT is the --output folder of `medcam explain`. The report opens from the file system (no server, no network)
+    and can be zipped with the case folders.
+    """
+    from .report import write_report
+
+    index = write_report(output, max_voxels=max_voxels)
+    click.echo(f"medcam: report written -> {index}")
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -597,6 +650,7 @@ def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwr
     OUTPUT/Phantom_<seed>/heatmaps/    Seg-Grad-CAM and Seg-HiRes-Grad-CAM maps (NIfTI, original grid)
     OUTPUT/Phantom_<seed>/overlays/    PNG overlays
     OUTPUT/Phantom_<seed>/slicer/      open scene.mrml in 3D Slicer
+    OUTPUT/report/index.html           interactive report (open in a browser)
     Running it again reuses what is there (use --overwrite to redo).
     """
     from .data.brats import discover_brats_case
@@ -645,6 +699,8 @@ def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwr
         quiet=quiet,
     )
     _report(run, str(out))
+    if run["ok"] + run["skipped"]:
+        _write_report(str(out))
     if run["failed"]:
         sys.exit(1)
 

@@ -130,3 +130,36 @@ def test_export_errors_and_overwrite(phantom_case, tmp_path):
     export_slicer_scene(tmp_path / "b", image_path=case.reference_path, heatmaps=heat, overwrite=True)
     with pytest.raises(MedcamDataError, match="segment_names"):
         write_seg_nrrd(np.zeros((2,) + ref.shape), ref.affine, tmp_path / "x.seg.nrrd")
+
+
+def test_scene_holds_every_modality_with_t1ce_as_background(phantom_case, tmp_path):
+    from medcam.io.case_figures import scene_images
+
+    case, ref = phantom_case
+    imgs = scene_images(case)
+    assert imgs["image_name"] == "t1ce" and set(imgs["other_images"]) == {"t1", "t2", "flair"}
+    scene = export_slicer_scene(tmp_path / "s", heatmaps={"WT": case.invert(case.image[3])}, **imgs)
+    files = sorted(p.name for p in (tmp_path / "s").iterdir() if p.name.startswith("image_"))
+    assert files == ["image_flair.nii.gz", "image_t1.nii.gz", "image_t1ce.nii.gz", "image_t2.nii.gz"]
+    for ch in ("t1", "t1ce", "t2", "flair"):  # byte copies of the original files
+        assert (tmp_path / "s" / f"image_{ch}.nii.gz").read_bytes() == case.paths[ch].read_bytes()
+    root = ET.parse(str(scene)).getroot()
+    vols = {v.get("id"): v.get("name") for v in root.iter("Volume")}
+    assert vols["vtkMRMLScalarVolumeNode1"] == "image_t1ce" and vols["vtkMRMLScalarVolumeNode2"] == "heatmap WT"
+    assert sorted(vols.values()) == ["heatmap WT", "image_flair", "image_t1", "image_t1ce", "image_t2"]
+    for comp in root.iter("SliceComposite"):
+        assert comp.get("backgroundVolumeID") == "vtkMRMLScalarVolumeNode1"
+        assert comp.get("foregroundVolumeID") == "vtkMRMLScalarVolumeNode2"
+    grey = [d for d in root.iter("VolumeDisplay") if d.get("colorNodeID") == "vtkMRMLColorTableNodeGrey"]
+    assert len(grey) == 4
+    # an image on another grid is refused before anything is written
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(other))
+    with pytest.raises(MedcamDataError, match="not on the grid"):
+        export_slicer_scene(
+            tmp_path / "t",
+            image_path=case.reference_path,
+            heatmaps={"WT": case.invert(case.image[3])},
+            other_images={"x": other},
+        )
+    assert not (tmp_path / "t").exists()

@@ -2,7 +2,7 @@
 
 from medcam.io.atomic import OutputExistsError, atomic_write, check_output_path, write_bytes_atomic, write_text_atomic
 from medcam.io.nifti import ReferenceGeometry, reference_geometry, save_heatmap, save_label_map
-from medcam.io.overlays import roi_centre, save_overlay_png
+from medcam.io.overlays import RasVolume, overlay_figure, plane, roi_centre, save_overlay_png
 from medcam.io.slicer import export_slicer_scene, safe_volume_name, write_color_table, write_seg_nrrd
 
 __all__ = [
@@ -15,6 +15,9 @@ __all__ = [
     "reference_geometry",
     "save_heatmap",
     "save_label_map",
+    "RasVolume",
+    "overlay_figure",
+    "plane",
     "roi_centre",
     "save_overlay_png",
     "export_slicer_scene",

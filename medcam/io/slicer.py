@@ -3,7 +3,9 @@
 Folder written by :func:`export_slicer_scene`::
 
     <out_dir>/
-        image_<name>.nii.gz          copy of the reference image (background volume)
+        image_<name>.nii.gz          copies of the images: the background (T1ce or the first channel when the
+                                     pipeline writes it) and every other modality (grey volumes, selectable
+                                     as background in the slice-view controller)
         heatmap_<name>.nii.gz        one float32 map per heatmap (names never contain "seg"/"label", which Slicer
                                      would pre-tick as label maps)
         medcam_heat.ctbl             256-entry colour table (Slicer reads no colour map from NIfTI/NRRD)
@@ -207,6 +209,8 @@ def export_slicer_scene(
     *,
     image_path: PathLike,
     heatmaps: Mapping[str, np.ndarray],
+    image_name: str | None = None,
+    other_images: Mapping[str, PathLike] | None = None,
     segmentation: np.ndarray | None = None,
     segment_names: Mapping[int, str] | Sequence[str] | None = None,
     segment_colors: Mapping[int, Sequence[float]] | Sequence[Sequence[float]] | None = None,
@@ -221,6 +225,9 @@ def export_slicer_scene(
     Args:
         out_dir: the case folder to create/fill.
         image_path: original image file (NIfTI/NRRD/MHA); copied into the folder as background volume.
+        image_name: its volume name in the scene (default from the file name).
+        other_images: name -> file of further co-registered images (e.g. the other MRI modalities), each copied
+            and loaded as a grey volume (selectable as background); they must share the grid of ``image_path``.
         heatmaps: name (e.g. target "WT") -> float array [X, Y, Z] on the ORIGINAL grid of ``image_path``.
         segmentation: label map [X, Y, Z] (e.g. BraTS 1/2/4) or region masks [K, X, Y, Z] (e.g. TC, WT, ET) on
             the same grid, or None.
@@ -259,8 +266,21 @@ def export_slicer_scene(
         if seg.shape[-3:] != hdr.shape:
             raise MedcamDataError(f"Segmentation has shape {seg.shape}, image '{image_path}' has {hdr.shape}.")
     src = Path(image_path)
-    img_name = "image_" + safe_volume_name(strip_image_suffix(src.name))
-    img_file = img_name + src.name[len(strip_image_suffix(src.name)) :]
+    others = {str(k): Path(v) for k, v in (other_images or {}).items()}
+    for name, path in others.items():
+        h = read_header(path)
+        if h.shape != hdr.shape or not np.allclose(h.affine, hdr.affine, atol=1e-3):
+            raise MedcamDataError(f"Image {name!r} ('{path}') is not on the grid of '{image_path}'.")
+
+    def _img_file(name: str | None, path: Path) -> tuple[str, str]:
+        stem = strip_image_suffix(path.name)
+        vol_name = "image_" + safe_volume_name(name or stem)
+        return vol_name, vol_name + path.name[len(stem) :]
+
+    img_name, img_file = _img_file(image_name, src)
+    other_files = {name: _img_file(name, path) for name, path in others.items()}
+    if len({img_file, *(f for _, f in other_files.values())}) != 1 + len(other_files):
+        raise MedcamDataError("Two images map to the same file name in the Slicer folder; use distinct names.")
     hm_files = {}
     for name in hm_arrays:
         fname = f"heatmap_{safe_volume_name(name)}.nii.gz"
@@ -268,6 +288,7 @@ def export_slicer_scene(
             raise MedcamDataError(f"Two heatmap names map to the same file name {fname!r}; use distinct names.")
         hm_files[name] = fname
     files = [out_dir / img_file, out_dir / "medcam_heat.ctbl", out_dir / "scene.mrml"]
+    files += [out_dir / f for _, f in other_files.values()]
     files += [out_dir / f for f in hm_files.values()]
     if segmentation is not None:
         files.append(out_dir / "segmentation.seg.nrrd")
@@ -275,8 +296,9 @@ def export_slicer_scene(
         check_output_path(f, overwrite)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / img_file, overwrite=overwrite) as tmp:
-        shutil.copyfile(src, tmp)
+    for path, fname in [(src, img_file)] + [(others[n], f) for n, (_, f) in other_files.items()]:
+        with atomic_write(out_dir / fname, overwrite=overwrite) as tmp:
+            shutil.copyfile(path, tmp)
     for name, arr in hm_arrays.items():
         save_heatmap(
             arr,
@@ -301,10 +323,13 @@ def export_slicer_scene(
     # ---- scene
     from medcam.data.loading import read_volume
 
-    img = read_volume(src).numpy()
-    nz = img[img != 0]
-    lo, hi = np.percentile(nz, [1, 99]) if nz.size else (0.0, 1.0)
-    nodes = [_volume_xml(1, img_name, img_file, "vtkMRMLColorTableNodeGrey", float(hi - lo) or 1.0, float(hi + lo) / 2)]
+    def _grey_node(idx: int, name: str, fname: str, path: Path) -> str:
+        img = read_volume(path).numpy()
+        nz = img[img != 0]
+        lo, hi = np.percentile(nz, [1, 99]) if nz.size else (0.0, 1.0)
+        return _volume_xml(idx, name, fname, "vtkMRMLColorTableNodeGrey", float(hi - lo) or 1.0, float(hi + lo) / 2)
+
+    nodes = [_grey_node(1, img_name, img_file, src)]
     for i, (name, arr) in enumerate(hm_arrays.items(), start=2):
         amin, amax = float(arr.min()), float(arr.max())
         win = (amax - amin) or 1.0
@@ -319,6 +344,9 @@ def export_slicer_scene(
                 lower_thr=amin + 1e-3 * win,
             )
         )
+    first_other = 2 + len(hm_arrays)
+    for i, (name, (vol_name, fname)) in enumerate(other_files.items(), start=first_other):
+        nodes.append(_grey_node(i, vol_name, fname, others[name]))
     nodes.append(
         '  <ColorTableStorage id="vtkMRMLColorTableStorageNode1" name="ColorTableStorage1" '
         'fileName="medcam_heat.ctbl"></ColorTableStorage>\n'

@@ -14,7 +14,9 @@ Per case the output folder holds (all written atomically; an existing case folde
 
     <case>/summary.json                    targets, ROI voxel counts, scores, layer, timings, versions
     <case>/heatmaps/<method>_<target>.nii.gz  float32 maps on the ORIGINAL image grid (shape + affine of the input)
-    <case>/overlays/<method>_<target>.png  axial/coronal/sagittal overlays (preprocessed grid) with the ROI contour
+    <case>/overlays/<method>_<target>.png  axial/coronal/sagittal overlays on the ORIGINAL grid, in mm, radiological
+                                           convention, one colour scale per case (see :mod:`medcam.io.overlays`)
+    <case>/montage.png                     rows = targets, columns = methods, three views each
     <case>/slicer/scene.mrml ...           self-contained 3D Slicer folder (see :mod:`medcam.io.slicer`)
 
 Target specs (``parse_target``), for a model whose output channels are named by ``regions`` (demo/BraTS:

@@ -212,7 +212,8 @@ def explain_case(
         ``map_max`` / ``map_sum`` (per method, preprocessed grid), relative paths of the written files.
     """
     from .. import METHODS
-    from ..io import export_slicer_scene, save_heatmap, save_overlay_png
+    from ..io import export_slicer_scene, save_heatmap
+    from ..io.case_figures import MapEntry, figure_inputs, scene_images, write_case_figures, zero_map_warnings
 
     t_start = time.perf_counter()
     if not isinstance(model, LoadedModel):
@@ -273,6 +274,7 @@ def explain_case(
         target_rows = []
         roi_masks = [t.roi(output)[0].cpu().numpy() > 0 for t in tl]
         slicer_maps: dict[str, np.ndarray] = {}
+        entries: list[MapEntry] = []
         for k, (spec, t) in enumerate(zip(targets, tl)):
             target_rows.append(
                 {
@@ -304,20 +306,21 @@ def explain_case(
                 )
                 row["heatmaps"][m] = rel
                 slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
+                rel_png = f"overlays/{m.replace('+', 'pp')}_{spec.name}.png"
+                entries.append(MapEntry(m, METHOD_LABELS.get(m, m), spec.name, original[k], rel_png))
                 if png:
-                    rel_png = f"overlays/{m.replace('+', 'pp')}_{spec.name}.png"
-                    ch = _overlay_channel(case, regions[spec.channel])
-                    bg = case.image[ch].detach().cpu().numpy() if hasattr(case.image, "detach") else case.image[ch]
-                    save_overlay_png(
-                        bg,
-                        maps[k],
-                        roi_masks[k],
-                        staging / rel_png,
-                        title=f"{case.case_id} | {METHOD_LABELS.get(m, m)} | target {spec.name} | layer {layer_name}"
-                        f" | ROI contour, background {case.channel_names[ch]}",
-                        spacing=sp,
-                    )
                     row["overlays"][m] = rel_png
+        warnings = zero_map_warnings(case.case_id, entries)
+        figures = None
+        if png:
+            figures = write_case_figures(
+                staging,
+                entries,
+                **figure_inputs(case, targets, [regions[s.channel] for s in targets], roi_masks, _overlay_channel),
+                roi_ml={r["name"]: r["roi_volume_ml"] for r in target_rows},
+                layer=layer_name,
+                **dict((settings or {}).get("figures") or {}),
+            )
         # predicted regions (0/1 per output channel) on the original grid, for the summary and Slicer
         if model.activation == "sigmoid":
             pred = (torch.sigmoid(output[0]) > (0.5 if threshold is None else threshold)).float()
@@ -330,7 +333,7 @@ def explain_case(
             pred_orig = case.invert(pred_np, nearest=True)
             export_slicer_scene(
                 staging / "slicer",
-                image_path=ref,
+                **scene_images(case),
                 heatmaps=slicer_maps,
                 segmentation=pred_orig,
                 segment_names=[f"predicted {r}" for r in regions],
@@ -371,6 +374,8 @@ def explain_case(
             "predicted_voxels": prediction,
             "targets": target_rows,
             "slicer_scene": slicer_rel,
+            "figures": figures,
+            "warnings": warnings,
             "device": str(device),
             "amp": bool(amp),
             "timings": timings,

@@ -1,0 +1,283 @@
+"""``medcam report OUT``: an HTML report of an output folder that opens from the file system (no server).
+
+Layout written into ``OUT/report/`` (relative links only, so the folder can be zipped and moved together with the
+case folders)::
+
+    index.html              cohort table: case, status, targets, ROI volumes, map maxima, warnings, links
+    cases/<case>.html       one page per case: NiiVue viewer (scan, heatmap method x target, threshold slider,
+                            predicted-region outlines), montage, links to the overlays and the Slicer scene
+    data/<case>.js          the case's volumes embedded as base64 (see :mod:`medcam.report.volumes`)
+    assets/niivue.umd.js    NiiVue's browser bundle (npm @niivue/niivue, BSD-2-Clause, LICENSE-niivue.txt)
+    assets/viewer.js, assets/report.css
+
+Nothing is fetched at view time: the pages use classic ``<script>`` tags only (ES modules and XHR are blocked on
+file:// pages by Chromium).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcam.errors import MedcamError
+from medcam.io.atomic import write_text_atomic
+from medcam.report import volumes as V
+
+logger = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+ASSETS = ("niivue.umd.js", "LICENSE-niivue.txt", "viewer.js", "report.css")
+
+
+class ReportError(MedcamError):
+    """The folder given to ``medcam report`` holds no medcam output (or cannot be written)."""
+
+
+def _summaries(out: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(cohort records from every ``cohort_summary*.json``, case_id -> summary.json of each case folder)."""
+    records: dict[str, dict[str, Any]] = {}
+    for p in sorted(out.glob("cohort_summary*.json")):
+        try:
+            run = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for rec in run.get("cases", []) if isinstance(run, dict) else []:
+            if isinstance(rec, dict) and "case_id" in rec:
+                records[str(rec["case_id"])] = rec
+    summaries = {}
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        s = d / "summary.json"
+        if s.is_file():
+            try:
+                data = json.loads(s.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and "medcam_version" in data:
+                summaries[d.name] = data
+    for cid in summaries:
+        records.setdefault(cid, {"case_id": cid, "status": "ok"})
+    return [records[k] for k in sorted(records)], summaries
+
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, (int, float)) else _esc(v)
+
+
+def _scan_paths(case_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """channel -> file of the case's scans: the Slicer folder's copies, else the recorded original files."""
+    out: dict[str, Path] = {}
+    channels = [str(c) for c in summary.get("channels", [])]
+    slicer = case_dir / "slicer"
+    for ch in channels:
+        hits = sorted(slicer.glob(f"image_{ch}.*")) if slicer.is_dir() else []
+        if hits:
+            out[ch] = hits[0]
+    images = (summary.get("figures") or {}).get("images") or {}
+    for ch, p in images.items():
+        if ch not in out and Path(p).exists():
+            out[ch] = Path(p)
+    return out
+
+
+def _regions(case_dir: Path) -> tuple[np.ndarray, list[str]] | None:
+    seg = case_dir / "slicer" / "segmentation.seg.nrrd"
+    if not seg.is_file():
+        return None
+    import nrrd
+
+    data, header = nrrd.read(str(seg))
+    if data.ndim == 3:
+        data = data[None]
+    names = [str(header.get(f"Segment{i}_Name", f"region {i + 1}")) for i in range(data.shape[0])]
+    return data, names
+
+
+def build_case_data(case_dir: Path, summary: dict[str, Any], *, max_voxels: int) -> dict[str, Any]:
+    """The payload of ``data/<case>.js``: scans, maps (method x target), regions, scale and notes."""
+    from medcam.data.loading import read_volume
+
+    maps = []
+    affine = None
+    working = summary.get("preprocessed_spacing_mm")
+    for row in summary.get("targets", []):
+        for m, rel in (row.get("heatmaps") or {}).items():
+            arr, affine = V.read_nifti(case_dir / rel)
+            stride = V.map_stride(np.linalg.norm(affine[:3, :3], axis=0), working)
+            label = (summary.get("methods") or {}).get(m, m)
+            maps.append(
+                V.pack_map(
+                    f"{m}_{row['name']}.nii.gz",
+                    arr,
+                    affine,
+                    max_voxels=max_voxels,
+                    min_stride=stride,
+                    method=m,
+                    method_label=label,
+                    target=row["name"],
+                    roi_ml=row.get("roi_volume_ml"),
+                ).js()
+            )
+    scans = []
+    for ch, path in _scan_paths(case_dir, summary).items():
+        vol = read_volume(path)
+        scans.append(
+            V.pack_scan(f"{ch}.nii.gz", vol.numpy(), np.asarray(vol.affine, float), max_voxels=max_voxels).js()
+        )
+        scans[-1]["channel"] = ch
+    figs = summary.get("figures") or {}
+    bg = [s["channel"] for s in scans]
+    preferred = "t1ce" if "t1ce" in bg else (bg[0] if bg else None)
+    regions = _regions(case_dir)
+    reg_js = None
+    if regions is not None and affine is not None:
+        reg_js = V.pack_regions(regions[0], regions[1], affine, max_voxels=max_voxels).js()
+    hi = max((m["max"] for m in maps), default=0.0)
+    return {
+        "case_id": summary.get("case_id"),
+        "layer": summary.get("layer"),
+        "scans": scans,
+        "background": preferred,
+        "target_background": figs.get("background") or {},
+        "centres_mm": figs.get("centres_mm") or {},
+        "maps": maps,
+        "regions": reg_js,
+        "scale": [0.0, hi if hi > 0 else 1.0],
+        "note": "volumes uint8-quantised (maps: step = max/255 map units; scans clipped at the 99.9th percentile)",
+    }
+
+
+def _case_page(cid: str, summary: dict[str, Any], case_rel: str) -> str:
+    rows = []
+    for t in summary.get("targets", []):
+        maxima = ", ".join(f"{_esc(m)} {_fmt(v)}" for m, v in (t.get("map_max") or {}).items())
+        rows.append(f"<tr><td>{_esc(t['name'])}</td><td>{_fmt(t.get('roi_volume_ml'))}</td><td>{maxima}</td></tr>")
+    warn = "".join(f"<li class='warn'>{_esc(w)}</li>" for w in summary.get("warnings") or [])
+    links = []
+    figs = summary.get("figures") or {}
+    if figs.get("montage"):
+        links.append(f"<a href='{case_rel}/{figs['montage']}'>montage (PNG)</a>")
+    if summary.get("slicer_scene"):
+        links.append(f"<a href='{case_rel}/{summary['slicer_scene']}'>3D Slicer scene</a>")
+    links.append(f"<a href='{case_rel}/summary.json'>summary.json</a>")
+    montage = (
+        f"<h2>Montage</h2><img class='montage' src='{case_rel}/{figs['montage']}' alt='montage of {_esc(cid)}'>"
+        if figs.get("montage")
+        else ""
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medcam | {_esc(cid)}</title>
+<link rel="stylesheet" href="../assets/report.css"></head>
+<body>
+<header><a href="../index.html">&larr; cohort</a> <h1>{_esc(cid)}</h1>
+<span class="meta">layer {_esc(summary.get("layer"))} | model {_esc((summary.get("model") or {}).get("spec", ""))}</span></header>
+<section id="viewer-controls">
+  <div id="map-buttons"></div>
+  <label>threshold <input id="threshold" type="range" min="0" max="1000" value="50"> <span id="thr-value"></span></label>
+  <label>opacity <input id="opacity" type="range" min="0" max="100" value="70"></label>
+  <label><input id="outlines" type="checkbox" checked> predicted-region outlines</label>
+  <label>scan <select id="scan"></select></label>
+  <span id="status" class="meta"></span>
+</section>
+<div id="gl-wrap"><canvas id="gl"></canvas></div>
+<p class="meta">Radiological convention (patient's right on the viewer's left). Colour bar in map units;
+one scale for all maps of the case (0 to the largest map value); values below the threshold (default 5 % of the
+scale) are transparent. <span id="legend"></span></p>
+<table><tr><th>target</th><th>ROI ml</th><th>map max (per method)</th></tr>{"".join(rows)}</table>
+<ul>{warn}</ul>
+<p>{" | ".join(links)}</p>
+{montage}
+<script src="../assets/niivue.umd.js"></script>
+<script src="../data/{_esc(cid)}.js"></script>
+<script src="../assets/viewer.js"></script>
+</body></html>
+"""
+
+
+def _index_page(records: list[dict[str, Any]], summaries: dict[str, dict[str, Any]], out: Path) -> str:
+    rows = []
+    for rec in records:
+        cid = str(rec["case_id"])
+        s = summaries.get(cid)
+        status = rec.get("status", "ok" if s else "missing")
+        if s is None:
+            err = _esc(rec.get("error", ""))
+            rows.append(
+                f"<tr class='failed'><td>{_esc(cid)}</td><td>{_esc(status)}</td><td colspan='5'>{err}</td></tr>"
+            )
+            continue
+        tg = s.get("targets", [])
+        names = ", ".join(_esc(t["name"]) for t in tg)
+        vols = ", ".join(f"{_esc(t['name'])} {_fmt(t.get('roi_volume_ml'))}" for t in tg)
+        maxima = "<br>".join(
+            f"{_esc(t['name'])}: " + ", ".join(f"{_esc(m)} {_fmt(v)}" for m, v in (t.get("map_max") or {}).items())
+            for t in tg
+        )
+        n_warn = len(s.get("warnings") or [])
+        links = [f"<a href='cases/{_esc(cid)}.html'>viewer</a>"]
+        figs = s.get("figures") or {}
+        if figs.get("montage"):
+            links.append(f"<a href='../{_esc(cid)}/{figs['montage']}'>montage</a>")
+        if s.get("slicer_scene"):
+            links.append(f"<a href='../{_esc(cid)}/{s['slicer_scene']}'>Slicer</a>")
+        rows.append(
+            f"<tr><td><a href='cases/{_esc(cid)}.html'>{_esc(cid)}</a></td><td>{_esc(status)}</td><td>{names}</td>"
+            f"<td>{vols}</td><td>{maxima}</td><td>{n_warn or ''}</td><td>{' | '.join(links)}</td></tr>"
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medcam report | {_esc(out.name)}</title>
+<link rel="stylesheet" href="assets/report.css"></head>
+<body><header><h1>medcam report</h1><span class="meta">{_esc(out.name)}: {len(records)} case(s)</span></header>
+<table id="cohort"><tr><th>case</th><th>status</th><th>targets</th><th>ROI volume (ml)</th>
+<th>map maxima (map units)</th><th>warnings</th><th>links</th></tr>
+{"".join(rows)}</table>
+<p class="meta">Maps on the original image grid. The viewer (NiiVue, BSD-2-Clause, see assets/LICENSE-niivue.txt)
+works offline from the file system.</p>
+</body></html>
+"""
+
+
+def write_report(output: str | Path, *, max_voxels: int = V.DEFAULT_MAX_VOXELS) -> Path:
+    """Write ``OUTPUT/report/`` for the medcam output folder ``OUTPUT`` (see the module docstring).
+
+    The report folder is medcam's own: it is rebuilt on every call (no user data lives there).
+
+    Returns:
+        Path of ``OUTPUT/report/index.html``.
+
+    Raises:
+        ReportError: ``OUTPUT`` is missing or holds no medcam case/cohort summary.
+    """
+    out = Path(output)
+    if not out.is_dir():
+        raise ReportError(f"'{out}' is not a folder; give the --output folder of `medcam explain`")
+    records, summaries = _summaries(out)
+    if not records:
+        raise ReportError(f"'{out}' holds no medcam output (no cohort_summary.json, no <case>/summary.json)")
+    rep = out / REPORT_DIR
+    if rep.exists() and not (rep / "index.html").exists() and any(rep.iterdir()):
+        raise ReportError(f"'{rep}' exists and is not a medcam report; move it away first")
+    for sub in ("assets", "cases", "data"):
+        (rep / sub).mkdir(parents=True, exist_ok=True)
+    static = resources.files("medcam.report") / "static"
+    for name in ASSETS:
+        with resources.as_file(static / name) as src:
+            shutil.copyfile(src, rep / "assets" / name)
+    for cid, s in summaries.items():
+        payload = build_case_data(out / cid, s, max_voxels=max_voxels)
+        write_text_atomic(rep / "data" / f"{cid}.js", V.case_js(payload), overwrite=True)
+        write_text_atomic(rep / "cases" / f"{cid}.html", _case_page(cid, s, f"../../{cid}"), overwrite=True)
+        logger.info("report page of case %s written", cid)
+    index = write_text_atomic(rep / "index.html", _index_page(records, summaries, out), overwrite=True)
+    logger.info("report written: %s", index)
+    return index
