@@ -13,9 +13,9 @@ Two forms:
 from .attention import (
     AttentionAggregator,
     ame_cam_from_maps,
+    apply_polarity,
     authors_normalize,
     contrastive_embeddings,
-    apply_polarity,
     fit_attention,
     mean_aggregate,
     minmax_maps,
@@ -79,6 +79,6 @@ __all__ = [
     "per_slice_metrics",
     "summarise",
 ]
-from .segmentation import AMECAM  # noqa: E402  (needs the core engine: medcam.SegHiResGradCAM, ...)
+from .segmentation import AMECAM  # noqa: E402, F401  (needs the core engine: medcam.SegHiResGradCAM, ...)
 
 __all__.append("AMECAM")
