@@ -121,6 +121,10 @@ def test_bad_input_errors(net):
         AMECAM(net, LAYERS)(torch.rand(1, 2, 16, 16, 16), [targets.ClassROI(1)])
     with pytest.raises(MedcamError):
         AMECAM(net, LAYERS, aggregation="mean").fit([torch.rand(2, 16, 16, 16)], [targets.ClassROI(1)])
+    with pytest.raises(MedcamError, match="embedding"):
+        AMECAM(net, LAYERS).fit([torch.rand(2, 16, 16, 16)], [targets.ClassROI(1)], embedding="encoder")
+    with pytest.raises(MedcamError, match="spatial dims"):  # checked before any layer map is computed
+        AMECAM(net, LAYERS).fit([torch.rand(2, 16, 16, 16), torch.rand(16, 16)], [targets.ClassROI(1)])
 
 
 def test_attention_output_is_mean_of_layer_maps_and_final_map(fitted, volumes):
