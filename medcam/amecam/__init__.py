@@ -3,14 +3,19 @@
 Two forms:
 
 * the published weakly supervised method on 2D slices (:class:`ResNet18IN` multi-exit classifier,
-  :class:`AttentionAggregator` trained with the contrastive loss of :mod:`.contrastive`, slices from :mod:`.slices`);
+  :class:`AttentionAggregator` trained with the contrastive loss of :mod:`.contrastive`, slices from :mod:`.slices`),
+  following the authors' public code (``windstormer/AME-CAM``); remaining deviations are listed in
+  ``data_scripts/AMECAM_RESULTS.md``;
 * :class:`AMECAM`, the multi-resolution aggregation of a segmentation network's CAMs at several layers
   (:mod:`.segmentation`).
 """
 
 from .attention import (
     AttentionAggregator,
+    ame_cam_from_maps,
     apply_polarity,
+    authors_normalize,
+    contrastive_embeddings,
     fit_attention,
     mean_aggregate,
     minmax_maps,
@@ -21,15 +26,18 @@ from .classifier import (
     ExitLogit,
     ResNet18IN,
     ame_cam_maps,
+    authors_minmax,
     exit_cams,
     multi_exit_loss,
     pretrain_contrastive,
+    roc_auc,
     train_classifier,
 )
-from .contrastive import c2am_loss, cosine_matrix, nt_xent_loss, sim_max_loss, sim_min_loss
+from .contrastive import c2am_loss, cosine_matrix, grey, nt_xent_loss, pixel_embeddings, sim_max_loss, sim_min_loss
 from .slices import (
     SliceSet,
     extract_slices,
+    hd95_pooled,
     load_brats_case,
     minmax_volume,
     per_slice_metrics,
@@ -38,6 +46,14 @@ from .slices import (
 
 __all__ = [
     "AttentionAggregator",
+    "ame_cam_from_maps",
+    "authors_normalize",
+    "contrastive_embeddings",
+    "authors_minmax",
+    "roc_auc",
+    "grey",
+    "pixel_embeddings",
+    "hd95_pooled",
     "apply_polarity",
     "fit_attention",
     "mean_aggregate",
@@ -63,6 +79,6 @@ __all__ = [
     "per_slice_metrics",
     "summarise",
 ]
-from .segmentation import AMECAM  # noqa: E402  (needs the core engine: medcam.SegHiResGradCAM, ...)
+from .segmentation import AMECAM  # noqa: E402, F401  (needs the core engine: medcam.SegHiResGradCAM, ...)
 
 __all__.append("AMECAM")

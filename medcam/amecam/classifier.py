@@ -7,7 +7,11 @@ The network is a ResNet-18 whose BatchNorm layers are replaced by InstanceNorm. 
 ``lambda = (0.25, 0.5, 0.75, 1.0)`` from shallow to deep. The CAM of exit ``i`` is ``m_i`` itself, upsampled bilinearly
 to the input size (no gradients needed).
 
-Implemented from the paper's description; no code was taken from the official repository.
+Checked against the authors' public code (``windstormer/AME-CAM``: ``Res18_Classifier`` in ``models.py``, training in
+``src/encoder_phase/cnet.py``), read, not copied: InstanceNorm without affine parameters (``nn.InstanceNorm2d``
+defaults), exits ``Conv2d(c, 1, 1)``, loss weights ``(0.25, 0.5, 0.75, 1.0)``, Adam lr 1e-4 with weight decay 1e-5,
+cosine annealing over the epochs to 5e-6, the checkpoint of the epoch with the best validation AUC (of the deepest
+exit's sigmoid). Their optional first phase, SimCLR pre-training of the encoder, is :func:`pretrain_contrastive`.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import MedcamError
 
-__all__ = ["ResNet18IN", "ExitLogit", "multi_exit_loss", "DEFAULT_EXIT_WEIGHTS", "exit_cams"]
+__all__ = ["ResNet18IN", "ExitLogit", "multi_exit_loss", "DEFAULT_EXIT_WEIGHTS", "exit_cams", "roc_auc"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ DEFAULT_EXIT_WEIGHTS: tuple[float, float, float, float] = (0.25, 0.5, 0.75, 1.0)
 
 
 def _norm(ch: int) -> nn.Module:
-    return nn.InstanceNorm2d(ch, affine=True)
+    return nn.InstanceNorm2d(ch)  # affine=False, track_running_stats=False: the authors' norm_layer
 
 
 class _BasicBlock(nn.Module):
@@ -253,53 +258,82 @@ def pretrain_contrastive(
 __all__.append("pretrain_contrastive")
 
 
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney statistic with average ranks for ties); NaN with one class only."""
+    from scipy.stats import rankdata
+
+    sc, lb = scores.detach().reshape(-1).double().cpu().numpy(), labels.reshape(-1).cpu().numpy() > 0.5
+    n_pos, n_neg = int(lb.sum()), int((~lb).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(sc)
+    return float((r[lb].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def _predict(model: ResNet18IN, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    return torch.cat(
+        [model(images[s : s + batch_size].to(dev))[:, -1].cpu() for s in range(0, len(images), batch_size)]
+    )
+
+
 def train_classifier(
     model: ResNet18IN,
     images: torch.Tensor,
     labels: torch.Tensor,
-    epochs: int = 1,
+    epochs: int = 10,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-5,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
     max_steps: int | None = None,
-    augment: bool = True,
+    augment: bool = False,
     generator: torch.Generator | None = None,
     log_every: int = 20,
+    history: dict | None = None,
+    progress: bool = False,
 ) -> list[float]:
-    """Train the multi-exit classifier on slices (Adam, class-balanced sampling of each batch).
+    """Train the multi-exit classifier on slices with the authors' settings.
+
+    Shuffled epochs over all slices, Adam (``lr`` 1e-4, ``weight_decay`` 1e-5), cosine annealing over ``epochs`` to
+    5e-6. With a validation set, the weights of the epoch with the best validation AUC (deepest exit) are restored
+    at the end (the authors' best-validation-AUC checkpoint).
 
     Args:
         model: a :class:`ResNet18IN` (trained in place; left in eval mode).
         images: ``[N, C, H, W]`` slices; labels: ``[N]`` 0/1.
-        max_steps: stop after this many optimiser steps (``--quick`` runs).
-        augment: random horizontal flips and intensity scaling.
+        val_images, val_labels: optional validation slices for the checkpoint choice.
+        max_steps: stop after this many optimiser steps in total (short CPU runs).
+        augment: random horizontal flips and intensity scaling (off by default, as in the authors' code).
+        history: if given, filled with ``{"val_auc": [...], "best_epoch": int, "best_val_auc": float}``.
     Returns:
         the loss of every step.
     """
     if images.ndim != 4 or labels.shape[0] != images.shape[0]:
         raise MedcamError(f"need images [N, C, H, W] and labels [N], got {tuple(images.shape)}, {tuple(labels.shape)}")
+    if (val_images is None) != (val_labels is None):
+        raise MedcamError("pass both val_images and val_labels, or neither")
     dev = next(model.parameters()).device
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    pos, neg = torch.nonzero(labels == 1).flatten(), torch.nonzero(labels == 0).flatten()
-    if len(pos) == 0 or len(neg) == 0:
-        logger.warning("training slices have a single class (%d tumour, %d normal)", len(pos), len(neg))
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, images.shape[0] // batch_size)
+    n_pos = int((labels == 1).sum())
+    if n_pos == 0 or n_pos == len(labels):
+        logger.warning("training slices have a single class (%d tumour of %d)", n_pos, len(labels))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=min(5e-6, lr))
     losses: list[float] = []
-    model.train()
-    for ep in range(epochs):
-        for _ in range(steps_per_epoch):
+    best: tuple[float, int, dict] | None = None
+    hist: dict = {"val_auc": [], "best_epoch": None, "best_val_auc": None}
+    for ep in tqdm(range(epochs), desc="AME-CAM classifier", disable=not progress):
+        model.train()
+        perm = torch.randperm(images.shape[0], generator=g)
+        for s in range(0, len(perm), batch_size):
             if max_steps is not None and len(losses) >= max_steps:
                 break
-            if len(pos) and len(neg):  # balanced batch
-                half = batch_size // 2
-                idx = torch.cat(
-                    [
-                        pos[torch.randint(len(pos), (half,), generator=g)],
-                        neg[torch.randint(len(neg), (batch_size - half,), generator=g)],
-                    ]
-                )
-            else:
-                idx = torch.randint(images.shape[0], (batch_size,), generator=g)
+            idx = perm[s : s + batch_size]
+            if len(idx) < 2:
+                continue
             x, y = images[idx].to(dev), labels[idx].to(dev).float()
             if augment:
                 flip = torch.rand(len(idx), generator=g) < 0.5
@@ -312,6 +346,21 @@ def train_classifier(
             losses.append(float(loss.detach()))
             if log_every and len(losses) % log_every == 0:
                 logger.info("classifier epoch %d step %d loss %.4f", ep, len(losses), losses[-1])
+        sched.step()
+        if val_images is not None:
+            model.eval()
+            auc = roc_auc(_predict(model, val_images, 64), val_labels)
+            hist["val_auc"].append(auc)
+            logger.info("classifier epoch %d: validation AUC %.4f", ep, auc)
+            if best is None or (auc == auc and (best[0] != best[0] or auc > best[0])):
+                best = (auc, ep, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if max_steps is not None and len(losses) >= max_steps:
+            break
+    if best is not None:
+        model.load_state_dict(best[2])
+        hist["best_val_auc"], hist["best_epoch"] = best[0], best[1]
+    if history is not None:
+        history.update(hist)
     model.eval()
     return losses
 
@@ -326,18 +375,19 @@ def ame_cam_maps(
     aggregator: torch.nn.Module | None = None,
     batch_size: int = 32,
 ) -> dict[str, torch.Tensor]:
-    """All AME-CAM maps of a batch of slices (CPU float32 outputs).
+    """All AME-CAM maps of a batch of slices, raw (CPU float32 outputs).
 
     Returns a dict with
       * ``"exits"``: raw exit maps ``[N, 4, H, W]`` (bilinearly upsampled),
       * ``"logits"``: exit logits ``[N, 4]``,
-      * ``"me_cam"``: min-max normalised mean of the 4 raw exit maps ``[N, 1, H, W]`` (ME-CAM, no attention),
-      * with an aggregator also ``"attentive"`` (raw ``sum_i a_i m_i``, ``[N, 1, H, W]``), ``"weights"``
-        ``[N, 4, H, W]`` and ``"ame_cam"``: min-max normalised mean of the 5 raw maps (4 exits + attentive).
-    Normalised maps are in [0, 1] with the network's own polarity (high = large tumour logit contribution); decide
-    the polarity with :func:`medcam.amecam.attention.region_logit_polarity` before thresholding.
+      * ``"me_cam"``: mean of the 4 raw exit maps ``[N, 1, H, W]`` (ME-CAM, no attention),
+      * with an aggregator also ``"attentive"`` (the final map ``sum_k a_k m_k`` on the raw maps, ``[N, 1, H, W]``),
+        ``"weights"`` ``[N, 4, H, W]`` and ``"ame_cam"``: mean of the 5 raw maps (4 exits + final map), as the authors
+        return it.
+    The maps are raw (network polarity: high = large tumour-logit contribution). The authors' evaluation normalises
+    each with :func:`authors_minmax` and inverts it (``1 - map``) before the 0.5 threshold.
     """
-    from .attention import minmax_maps
+    from .attention import ame_cam_from_maps
 
     dev = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {"exits": [], "logits": [], "attentive": [], "weights": []}
@@ -358,10 +408,18 @@ def ame_cam_maps(
         if aggregator is not None:
             aggregator.train(was_agg_training)
     res = {k: torch.cat(v) for k, v in out.items() if v}
-    res["me_cam"] = minmax_maps(res["exits"].mean(dim=1, keepdim=True))
+    res["me_cam"] = res["exits"].mean(dim=1, keepdim=True)
     if aggregator is not None:
-        res["ame_cam"] = minmax_maps(torch.cat([res["exits"], res["attentive"]], dim=1).mean(dim=1, keepdim=True))
+        res["ame_cam"] = ame_cam_from_maps(res["exits"], res["attentive"])
     return res
 
 
-__all__.append("ame_cam_maps")
+def authors_minmax(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The authors' evaluation normalisation of each map ``[N, 1, *S]``: ``(m - min + eps) / (max - min + eps)``
+    where ``max > min``; a constant map is left as it is."""
+    flat = maps.float().flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return torch.where(hi > lo, (flat - lo + eps) / (hi - lo + eps), flat).reshape(maps.shape)
+
+
+__all__ += ["ame_cam_maps", "authors_minmax"]

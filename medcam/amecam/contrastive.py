@@ -1,20 +1,23 @@
-"""Contrastive foreground/background losses in the style of C2AM (Xie et al., CVPR 2022), as used by AME-CAM.
+"""Contrastive foreground/background losses of C2AM (Xie et al., CVPR 2022) as AME-CAM's authors use them.
 
-Given an activation map ``M`` in [0, 1] and an image ``x``, the foreground is ``f = x * M`` and the background
-``b = x * (1 - M)``. An encoder (frozen; here the classifier's or the segmentation network's own encoder, global-average
-pooled) embeds both; the loss pulls foregrounds together, backgrounds together, and pushes each foreground away from
-each background:
+Definition followed: the authors' public code (GitHub ``windstormer/AME-CAM``,
+``src/attention_aggregation_network/loss.py`` and ``models.py``), read, not copied. With a map ``M`` (the attentive
+map, **raw**, not normalised) and the grey image ``g`` (mean over the image channels), the embeddings are the
+flattened masked pixels (no encoder):
 
-    L = SimMax(f) + SimMin(f, b) + SimMax(b)
+    f_i = flatten(g_i * M_i),   b_i = flatten(g_i * (1 - M_i))            (:func:`pixel_embeddings`)
 
-* cosine similarities are clamped to ``[0.0005, 0.9995]`` so that the logs stay finite;
-* ``SimMin(f, b) = mean_{i,j} -log(1 - cos(f_i, b_j))`` over all foreground/background pairs of the batch;
-* ``SimMax(e) = sum_{i != j} w_ij (-log cos(e_i, e_j)) / sum_{i != j} w_ij`` with ``w_ij = exp(-0.25 * rank_i(j))``,
-  where ``rank_i(j)`` is 0 for the most similar *other* embedding of row ``i``, 1 for the next, ... . The self-pair is
-  excluded (its cosine is 1 by construction). This is a weighted mean: the most similar pairs count most, so
-  the loss does not force dissimilar outliers together.
+and the loss is ``L = SimMax(f) + SimMin(f, b) + SimMax(b)`` with, for the clamped cosine similarity
+``s_ij = clamp(cos(e_i, e_j), 0.0005, 0.9995)``:
 
-Implemented from the papers' descriptions.
+* ``SimMin(f, b) = mean over all N*M pairs (i, j) of -log(1 - cos(f_i, b_j))``;
+* ``SimMax(e) = mean over all N^2 pairs (i, j), self pairs included, of w_ij * max(0, -log s_ij)``, with
+  ``w_ij = exp(-0.25 * (rank_i(j) - 1))`` where ``rank_i(j)`` is the 0-based position of ``j`` when row ``i`` is sorted
+  by decreasing ``s_ij`` (so the self pair, normally first, gets rank -1 and weight ``exp(0.25)``). Ties are ranked
+  in index order (stable sort). The rank is a constant of the backward pass, as in the authors' code.
+
+Because SimMax averages over ``N^2`` terms (``N`` of them self pairs with a constant loss ``-log 0.9995``), it is
+weighed against SimMin as the authors weigh it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,16 @@ import torch.nn.functional as F
 
 from ..errors import MedcamError
 
-__all__ = ["cosine_matrix", "sim_min_loss", "sim_max_loss", "c2am_loss", "nt_xent_loss", "COS_CLAMP"]
+__all__ = [
+    "cosine_matrix",
+    "sim_min_loss",
+    "sim_max_loss",
+    "c2am_loss",
+    "nt_xent_loss",
+    "pixel_embeddings",
+    "grey",
+    "COS_CLAMP",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,46 +53,72 @@ def _check_emb(e: torch.Tensor, name: str) -> None:
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Clamped cosine similarity ``[N, M]`` between rows of ``a`` ``[N, D]`` and ``b`` ``[M, D]``."""
+    """Clamped cosine similarity ``[N, M]`` between rows of ``a`` ``[N, D]`` and ``b`` ``[M, D]``.
+
+    Rows are L2-normalised (``F.normalize``: a zero row stays zero, its cosine is 0, clamped to 0.0005).
+    """
     _check_emb(a, "first")
     _check_emb(b, "second")
     if a.shape[1] != b.shape[1]:
         raise MedcamError(f"embedding sizes differ: {a.shape[1]} vs {b.shape[1]}")
-    cos = F.normalize(a.float(), dim=1, eps=1e-8) @ F.normalize(b.float(), dim=1, eps=1e-8).T
+    dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # float64 stays float64
+    cos = F.normalize(a.to(dt), dim=1) @ F.normalize(b.to(dt), dim=1).T
     return cos.clamp(*COS_CLAMP)
 
 
 def sim_min_loss(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
-    """``mean_{i,j} -log(1 - cos(fg_i, bg_j))``; ``fg`` ``[N, D]``, ``bg`` ``[M, D]``; scalar."""
+    """``mean_{i,j} -log(1 - cos(fg_i, bg_j))`` over all ``N*M`` pairs; ``fg`` ``[N, D]``, ``bg`` ``[M, D]``; scalar."""
     return -torch.log(1.0 - cosine_matrix(fg, bg)).mean()
 
 
 def sim_max_loss(emb: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
-    """Rank-weighted mean of ``-log cos(e_i, e_j)`` over pairs ``i != j`` (weights ``exp(-alpha * rank)``).
+    """Rank-weighted ``-log cos`` averaged over all ``N^2`` pairs, self pairs included (the authors' reduction).
 
     Args:
-        emb: embeddings ``[N, D]``; with ``N = 1`` there is no pair and the loss is 0.
+        emb: embeddings ``[N, D]``.
+        alpha: rank decay (0.25 in C2AM and AME-CAM).
     Returns:
-        scalar tensor.
+        scalar tensor ``mean_{i,j} exp(-alpha (rank_i(j) - 1)) * max(0, -log s_ij)`` (see the module docstring).
     """
     _check_emb(emb, "SimMax")
     n = emb.shape[0]
-    if n < 2:
-        return emb.sum() * 0.0
-    cos = cosine_matrix(emb, emb)
-    off = ~torch.eye(n, dtype=torch.bool, device=emb.device)
-    cos_off = cos[off].reshape(n, n - 1)
-    # rank within each row: 0 = most similar other embedding
-    order = torch.argsort(cos_off.detach(), dim=1, descending=True)
+    sim = cosine_matrix(emb, emb)
+    loss = (-torch.log(sim)).clamp_min(0.0)
+    order = torch.sort(sim.detach(), dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n - 1, device=emb.device).expand(n, n - 1).contiguous())
-    w = torch.exp(-alpha * rank.float())
-    return (w * -torch.log(cos_off)).sum() / w.sum()
+    rank.scatter_(1, order, torch.arange(n, device=emb.device).expand(n, n).contiguous())
+    w = torch.exp(-alpha * (rank - 1).to(loss.dtype))
+    return (loss * w).mean()
 
 
 def c2am_loss(fg: torch.Tensor, bg: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
     """``SimMax(fg) + SimMin(fg, bg) + SimMax(bg)`` for embeddings ``fg`` ``[N, D]`` and ``bg`` ``[N, D]``."""
     return sim_max_loss(fg, alpha) + sim_min_loss(fg, bg) + sim_max_loss(bg, alpha)
+
+
+def grey(image: torch.Tensor) -> torch.Tensor:
+    """Channel mean ``[B, C, *S] -> [B, 1, *S]`` (the authors' ``input_gray``)."""
+    if image.ndim < 3:
+        raise MedcamError(f"image must be [B, C, *spatial], got shape {tuple(image.shape)}")
+    return image.float().mean(dim=1, keepdim=True)
+
+
+def pixel_embeddings(image: torch.Tensor, attentive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' contrastive embeddings: flattened ``g * M`` and ``g * (1 - M)``.
+
+    Args:
+        image: ``[B, C, *S]`` (``g`` = channel mean).
+        attentive: the raw attentive map ``M`` ``[B, 1, *S]`` (not normalised).
+    Returns:
+        ``(fg [B, prod(S)], bg [B, prod(S)])``.
+    """
+    g = grey(image)
+    if attentive.shape[0] != g.shape[0] or attentive.shape[2:] != g.shape[2:] or attentive.shape[1] != 1:
+        raise MedcamError(
+            f"attentive map must be [B, 1, *S] for image {tuple(image.shape)}, got {tuple(attentive.shape)}"
+        )
+    m = attentive.float()
+    return (g * m).flatten(1), (g * (1.0 - m)).flatten(1)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:

@@ -1,17 +1,25 @@
-"""Multi-resolution aggregation of a segmentation network's CAMs (AME-CAM idea applied to segmentation networks).
+"""Multi-resolution aggregation of a segmentation network's CAMs (AME-CAM applied to segmentation networks).
 
 :class:`AMECAM` computes the ROI map of a segmentation network at several layers (encoder and decoder, different
-resolutions) with one medcam CAM method per layer, upsamples each to the image grid, min-max normalises each map per
-sample and target (raw CAM magnitudes differ by orders of magnitude between layers), and aggregates them:
+resolutions) with one medcam CAM method per layer (through the explainer's inferer: a MONAI sliding window works
+window by window), upsamples each to the image grid and min-max normalises it per sample and target (raw CAM
+magnitudes differ by orders of magnitude between layers; these normalised layer maps play the role of the authors'
+raw exit maps). Then:
 
-* ``aggregation="mean"``: the plain mean of the normalised layer maps (no training);
-* ``aggregation="attention"``: a per-voxel softmax attention over layers (:class:`AttentionAggregator`), trained per
-  model with :meth:`AMECAM.fit` on unlabelled volumes with the C2AM-style contrastive loss. Contrastive embeddings
-  are the segmentation network's OWN frozen features at ``embed_layer`` (default: the bottleneck, ``layer="auto"``
-  of the core engine), global-average pooled: ``f = x * M`` and ``b = x * (1 - M)`` are run through the network up to
-  that layer (the forward stops there), ``E(.) = GAP(features)``.
+* ``aggregation="mean"``: the plain mean of the layer maps (ME-CAM, no training);
+* ``aggregation="attention"``: the authors' aggregator (:class:`AttentionAggregator`: input ``grey * normalize(m_k)``,
+  bias-free convs + BatchNorm + ReLU, softmax over the layers), final map ``F = sum_k a_k m_k``, returned map = mean of
+  the ``L`` layer maps and ``F`` (the authors' AME-CAM). :meth:`AMECAM.fit` trains it per model.
 
-Both outputs lie in [0, 1] (convex combinations of [0, 1] maps).
+What the aggregator is trained to do (:meth:`AMECAM.fit`): nothing about the target or the labels. It picks, voxel by
+voxel, a convex combination of the layer maps such that, over the samples of a batch, the grey image masked by the
+final map (``g * F``, "foreground") and by its complement (``g * (1 - F)``, "background") are similar among
+foregrounds, similar among backgrounds and dissimilar between the two, cosine similarity of the flattened masked
+voxels (the authors' pixel-space C2AM loss, :mod:`.contrastive`). Whether that makes the map follow the target is an
+empirical question (see notebook 05). ``embedding="features"`` is an ablation that embeds ``x * minmax(F)`` with the
+network's own frozen features at ``embed_layer`` (global-average pooled, window by window through the inferer).
+
+Outputs lie in [0, 1] (means of convex combinations of [0, 1] maps).
 """
 
 from __future__ import annotations
@@ -31,13 +39,13 @@ from ..hooks import StopForward, preserved_model_state
 from ..layers import auto_layer, check_hookable, resolve_layer
 from ..methods import SegHiResGradCAM
 from ..targets import Target, as_target_list
-from .attention import AttentionAggregator, fit_attention, minmax_maps
+from .attention import AttentionAggregator, ame_cam_from_maps, fit_attention, minmax_maps
 
 __all__ = ["AMECAM"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the authors' aggregator (bias-free convs, BatchNorm after the last conv)
 
 
 class AMECAM:
@@ -50,9 +58,9 @@ class AMECAM:
         method: a medcam CAM class (:class:`medcam.SegHiResGradCAM`, ``SegGradCAM``, ...), one instance per layer.
         aggregation: ``"mean"`` or ``"attention"`` (needs :meth:`fit` or :meth:`load` first).
         inferer: optional MONAI ``SlidingWindowInferer``, passed to every per-layer method.
-        embed_layer: layer whose pooled output embeds foreground/background for :meth:`fit` (default: the bottleneck
-            found by the core engine's ``"auto"`` rule).
-        hidden: hidden channels of the attention net (32 in the paper; smaller is cheaper in 3D).
+        embed_layer: for ``fit(..., embedding="features")`` only: layer whose pooled output embeds
+            foreground/background (default: the bottleneck found by the core engine's ``"auto"`` rule).
+        hidden: hidden channels of the attention net (32 in the authors' code; smaller is cheaper in 3D).
         attention_downsample: integer factor; the attention net runs on an average-pooled grid and its weights are
             upsampled (linear interpolation keeps them summing to 1). 1 = full resolution.
         method_kwargs: extra keyword arguments for every per-layer method (e.g. ``amp=True``).
@@ -66,7 +74,7 @@ class AMECAM:
         aggregation: Literal["mean", "attention"] = "attention",
         inferer: Any | None = None,
         embed_layer: str | nn.Module | None = None,
-        hidden: int = 16,
+        hidden: int = 32,
         attention_downsample: int = 1,
         method_kwargs: dict | None = None,
     ):
@@ -79,9 +87,9 @@ class AMECAM:
             raise MedcamError(f"method must be a medcam CAM class such as medcam.SegHiResGradCAM, got {method!r}")
         if int(attention_downsample) < 1:
             raise MedcamError(f"attention_downsample must be a positive integer, got {attention_downsample}")
-        if any(isinstance(l, str) and l == "auto" for l in layers):
+        if any(isinstance(ly, str) and ly == "auto" for ly in layers):
             raise LayerError("AMECAM needs explicit layers (not 'auto'): see medcam.list_layers(model, example)")
-        self.cams = [method(model, layer=l, inferer=inferer, **(method_kwargs or {})) for l in layers]
+        self.cams = [method(model, layer=ly, inferer=inferer, **(method_kwargs or {})) for ly in layers]
         self.layer_names = [c.layer_name for c in self.cams]
         if len(set(self.layer_names)) != len(self.layer_names):
             raise LayerError(f"duplicate layers: {self.layer_names}")
@@ -128,8 +136,16 @@ class AMECAM:
         w = F.interpolate(small_w, size=image.shape[2:], mode=mode, align_corners=False)
         return (w * maps).sum(dim=1, keepdim=True), w
 
-    def aggregate(self, image: torch.Tensor, layer_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Aggregate precomputed layer maps ``[B, K, L, *S]`` -> ``(maps [B, K, *S], weights [B, K, L, *S] | None)``."""
+    def aggregate(
+        self, image: torch.Tensor, layer_maps: torch.Tensor, output: Literal["ame_cam", "final"] = "ame_cam"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Aggregate precomputed layer maps ``[B, K, L, *S]`` -> ``(maps [B, K, *S], weights [B, K, L, *S] | None)``.
+
+        For ``"attention"``, ``output="ame_cam"`` gives the authors' AME-CAM (mean of the ``L`` layer maps and the final
+        map ``sum_l a_l m_l``), ``output="final"`` the final map alone.
+        """
+        if output not in ("ame_cam", "final"):
+            raise MedcamError(f"output must be 'ame_cam' or 'final', got {output!r}")
         if layer_maps.ndim != image.ndim + 1 or layer_maps.shape[2] != self.n_layers:
             raise MedcamError(
                 f"layer maps must be [B, K, {self.n_layers}, *S] for image {tuple(image.shape)}, got "
@@ -147,8 +163,9 @@ class AMECAM:
         try:
             with torch.no_grad():
                 for k in range(layer_maps.shape[1]):
-                    att, w = self._attend(x, layer_maps[:, k].to(dev))
-                    outs.append(att[:, 0])
+                    m = layer_maps[:, k].to(dev).float()
+                    att, w = self._attend(x, m)
+                    outs.append((ame_cam_from_maps(m, att) if output == "ame_cam" else att)[:, 0])
                     ws.append(w)
         finally:
             self.aggregator.train(was_training)
@@ -167,20 +184,28 @@ class AMECAM:
 
     # ---------------------------------------------------------------------------------------------- training ---
     def _embed_fn(self, example: torch.Tensor):
-        """Frozen-encoder embedding ``[n, Cin, *S] -> [n, D]`` (GAP of ``embed_layer``'s output)."""
+        """Frozen-network embedding ``[n, Cin, *S] -> [n, D]`` (GAP of ``embed_layer``'s output).
+
+        With an inferer that has a ``roi_size`` (MONAI ``SlidingWindowInferer``) the network only ever sees windows of
+        that size: the image is zero-padded to at least the window, cut into the inferer's windows (its overlap) and
+        the embedding is the mean over windows of each window's pooled features. Without an inferer the network runs
+        on the whole image.
+        """
+        roi = None
+        if self.inferer is not None and getattr(self.inferer, "roi_size", None) is not None:
+            from monai.utils import fall_back_tuple
+
+            roi = tuple(fall_back_tuple(self.inferer.roi_size, example.shape[2:]))
         if self.embed_layer_name is None:
             ex = example[:1]
-            if self.inferer is not None:
-                from monai.utils import fall_back_tuple
-
-                roi = fall_back_tuple(self.inferer.roi_size, example.shape[2:])
+            if roi is not None:
                 ex = torch.zeros((1, example.shape[1], *roi), dtype=example.dtype, device=example.device)
             self.embed_layer_name = auto_layer(self.model, ex)
             logger.info("AMECAM: contrastive embeddings from layer %r", self.embed_layer_name)
         module = resolve_layer(self.model, self.embed_layer_name)[1]
         model = self.model
 
-        def embed(x: torch.Tensor) -> torch.Tensor:
+        def pooled(x: torch.Tensor) -> torch.Tensor:
             captured: list[torch.Tensor] = []
 
             def hook(_m, _i, out):
@@ -198,6 +223,33 @@ class AMECAM:
                 raise LayerError(f"embed layer {self.embed_layer_name!r} did not run in the forward pass")
             return captured[0].float().flatten(2).mean(-1)
 
+        if roi is None:
+            return pooled
+        overlap = getattr(self.inferer, "overlap", 0.25)
+        sw_batch = int(getattr(self.inferer, "sw_batch_size", 1) or 1)
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            from monai.data.utils import dense_patch_slices
+            from monai.inferers.utils import _get_scan_interval
+
+            nd = x.ndim - 2
+            pad: list[int] = []
+            for d in range(nd - 1, -1, -1):  # F.pad order: last dim first
+                extra = max(roi[d] - x.shape[2 + d], 0)
+                pad += [extra // 2, extra - extra // 2]
+            xp = F.pad(x, pad) if any(pad) else x
+            size = xp.shape[2:]
+            ov = overlap if isinstance(overlap, Sequence) else [overlap] * nd
+            slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, nd, ov))
+            acc = None
+            for s0 in range(0, len(slices), sw_batch):
+                chunk = slices[s0 : s0 + sw_batch]
+                win = torch.cat([xp[(slice(None), slice(None), *sl)] for sl in chunk])  # [len(chunk) * n, C, *roi]
+                e = pooled(win).reshape(len(chunk), x.shape[0], -1).sum(0)
+                acc = e if acc is None else acc + e
+            assert acc is not None
+            return acc / len(slices)
+
         return embed
 
     def fit(
@@ -205,40 +257,53 @@ class AMECAM:
         volumes: Iterable[torch.Tensor],
         targets: Target | Sequence[Target],
         epochs: int = 10,
-        lr: float = 1e-3,
+        lr: float = 1e-4,
         batch_size: int = 2,
         device: torch.device | str | None = None,
         seed: int = 0,
         layer_maps: Sequence[torch.Tensor] | None = None,
+        embedding: Literal["pixels", "features"] = "pixels",
+        weight_decay: float = 1e-5,
+        progress: bool = False,
     ) -> list[float]:
         """Train the attention aggregator on unlabelled volumes (the network stays frozen and unchanged).
 
-        Every (volume, target) pair is one training sample: its layer maps are computed once, then the aggregator is
-        trained for ``epochs`` with the contrastive loss (see the module docstring).
+        The aggregator learns per-voxel layer weights whose final map splits each image into a foreground and a
+        background that are consistent across the batch and unlike each other (see the module docstring); no label
+        or reference mask is used. Every (volume, target) pair is one training sample: its layer maps are computed
+        once, through the explainer's inferer (window by window with a sliding window), then the aggregator is
+        trained for ``epochs`` with the authors' optimiser (Adam, ``lr`` 1e-4, ``weight_decay`` 1e-5, cosine schedule).
 
         Args:
             volumes: iterable of images ``[Cin, *S]`` or ``[B, Cin, *S]`` (all with the same spatial size if
                 ``batch_size > 1``).
             targets: the targets whose maps are aggregated.
-            batch_size: samples per step (>= 2 so that the SimMax terms act).
+            batch_size: samples per step (>= 2 so that the SimMax terms compare samples).
             device: where the aggregator trains (default: the model's device).
             layer_maps: optional precomputed :meth:`layer_maps` outputs ``[B, K, L, *S]``, one per volume, to
                 avoid computing them again.
+            embedding: ``"pixels"`` (default, the authors': flattened masked grey voxels, the network is not run) or
+                ``"features"`` (ablation: the network's pooled features at ``embed_layer``, through the inferer's
+                windows).
+            progress: show a progress bar over epochs.
         Returns:
             the loss of every step.
         """
         if self.aggregation != "attention":
             raise MedcamError("fit() trains the attention aggregator; this AMECAM uses aggregation='mean'")
+        if embedding not in ("pixels", "features"):
+            raise MedcamError(f"embedding must be 'pixels' or 'features', got {embedding!r}")
         tl = as_target_list(targets)
         dev = torch.device(device) if device is not None else next(self.model.parameters()).device
         images, maps = [], []
         volumes = list(volumes)
         if layer_maps is not None and len(layer_maps) != len(volumes):
             raise MedcamError(f"{len(layer_maps)} layer-map tensors for {len(volumes)} volumes")
-        for j, v in enumerate(volumes):
+        nd = self._model_spatial_dims()
+        prepared = []
+        for v in volumes:  # validate every volume before any expensive work
             if not isinstance(v, torch.Tensor):
                 raise MedcamError(f"volumes must be tensors [Cin, *S] or [B, Cin, *S], got {type(v).__name__}")
-            nd = self._model_spatial_dims()
             if nd is None:
                 if v.ndim < 4:
                     raise MedcamError("cannot tell the spatial dims of the model: pass volumes as [B, Cin, *S]")
@@ -248,6 +313,13 @@ class AMECAM:
                 raise MedcamError(
                     f"volumes must be [Cin, *S] or [B, Cin, *S] with {nd} spatial dims, got {tuple(v.shape)}"
                 )
+            prepared.append(v)
+        if not prepared:
+            raise MedcamError("fit() got no volumes")
+        shapes = {tuple(v.shape[1:]) for v in prepared}
+        if len(shapes) > 1 and batch_size > 1:
+            raise MedcamError(f"volumes have different shapes {sorted(shapes)}: crop/resample them or use batch_size=1")
+        for j, v in enumerate(prepared):
             lm = (self.layer_maps(v.to(dev), tl) if layer_maps is None else layer_maps[j]).cpu()  # [B, K, L, *S]
             if lm.shape[:3] != (v.shape[0], len(tl), self.n_layers) or lm.shape[3:] != v.shape[2:]:
                 raise MedcamError(f"layer maps {tuple(lm.shape)} do not match volume {tuple(v.shape)} and targets")
@@ -255,21 +327,14 @@ class AMECAM:
                 for k in range(len(tl)):
                     images.append(v[b].float().cpu())
                     maps.append(lm[b, k])
-        if not images:
-            raise MedcamError("fit() got no volumes")
-        shapes = {tuple(i.shape) for i in images}
-        if len(shapes) > 1 and batch_size > 1:
-            raise MedcamError(f"volumes have different shapes {sorted(shapes)}: crop/resample them or use batch_size=1")
         x, m = torch.stack(images), torch.stack(maps)
         if self.aggregator is None:
-            self.aggregator = AttentionAggregator(
-                n_maps=self.n_layers, image_channels=x.shape[1], spatial_dims=x.ndim - 2, hidden=self.hidden
-            )
-        elif self.aggregator.image_channels != x.shape[1] or self.aggregator.spatial_dims != x.ndim - 2:
-            raise MedcamError("the existing aggregator was built for other images (channels / dims)")
+            self.aggregator = AttentionAggregator(n_maps=self.n_layers, spatial_dims=x.ndim - 2, hidden=self.hidden)
+        elif self.aggregator.spatial_dims != x.ndim - 2:
+            raise MedcamError("the existing aggregator was built for images with other spatial dims")
         self.aggregator.to(dev)
-        embed = self._embed_fn(x[:1].to(dev))
-        # freeze the network for the embedding passes (modes and flags restored afterwards)
+        embed = self._embed_fn(x[:1].to(dev)) if embedding == "features" else "pixels"
+        # freeze the network for any embedding passes (modes and flags restored afterwards)
         with preserved_model_state(self.model):
             losses = fit_attention(
                 self.aggregator,
@@ -278,9 +343,11 @@ class AMECAM:
                 embed,
                 epochs=epochs,
                 lr=lr,
+                weight_decay=weight_decay,
                 batch_size=batch_size,
                 generator=torch.Generator().manual_seed(seed),
                 attend=self._attend,
+                progress=progress,
             )
         return losses
 

@@ -28,6 +28,8 @@ __all__ = [
     "load_brats_case",
     "per_slice_metrics",
     "summarise",
+    "hd95_pooled",
+    "AUTHORS_EMPTY_HD95",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class SliceSet:
     """A set of 2D slices.
 
     Attributes:
-        images: float32 ``[N, 1, H, W]`` (per-volume min-max normalised to [0, 1]).
+        images: float32 ``[N, C, H, W]`` (per-volume, per-channel min-max normalised to [0, 1]).
         labels: int64 ``[N]``: 1 tumour (WT covers > threshold of the slice), 0 normal.
         masks: bool ``[N, H, W]`` whole-tumour masks (for evaluation only; never used for training).
         volume_index: int64 ``[N]`` index of the source volume; slice_index: int64 ``[N]`` index along the axis.
@@ -119,36 +121,40 @@ def extract_slices(
     """Slices of one volume along ``axis`` (axial = last axis in BraTS ``[240, 240, 155]``).
 
     Args:
-        volume: one modality ``[X, Y, Z]`` (raw intensities; min-max normalised here over the whole volume).
+        volume: one modality ``[X, Y, Z]`` or several ``[C, X, Y, Z]`` (raw intensities; each channel min-max
+            normalised here over the whole volume). ``axis`` counts in the spatial dims.
         label: segmentation ``[X, Y, Z]``; whole tumour = label > 0 (works for BraTS 2017-21 and 2023+ labels).
         axis: slicing axis.
         tumour_fraction: a slice is "tumour" when the WT mask covers MORE than this fraction of its pixels.
-        min_brain_fraction: drop slices whose non-background (intensity > volume minimum) fraction is at most this
-            (0 keeps every slice that contains any brain; use -1 to keep all slices).
+        min_brain_fraction: drop slices whose non-background (intensity > volume minimum in any channel) fraction is
+            at most this (0 keeps every slice that contains any brain; use -1 to keep all slices).
         volume_index: stored with each slice.
     Returns:
-        a :class:`SliceSet`.
+        a :class:`SliceSet` with ``C`` image channels.
     """
     vol = torch.as_tensor(np.asarray(volume)) if not isinstance(volume, torch.Tensor) else volume
     lab = torch.as_tensor(np.asarray(label)) if not isinstance(label, torch.Tensor) else label
-    if vol.ndim != 3 or tuple(vol.shape) != tuple(lab.shape):
+    if vol.ndim == 3:
+        vol = vol[None]
+    if vol.ndim != 4 or tuple(vol.shape[1:]) != tuple(lab.shape):
         raise MedcamError(
-            f"volume and label must both be [X, Y, Z] with equal shapes, got {tuple(vol.shape)} and {tuple(lab.shape)}"
+            "volume must be [X, Y, Z] or [C, X, Y, Z] and label [X, Y, Z] on the same grid, got "
+            f"{tuple(np.shape(volume))} and {tuple(lab.shape)}"
         )
     if not 0 <= tumour_fraction < 1:
         raise MedcamError(f"tumour_fraction must be in [0, 1), got {tumour_fraction}")
-    brain = vol > vol.min()
-    v = minmax_volume(vol).movedim(axis, 0)
-    wt = (lab > 0).movedim(axis, 0)
-    brain = brain.movedim(axis, 0)
-    area = v.shape[1] * v.shape[2]
+    ax = axis % 3
+    brain = torch.stack([c > c.min() for c in vol]).any(0).movedim(ax, 0)
+    v = torch.stack([minmax_volume(c) for c in vol]).movedim(ax + 1, 1)  # [C, n, H, W]
+    wt = (lab > 0).movedim(ax, 0)
+    area = v.shape[2] * v.shape[3]
     frac = wt.flatten(1).sum(1).float() / area
     keep = brain.flatten(1).float().mean(1) > min_brain_fraction
     idx = torch.nonzero(keep).flatten()
     if len(idx) == 0:
         raise MedcamError("no slice contains brain: check the volume")
     return SliceSet(
-        images=v[idx][:, None].contiguous(),
+        images=v[:, idx].movedim(0, 1).contiguous(),
         labels=(frac[idx] > tumour_fraction).long(),
         masks=wt[idx].contiguous(),
         volume_index=torch.full((len(idx),), int(volume_index), dtype=torch.long),
@@ -157,9 +163,10 @@ def extract_slices(
 
 
 def load_brats_case(
-    folder: str | os.PathLike, modality: str = "flair", label_file: str | None = None
+    folder: str | os.PathLike, modality: str | Sequence[str] = "flair", label_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Load one modality and the reference labels of a BraTS-format case folder.
+    """Load one modality (``[X, Y, Z]``) or several (a list: ``[C, X, Y, Z]``) and the reference labels of a
+    BraTS-format case folder.
 
     Accepts 2017-2021 names (``flair.nii.gz``, ``*_flair.nii.gz``) and 2023 names (``t2f``); the label file is
     ``label_file`` if given, else ``seg_fused_simple.nii.gz``, else the single ``*seg*.nii.gz`` in the folder.
@@ -170,6 +177,11 @@ def load_brats_case(
     import nibabel as nib
 
     folder = Path(folder)
+    if not isinstance(modality, str):
+        loaded = [load_brats_case(folder, m, label_file) for m in modality]
+        if not loaded:
+            raise MedcamError("no modality asked for")
+        return np.stack([v for v, _ in loaded]), loaded[0][1]
     if modality not in _MODALITY_NAMES:
         raise MedcamError(f"modality must be one of {sorted(_MODALITY_NAMES)}, got {modality!r}")
     files = sorted(p for p in folder.glob("*.nii*"))
@@ -204,8 +216,9 @@ def per_slice_metrics(
 ) -> dict[str, np.ndarray]:
     """Dice, IoU and HD95 of every slice (medcam's localisation metrics, 2D), ``[N, H, W]`` masks -> ``[N]`` arrays.
 
-    Conventions: Dice / IoU of two empty masks = 1, one empty = 0; HD95 of two empty masks = 0, one empty = the slice
-    diagonal ``sqrt(H^2 + W^2) * spacing`` (339.41 for 240 x 240 at 1 mm).
+    Conventions: Dice / IoU of two empty masks = 1, one empty = 0; HD95 (ours: larger directed 95th percentile) of two
+    empty masks = 0, one empty = the slice diagonal ``sqrt(H^2 + W^2) * spacing`` (339.41 for 240 x 240 at 1 mm);
+    ``hd95_pooled``: the authors' medpy convention (:func:`hd95_pooled`).
     """
     from ..metrics.localisation import dice_score, hausdorff95, iou_score
 
@@ -214,11 +227,46 @@ def per_slice_metrics(
     if p.ndim != 3 or p.shape != r.shape:
         raise MedcamError(f"need [N, H, W] masks of equal shape, got {tuple(p.shape)} and {tuple(r.shape)}")
     p, r = p.cpu(), r.cpu()
+    pn, rn = p.numpy(), r.numpy()
     return {
         "dice": dice_score(p, r, spatial_dims=2).numpy(),
         "iou": iou_score(p, r, spatial_dims=2).numpy(),
         "hd95": hausdorff95(p, r, spacing=spacing, spatial_dims=2).numpy(),
+        "hd95_pooled": np.array([hd95_pooled(a, b, spacing) for a, b in zip(pn, rn)], dtype=np.float64),
     }
+
+
+#: the authors' HD95 when exactly one of prediction / reference is empty (``compute_HD95`` in their evaluation.py)
+AUTHORS_EMPTY_HD95 = 373.12866
+
+
+def hd95_pooled(
+    pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1.0, empty_value: float = AUTHORS_EMPTY_HD95
+) -> float:
+    """HD95 as the AME-CAM authors compute it (``medpy.metric.hd95``): the 95th percentile of the POOLED surface
+    distances of both directions.
+
+    Surfaces are the masks minus their erosion with the face-connected structuring element; distances are Euclidean
+    (``scipy.ndimage.distance_transform_edt`` with ``spacing``) from each surface voxel of one mask to the nearest
+    surface voxel of the other. Both masks empty: 0; one empty: ``empty_value`` (373.12866 in the authors' code).
+    Our :func:`medcam.metrics.localisation.hausdorff95` instead takes the larger of the two directed 95th percentiles.
+    """
+    from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+    p, r = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    if p.shape != r.shape:
+        raise MedcamError(f"masks differ in shape: {p.shape} vs {r.shape}")
+    if not p.any() and not r.any():
+        return 0.0
+    if not p.any() or not r.any():
+        return float(empty_value)
+    sp = [float(spacing)] * p.ndim if np.isscalar(spacing) else [float(v) for v in spacing]  # type: ignore[arg-type]
+    st = generate_binary_structure(p.ndim, 1)
+    pb = p ^ binary_erosion(p, structure=st, iterations=1)
+    rb = r ^ binary_erosion(r, structure=st, iterations=1)
+    d_pr = distance_transform_edt(~rb, sampling=sp)[pb]
+    d_rp = distance_transform_edt(~pb, sampling=sp)[rb]
+    return float(np.percentile(np.hstack((d_pr, d_rp)), 95))
 
 
 def summarise(metrics: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
