@@ -5,11 +5,13 @@ __version__ = "0.1.0"
 import logging as _logging
 
 from . import targets
-from .engine import BaseSegCAM, CAMResult, interpolate_upsampler
+from .engine import BaseSegCAM
 from .errors import LayerError, MedcamError, ModelError, TargetError
 from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
 from .normalize import normalize
+from .result import CAMResult, interpolate_upsampler
+from .runner import ModelRunner
 from .tokens import TokenGrid
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
@@ -56,6 +58,7 @@ __all__ = [
     "LayerInfo",
     "normalize",
     "interpolate_upsampler",
+    "ModelRunner",
     "MedcamError",
     "LayerError",
     "TargetError",

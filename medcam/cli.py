@@ -166,9 +166,6 @@ def main() -> None:
     A map answers: which positions of the chosen layer's features raised the score
     S = sum over the target region of the target channel's logit. Run `medcam COMMAND --help` for details.
     """
-    from .cpu_memory import keep_freed_memory
-
-    keep_freed_memory()  # this process only: window after window reuses freed host memory (see medcam.cpu_memory)
 
 
 def _model_options(fn: Callable) -> Callable:

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from .errors import MedcamError
+from .hooks import preserved_model_state
+from .runner import ModelRunner
 from .targets import Target, as_target_list
 
 __all__ = [
@@ -175,7 +177,6 @@ def evaluate(
         :class:`EvaluationResult`.
     """
     from . import metrics as M
-    from .hooks import preserved_model_state
 
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
@@ -209,8 +210,12 @@ def evaluate(
     thr_method, thr_value = threshold
 
     res = EvaluationResult()
+    runner = ModelRunner(model)  # output selection as the explainers (a deep-supervision tuple gives element 0)
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return runner.predictor(x) if inferer is None else inferer(x, runner.predictor)
+
     with preserved_model_state(model):
-        net: Callable = model if inferer is None else (lambda x: inferer(x, model))
         with torch.no_grad():
             out = net(image)
         weights = [t.score_weights(out) for t in tl]

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ModelError, TargetError
+from ..runner import ModelRunner
 from .cases import CaseSource, load_case, split_parts
 from .common import PathLike, _jsonable
 from .errors import PipelineError
@@ -82,14 +83,7 @@ def make_inferer(
 
 def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
     """Model output ``[B, C, *S]`` (float32 logits, detached): ``inferer(image, net)`` or ``net(image)``."""
-    from ..engine import BaseSegCAM
-
-    helper = BaseSegCAM(net, layer="auto", amp=amp)  # reuse autocast and output selection
-    with torch.no_grad(), helper.autocast(image.device):
-        out = inferer(image, lambda x: helper.select_output(net(x))) if inferer is not None else net(image)
-    out = helper.select_output(out)
-    out = out.as_tensor() if hasattr(out, "as_tensor") else out
-    return out.detach().float()
+    return ModelRunner(net, amp=amp).predict(image, inferer)
 
 
 def resolve_device(name: str) -> str:
