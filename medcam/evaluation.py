@@ -18,7 +18,7 @@ Metric groups (``metrics=``):
   is 1 when the trained model's own map is constant (then the sanity rows are uninformative).
 With ``consensus=True`` and two methods or more, a MetaCAM-style consensus map ("metacam") is scored too.
 
-The command line ``medcam evaluate`` (:data:`evaluate_command`, defined in :mod:`medcam.evaluate_cli`) runs this on
+The command line ``medcam evaluate`` (:mod:`medcam.cli`, through :func:`medcam.pipeline.evaluate.evaluate_files`) runs this on
 BraTS case folders, image files or a cohort and writes the same files.
 """
 
@@ -378,12 +378,3 @@ def write_results(
         plt.close(fig)
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
-
-
-# the ``medcam evaluate`` command (needs click; the library works without it)
-try:
-    from .evaluate_cli import evaluate_command  # noqa: E402
-except ImportError as _e:  # pragma: no cover - click missing
-    logger.debug("medcam evaluate command unavailable: %s", _e)
-else:
-    __all__.append("evaluate_command")

@@ -6,10 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
-import click
 import nibabel as nib
 import numpy as np
 import torch
@@ -188,17 +186,6 @@ def test_demo_writes_everything(tiny_demo, tmp_path):
     assert "scene.mrml" in r.output
     r2 = run(["demo", "--output", out, "--quiet", "--device", "cpu"])  # re-run reuses everything
     assert r2.exit_code == 0 and "1 skipped" in r2.output
-
-
-def test_evaluate_is_registered_when_available(monkeypatch):
-    import medcam.cli as cli
-
-    fake = types.ModuleType("medcam.evaluation")
-    fake.evaluate_command = click.Command("evaluate", callback=lambda: None)
-    monkeypatch.setitem(sys.modules, "medcam.evaluation", fake)
-    monkeypatch.setattr(cli.main, "commands", dict(cli.main.commands))
-    cli._register_optional()
-    assert cli.main.commands["evaluate"] is fake.evaluate_command
 
 
 def test_console_script_error_policy(tmp_path):

@@ -98,7 +98,7 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
         else:  # gradcam++
             alpha, dalpha = 0, 0
             s_ = act_sum[None, :, None, None, None]
-            for g, a in zip(grads, acts):
+            for g in grads:
                 g = g.double()
                 den = 2 * g**2 + s_ * g**3
                 coef = torch.where(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import PathLike
+from ..types import PathLike
 from .errors import PipelineError
 from .models import LoadedModel
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .common import PathLike, _jsonable
+from ..types import PathLike
+from .common import _jsonable
 from .errors import PipelineError
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
