@@ -38,9 +38,10 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        if _LAZY[name] is None:  # a subpackage
+        module = _LAZY[name]
+        if module is None:  # a subpackage
             return importlib.import_module(f"medcam.{name}")
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'medcam' has no attribute {name!r}")
 
 

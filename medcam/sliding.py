@@ -131,7 +131,7 @@ class WindowGrid:
         self.padded_size = tuple(max(s, r) for s, r in zip(spatial, self.roi_size))
         overlap = ensure_tuple_rep(inferer.overlap, nd)
         interval = _get_scan_interval(self.padded_size, self.roi_size, nd, overlap)
-        self.slices: list[tuple[slice, ...]] = dense_patch_slices(self.padded_size, self.roi_size, interval)
+        self.slices: list[tuple[Any, ...]] = dense_patch_slices(self.padded_size, self.roi_size, interval)
         patch = get_valid_patch_size(self.padded_size, self.roi_size)
         mode = look_up_option(inferer.mode, BlendMode)
         self.importance = compute_importance_map(
@@ -180,11 +180,11 @@ class ChannelSparse:
         channels = [int(c) for c in torch.nonzero(nonzero).flatten().tolist()]
         return cls(channels, grid.pad_zeros(grad[:, channels].float()))
 
-    def touches(self, b: int, window: tuple[slice, ...]) -> bool:
+    def touches(self, b: int, window: tuple[Any, ...]) -> bool:
         """Whether sample ``b`` has gradient inside ``window`` (else that window is skipped for this target)."""
         return bool(self.channels) and bool(self.values[(b, slice(None), *window)].ne(0).any())
 
-    def window(self, b: int, window: tuple[slice, ...], device: torch.device) -> torch.Tensor:
+    def window(self, b: int, window: tuple[Any, ...], device: torch.device) -> torch.Tensor:
         """``[len(channels), *roi]`` values of sample ``b`` inside ``window``."""
         return self.values[(b, slice(None), *window)].to(device)
 
@@ -354,6 +354,7 @@ def reference_pass(
                 device=st.device,
                 progress=st.progress,
             )
+        assert isinstance(blended, torch.Tensor)
         blended = blended.as_tensor() if hasattr(blended, "as_tensor") else blended
         st.output = reference = blended.float()
     else:

@@ -40,9 +40,10 @@ def explain_whole(
         for t in targets:
             w = t.score_weights(y_det)
             voxels.append((t.roi(y_det) != 0).reshape(y_det.shape[0], -1).sum(1))
-            g_out, s = runner.output_gradient(y_det, w)
+            g, s = runner.output_gradient(y_det, w)
             scores.append(s)
-            if not bool((g_out != 0).any()):
+            g_out: torch.Tensor | None = g
+            if not bool((g != 0).any()):
                 logger.warning("target %r has an empty ROI: its map is all zero", t)
                 g_out = None
             g_outs.append(g_out)

@@ -144,7 +144,8 @@ def _reference_masks(mode: str, case: Any, specs: Sequence[TargetSpec]) -> list[
     label = getattr(case, "label", None)
 
     def label_region(name: str) -> torch.Tensor:
-        lab = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+        assert label is not None
+        lab = torch.as_tensor(label.as_tensor() if hasattr(label, "as_tensor") else label)
         return lab[list(REGIONS).index(name)] > 0
 
     if mode.lower() == "auto":
@@ -211,7 +212,7 @@ def _score_case(
     refs = _reference_masks(mode, case, p.specs)
     case_metrics = _case_metrics(metrics, explicit, mode, case, refs)
     tl = build_targets(p.specs, case, activation=p.model.activation, threshold=settings.threshold)
-    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
+    image = torch.as_tensor(case.image.as_tensor() if hasattr(case.image, "as_tensor") else case.image)
     res = evaluate(
         p.model.net, image[None].float().to(p.device), tl, methods=p.methods, layers=p.layers,
         reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),

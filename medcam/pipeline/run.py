@@ -113,9 +113,8 @@ def _explain_maps(
     results = {}
     for m in methods:
         t0 = time.perf_counter()
-        cam = METHODS[m](
-            net, layer=layer, inferer=inferer, amp=amp, output_activation=model.activation, progress=progress
-        )
+        act: Any = model.activation  # "sigmoid" or "softmax", checked by load_model
+        cam = METHODS[m](net, layer=layer, inferer=inferer, amp=amp, output_activation=act, progress=progress)
         results[m] = cam.explain(image, tl, output=output if inferer is not None else None)
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
     return _Explained(case, model, specs, tl, output, results, regions, timings)
