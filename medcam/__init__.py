@@ -6,7 +6,7 @@ import logging as _logging
 
 from . import targets
 from .engine import BaseSegCAM
-from .errors import LayerError, MedcamError, ModelError, TargetError
+from .errors import LayerError, MedcamDataError, MedcamError, ModelError, PhantomError, TargetError
 from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
 from .normalize import normalize
@@ -21,7 +21,6 @@ _LAZY = {
     "load_brats_case": "medcam.data",
     "load_volumes": "medcam.data",
     "BratsCase": "medcam.data",
-    "MedcamDataError": "medcam.data",
     "save_heatmap": "medcam.io",
     "export_slicer_scene": "medcam.io",
     "save_overlay_png": "medcam.io",
@@ -64,6 +63,8 @@ __all__ = [
     "LayerError",
     "TargetError",
     "ModelError",
+    "MedcamDataError",
+    "PhantomError",
     "TokenGrid",
     *_LAZY,
 ]
