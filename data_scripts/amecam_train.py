@@ -37,7 +37,7 @@ from medcam.amecam import (
     exit_cams,
     extract_slices,
     fit_attention,
-    load_brats_case,
+    load_modality_and_labels,
     pretrain_contrastive,
     train_classifier,
 )
@@ -105,7 +105,7 @@ def load_volumes(args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.nda
     if args.data == "real":
         if not args.real_root.is_dir():
             sys.exit(f"real cases not found at {args.real_root} (pass --real-root)")
-        return [(c, *load_brats_case(args.real_root / c, list(args.modalities))) for c in REAL_CASES]
+        return [(c, *load_modality_and_labels(args.real_root / c, list(args.modalities))) for c in REAL_CASES]
     from medcam.data.phantoms import generate_phantom
 
     out = []

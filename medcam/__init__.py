@@ -5,13 +5,15 @@ __version__ = "0.1.0"
 import logging as _logging
 
 from . import targets
-from .engine import BaseSegCAM, CAMResult, interpolate_upsampler
-from .errors import LayerError, MedcamError, ModelError, TargetError
+from .engine import BaseSegCAM
+from .errors import LayerError, MedcamDataError, MedcamError, ModelError, PhantomError, TargetError
 from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
 from .methods import _register_more as _register_more_methods
 from .micam import SegMICAM, SegMIGradCAM
 from .normalize import normalize
+from .result import CAMResult, interpolate_upsampler
+from .runner import ModelRunner
 from .sycam import SynthesizedCAM
 from .tokens import TokenGrid
 
@@ -23,7 +25,6 @@ _LAZY = {
     "load_brats_case": "medcam.data",
     "load_volumes": "medcam.data",
     "BratsCase": "medcam.data",
-    "MedcamDataError": "medcam.data",
     "save_heatmap": "medcam.io",
     "export_slicer_scene": "medcam.io",
     "save_overlay_png": "medcam.io",
@@ -42,9 +43,10 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        if _LAZY[name] is None:  # a subpackage
+        module = _LAZY[name]
+        if module is None:  # a subpackage
             return importlib.import_module(f"medcam.{name}")
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'medcam' has no attribute {name!r}")
 
 
@@ -65,10 +67,13 @@ __all__ = [
     "LayerInfo",
     "normalize",
     "interpolate_upsampler",
+    "ModelRunner",
     "MedcamError",
     "LayerError",
     "TargetError",
     "ModelError",
+    "MedcamDataError",
+    "PhantomError",
     "TokenGrid",
     *_LAZY,
 ]

@@ -24,22 +24,68 @@ equals MI-CAM on the stitched activation volume.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from .engine import BaseSegCAM, CAMResult, run_model, weighted_channel_sum
+from .engine import BaseSegCAM
 from .errors import MedcamError
+from .formulas import PooledFormula, Statistics, spatial_sum, weighted_channel_sum
+from .hooks import ActivationHook
 from .mutual_information import JointHistogram, dilate, mutual_information, normalized_mutual_information
-from .targets import Target
+from .result import CAMResult
+from .runner import validate_image
+from .sliding import WindowGrid, check_inferer, explain_sliding, stitch_device, window_example
+from .targets import Target, as_target_list
+from .whole import explain_whole
 
-__all__ = ["SegMICAM", "SegMIGradCAM", "mi_channel_histograms"]
+__all__ = ["SegMICAM", "SegMIGradCAM", "mi_channel_histograms", "MIWeights", "NMIGradCAM"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 16  # activation channels upsampled at a time (bounds memory on whole volumes)
+
+
+# ---------------------------------------------------------------------------------------------------- formulas
+class MIWeights(PooledFormula):
+    """MI-CAM's map ``sum_k alpha_k A_k`` with ``alpha`` = the MI weights, given as the statistic ``"mi"`` ``[B, K]``.
+
+    The weights are not gradient statistics: :class:`SegMICAM` gathers them from joint histograms (its own passes)
+    and hands them over as ``{"mi": alpha}``; :meth:`gradient_statistics` is refused.
+    """
+
+    def gradient_statistics(
+        self, activation: torch.Tensor, grad: torch.Tensor, activation_stats: Statistics | None = None
+    ) -> Statistics:
+        raise MedcamError("MI-CAM's channel weights come from mutual information, not from the gradient: use SegMICAM")
+
+    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+        return stats["mi"]
+
+
+class NMIGradCAM(PooledFormula):
+    """MI-Grad-CAM: ``alpha_k = NMI_k * (1/N) sum_u g_k(u)`` (Grad-CAM's weights times ``nmi`` ``[1, K]`` or ``[K]``).
+
+    ``nmi=None`` (the class attribute of :class:`SegMIGradCAM`) is Grad-CAM; :meth:`SegMIGradCAM.explain` forms one
+    formula per (sample, target) with that pair's NMI weights.
+    """
+
+    def __init__(self, nmi: torch.Tensor | None = None):
+        self.nmi = nmi
+
+    def gradient_statistics(
+        self, activation: torch.Tensor, grad: torch.Tensor, activation_stats: Statistics | None = None
+    ) -> Statistics:
+        return {"grad": spatial_sum(grad)}
+
+    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+        alpha = stats["grad"] / n_positions
+        if self.nmi is None:
+            return alpha
+        return alpha * self.nmi.to(device=alpha.device, dtype=alpha.dtype)
 
 
 def _check_params(bins: int, margin: int | None) -> None:
@@ -66,12 +112,14 @@ def _img_range(image: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor,
     return vals.min(1).values, vals.max(1).values
 
 
-def _chunks(k: int):
+def _chunks(k: int) -> Iterator[list[int]]:
     for s in range(0, k, _CHUNK):
         yield list(range(s, min(k, s + _CHUNK)))
 
 
-def _upsampled_values(cam: BaseSegCAM, act: torch.Tensor, size, region: torch.Tensor, channels) -> torch.Tensor:
+def _upsampled_values(
+    cam: BaseSegCAM, act: torch.Tensor, size: Sequence[int], region: torch.Tensor, channels: list[int]
+) -> torch.Tensor:
     """``[k, n]`` values of the upsampled channels ``channels`` of ``act`` ``[K, *f]`` at the ``region`` voxels."""
     up = cam.upsampler(act[channels][None], size)[0]
     return up.flatten(1)[:, region.flatten()]
@@ -99,11 +147,17 @@ def mi_channel_histograms(
 
 
 class _MIBase(BaseSegCAM):
-    """Shared machinery: per-(sample, target) MI statistics, whole image or window by window."""
+    """Shared machinery: per-(sample, target) MI statistics, whole image or window by window, on the model runner."""
 
-    elementwise = False
-
-    def __init__(self, model, layer="auto", *, bins: int = 32, margin: int | None = 8, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module = "auto",
+        *,
+        bins: int = 32,
+        margin: int | None = 8,
+        **kwargs: Any,
+    ):
         _check_params(bins, margin)
         self.bins, self.margin = bins, margin
         super().__init__(model, layer, **kwargs)
@@ -112,17 +166,36 @@ class _MIBase(BaseSegCAM):
     def _weights_from_histogram(self, hist: JointHistogram) -> torch.Tensor:
         raise NotImplementedError
 
-    def _whole_histograms(self, image, tl, act, output) -> list[list[JointHistogram]]:
+    def _prepare(self, image: Any, targets: Target | Sequence[Target]) -> tuple[torch.Tensor, list[Target]]:
+        tl = as_target_list(targets)
+        image = validate_image(image)
+        self.runner.ensure_layer(image[:1] if self.inferer is None else window_example(self.inferer, image))
+        return image, tl
+
+    def _show(self) -> bool:
+        return bool(self.progress or (self.inferer is not None and self.inferer.progress))
+
+    def _whole_histograms(
+        self, image: torch.Tensor, tl: list[Target], act: torch.Tensor, output: torch.Tensor
+    ) -> list[list[JointHistogram]]:
         regions = [_region(t, output, self.margin) for t in tl]
         return [
             [mi_channel_histograms(self, act[b], image[b], r[b], self.bins) for r in regions]
             for b in range(image.shape[0])
         ]
 
-    def _sliding_histograms(self, image, tl, hook, grid, x_pad, sw_device, reference) -> list[list[JointHistogram]]:
+    def _sliding_histograms(
+        self,
+        image: torch.Tensor,
+        tl: list[Target],
+        hook: ActivationHook,
+        grid: WindowGrid,
+        x_pad: torch.Tensor,
+        sw_device: torch.device,
+        reference: torch.Tensor,
+    ) -> list[list[JointHistogram]]:
         """Pass 1 (ranges) and pass 2 (weighted counts) over the windows that meet each region."""
-        from .sliding import _activations
-
+        runner = self.runner
         bsz = image.shape[0]
         regions = [grid.pad_zeros(_region(t, reference, self.margin).float()) > 0 for t in tl]  # padded
         pairs = [(b, i) for b in range(bsz) for i in range(len(grid.slices))]
@@ -130,37 +203,36 @@ class _MIBase(BaseSegCAM):
         todo = [p for p in pairs if meets[p]]
         lo: dict[tuple[int, int], torch.Tensor] = {}
         hi: dict[tuple[int, int], torch.Tensor] = {}
-        hook.mode = "stop"
-        show = not (self.progress or self.inferer.progress)
-        for b, i in tqdm(todo, desc="MI-CAM ranges", disable=show):  # pass 1: ranges over R (min/max reduce exactly)
-            aw = _activations(self, hook, x_pad, grid, [(b, i)], sw_device)[0]
-            for k in meets[(b, i)]:
-                r = regions[k][(b, *grid.slices[i])].to(sw_device)
-                v = torch.cat([_upsampled_values(self, aw, grid.roi_size, r, ch) for ch in _chunks(aw.shape[0])])
-                if v.shape[1]:
-                    mn, mx = v.min(1).values, v.max(1).values
-                    lo[(b, k)] = torch.minimum(lo[(b, k)], mn) if (b, k) in lo else mn
-                    hi[(b, k)] = torch.maximum(hi[(b, k)], mx) if (b, k) in hi else mx
-        hists: dict[tuple[int, int], JointHistogram] = {}
-        for (b, k), mn in lo.items():
-            img_range = _img_range(image[b].to(sw_device), _region(tl[k], reference, self.margin)[b].to(sw_device))
-            hists[(b, k)] = JointHistogram((mn, hi[(b, k)]), img_range, self.bins)
-        for b, i in tqdm(todo, desc="MI-CAM histograms", disable=show):  # pass 2: counts weighted by blending
-            aw = _activations(self, hook, x_pad, grid, [(b, i)], sw_device)[0]
-            xw = x_pad[(b, slice(None), *grid.slices[i])].to(sw_device)
-            bw = grid.blend_weight(i, sw_device)
-            for k in meets[(b, i)]:
-                r = regions[k][(b, *grid.slices[i])].to(sw_device)
-                if (b, k) not in hists:
-                    continue
-                x = xw.flatten(1)[:, r.flatten()]
-                w = bw.flatten()[r.flatten()]
-                for ch in _chunks(aw.shape[0]):
-                    hists[(b, k)].add(_upsampled_values(self, aw, grid.roi_size, r, ch), x, w, channels=ch)
-        n_act = next(iter(hists.values())).counts.shape[1] if hists else None
-        if n_act is None:  # every region is empty: one window tells the channel count (the weights are all 0)
-            n_act = _activations(self, hook, x_pad, grid, [(0, 0)], sw_device).shape[1]
-        hook.mode = "grad"
+        hide = not self._show()
+        with hook.mode_as("stop"):
+            for b, i in tqdm(todo, desc="MI-CAM ranges", disable=hide):  # pass 1: ranges over R (min/max are exact)
+                aw = runner.activations(_window(x_pad, grid, b, i, sw_device), hook)[0]
+                for k in meets[(b, i)]:
+                    r = regions[k][(b, *grid.slices[i])].to(sw_device)
+                    v = torch.cat([_upsampled_values(self, aw, grid.roi_size, r, ch) for ch in _chunks(aw.shape[0])])
+                    if v.shape[1]:
+                        mn, mx = v.min(1).values, v.max(1).values
+                        lo[(b, k)] = torch.minimum(lo[(b, k)], mn) if (b, k) in lo else mn
+                        hi[(b, k)] = torch.maximum(hi[(b, k)], mx) if (b, k) in hi else mx
+            hists: dict[tuple[int, int], JointHistogram] = {}
+            for (b, k), mn in lo.items():
+                img_range = _img_range(image[b].to(sw_device), _region(tl[k], reference, self.margin)[b].to(sw_device))
+                hists[(b, k)] = JointHistogram((mn, hi[(b, k)]), img_range, self.bins)
+            for b, i in tqdm(todo, desc="MI-CAM histograms", disable=hide):  # pass 2: counts weighted by blending
+                aw = runner.activations(_window(x_pad, grid, b, i, sw_device), hook)[0]
+                xw = x_pad[(b, slice(None), *grid.slices[i])].to(sw_device)
+                bw = grid.blend_weight(i, sw_device)
+                for k in meets[(b, i)]:
+                    if (b, k) not in hists:
+                        continue
+                    r = regions[k][(b, *grid.slices[i])].to(sw_device)
+                    x = xw.flatten(1)[:, r.flatten()]
+                    w = bw.flatten()[r.flatten()]
+                    for ch in _chunks(aw.shape[0]):
+                        hists[(b, k)].add(_upsampled_values(self, aw, grid.roi_size, r, ch), x, w, channels=ch)
+            n_act = next(iter(hists.values())).counts.shape[1] if hists else None
+            if n_act is None:  # every region is empty: one window tells the channel count (the weights are all 0)
+                n_act = runner.activations(_window(x_pad, grid, 0, 0, sw_device), hook).shape[1]
         out: list[list[JointHistogram]] = []
         for b in range(bsz):
             row = []
@@ -175,79 +247,88 @@ class _MIBase(BaseSegCAM):
 
     def channel_weights(self, image: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         """MI weights ``[B, K_targets, K_channels]`` (float64) as used for the map (whole image or sliding)."""
-        from .engine import validate_image
-        from .targets import as_target_list
-
-        tl = as_target_list(targets)
-        image = validate_image(image)
-        self._ensure_layer(image)
+        image, tl = self._prepare(image, targets)
         hists = self._histograms(image, tl)[0]
+        return self._weights(hists)
+
+    def _weights(self, hists: list[list[JointHistogram]]) -> torch.Tensor:
         return torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])
 
-    def _histograms(self, image, tl, output=None):
-        """``(histograms [B][T], output or None, extra)`` for whole image or window by window."""
+    def _histograms(
+        self, image: torch.Tensor, tl: list[Target], output: torch.Tensor | None = None
+    ) -> tuple[list[list[JointHistogram]], torch.Tensor, torch.Tensor | None]:
+        """``(histograms [B][T], reference output, whole-image activation or None)``."""
+        runner = self.runner
         if self.inferer is None:
-            with self.hooked("detach") as hook:
+            with runner.session("detach") as hook:
                 hook.reset()
-                with torch.no_grad(), self.autocast(image.device):
-                    out = self.select_output(run_model(self.model, image))
-                act = self.to_feature_map(hook.activation, image.shape[2:])
+                with torch.no_grad():
+                    out = runner.predictor(image)
+                act = runner.to_feature_map(runner._captured(hook), image.shape[2:])
             y = out.detach().float()
             return self._whole_histograms(image, tl, act, y), y, act
-        return self._sliding(image, tl, maps=False, output=output)
+        grid, x_pad, sw_device, device = self._grid(image)
+        with runner.session("detach") as hook:
+            if output is not None:  # the caller's blended output (spares the prediction pass)
+                output = output.as_tensor() if hasattr(output, "as_tensor") else output
+                if output.shape[0] != image.shape[0] or tuple(output.shape[2:]) != tuple(image.shape[2:]):
+                    raise MedcamError(
+                        f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the "
+                        "blended output of sliding_window_inference on this image"
+                    )
+                reference = output.detach().float().to(device)
+            else:
+                needs = any(t.needs_prediction for t in tl)
+                reference = self._reference_output(image, hook, grid, x_pad, sw_device, device, needs)
+            hists = self._sliding_histograms(image, tl, hook, grid, x_pad, sw_device, reference)
+        return hists, reference, None
 
-    def _sliding(self, image, tl, maps: bool, alphas=None, output=None):
-        from .sliding import WindowGrid, _activations, stitch_device
-
-        inf = self.inferer
+    def _grid(self, image: torch.Tensor) -> tuple[WindowGrid, torch.Tensor, torch.device, torch.device]:
+        inf: Any = self.inferer
         sw_device = torch.device(inf.sw_device) if inf.sw_device is not None else image.device
-        spatial = tuple(image.shape[2:])
         device = stitch_device(inf, image)
-        grid = WindowGrid(inf, spatial, sw_device, device)
-        x_pad = grid.pad_tensor(image, inf.padding_mode, inf.cval)
-        with self.hooked("detach") as hook:
-            if not maps:
-                if output is not None:  # the caller's blended output (spares the prediction pass)
-                    output = output.as_tensor() if hasattr(output, "as_tensor") else output
-                    if output.shape[0] != image.shape[0] or tuple(output.shape[2:]) != spatial:
-                        raise MedcamError(
-                            f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the "
-                            "blended output of sliding_window_inference on this image"
-                        )
-                    reference = output.detach().float().to(device)
-                else:
-                    reference = self._reference_output(image, hook, grid, sw_device, device)
-                hists = self._sliding_histograms(image, tl, hook, grid, x_pad, sw_device, reference)
-                return hists, reference, None
-            acc = torch.zeros((image.shape[0], len(tl), *grid.padded_size), device=device)
-            hook.mode = "stop"
-            feat: tuple[int, ...] = ()
-            show = not (self.progress or self.inferer.progress)
+        grid = WindowGrid(inf, tuple(image.shape[2:]), sw_device, device)
+        return grid, grid.pad_tensor(image, inf.padding_mode, inf.cval), sw_device, device
+
+    def _sliding_maps(
+        self, image: torch.Tensor, n_targets: int, alphas: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, ...], int]:
+        """Pass 3: ``sum_k alpha_k A_wk`` of every window, upsampled and blended with the normalised weights."""
+        runner = self.runner
+        grid, x_pad, sw_device, device = self._grid(image)
+        acc = torch.zeros((image.shape[0], n_targets, *grid.padded_size), device=device)
+        feat: tuple[int, ...] = ()
+        with runner.session("stop") as hook:
             for b in range(image.shape[0]):
-                for i, s in enumerate(tqdm(grid.slices, desc="MI-CAM maps", disable=show)):
-                    aw = _activations(self, hook, x_pad, grid, [(b, i)], sw_device)
+                for i, s in enumerate(tqdm(grid.slices, desc="MI-CAM maps", disable=not self._show())):
+                    aw = runner.activations(_window(x_pad, grid, b, i, sw_device), hook)
                     feat = tuple(aw.shape[2:])
-                    m = weighted_channel_sum(alphas[b].to(sw_device).float(), aw.expand(len(tl), *aw.shape[1:]))
+                    m = weighted_channel_sum(alphas[b].to(sw_device).float(), aw.expand(n_targets, *aw.shape[1:]))
                     m = self.upsampler(m[None], grid.roi_size)[0] * grid.blend_weight(i, sw_device)
                     acc[(b, slice(None), *s)] += m.to(device)
-            return acc[(slice(None), slice(None), *grid.crop)], feat, len(grid.slices) * image.shape[0]
+        return acc[(slice(None), slice(None), *grid.crop)], feat, len(grid.slices) * image.shape[0]
 
-    def _reference_output(self, image, hook, grid, sw_device, device) -> torch.Tensor:
+    def _reference_output(
+        self,
+        image: torch.Tensor,
+        hook: ActivationHook,
+        grid: WindowGrid,
+        x_pad: torch.Tensor,
+        sw_device: torch.device,
+        device: torch.device,
+        needs_prediction: bool,
+    ) -> torch.Tensor:
         """The blended output when a target needs the prediction, else a zero-stride stand-in of the right shape."""
         from monai.inferers import sliding_window_inference
 
-        from .sliding import _reset
-
-        inf = self.inferer
-        hook.mode = "detach"
-        needs = getattr(self, "_needs_prediction", False)
-        with torch.no_grad(), self.autocast(sw_device):
-            if needs:
+        runner, inf = self.runner, check_inferer(self.inferer)
+        if needs_prediction:
+            with hook.mode_as("detach"), torch.no_grad(), runner.autocast(sw_device):
                 out = sliding_window_inference(
                     image,
                     grid.roi_size,
                     inf.sw_batch_size,
-                    lambda x: self.select_output(run_model(self.model, _reset(hook, x))),
+                    runner.hooked_predictor(hook),
                     overlap=inf.overlap,
                     mode=inf.mode,
                     sigma_scale=inf.sigma_scale,
@@ -256,11 +337,16 @@ class _MIBase(BaseSegCAM):
                     sw_device=sw_device,
                     device=device,
                 )
-                out = out.as_tensor() if hasattr(out, "as_tensor") else out
-                return out.float()
-            first = grid.pad_tensor(image[:1], inf.padding_mode, inf.cval)[(slice(None), slice(None), *grid.slices[0])]
-            n_out = self.select_output(run_model(self.model, _reset(hook, first.to(sw_device)))).shape[1]
+            assert isinstance(out, torch.Tensor)
+            out = out.as_tensor() if hasattr(out, "as_tensor") else out
+            return out.float()
+        n_out = runner.output_channels(_window(x_pad, grid, 0, 0, sw_device), hook)
         return torch.zeros((), device=device).expand(image.shape[0], n_out, *image.shape[2:])
+
+
+def _window(x_pad: torch.Tensor, grid: WindowGrid, b: int, i: int, device: torch.device) -> torch.Tensor:
+    """Input window ``i`` of sample ``b``: ``[1, Cin, *roi]`` on ``device``."""
+    return x_pad[(slice(b, b + 1), slice(None), *grid.slices[i])].to(device)
 
 
 class SegMICAM(_MIBase):
@@ -274,40 +360,46 @@ class SegMICAM(_MIBase):
             None uses the whole image.
     """
 
+    #: the map is pooled (``sum_k alpha_k A_k``) with the MI weights; :meth:`explain` gathers them (no gradient)
+    formula = MIWeights()
+
     def _weights_from_histogram(self, hist: JointHistogram) -> torch.Tensor:
         mi = mutual_information(hist.counts).mean(0)  # [K], mean over input channels
         total = mi.sum()
         return mi / total if float(total) > 0 else torch.zeros_like(mi)
 
-    def explain(self, image, targets, *, relu: bool = True, upsample: bool = True, output=None) -> CAMResult:
+    def explain(
+        self,
+        image: torch.Tensor,
+        targets: Target | Sequence[Target],
+        *,
+        relu: bool = True,
+        upsample: bool = True,
+        output: torch.Tensor | None = None,
+    ) -> CAMResult:
         """Maps ``[B, T, *S]`` (see :meth:`BaseSegCAM.explain`); ``scores`` are the ROI scores of the model output
         (logits) where it was computed, else 0; ``stats["mi_weights"]`` holds ``alpha`` ``[B, T, K]``."""
-        from .engine import validate_image
-        from .targets import as_target_list
-
-        tl = as_target_list(targets)
-        image = validate_image(image)
-        self._ensure_layer(image)
         if self.inferer is not None and not upsample:
             raise MedcamError(
                 "upsample=False is not available with an inferer: window maps are stitched on the input grid"
             )
-        self._needs_prediction = any(t.needs_prediction for t in tl)
         if output is not None and self.inferer is None:
             raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
+        image, tl = self._prepare(image, targets)
         hists, reference, act = self._histograms(image, tl, output)
-        alphas = torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])  # [B,T,K]
+        alphas = self._weights(hists)  # [B, T, K]
         for t in tl:
             if not bool((t.roi(reference) != 0).any()):
                 logger.warning("target %r has an empty ROI: its map is all zero", t)
         stats: dict[str, Any] = {"mi_weights": alphas.float().cpu()}
-        if self.inferer is None:
-            maps = torch.stack([weighted_channel_sum(alphas[:, k].float(), act) for k in range(len(tl))], 1)
+        if act is not None:
+            weights = [self.formula.weights({"mi": alphas[:, k].float()}, 1.0) for k in range(len(tl))]
+            maps = torch.stack([weighted_channel_sum(w, act) for w in weights], 1)
             feat = tuple(act.shape[2:])
             if upsample:
                 maps = self.upsampler(maps, image.shape[2:])
         else:
-            maps, feat, n_win = self._sliding(image, tl, maps=True, alphas=alphas)
+            maps, feat, n_win = self._sliding_maps(image, len(tl), alphas)
             stats["windows"] = n_win
         if relu:
             maps = torch.relu(maps)
@@ -331,44 +423,71 @@ class SegMIGradCAM(_MIBase):
     """MI-Grad-CAM: Seg-Grad-CAM weights times each channel's normalised MI with the input (documented choice).
 
     ``alpha_k = NMI_k * (1/N) sum_u g_k(u)``, ``NMI_k = 2 I(U_k; X) / (H(U_k) + H(X))`` over the ROI neighbourhood
-    (mean over input channels). The gradient part is Seg-Grad-CAM's, with its exact sliding-window statistics; the
-    NMI part is gathered window by window as for :class:`SegMICAM`. Each (sample, target) is explained in its own
-    call of the engine.
+    (mean over input channels). The gradient part is Seg-Grad-CAM's, with its exact sliding-window statistics (the
+    executors of :mod:`medcam.whole` and :mod:`medcam.sliding` with a :class:`NMIGradCAM` formula); the NMI part is
+    gathered window by window as for :class:`SegMICAM`. Each (sample, target) is explained in its own executor call,
+    with its own formula.
     """
+
+    #: without NMI weights this is Grad-CAM; :meth:`explain` forms one formula per (sample, target)
+    formula = NMIGradCAM()
 
     def _weights_from_histogram(self, hist: JointHistogram) -> torch.Tensor:
         return normalized_mutual_information(hist.counts).mean(0)
 
-    def gradient_statistics(self, activation, grad, activation_stats=None):
-        return {"grad": grad.flatten(2).sum(-1)}
-
-    def weights_from_statistics(self, stats, n_positions):
-        nmi = self._nmi.to(stats["grad"].device).to(stats["grad"].dtype)
-        return stats["grad"] / n_positions * nmi
-
-    def explain(self, image, targets, *, relu: bool = True, upsample: bool = True, output=None) -> CAMResult:
-        from .engine import validate_image
-        from .targets import as_target_list
-
-        tl = as_target_list(targets)
-        image = validate_image(image)
-        self._ensure_layer(image)
-        self._needs_prediction = any(t.needs_prediction for t in tl)
-        hists = self._histograms(image, tl, output if self.inferer is not None else None)[0]
-        nmi = torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])  # [B,T,K]
-        results = []
+    def explain(
+        self,
+        image: torch.Tensor,
+        targets: Target | Sequence[Target],
+        *,
+        relu: bool = True,
+        upsample: bool = True,
+        output: torch.Tensor | None = None,
+    ) -> CAMResult:
+        if output is not None and self.inferer is None:
+            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
+        if self.inferer is not None and not upsample:
+            raise MedcamError(
+                "upsample=False is not available with an inferer: window maps are stitched on the input grid"
+            )
+        image, tl = self._prepare(image, targets)
+        hists = self._histograms(image, tl, output)[0]
+        nmi = self._weights(hists)  # [B, T, K]
+        results: list[list[CAMResult]] = []
         for b in range(image.shape[0]):
             row = []
             for k, t in enumerate(tl):
-                self._nmi = nmi[b, k][None]
-                out_b = None if output is None else output[b : b + 1]
-                row.append(super().explain(image[b : b + 1], [t], relu=relu, upsample=upsample, output=out_b))
+                formula = NMIGradCAM(nmi[b, k][None])
+                if self.inferer is None:
+                    res = explain_whole(
+                        self.runner,
+                        formula,
+                        [t],
+                        image[b : b + 1],
+                        upsampler=self.upsampler,
+                        relu=relu,
+                        upsample=upsample,
+                    )
+                else:
+                    res = explain_sliding(
+                        self.runner,
+                        formula,
+                        [t],
+                        image[b : b + 1],
+                        self.inferer,
+                        upsampler=self.upsampler,
+                        relu=relu,
+                        upsample=upsample,
+                        progress=self.progress,
+                        output=None if output is None else output[b : b + 1],
+                    )
+                row.append(res)
             results.append(row)
-        del self._nmi
         first = results[0][0]
         maps = torch.cat([torch.cat([r.maps for r in row], 1) for row in results], 0)
         scores = torch.cat([torch.cat([r.scores for r in row], 1) for row in results], 0)
         voxels = torch.cat([torch.cat([r.roi_voxels for r in row], 1) for row in results], 0)
+        outputs = [row[0].output for row in results]
         return CAMResult(
             maps=maps,
             scores=scores,
@@ -376,6 +495,6 @@ class SegMIGradCAM(_MIBase):
             targets=tl,
             layer=first.layer,
             feature_shape=first.feature_shape,
-            output=None if first.output is None else torch.cat([row[0].output for row in results], 0),
+            output=None if any(o is None for o in outputs) else torch.cat([o for o in outputs if o is not None], 0),
             stats={**first.stats, "nmi_weights": nmi.float().cpu()},
         )

@@ -31,11 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .engine import BaseSegCAM
 from .errors import MedcamError
+from .formulas import ActivationPooledFormula, ElementwiseFormula, Formula, PooledFormula, Statistics
 
-__all__ = ["ExpressionError", "Expr", "parse_expression", "SynthesizedCAM", "KNOWN_EXPRESSIONS", "random_inputs"]
+__all__ = [
+    "ExpressionError",
+    "Expr",
+    "parse_expression",
+    "SynthesizedCAM",
+    "KNOWN_EXPRESSIONS",
+    "random_inputs",
+    "expression_formula",
+]
 
 #: the built-in methods this grammar expresses, as expression text
 KNOWN_EXPRESSIONS: dict[str, str] = {
@@ -303,11 +313,80 @@ def pooled_alpha(expr: Expr, env: dict[str, Any]) -> torch.Tensor:
     return v.expand(a.shape[0], a.shape[1]) if v.ndim < 2 else v
 
 
-# ---------------------------------------------------------------------------------------------------- the method
+# ---------------------------------------------------------------------------------------------------- formulas
 def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).sum(-1)
 
 
+class ElementwiseExpression(ElementwiseFormula):
+    """An element-wise expression as a formula: ``map(u) = sum_k expr(A_k(u), g_k(u))``."""
+
+    def __init__(self, expr: Expr):
+        self.expr = expr
+
+    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return self.expr.evaluate({"A": activation, "g": grad}).sum(dim=1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.expr.text()!r})"
+
+
+class PooledExpression(PooledFormula):
+    """A pooled expression whose ``sum(...)`` terms all involve ``g`` (gradient statistics only)."""
+
+    def __init__(self, expr: Expr):
+        self.expr = expr
+        self.grad_terms = [s for s in expr.sums() if s.args[0].uses("g")]
+        self.act_terms = [s for s in expr.sums() if not s.args[0].uses("g")]
+
+    def gradient_statistics(
+        self, activation: torch.Tensor, grad: torch.Tensor, activation_stats: Statistics | None = None
+    ) -> Statistics:
+        env = {"A": activation, "g": grad}
+        return {s.text(): _spatial_sum(s.args[0].evaluate(env)) for s in self.grad_terms}
+
+    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+        ref = next(iter(stats.values())) if stats else None
+        if ref is None:  # a constant expression: no statistic tells the channel count
+            raise ExpressionError(f"the CAM expression {self.expr.text()!r} has no sum() term")
+        env: dict[str, Any] = {"N": float(n_positions), "A": torch.zeros_like(ref)[..., None]}
+        env.update({"sum:" + k.removeprefix("sum(")[:-1]: v for k, v in stats.items()})
+        return pooled_alpha(self.expr, env)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.expr.text()!r})"
+
+
+class ActivationPooledExpression(PooledExpression, ActivationPooledFormula):
+    """A pooled expression with ``sum(...)`` terms of the activation alone (XGrad-CAM's ``sum(A)``)."""
+
+    def activation_statistics(self, activation: torch.Tensor, weight: torch.Tensor | None) -> Statistics:
+        env = {"A": activation, "g": torch.zeros_like(activation[:, :1])}
+        out = {}
+        for s in self.act_terms:
+            v = s.args[0].evaluate(env)
+            v = torch.as_tensor(v, dtype=activation.dtype, device=activation.device).expand_as(activation)
+            out[s.text()] = _spatial_sum(v if weight is None else v * weight)
+        return out
+
+
+def expression_formula(expr: Expr) -> ElementwiseExpression | PooledExpression:
+    """The formula of a (checked) expression: element-wise, pooled, or pooled with activation statistics."""
+    if expr.kind == "elementwise":
+        return ElementwiseExpression(expr)
+    if any(not s.args[0].uses("g") for s in expr.sums()):
+        return ActivationPooledExpression(expr)
+    return PooledExpression(expr)
+
+
+class _NoExpression(Formula):
+    """Placeholder of :class:`SynthesizedCAM` itself: every instance (or subclass from a file) has its own formula."""
+
+    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        raise ExpressionError("SynthesizedCAM needs an expression, e.g. expression='sum(g*A) / sum(A)'")
+
+
+# ---------------------------------------------------------------------------------------------------- the method
 class SynthesizedCAM(BaseSegCAM):
     """A CAM method given by an expression of the SyCAM grammar (see the module docstring).
 
@@ -317,24 +396,26 @@ class SynthesizedCAM(BaseSegCAM):
             ``expression`` (set by :meth:`class_from_file`).
 
     Attributes:
-        expr: the parsed expression; ``report``: the :class:`medcam.synthesis.SynthesisReport` when made by
-            :func:`medcam.synthesize` (else None).
+        expr: the parsed expression; ``formula``: its formula (:func:`expression_formula`: element-wise or pooled,
+            typed by class as the executors expect); ``report``: the :class:`medcam.synthesis.SynthesisReport` when
+            made by :func:`medcam.synthesize` (else None).
     """
 
     expression: str | None = None
+    #: a placeholder: each instance holds its expression's formula (so does each class made by
+    #: :meth:`class_from_file`)
+    formula = _NoExpression()
 
-    def __init__(self, model, layer: Any = "auto", *, expression: str | Expr | None = None, **kwargs: Any):
+    def __init__(self, model: nn.Module, layer: Any = "auto", *, expression: str | Expr | None = None, **kwargs: Any):
         expression = expression if expression is not None else type(self).expression
         if expression is None:
             raise ExpressionError("SynthesizedCAM needs an expression, e.g. expression='sum(g*A) / sum(A)'")
         self.expr = expression if isinstance(expression, Expr) else parse_expression(expression)
         if isinstance(expression, Expr):
             check_expression(self.expr)
-        self.elementwise = self.expr.kind == "elementwise"
-        self._grad_terms = [s for s in self.expr.sums() if s.args[0].uses("g")]
-        self._act_terms = [s for s in self.expr.sums() if not s.args[0].uses("g")]
-        self.uses_activation_statistics = bool(self._act_terms)
-        self.report = None
+        # the instance's own formula, shadowing the class placeholder (BaseSegCAM declares formula per class)
+        self.__dict__["formula"] = expression_formula(self.expr)
+        self.report: Any = None
         super().__init__(model, layer, **kwargs)
 
     @property
@@ -343,29 +424,6 @@ class SynthesizedCAM(BaseSegCAM):
 
     def __repr__(self) -> str:
         return f"SynthesizedCAM({self.text!r})"
-
-    # -- formulas ---------------------------------------------------------------------------------------------------
-    def elementwise_map(self, activation, grad):
-        return self.expr.evaluate({"A": activation, "g": grad}).sum(dim=1)
-
-    def gradient_statistics(self, activation, grad, activation_stats=None):
-        env = {"A": activation, "g": grad}
-        return {s.text(): _spatial_sum(s.args[0].evaluate(env)) for s in self._grad_terms}
-
-    def activation_statistics(self, activation, weight):
-        env = {"A": activation, "g": torch.zeros_like(activation[:, :1])}
-        out = {}
-        for s in self._act_terms:
-            v = s.args[0].evaluate(env)
-            v = torch.as_tensor(v, dtype=activation.dtype, device=activation.device).expand_as(activation)
-            out[s.text()] = _spatial_sum(v if weight is None else v * weight)
-        return out
-
-    def weights_from_statistics(self, stats, n_positions):
-        ref = next(iter(stats.values()))
-        env: dict[str, Any] = {"N": float(n_positions), "A": torch.zeros_like(ref)[..., None]}
-        env.update({"sum:" + k.removeprefix("sum(")[:-1]: v for k, v in stats.items()})
-        return pooled_alpha(self.expr, env)
 
     # -- files ------------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -376,7 +434,8 @@ class SynthesizedCAM(BaseSegCAM):
     def class_from_file(cls, path: str | Path) -> type[SynthesizedCAM]:
         """A :class:`SynthesizedCAM` subclass bound to the expression saved in ``path`` (for ``-M synth:FILE``)."""
         text = load_expression(path)
-        return type(f"SynthesizedCAM[{Path(path).name}]", (cls,), {"expression": text})
+        formula = expression_formula(parse_expression(text))
+        return type(f"SynthesizedCAM[{Path(path).name}]", (cls,), {"expression": text, "formula": formula})
 
 
 def save_expression(text: str, path: str | Path, overwrite: bool = False) -> Path:

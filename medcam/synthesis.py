@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .engine import BaseSegCAM, interpolate_upsampler, validate_image
+from .engine import BaseSegCAM
 from .errors import MedcamError
+from .result import interpolate_upsampler
+from .runner import validate_image
 from .sycam import Expr, SynthesizedCAM, fingerprint, parse_expression, pooled_alpha, random_inputs
 from .targets import Target
 
@@ -165,14 +167,15 @@ class _Cached:
 
 def _cache_case(cam: BaseSegCAM, case: SynthesisCase) -> _Cached:
     image = validate_image(case.image if case.image.ndim >= 3 and case.image.shape[0] == 1 else case.image[None])
-    cam._ensure_layer(image)
-    with cam.hooked("grad") as hook:
-        y, a = cam.forward(image, hook)
+    runner = cam.runner
+    runner.ensure_layer(image[:1])
+    with runner.session("grad") as hook:
+        y, a = runner.forward(image, hook)
         yd = y.detach().float()
-        g_out, _ = cam.output_gradient(yd, case.target.score_weights(yd))
-        (g,) = cam.activation_grads(y, a, [g_out])
-        af = cam.to_feature_map(a.detach(), image.shape[2:]).double()
-        gf = cam.to_feature_map(g, image.shape[2:]).double()
+        g_out, _ = runner.output_gradient(yd, case.target.score_weights(yd))
+        g = runner.activation_grad(y, a, g_out)
+        af = runner.to_feature_map(a.detach(), image.shape[2:]).double()
+        gf = runner.to_feature_map(g, image.shape[2:]).double()
     n = float(math.prod(af.shape[2:]))
     return _Cached(case, image, af, gf, yd, {"A": af, "g": gf, "N": n})
 
@@ -332,9 +335,9 @@ def synthesize(
     for name in builtins:
         cls = METHODS[name]
         vals = []
-        for c in val:
-            m = cls(model, layer).explain(c.image, [c.case.target]).maps[0, 0]
-            vals.append(fn(m, c))
+        for cv in val:
+            m = cls(model, layer).explain(cv.image, [cv.case.target]).maps[0, 0]
+            vals.append(fn(m, cv))
         builtin_val[name] = _mean(vals)
     scores.sort(key=lambda t: (math.isnan(t[1]), -t[1] if hib else t[1]))
     report = SynthesisReport(

@@ -14,13 +14,25 @@ import medcam
 from medcam import targets as T
 from tests._nets import GapLinearNet, LinearHeadNet, autograd_reference, reference_maps
 
-METHODS = {
-    "gradcam": medcam.SegGradCAM,
-    "hirescam": medcam.SegHiResGradCAM,
-    "xgradcam": medcam.SegXGradCAM,
-    "layercam": medcam.SegLayerCAM,
-    "gradcam++": medcam.SegGradCAMPlusPlus,
-}
+#: every registered method is tested (a method added to medcam.METHODS needs its formula in reference_maps, or in
+#: _reference for a method whose channel weights are not formed from A and g alone)
+METHODS = medcam.METHODS
+
+
+def _reference(name, cam, x, tgt, a, g):
+    """Pre-ReLU reference map ``[B, *f]`` (float64) of method ``name`` on ``A``, ``g`` from plain autograd.
+
+    MI-CAM / MI-Grad-CAM: the mutual-information weights are those the explainer reports (``channel_weights``,
+    checked against a literal numpy MI implementation in tests/test_micam.py); the map formed from them, the
+    gradient part of MI-Grad-CAM and the hooking/upsampling are checked here like every other method's.
+    """
+    if name not in ("micam", "migradcam"):
+        return reference_maps(a, g)[name]
+    dims = tuple(range(2, a.ndim))
+    w = cam.channel_weights(x, [tgt])[:, 0].double()  # [B, K]
+    if name == "migradcam":
+        w = w * g.sum(dims) / float(np.prod(a.shape[2:]))
+    return (w[(...,) + (None,) * len(dims)] * a).sum(1)
 
 
 def _model_state(model):
@@ -66,9 +78,9 @@ def test_agrees_with_plain_autograd_3d(request, name, net_layer):
     x = torch.randn(2, 2, 16, 16, 16)
     tgt = T.PredictedROI(1)
     a, g, _ = autograd_reference(net, dict(net.named_modules())[layer], x, lambda y: tgt.score_weights(y))
-    ref = reference_maps(a.double(), g.double())[name].float()
-    scale = float((g.abs() * a.abs()).sum(1).max())  # size of the terms summed: float32 rounding is relative to it
     cam = METHODS[name](net, layer=layer)
+    ref = _reference(name, cam, x, tgt, a.double(), g.double()).float()
+    scale = float((g.abs() * a.abs()).sum(1).max())  # size of the terms summed: float32 rounding is relative to it
     got = cam(x, [tgt], relu=False, upsample=False)[:, 0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * scale)
     # upsampled + ReLU follows the documented order: upsample(pre-ReLU) then ReLU
@@ -292,16 +304,6 @@ def test_clear_errors(segresnet):
     with pytest.raises(medcam.MedcamError, match="output_activation"):
         medcam.SegGradCAM(segresnet, layer="down_layers.3", score="probability")
     del unused
-
-
-def test_batched_and_per_target_backward_agree(segresnet):
-    x = torch.randn(1, 2, 16, 16, 16)
-    tl = [T.ClassROI(0), T.PredictedROI(1), T.ContrastROI(2, 0, 0.3)]
-    a = medcam.SegHiResGradCAM(segresnet, layer="down_layers.3", batch_targets=True)
-    b = medcam.SegHiResGradCAM(segresnet, layer="down_layers.3", batch_targets=False)
-    ma, mb = a(x, tl, relu=False), b(x, tl, relu=False)
-    assert a.batch_targets  # vmap handled SegResNet's backward
-    torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6 * float(mb.abs().max()))
 
 
 def test_non_finite_gradient_is_a_clear_error():

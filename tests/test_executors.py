@@ -21,12 +21,10 @@ def run(args):
 
 
 def test_without_ray_the_ray_option_says_how_to_install_it(monkeypatch, cases_root):  # noqa: F811
-    from medcam.evaluate_cli import evaluate_command
-
     monkeypatch.setattr(ex_mod, "ray_available", lambda: False)
     r = run(["explain", cases_root, "-o", cases_root.parent / "o", "--ray"])
     assert_one_line_error(r, "Ray is not installed", "pip install 'medcam[ray]'")
-    r = CliRunner().invoke(evaluate_command, [str(cases_root), "-o", str(cases_root.parent / "e"), "--ray", "auto"])
+    r = run(["evaluate", cases_root, "-o", cases_root.parent / "e", "--ray", "auto"])
     assert r.exit_code == 1 and "pip install 'medcam[ray]'" in r.stderr
     with pytest.raises(PipelineError, match="pip install 'medcam.ray.'"):
         resolve_executor("ray")

@@ -167,15 +167,17 @@ def test_cli_ray_records_a_case_error_once_without_retry(ray_local, cohort, tmp_
 
 
 def test_evaluate_on_ray_equals_local(ray_local, cohort, tmp_path, one_thread):
-    from medcam.evaluate_cli import run_evaluation
+    from medcam.pipeline import RunSettings
+    from medcam.pipeline.evaluate import EvaluationOptions, evaluate_files
 
-    kw = dict(
-        model_spec="tests._ray_helpers:tiny_net", regions="TC,WT,ET", spacing="8", crop_foreground=False,
-        roi_size="24,24,24", methods=["gradcam"], targets=["WT"], metrics=["localisation"], plots=False,
-        device="cpu",
+    settings = RunSettings(
+        model_spec="tests._ray_helpers:tiny_net", regions=["TC", "WT", "ET"], methods=["gradcam"], targets=["WT"],
+        preprocessing={"spacing": (8.0,) * 3, "crop_foreground": False}, roi_size=(24, 24, 24), device="cpu",
+        progress=False,
     )  # fmt: skip
-    local = run_evaluation([str(cohort)], output=str(tmp_path / "local"), **kw)
-    dist = run_evaluation([str(cohort)], output=str(tmp_path / "ray"), executor=RayExecutor(workers=2), **kw)
+    options = EvaluationOptions(metrics=("localisation",), plots=False)
+    local = evaluate_files([str(cohort)], settings, options, tmp_path / "local")
+    dist = evaluate_files([str(cohort)], settings, options, tmp_path / "ray", executor=RayExecutor(workers=2))
     assert local["failed"] == dist["failed"] == [] and len(local["result"].rows) > 4 * 3
     assert dist["result"].rows == local["result"].rows
     assert (tmp_path / "ray" / "metrics.csv").read_bytes() == (tmp_path / "local" / "metrics.csv").read_bytes()

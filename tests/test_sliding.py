@@ -24,11 +24,13 @@ def net():
     ).eval()
 
 
-def _reference(net, x, inferer, weights_fn, method, probability=None, error_bound=None):
+def _reference(net, x, inferer, weights_fn, method, probability=None, error_bound=None, mi_weights=None):
     """Differentiate S = sum W * Y through MONAI's sliding_window_inference itself (all window graphs kept).
 
     ``probability``: "sigmoid" or "softmax" to score ``sum W * p(Y)`` instead of the logits.
     ``error_bound``: a list; Grad-CAM++ appends the map error that float32 round-off in g can cause (see below).
+    ``mi_weights``: MI-CAM / MI-Grad-CAM: the explainer's mutual-information weights ``[K]`` (its MI estimate over
+    the windows is checked against a literal implementation in tests/test_micam.py; the blending is checked here).
     """
     layer = dict(net.named_modules())[LAYER]
     acts, coords = [], []
@@ -60,9 +62,10 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     roi = tuple(inferer.roi_size)
     padded = [max(s_, r_) for s_, r_ in zip(x.shape[2:], roi)]  # MONAI's coordinates are in the padded volume
     out = torch.zeros((x.shape[0], *padded), dtype=torch.float64)
-    if method == "hirescam":
+    if method in ("hirescam", "layercam"):  # element-wise: window maps summed
         for a, g, coord in zip(acts, grads, coords):
-            m = F.interpolate((g * a).sum(1, keepdim=True).double(), size=roi, mode="trilinear", align_corners=False)
+            term = g * a if method == "hirescam" else F.relu(g) * a
+            m = F.interpolate(term.sum(1, keepdim=True).double(), size=roi, mode="trilinear", align_corners=False)
             for j, sl in enumerate(coord):
                 out[(sl[0], *sl[2:])] += m[j, 0]
         crop = [slice((p_ - s_) // 2, (p_ - s_) // 2 + s_) for p_, s_ in zip(padded, x.shape[2:])]
@@ -72,8 +75,14 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     n = 1.0
     for s_, f_, r_ in zip(x.shape[2:], feat, roi):
         n *= s_ * f_ / r_
-    if method == "gradcam":  # alpha = sum of gradients over windows / N
+    if method in ("gradcam", "migradcam"):  # alpha = sum of gradients over windows / N (times NMI)
         alpha = sum(g.double().sum((0, 2, 3, 4)) for g in grads) / n
+        if method == "migradcam":
+            alpha = alpha * mi_weights.double()
+    elif method == "micam":  # no gradient: the MI weights
+        alpha = mi_weights.double()
+    elif method not in ("xgradcam", "gradcam++"):
+        raise NotImplementedError(f"no sliding-window reference for method {method!r}: write one here")
     else:
         # sum_v A_k over the volume: each window's activation weighted by its normalised blending weight, taken
         # from MONAI itself (a predictor that answers 1 in channel w for window w), area-averaged onto the feature grid
@@ -95,7 +104,7 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
         else:  # gradcam++
             alpha, dalpha = 0, 0
             s_ = act_sum[None, :, None, None, None]
-            for g, a in zip(grads, acts):
+            for g in grads:
                 g = g.double()
                 den = 2 * g**2 + s_ * g**3
                 coef = torch.where(
@@ -126,12 +135,8 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     return blended[:, 0].double()
 
 
-CLASSES = {
-    "hirescam": medcam.SegHiResGradCAM,
-    "gradcam": medcam.SegGradCAM,
-    "xgradcam": medcam.SegXGradCAM,
-    "gradcam++": medcam.SegGradCAMPlusPlus,
-}
+#: every registered method is tested (a method added to medcam.METHODS needs its reference in _reference)
+CLASSES = medcam.METHODS
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
@@ -144,8 +149,10 @@ def test_matches_autograd_through_monai_blending(net, mode, method):
     # to 3e-5 under gaussian blending, where float32 round-off alone moves the map by a few per cent)
     tgt = T.BoxROI(0, (2, 3, 1), (14, 20, 10)) if method == "gradcam++" else T.PredictedROI(1)
     bound: list[float] = []
-    ref = _reference(net, x, inferer, tgt.score_weights, method, error_bound=bound)
-    res = CLASSES[method](net, layer=LAYER, inferer=inferer).explain(x, tgt, relu=False)
+    cam = CLASSES[method](net, layer=LAYER, inferer=inferer)
+    mi = cam.channel_weights(x, tgt)[0, 0] if method in ("micam", "migradcam") else None
+    ref = _reference(net, x, inferer, tgt.score_weights, method, error_bound=bound, mi_weights=mi)
+    res = cam.explain(x, tgt, relu=False)
     assert res.stats["windows"] == 8
     got = res.maps[:, 0].double()
     # Grad-CAM++ only: plus the propagated round-off bound (its coefficients have poles; here |2 + S g| gets down

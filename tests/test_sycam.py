@@ -67,6 +67,20 @@ def test_text_round_trips_and_protected_division():
 
 
 @pytest.mark.parametrize("name", list(KNOWN_EXPRESSIONS))
+def test_an_expression_is_a_formula_of_the_builtin_kind(net, name, tmp_path):
+    """The expression's formula has the kind (class) of the built-in method's formula: the executors dispatch on it."""
+    from medcam.formulas import ActivationPooledFormula, ElementwiseFormula, PooledFormula
+
+    kinds = (ActivationPooledFormula, PooledFormula, ElementwiseFormula)
+    builtin = next(k for k in kinds if isinstance(medcam.METHODS[name].formula, k))
+    cam = SynthesizedCAM(net, LAYER, expression=KNOWN_EXPRESSIONS[name])
+    assert next(k for k in kinds if isinstance(cam.formula, k)) is builtin
+    from_file = SynthesizedCAM.class_from_file(cam.save(tmp_path / f"{name}.sycam"))
+    assert next(k for k in kinds if isinstance(from_file.formula, k)) is builtin
+    assert type(SynthesizedCAM.formula) is not type(cam.formula)  # instances do not share one formula
+
+
+@pytest.mark.parametrize("name", list(KNOWN_EXPRESSIONS))
 @pytest.mark.parametrize("sliding", [False, True])
 def test_expression_equals_the_builtin_it_expresses(net, name, sliding):
     torch.manual_seed(1)

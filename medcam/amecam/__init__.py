@@ -38,7 +38,7 @@ from .slices import (
     SliceSet,
     extract_slices,
     hd95_pooled,
-    load_brats_case,
+    load_modality_and_labels,
     minmax_volume,
     per_slice_metrics,
     summarise,
@@ -74,11 +74,11 @@ __all__ = [
     "sim_min_loss",
     "SliceSet",
     "extract_slices",
-    "load_brats_case",
+    "load_modality_and_labels",
     "minmax_volume",
     "per_slice_metrics",
     "summarise",
 ]
-from .segmentation import AMECAM  # noqa: E402, F401  (needs the core engine: medcam.SegHiResGradCAM, ...)
+from .segmentation import AMECAM  # noqa: E402, F401  (re-exported; needs the core engine: medcam.SegHiResGradCAM)
 
 __all__.append("AMECAM")

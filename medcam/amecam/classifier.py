@@ -98,6 +98,7 @@ class ResNet18IN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for ex in self.exits:  # small exits: initial logits near 0
+            assert isinstance(ex, nn.Conv2d) and ex.bias is not None
             nn.init.normal_(ex.weight, std=0.01)
             nn.init.zeros_(ex.bias)
 
@@ -347,7 +348,7 @@ def train_classifier(
             if log_every and len(losses) % log_every == 0:
                 logger.info("classifier epoch %d step %d loss %.4f", ep, len(losses), losses[-1])
         sched.step()
-        if val_images is not None:
+        if val_images is not None and val_labels is not None:  # both or neither (checked above)
             model.eval()
             auc = roc_auc(_predict(model, val_images, 64), val_labels)
             hist["val_auc"].append(auc)

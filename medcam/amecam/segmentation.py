@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 from ..engine import BaseSegCAM
 from ..errors import LayerError, MedcamError
-from ..hooks import StopForward, preserved_model_state
+from ..hooks import StopForward, preserved_model_state, run_model
 from ..layers import auto_layer, check_hookable, resolve_layer
 from ..methods import SegHiResGradCAM
+from ..sliding import WindowGrid, window_example
 from ..targets import Target, as_target_list
 from .attention import AttentionAggregator, ame_cam_from_maps, fit_attention, minmax_maps
 
@@ -87,9 +88,9 @@ class AMECAM:
             raise MedcamError(f"method must be a medcam CAM class such as medcam.SegHiResGradCAM, got {method!r}")
         if int(attention_downsample) < 1:
             raise MedcamError(f"attention_downsample must be a positive integer, got {attention_downsample}")
-        if any(isinstance(ly, str) and ly == "auto" for ly in layers):
+        if any(isinstance(name, str) and name == "auto" for name in layers):
             raise LayerError("AMECAM needs explicit layers (not 'auto'): see medcam.list_layers(model, example)")
-        self.cams = [method(model, layer=ly, inferer=inferer, **(method_kwargs or {})) for ly in layers]
+        self.cams = [method(model, layer=name, inferer=inferer, **(method_kwargs or {})) for name in layers]
         self.layer_names = [c.layer_name for c in self.cams]
         if len(set(self.layer_names)) != len(self.layer_names):
             raise LayerError(f"duplicate layers: {self.layer_names}")
@@ -183,7 +184,7 @@ class AMECAM:
         return (out, w) if return_weights else out
 
     # ---------------------------------------------------------------------------------------------- training ---
-    def _embed_fn(self, example: torch.Tensor):
+    def _embed_fn(self, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Frozen-network embedding ``[n, Cin, *S] -> [n, D]`` (GAP of ``embed_layer``'s output).
 
         With an inferer that has a ``roi_size`` (MONAI ``SlidingWindowInferer``) the network only ever sees windows of
@@ -191,21 +192,18 @@ class AMECAM:
         the embedding is the mean over windows of each window's pooled features. Without an inferer the network runs
         on the whole image.
         """
-        roi = None
-        if self.inferer is not None and getattr(self.inferer, "roi_size", None) is not None:
-            from monai.utils import fall_back_tuple
-
-            roi = tuple(fall_back_tuple(self.inferer.roi_size, example.shape[2:]))
+        windows = self.inferer is not None and getattr(self.inferer, "roi_size", None) is not None
         if self.embed_layer_name is None:
-            ex = example[:1]
-            if roi is not None:
-                ex = torch.zeros((1, example.shape[1], *roi), dtype=example.dtype, device=example.device)
+            # the core engine's "auto" rule, at the size the network sees (one window of the inferer's grid)
+            ex = window_example(self.inferer, example) if windows else example[:1]
             self.embed_layer_name = auto_layer(self.model, ex)
             logger.info("AMECAM: contrastive embeddings from layer %r", self.embed_layer_name)
         module = resolve_layer(self.model, self.embed_layer_name)[1]
         model = self.model
 
         def pooled(x: torch.Tensor) -> torch.Tensor:
+            # not ActivationHook/ModelRunner.activations: those detach, and the features ablation trains the
+            # aggregator through the frozen network (gradient w.r.t. x * minmax(F))
             captured: list[torch.Tensor] = []
 
             def hook(_m, _i, out):
@@ -214,7 +212,7 @@ class AMECAM:
 
             h = module.register_forward_hook(hook)
             try:
-                model(x)
+                run_model(model, x)
             except StopForward:
                 pass
             finally:
@@ -223,32 +221,22 @@ class AMECAM:
                 raise LayerError(f"embed layer {self.embed_layer_name!r} did not run in the forward pass")
             return captured[0].float().flatten(2).mean(-1)
 
-        if roi is None:
+        if not windows:
             return pooled
-        overlap = getattr(self.inferer, "overlap", 0.25)
         sw_batch = int(getattr(self.inferer, "sw_batch_size", 1) or 1)
 
         def embed(x: torch.Tensor) -> torch.Tensor:
-            from monai.data.utils import dense_patch_slices
-            from monai.inferers.utils import _get_scan_interval
-
-            nd = x.ndim - 2
-            pad: list[int] = []
-            for d in range(nd - 1, -1, -1):  # F.pad order: last dim first
-                extra = max(roi[d] - x.shape[2 + d], 0)
-                pad += [extra // 2, extra - extra // 2]
-            xp = F.pad(x, pad) if any(pad) else x
-            size = xp.shape[2:]
-            ov = overlap if isinstance(overlap, Sequence) else [overlap] * nd
-            slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, nd, ov))
+            # the sliding executor's grid: MONAI's symmetric zero padding up to the window, its windows and overlap
+            grid = WindowGrid(self.inferer, tuple(x.shape[2:]), x.device, x.device)
+            xp = grid.pad_zeros(x)
             acc = None
-            for s0 in range(0, len(slices), sw_batch):
-                chunk = slices[s0 : s0 + sw_batch]
+            for s0 in range(0, len(grid.slices), sw_batch):
+                chunk = grid.slices[s0 : s0 + sw_batch]
                 win = torch.cat([xp[(slice(None), slice(None), *sl)] for sl in chunk])  # [len(chunk) * n, C, *roi]
                 e = pooled(win).reshape(len(chunk), x.shape[0], -1).sum(0)
                 acc = e if acc is None else acc + e
             assert acc is not None
-            return acc / len(slices)
+            return acc / len(grid.slices)
 
         return embed
 
@@ -333,7 +321,9 @@ class AMECAM:
         elif self.aggregator.spatial_dims != x.ndim - 2:
             raise MedcamError("the existing aggregator was built for images with other spatial dims")
         self.aggregator.to(dev)
-        embed = self._embed_fn(x[:1].to(dev)) if embedding == "features" else "pixels"
+        embed: Callable[[torch.Tensor], torch.Tensor] | Literal["pixels"] = "pixels"
+        if embedding == "features":
+            embed = self._embed_fn(x[:1].to(dev))
         # freeze the network for any embedding passes (modes and flags restored afterwards)
         with preserved_model_state(self.model):
             losses = fit_attention(

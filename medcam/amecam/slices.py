@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ __all__ = [
     "SliceSet",
     "minmax_volume",
     "extract_slices",
-    "load_brats_case",
+    "load_modality_and_labels",
     "per_slice_metrics",
     "summarise",
     "hd95_pooled",
@@ -85,16 +86,16 @@ class SliceSet:
 
         With ``pad_square`` non-square slices are first zero-padded (centred) to a square, keeping the aspect ratio.
         """
-        size = (size, size) if isinstance(size, int) else tuple(size)
+        hw: tuple[int, ...] = (size, size) if isinstance(size, int) else tuple(size)
         img, msk = self.images, self.masks
         h, w = img.shape[-2:]
         if pad_square and h != w:
             n = max(h, w)
             pads = ((n - w) // 2, n - w - (n - w) // 2, (n - h) // 2, n - h - (n - h) // 2)
             img, msk = F.pad(img, pads), F.pad(msk, pads)
-        if tuple(img.shape[-2:]) != size:
-            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-            msk = F.interpolate(msk[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+        if tuple(img.shape[-2:]) != hw:
+            img = F.interpolate(img, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+            msk = F.interpolate(msk[:, None].float(), size=hw, mode="nearest")[:, 0] > 0.5
         return SliceSet(img, self.labels, msk, self.volume_index, self.slice_index)
 
 
@@ -162,7 +163,7 @@ def extract_slices(
     )
 
 
-def load_brats_case(
+def load_modality_and_labels(
     folder: str | os.PathLike, modality: str | Sequence[str] = "flair", label_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one modality (``[X, Y, Z]``) or several (a list: ``[C, X, Y, Z]``) and the reference labels of a
@@ -178,7 +179,7 @@ def load_brats_case(
 
     folder = Path(folder)
     if not isinstance(modality, str):
-        loaded = [load_brats_case(folder, m, label_file) for m in modality]
+        loaded = [load_modality_and_labels(folder, m, label_file) for m in modality]
         if not loaded:
             raise MedcamError("no modality asked for")
         return np.stack([v for v, _ in loaded]), loaded[0][1]
@@ -205,8 +206,10 @@ def load_brats_case(
         if len(segs) != 1:
             raise MedcamError(f"cannot choose a label file in {folder}: {[p.name for p in segs]}; pass label_file")
         seg_file = segs[0]
-    vol = np.asarray(nib.load(str(img_file)).dataobj, dtype=np.float32)
-    lab = np.asarray(nib.load(str(seg_file)).dataobj).astype(np.int16)
+    img_nii: Any = nib.load(str(img_file))  # a spatial image (FileBasedImage in the stubs has no dataobj)
+    seg_nii: Any = nib.load(str(seg_file))
+    vol = np.asarray(img_nii.dataobj, dtype=np.float32)
+    lab = np.asarray(seg_nii.dataobj).astype(np.int16)
     return vol, lab
 
 
@@ -260,7 +263,7 @@ def hd95_pooled(
         return 0.0
     if not p.any() or not r.any():
         return float(empty_value)
-    sp = [float(spacing)] * p.ndim if np.isscalar(spacing) else [float(v) for v in spacing]  # type: ignore[arg-type]
+    sp = [float(spacing)] * p.ndim if isinstance(spacing, (int, float, np.number)) else [float(v) for v in spacing]
     st = generate_binary_structure(p.ndim, 1)
     pb = p ^ binary_erosion(p, structure=st, iterations=1)
     rb = r ^ binary_erosion(r, structure=st, iterations=1)

@@ -36,9 +36,9 @@ from scipy import ndimage
 from medcam.data.loading import MedcamDataError
 from medcam.io.atomic import atomic_write, check_output_path
 
-logger = logging.getLogger(__name__)
+from ..types import PathLike
 
-PathLike = str | Path
+logger = logging.getLogger(__name__)
 
 VIEWS = ("axial", "coronal", "sagittal")
 #: (left, right, top, bottom) letters of each view in radiological convention

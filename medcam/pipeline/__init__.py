@@ -34,35 +34,26 @@ TC = 0, WT = 1, ET = 2, sigmoid outputs):
   like a mask;
 * ``channel:N[:predicted|class|component=...]`` - the same by output channel number, for any model.
 
-Modules: :mod:`~medcam.pipeline.models` (model loading), :mod:`~medcam.pipeline.target_specs` (``--target``
-parsing), :mod:`~medcam.pipeline.cases` (case discovery and loading), :mod:`~medcam.pipeline.run` (explaining cases
-and cohorts), :mod:`~medcam.pipeline.errors` (:class:`PipelineError`), :mod:`~medcam.pipeline.executors` (who runs a cohort's
-cases: this process, or Ray workers with :mod:`~medcam.pipeline.ray_executor`, ``explain_cohort(...,
-executor="ray")``); everything but the Ray executor (which needs ``ray``) is re-exported here.
+Modules: :mod:`~medcam.pipeline.settings` (:class:`RunSettings`, checks before the first case),
+:mod:`~medcam.pipeline.models` (model loading), :mod:`~medcam.pipeline.target_specs` (``--target`` parsing),
+:mod:`~medcam.pipeline.cases` (case discovery and loading), :mod:`~medcam.pipeline.cohort` (the cohort loop of
+explain and evaluate), :mod:`~medcam.pipeline.run` (explaining cases and cohorts), :mod:`~medcam.pipeline.evaluate`
+(scoring them), :mod:`~medcam.pipeline.errors` (:class:`PipelineError`), :mod:`~medcam.pipeline.executors` (who runs
+a cohort's cases: this process, or Ray workers with :mod:`~medcam.pipeline.ray_executor`, ``explain_cohort(...,
+executor="ray")``); everything but the Ray executor (which needs ``ray``) and evaluate is re-exported here.
 """
 
 from __future__ import annotations
 
+from ..geometry import spacing_of
+from ..types import PathLike
 from .cases import CaseSource, discover_cases, load_case, split_parts
-from .common import PathLike
+from .cohort import SUMMARY_NAME, json_key, process_case, read_summary, run_cohort, staged_case_dir, versions
 from .errors import PipelineError
 from .executors import LocalExecutor, resolve_executor
 from .models import LoadedModel, load_model, load_state_dict_file
-from .run import (
-    METHOD_LABELS,
-    SUMMARY_NAME,
-    ExplainWork,
-    explain_case,
-    explain_cohort,
-    json_key,
-    make_inferer,
-    predict,
-    read_summary,
-    resolve_device,
-    sliding_settings,
-    spacing_of,
-    versions,
-)
+from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files, predict
+from .settings import Prepared, RunSettings, make_inferer, prepare, resolve_device, sliding_settings
 from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
 
 __all__ = [
@@ -96,4 +87,11 @@ __all__ = [
     "PathLike",
     "spacing_of",
     "mask_on_case_grid",
+    "run_cohort",
+    "process_case",
+    "staged_case_dir",
+    "RunSettings",
+    "Prepared",
+    "prepare",
+    "explain_files",
 ]

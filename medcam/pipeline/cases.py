@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import PathLike
+from ..types import PathLike
 from .errors import PipelineError
 from .models import LoadedModel
 
@@ -165,6 +165,7 @@ def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
             raise PipelineError(f"'{source}' holds {len(found)} cases; load them one at a time")
         source = found[0]
     pre = dict(model.preprocessing)
+    case: Any
     if source.kind in ("brats_folder", "brats_mapping"):
         case = load_brats_case(source.source, channel_order=model.channel_order, case_id=source.case_id, **pre)
     else:

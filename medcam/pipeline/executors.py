@@ -1,9 +1,11 @@
 """Who runs the cases of a cohort: this process (:class:`LocalExecutor`) or a Ray cluster (``RayExecutor``).
 
-A cohort run (:func:`medcam.pipeline.explain_cohort`) decides on the driver which cases are already done (resume) and
-hands the others, one case per unit of work, to an executor together with a *work* object. The work object is
-picklable and knows how to set itself up on a worker (:meth:`CaseWork.setup`: e.g. move the model to the worker's
-device, once per worker) and how to do one case (:meth:`CaseWork.run_case`: load, explain, write the case folder
+The cohort loop (:func:`medcam.pipeline.run_cohort`, used by :func:`medcam.pipeline.explain_cohort` and
+``medcam.pipeline.evaluate.evaluate_files``) decides on the driver which cases are already done (resume) and hands
+the others, one case per unit of work, to an executor together with a *work* object
+(:class:`medcam.pipeline.cohort.CohortJob`). The work object is picklable and knows how to set itself up on a worker
+(:meth:`CaseWork.setup`: e.g. move the model to the worker's device, once per worker) and how to do one case
+(:meth:`CaseWork.run_case`: :func:`~medcam.pipeline.process_case`: load, explain or score, write the case folder
 through a staging folder, and return the case's record; a case that raises is returned as a ``"failed"`` record,
 never raised). Both executors call the same two methods, so a case gives the same folder and the same record
 wherever it runs.

@@ -1,7 +1,7 @@
 """Cohorts on a Ray cluster: one actor per worker holds the model, cases go to whichever worker is free.
 
-Used through ``explain_cohort(..., executor="ray")`` / ``medcam explain ... --ray [ADDRESS]``; importing this module
-needs the ``ray`` package (``pip install 'medcam[ray]'``).
+Used through ``explain_cohort(..., executor="ray")`` / ``medcam explain|evaluate ... --ray [ADDRESS]``; importing
+this module needs the ``ray`` package (``pip install 'medcam[ray]'``).
 
 * **Workers** are Ray actors. Each receives the work object (model included) once, from Ray's object store, moves the
   model to its device (``cuda`` when Ray gave it a GPU share, else ``cpu``) and then explains one case per call.
@@ -31,7 +31,11 @@ import ray
 from ray import exceptions as rex
 
 from .errors import PipelineError
-from .executors import CaseWork, Record
+
+# the work object follows medcam.pipeline.executors.CaseWork; not imported from there, which imports this module
+# lazily (RayExecutor), so that the two modules form no import cycle
+CaseWork = Any
+Record = dict[str, Any]
 
 logger = logging.getLogger(__package__)
 

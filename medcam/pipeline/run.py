@@ -1,18 +1,11 @@
-"""Running explanations: inference, ``explain_case`` / ``explain_cohort``, case summaries and versions."""
+"""Explaining cases: inference, ``explain_case`` (one case folder) and ``explain_cohort`` (via the cohort loop)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import logging
-import os
-import platform
-import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,13 +15,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import ModelError, TargetError
+from ..geometry import spacing_of
+from ..result import CAMResult
+from ..runner import ModelRunner
+from ..types import PathLike
 from .cases import CaseSource, load_case, split_parts
-from .common import PathLike, _jsonable
+from .cohort import discard_staging, run_cohort, write_case
 from .errors import PipelineError
-from .executors import Executor, input_bytes, resolve_executor
+from .executors import Executor
 from .models import LoadedModel
+from .settings import RunSettings, prepare
 from .target_specs import TargetSpec, build_targets
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
@@ -43,94 +40,18 @@ METHOD_LABELS: dict[str, str] = {
     "micam": "Seg-MI-CAM",
     "migradcam": "Seg-MI-Grad-CAM",
 }
-SUMMARY_NAME = "summary.json"
 #: BraTS modality used as overlay background per region (ET/TC are seen on T1ce, the oedema of WT on FLAIR)
 _OVERLAY_CHANNEL = {"ET": "t1ce", "TC": "t1ce", "WT": "flair"}
-
-
-#: sliding-window settings used when neither the command line nor the model (a bundle's inferer) gives them
-SLIDING_DEFAULTS: dict[str, Any] = {"overlap": 0.25, "sw_batch_size": 1, "mode": "constant"}
-
-
-def sliding_settings(model_settings: dict[str, Any], **given: Any) -> dict[str, Any]:
-    """``overlap``/``sw_batch_size``/``mode``: what was given (not None), else the model's, else the defaults."""
-    out = {**SLIDING_DEFAULTS, **model_settings}
-    out.update({k: v for k, v in given.items() if v is not None})
-    return out
-
-
-def make_inferer(
-    roi_size: Sequence[int] | None,
-    *,
-    overlap: float = 0.25,
-    sw_batch_size: int = 1,
-    mode: str = "constant",
-    progress: bool = False,
-) -> Any:
-    """A MONAI ``SlidingWindowInferer`` (or None for whole-image explanation when ``roi_size`` is None/empty)."""
-    if not roi_size:
-        return None
-    from monai.inferers import SlidingWindowInferer
-
-    if any(int(s) < 1 for s in roi_size):
-        raise PipelineError(f"roi size must be positive integers, got {tuple(roi_size)}")
-    if not 0 <= overlap < 1:
-        raise PipelineError(f"overlap must be in [0, 1), got {overlap}")
-    if mode not in ("constant", "gaussian"):
-        raise PipelineError(f"blend mode must be 'constant' or 'gaussian', got {mode!r}")
-    return SlidingWindowInferer(
-        tuple(int(s) for s in roi_size),
-        sw_batch_size=int(sw_batch_size),
-        overlap=float(overlap),
-        mode=mode,
-        progress=progress,
-    )
+SCORE_DEFINITION = (
+    "S = sum over ROI voxels of the target channel's logit (blended output with sliding windows); maps: pre-ReLU on "
+    "the layer grid -> trilinear upsampling -> ReLU, not normalised"
+)
 
 
 def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
-    """Model output ``[B, C, *S]`` (float32 logits, detached): ``inferer(image, net)`` or ``net(image)``."""
-    from ..engine import BaseSegCAM
-
-    helper = BaseSegCAM(net, layer="auto", amp=amp)  # reuse autocast and output selection
-    with torch.no_grad(), helper.autocast(image.device):
-        out = inferer(image, lambda x: helper.select_output(net(x))) if inferer is not None else net(image)
-    out = helper.select_output(out)
-    out = out.as_tensor() if hasattr(out, "as_tensor") else out
-    return out.detach().float()
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; other names are checked (PipelineError if unusable)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise PipelineError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
-
-
-def spacing_of(affine: Any) -> tuple[float, float, float]:
-    """Voxel spacing (mm) along each axis of a 4x4 affine (tensor or array): the column norms of its 3x3 part."""
-    a = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, float)
-    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))
-
-
-def versions() -> dict[str, str]:
-    """Versions of medcam and the libraries that shape its results."""
-    import monai
-    import nibabel
-
-    return {
-        "medcam": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "nibabel": nibabel.__version__,
-        "python": platform.python_version(),
-    }
+    """Model output ``[B, C, *S]`` (float32, detached): ``inferer(image, net)`` or ``net(image)``, output selected
+    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`)."""
+    return ModelRunner(net, amp=amp).predict(image, inferer)
 
 
 def _overlay_channel(case: Any, region: str) -> int:
@@ -139,33 +60,217 @@ def _overlay_channel(case: Any, region: str) -> int:
     return names.index(want) if want in names else 0
 
 
-def _settings_signature(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+def _file_stem(method: str, target: str) -> str:
+    return f"{method.replace('+', 'pp')}_{target}"
 
 
-def read_summary(case_dir: PathLike) -> dict[str, Any] | None:
-    """The ``summary.json`` of a finished case folder, or None if absent/unreadable/not medcam's."""
-    p = Path(case_dir) / SUMMARY_NAME
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "medcam_version" in data else None
+@dataclass
+class _Explained:
+    """What the explanation of one case produced (before anything is written)."""
+
+    case: Any
+    model: LoadedModel
+    specs: Sequence[TargetSpec]
+    targets: list[Any]  # medcam.targets objects, one per spec
+    output: torch.Tensor  # [1, C, *S] model output on the preprocessed grid
+    results: dict[str, CAMResult]  # per method
+    regions: list[str]  # one name per output channel
+    timings: dict[str, Any]
+
+    @property
+    def first(self) -> CAMResult:
+        return next(iter(self.results.values()))
 
 
-def _replace_dir(staging: Path, final: Path, overwrite: bool) -> None:
-    """Move the finished staging folder onto ``final`` (replacing a previous medcam output only if allowed)."""
-    if final.exists():
-        if not overwrite:
-            raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
-        if read_summary(final) is None:
-            raise PipelineError(f"'{final}' exists and is not a medcam output folder; refusing to replace it")
-        old = final.parent / f".old-{uuid.uuid4().hex[:8]}-{final.name}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+def _explain_maps(
+    case: Any,
+    model: LoadedModel,
+    methods: Sequence[str],
+    specs: Sequence[TargetSpec],
+    layer: str,
+    inferer: Any,
+    *,
+    device: torch.device,
+    amp: bool,
+    threshold: float | None,
+    progress: bool,
+) -> _Explained:
+    """Predict once, check the targets against the output, explain with every method (nothing written).
+
+    ``methods``: names of :data:`medcam.METHODS` or ``synth:FILE`` (results keyed ``synth-<stem>``)."""
+    from ..methods import resolve_method
+
+    method_classes = dict(resolve_method(m) for m in methods)  # key -> class ("synth:F" -> "synth-<stem>")
+    timings: dict[str, Any] = {"explain_s": {}}
+    t0 = time.perf_counter()
+    net = model.net.to(device)
+    tl = build_targets(specs, case, activation=model.activation, threshold=threshold)
+    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
+    image = image[None].float().to(device)
+    output = predict(net, image, inferer, amp=amp)
+    timings["predict_s"] = round(time.perf_counter() - t0, 3)
+    if output.shape[2:] != image.shape[2:]:
+        raise ModelError(f"the model output {tuple(output.shape)} is not on the input grid {tuple(image.shape)}")
+    n_out = output.shape[1]
+    regions = list(model.regions) if len(model.regions) == n_out else [f"ch{i}" for i in range(n_out)]
+    for s in specs:
+        if s.channel >= n_out:
+            raise TargetError(
+                f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs"
+            )
+    results = {}
+    for m, cls in method_classes.items():
+        t0 = time.perf_counter()
+        act: Any = model.activation  # "sigmoid" or "softmax", checked by load_model
+        cam = cls(net, layer=layer, inferer=inferer, amp=amp, output_activation=act, progress=progress)
+        results[m] = cam.explain(image, tl, output=output if inferer is not None else None)
+        timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
+    return _Explained(case, model, specs, tl, output, results, regions, timings)
+
+
+def _target_rows(ex: _Explained) -> list[dict[str, Any]]:
+    sp = spacing_of(ex.case.image.affine)
+    voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
+    rows = []
+    for k, (spec, t) in enumerate(zip(ex.specs, ex.targets)):
+        n = int(ex.first.roi_voxels[0, k])
+        rows.append(
+            {
+                "name": spec.name,
+                "spec": spec.text,
+                "kind": spec.kind,
+                "channel": spec.channel,
+                "region": ex.regions[spec.channel],
+                "target": repr(t),
+                "roi_voxels": n,
+                "roi_volume_ml": round(n * voxel_ml, 4),
+                **{key: {} for key in ("score", "map_max", "map_sum", "heatmaps", "overlays")},
+            }
+        )
+    return rows
+
+
+def _write_method_maps(
+    ex: _Explained, rows: list[dict[str, Any]], staging: Path, png: bool, figures: Mapping[str, Any] | None
+) -> tuple[dict[str, np.ndarray], list[str], Any]:
+    """Heatmaps (original grid) of every method and target, the PNG overlays and montage
+    (:func:`medcam.io.case_figures.write_case_figures`, options ``figures``: ``shared_scale``, ``slice_at``); fills
+    ``rows``; returns the maps for the Slicer scene, the zero-map warnings and the figures record."""
+    from ..io import save_heatmap
+    from ..io.case_figures import MapEntry, figure_inputs, write_case_figures, zero_map_warnings
+
+    case, layer = ex.case, ex.first.layer
+    ref = Path(case.reference_path)
+    roi_masks = [t.roi(ex.output)[0].cpu().numpy() > 0 for t in ex.targets]
+    slicer_maps: dict[str, np.ndarray] = {}
+    entries: list[MapEntry] = []
+    for m, res in ex.results.items():
+        label = METHOD_LABELS.get(m, m)
+        maps = res.maps[0].detach().float().cpu().numpy()  # [K, *S] preprocessed grid
+        original = case.invert(maps)  # [K, *original]
+        for k, (spec, row) in enumerate(zip(ex.specs, rows)):
+            row["score"][m] = float(res.scores[0, k])
+            row["map_max"][m] = float(maps[k].max())
+            row["map_sum"][m] = float(maps[k].sum())
+            row["heatmaps"][m] = f"heatmaps/{_file_stem(m, spec.name)}.nii.gz"
+            save_heatmap(original[k], ref, staging / row["heatmaps"][m], method=label, target=spec.name, layer=layer)
+            slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
+            rel_png = f"overlays/{_file_stem(m, spec.name)}.png"
+            entries.append(MapEntry(m, label, spec.name, original[k], rel_png))
+            if png:
+                row["overlays"][m] = rel_png
+    warnings = zero_map_warnings(case.case_id, entries)
+    written = None
+    if png:
+        written = write_case_figures(
+            staging,
+            entries,
+            **figure_inputs(case, ex.specs, [ex.regions[s.channel] for s in ex.specs], roi_masks, _overlay_channel),
+            roi_ml={r["name"]: r["roi_volume_ml"] for r in rows},
+            layer=layer,
+            **dict(figures or {}),
+        )
+    return slicer_maps, warnings, written
+
+
+def _predicted_regions(ex: _Explained, threshold: float | None) -> np.ndarray:
+    """0/1 prediction per output channel ``[C, *S]`` (sigmoid > threshold, or one-hot argmax for softmax)."""
+    out = ex.output[0]
+    if ex.model.activation == "sigmoid":
+        pred = (torch.sigmoid(out) > (0.5 if threshold is None else threshold)).float()
     else:
-        os.replace(staging, final)
+        pred = torch.nn.functional.one_hot(out.argmax(0), out.shape[0]).movedim(-1, 0).float()
+    return pred.cpu().numpy()
+
+
+def _sliding_record(ex: _Explained, inferer: Any) -> dict[str, Any] | None:
+    if inferer is None:
+        return None
+    return {
+        "roi_size": list(inferer.roi_size),
+        "overlap": inferer.overlap,
+        "mode": str(inferer.mode),
+        "sw_batch_size": inferer.sw_batch_size,
+        "windows": ex.first.stats.get("windows"),
+        "backward_windows": {m: r.stats.get("backward_windows") for m, r in ex.results.items()},
+    }
+
+
+def _write_case_files(
+    ex: _Explained,
+    staging: Path,
+    *,
+    inferer: Any,
+    threshold: float | None,
+    slicer: bool,
+    png: bool,
+    device: torch.device,
+    amp: bool,
+    source: CaseSource | None,
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the maps, overlays, montage and Slicer scene of ``ex`` into ``staging``; return the case summary."""
+    from ..io import export_slicer_scene
+    from ..io.case_figures import scene_images
+
+    t0 = time.perf_counter()
+    case, rows = ex.case, _target_rows(ex)
+    slicer_maps, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
+    pred = _predicted_regions(ex, threshold)
+    if slicer:
+        export_slicer_scene(
+            staging / "slicer",
+            **scene_images(case),
+            heatmaps=slicer_maps,
+            segmentation=case.invert(pred, nearest=True),
+            segment_names=[f"predicted {r}" for r in ex.regions],
+            method="+".join(ex.results),
+            layer=ex.first.layer,
+        )
+    ex.timings["write_s"] = round(time.perf_counter() - t0, 3)
+    return {
+        "source": source.describe() if source is not None else {k: str(v) for k, v in case.paths.items()},
+        "reference_image": str(case.reference_path),
+        "channels": list(case.channel_names),
+        "original_shape": list(case.original_shape),
+        "preprocessed_shape": list(case.image.shape[1:]),
+        "preprocessed_spacing_mm": [round(v, 4) for v in spacing_of(case.image.affine)],
+        "model": ex.model.describe(),
+        "layer": ex.first.layer,
+        "feature_shape": list(ex.first.feature_shape),
+        "methods": {m: METHOD_LABELS.get(m, m) for m in ex.results},
+        "score_definition": SCORE_DEFINITION,
+        "sliding_window": _sliding_record(ex, inferer),
+        "threshold": 0.5 if threshold is None and ex.model.activation == "sigmoid" else threshold,
+        "predicted_voxels": {ex.regions[c]: int(pred[c].sum()) for c in range(pred.shape[0])},
+        "targets": rows,
+        "slicer_scene": "slicer/scene.mrml" if slicer else None,
+        "figures": written,
+        "warnings": warnings,
+        "device": str(device),
+        "amp": bool(amp),
+        "timings": ex.timings,
+    }
 
 
 def explain_case(
@@ -187,12 +292,13 @@ def explain_case(
     settings: Mapping[str, Any] | None = None,
     source: CaseSource | None = None,
 ) -> dict[str, Any]:
-    """Explain one preprocessed case and write its folder ``out_dir`` (see the module docstring).
+    """Explain one preprocessed case and write its folder ``out_dir`` (see :mod:`medcam.pipeline`).
 
     Args:
         case: a loaded case (``case.image`` ``[C, X, Y, Z]`` MetaTensor, ``case.invert``, ``case.reference_path``).
         model: a :class:`LoadedModel` (or a bare ``nn.Module``: sigmoid outputs, unnamed channels).
-        methods: names from :data:`medcam.METHODS` (``"hirescam"``, ``"gradcam"``, ...).
+        methods: names from :data:`medcam.METHODS` (``"hirescam"``, ``"gradcam"``, ...) or ``synth:FILE`` (a saved
+            SyCAM expression; files named ``synth-<stem>``).
         targets: parsed target specs (:func:`parse_targets`).
         layer: dotted layer name, ``"auto"``, or None for the model's default.
         inferer: ``SlidingWindowInferer`` or None (whole image; spatial sizes must suit the network).
@@ -203,7 +309,8 @@ def explain_case(
         overwrite: replace an existing case folder written by medcam.
         slicer, png: also write the Slicer folder / PNG overlays.
         progress: tqdm bars over sliding windows.
-        settings: run settings recorded in the summary (and compared on resume).
+        settings: run settings recorded in the summary (and compared on resume); its ``"figures"`` entry
+            (``shared_scale``, ``slice_at``) sets the PNGs' options.
         source: where the case came from (recorded in the summary).
 
     Returns:
@@ -212,230 +319,41 @@ def explain_case(
         ``map_max`` / ``map_sum`` (per method, preprocessed grid), relative paths of the written files.
     """
     from .. import METHODS
-    from ..io import export_slicer_scene, save_heatmap
-    from ..io.case_figures import MapEntry, figure_inputs, scene_images, write_case_figures, zero_map_warnings
 
     t_start = time.perf_counter()
     if not isinstance(model, LoadedModel):
         model = LoadedModel(net=model, kind="module", spec=type(model).__name__)
-    from ..methods import resolve_method
-
     unknown = [m for m in methods if m not in METHODS and not m.startswith("synth:")]
     if unknown or not methods:
         raise PipelineError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} or synth:FILE")
-    method_classes = dict(resolve_method(m) for m in methods)  # key -> class ("synth:F" -> "synth-<stem>")
-    methods = list(method_classes)
-    layer = layer or model.default_layer
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if Path(out_dir).exists() and not overwrite:
         raise PipelineError(f"output folder '{out_dir}' already exists; pass --overwrite to replace it")
-    device = torch.device(device)
-    net = model.net.to(device)
-    timings: dict[str, Any] = {}
+    dev = torch.device(device)
 
-    t0 = time.perf_counter()
-    tl = build_targets(targets, case, activation=model.activation, threshold=threshold)
-    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
-    image = image[None].float().to(device)
-    output = predict(net, image, inferer, amp=amp)
-    timings["predict_s"] = round(time.perf_counter() - t0, 3)
-    if output.shape[2:] != image.shape[2:]:
-        raise ModelError(f"the model output {tuple(output.shape)} is not on the input grid {tuple(image.shape)}")
-    n_out = output.shape[1]
-    regions = list(model.regions) if len(model.regions) == n_out else [f"ch{i}" for i in range(n_out)]
-    for s in targets:
-        if s.channel >= n_out:
-            raise TargetError(
-                f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs"
-            )
+    def work(staging: Path) -> dict[str, Any]:
+        ex = _explain_maps(
+            case, model, methods, targets, layer or model.default_layer, inferer,
+            device=dev, amp=amp, threshold=threshold, progress=progress,
+        )  # fmt: skip
+        summary = _write_case_files(
+            ex, staging, inferer=inferer, threshold=threshold, slicer=slicer, png=png, device=dev, amp=amp,
+            source=source, figures=(settings or {}).get("figures"),
+        )  # fmt: skip
+        ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        return summary
 
-    results = {}
-    timings["explain_s"] = {}
-    for m in methods:
-        t0 = time.perf_counter()
-        cam = method_classes[m](
-            net, layer=layer, inferer=inferer, amp=amp, output_activation=model.activation, progress=progress
-        )
-        res = cam.explain(image, tl, output=output if inferer is not None else None)
-        timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
-        results[m] = res
-
-    # ---- write everything into a staging folder
-    t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".partial-{uuid.uuid4().hex[:8]}-{out_dir.name}"
-    staging.mkdir()
-    try:
-        first = results[methods[0]]
-        layer_name = first.layer
-        sp = spacing_of(case.image.affine)
-        voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
-        ref = Path(case.reference_path)
-        target_rows = []
-        roi_masks = [t.roi(output)[0].cpu().numpy() > 0 for t in tl]
-        slicer_maps: dict[str, np.ndarray] = {}
-        entries: list[MapEntry] = []
-        for k, (spec, t) in enumerate(zip(targets, tl)):
-            target_rows.append(
-                {
-                    "name": spec.name,
-                    "spec": spec.text,
-                    "kind": spec.kind,
-                    "channel": spec.channel,
-                    "region": regions[spec.channel],
-                    "target": repr(t),
-                    "roi_voxels": int(first.roi_voxels[0, k]),
-                    "roi_volume_ml": round(int(first.roi_voxels[0, k]) * voxel_ml, 4),
-                    "score": {},
-                    "map_max": {},
-                    "map_sum": {},
-                    "heatmaps": {},
-                    "overlays": {},
-                }
-            )
-        for m, res in results.items():
-            maps = res.maps[0].detach().float().cpu().numpy()  # [K, *S] preprocessed grid
-            original = case.invert(maps)  # [K, *original]
-            for k, (spec, row) in enumerate(zip(targets, target_rows)):
-                row["score"][m] = float(res.scores[0, k])
-                row["map_max"][m] = float(maps[k].max())
-                row["map_sum"][m] = float(maps[k].sum())
-                rel = f"heatmaps/{m.replace('+', 'pp')}_{spec.name}.nii.gz"
-                save_heatmap(
-                    original[k], ref, staging / rel, method=METHOD_LABELS.get(m, m), target=spec.name, layer=layer_name
-                )
-                row["heatmaps"][m] = rel
-                slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
-                rel_png = f"overlays/{m.replace('+', 'pp')}_{spec.name}.png"
-                entries.append(MapEntry(m, METHOD_LABELS.get(m, m), spec.name, original[k], rel_png))
-                if png:
-                    row["overlays"][m] = rel_png
-        warnings = zero_map_warnings(case.case_id, entries)
-        figures = None
-        if png:
-            figures = write_case_figures(
-                staging,
-                entries,
-                **figure_inputs(case, targets, [regions[s.channel] for s in targets], roi_masks, _overlay_channel),
-                roi_ml={r["name"]: r["roi_volume_ml"] for r in target_rows},
-                layer=layer_name,
-                **dict((settings or {}).get("figures") or {}),
-            )
-        # predicted regions (0/1 per output channel) on the original grid, for the summary and Slicer
-        if model.activation == "sigmoid":
-            pred = (torch.sigmoid(output[0]) > (0.5 if threshold is None else threshold)).float()
-        else:
-            pred = torch.nn.functional.one_hot(output[0].argmax(0), n_out).movedim(-1, 0).float()
-        pred_np = pred.cpu().numpy()
-        prediction = {regions[c]: int(pred_np[c].sum()) for c in range(n_out)}
-        slicer_rel = None
-        if slicer:
-            pred_orig = case.invert(pred_np, nearest=True)
-            export_slicer_scene(
-                staging / "slicer",
-                **scene_images(case),
-                heatmaps=slicer_maps,
-                segmentation=pred_orig,
-                segment_names=[f"predicted {r}" for r in regions],
-                method="+".join(methods),
-                layer=layer_name,
-            )
-            slicer_rel = "slicer/scene.mrml"
-        timings["write_s"] = round(time.perf_counter() - t0, 3)
-        timings["total_s"] = round(time.perf_counter() - t_start, 3)
-        summary = {
-            "medcam_version": __version__,
-            "status": "ok",
-            "case_id": case.case_id,
-            "source": source.describe() if source is not None else {k: str(v) for k, v in case.paths.items()},
-            "reference_image": str(ref),
-            "channels": list(case.channel_names),
-            "original_shape": list(case.original_shape),
-            "preprocessed_shape": list(case.image.shape[1:]),
-            "preprocessed_spacing_mm": [round(v, 4) for v in sp],
-            "model": model.describe(),
-            "layer": layer_name,
-            "feature_shape": list(first.feature_shape),
-            "methods": {m: METHOD_LABELS.get(m, m) for m in methods},
-            "score_definition": "S = sum over ROI voxels of the target channel's logit (blended output with "
-            "sliding windows); maps: pre-ReLU on the layer grid -> trilinear upsampling -> ReLU, "
-            "not normalised",
-            "sliding_window": None
-            if inferer is None
-            else {
-                "roi_size": list(inferer.roi_size),
-                "overlap": inferer.overlap,
-                "mode": str(inferer.mode),
-                "sw_batch_size": inferer.sw_batch_size,
-                "windows": first.stats.get("windows"),
-                "backward_windows": {m: r.stats.get("backward_windows") for m, r in results.items()},
-            },
-            "threshold": 0.5 if threshold is None and model.activation == "sigmoid" else threshold,
-            "predicted_voxels": prediction,
-            "targets": target_rows,
-            "slicer_scene": slicer_rel,
-            "figures": figures,
-            "warnings": warnings,
-            "device": str(device),
-            "amp": bool(amp),
-            "timings": timings,
-            "versions": versions(),
-            "settings": _jsonable(dict(settings or {})),
-            "settings_signature": _settings_signature(settings or {}),
-        }
-        from ..io import write_text_atomic
-
-        write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
-        _replace_dir(staging, out_dir, overwrite)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    logger.info("case %s done in %.1f s -> %s", case.case_id, timings["total_s"], out_dir)
+    summary = write_case(work, case.case_id, out_dir, settings=settings or {}, overwrite=overwrite)
+    logger.info("case %s done in %.1f s -> %s", case.case_id, summary["timings"]["total_s"], out_dir)
     return summary
-
-
-def _resume_record(src: CaseSource, out_dir: Path, overwrite: bool, signature: str) -> dict[str, Any] | None:
-    """The ``"skipped"`` record of a case already done with the same settings, or None if it is to be done.
-
-    Raises:
-        PipelineError: the case folder exists but holds no medcam summary, or one written with other settings.
-    """
-    case_dir = out_dir / src.case_id
-    if overwrite or not case_dir.exists():
-        return None
-    prev = read_summary(case_dir)
-    if prev is None:
-        raise PipelineError(
-            f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
-            "it (pass --overwrite, or move it away)"
-        )
-    if prev.get("settings_signature") != signature:
-        raise PipelineError(
-            f"'{case_dir}' was explained with other settings; pass --overwrite to redo it or choose another --output"
-        )
-    return {
-        "case_id": src.case_id,
-        "source": src.describe(),
-        "status": "skipped",
-        "summary": f"{src.case_id}/{SUMMARY_NAME}",
-    }
-
-
-def _failed_record(src: CaseSource, e: BaseException | str) -> dict[str, Any]:
-    if isinstance(e, str):
-        error = e
-    else:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        error = f"{type(e).__name__}: {msg}"
-    return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": error}
 
 
 @dataclass
 class ExplainWork:
-    """One cohort's per-case job, picklable: what :func:`explain_cohort` ships to each worker of an executor.
+    """``medcam explain``'s work on one case of a cohort (a :data:`~medcam.pipeline.cohort.CaseWork`), picklable: what
+    :func:`explain_cohort` hands to the cohort loop and, through it, to every worker of an executor.
 
-    :meth:`run_case` is the one function that explains a case of a cohort, wherever it runs: resume check, load,
-    :func:`explain_case` (staging folder + atomic move), and the case's record; errors become ``"failed"`` records.
+    ``work(source, staging)`` loads the case, explains it and writes its files into ``staging``; the loop
+    (:func:`~medcam.pipeline.cohort.process_case`) does resume, the staging folder and the failure record.
     """
 
     model: LoadedModel
@@ -453,15 +371,6 @@ class ExplainWork:
     settings: Mapping[str, Any] = field(default_factory=dict)
     window_progress: bool = False
 
-    @property
-    def signature(self) -> str:
-        return _settings_signature(self.settings)
-
-    @property
-    def log_dir(self) -> Path:
-        """Where workers of a distributed executor write their logs: ``OUT/logs``."""
-        return self.out_dir / "logs"
-
     def __getstate__(self) -> dict[str, Any]:
         """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved."""
         state = self.__dict__.copy()
@@ -477,53 +386,25 @@ class ExplainWork:
         self.model.net.to(device)  # a worker's own unpickled copy
         return replace(self, device=device)
 
-    def cost(self, src: CaseSource) -> float:
-        """Bytes of the case's input files (largest cases are scheduled first)."""
-        return input_bytes(src)
-
-    def failed_record(self, src: CaseSource, error: str) -> dict[str, Any]:
-        return {**_failed_record(src, error), "seconds": 0.0}
-
     def discard_partial(self, src: CaseSource) -> None:
         """Remove the staging folders a killed attempt at ``src`` left: ``OUT/.partial-[<pid>@<host>-]<hex8>-<case>``."""
-        pattern = re.compile(r"^\.partial-(?:\d+@[A-Za-z0-9_.]+-)?[0-9a-f]{8}-" + re.escape(src.case_id) + "$")
-        for p in self.out_dir.glob(".partial-*"):
-            if pattern.match(p.name) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+        discard_staging(self.out_dir, src.case_id)
 
-    def run_case(self, src: CaseSource) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        rec: dict[str, Any]
-        try:
-            rec = _resume_record(src, self.out_dir, self.overwrite, self.signature) or {}
-            if not rec:
-                case = load_case(src, self.model)
-                explain_case(
-                    case,
-                    self.model,
-                    self.methods,
-                    self.targets,
-                    self.layer,
-                    self.inferer,
-                    self.out_dir / src.case_id,
-                    device=self.device,
-                    amp=self.amp,
-                    threshold=self.threshold,
-                    overwrite=self.overwrite,
-                    slicer=self.slicer,
-                    png=self.png,
-                    progress=self.window_progress,
-                    settings=self.settings,
-                    source=src,
-                )
-                rec = {"case_id": src.case_id, "source": src.describe(), "status": "ok"}
-                rec["summary"] = f"{src.case_id}/{SUMMARY_NAME}"
-        except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort
-            rec = _failed_record(src, e)
-            logger.error("case %s failed: %s", src.case_id, rec["error"])
-            logger.debug("traceback of case %s", src.case_id, exc_info=True)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        return rec
+    def __call__(self, src: CaseSource, staging: Path) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        case = load_case(src, self.model)
+        dev = torch.device(self.device)
+        ex = _explain_maps(
+            case, self.model, self.methods, self.targets, self.layer or self.model.default_layer, self.inferer,
+            device=dev, amp=self.amp, threshold=self.threshold, progress=self.window_progress,
+        )  # fmt: skip
+        summary = _write_case_files(
+            ex, staging, inferer=self.inferer, threshold=self.threshold, slicer=self.slicer, png=self.png,
+            device=dev, amp=self.amp, source=src, figures=self.settings.get("figures"),
+        )  # fmt: skip
+        ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        logger.info("case %s done in %.1f s", src.case_id, ex.timings["total_s"])
+        return summary
 
 
 def explain_cohort(
@@ -550,93 +431,65 @@ def explain_cohort(
 ) -> dict[str, Any]:
     """Explain many cases into ``out_dir/<case_id>/``, resumably; failures are recorded, not fatal.
 
-    * A case whose folder holds a ``summary.json`` written with the same settings is skipped (``"skipped"``);
-      one written with other settings fails with a message (use ``overwrite=True`` or another ``out_dir``).
-    * A case that raises is recorded as ``"failed"`` with ``"error"`` and the run goes on; nothing of it is left
-      on disk, so the next run retries it.
-    * ``num_parts``/``part_id`` pick this machine's share (:func:`split_parts`).
-    * ``executor``: who explains the cases that are not done yet: None/``"local"`` this process, one after the
-      other; ``"ray"`` a Ray cluster (:class:`~medcam.pipeline.ray_executor.RayExecutor` with its defaults: a local
-      Ray instance, one worker per GPU or CPU); or an executor object, e.g. ``RayExecutor("auto",
-      gpus_per_worker=0.5)``. Every executor runs the same per-case function (:meth:`ExplainWork.run_case`), so
-      case folders and the run summary have the same content whichever is used.
+    The loop is :func:`medcam.pipeline.cohort.run_cohort`: a case whose folder holds a ``summary.json`` written with
+    the same settings is skipped (``"skipped"``), one written with other settings fails with a message (use
+    ``overwrite=True`` or another ``out_dir``); a case that raises is recorded as ``"failed"`` with ``"error"`` and
+    the run goes on, nothing of it left on disk; ``num_parts``/``part_id`` pick this machine's share
+    (:func:`~medcam.pipeline.split_parts`).
+
+    ``executor``: who explains the cases that are not done yet: None/``"local"`` this process, one after the other;
+    ``"ray"`` a Ray cluster (:class:`~medcam.pipeline.ray_executor.RayExecutor` with its defaults: a local Ray
+    instance, one worker per GPU or CPU); or an executor object, e.g. ``RayExecutor("auto", gpus_per_worker=0.5)``.
+    Every executor runs the same per-case function (:class:`ExplainWork` through
+    :func:`~medcam.pipeline.cohort.process_case`), so case folders and the run summary have the same content
+    whichever is used; resume is decided before the executor.
 
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or
         ``cohort_summary.part<i>-of-<N>.json`` for a split run): ``cases`` [{case_id, status, error, seconds,
         summary}] in cohort order, counts ``ok``/``skipped``/``failed``.
     """
-    from tqdm.auto import tqdm
-
-    from ..io import write_text_atomic
-
-    runner = resolve_executor(executor)
-    out_dir = Path(out_dir)
-    mine = split_parts(cases, num_parts, part_id)
+    single = len(split_parts(cases, num_parts, part_id)) == 1  # one case: bars over its windows instead
     settings = dict(settings or {})
-    run_name = "cohort_summary.json" if num_parts == 1 else f"cohort_summary.part{part_id}-of-{num_parts}.json"
-    run_path = out_dir / run_name
-    if run_path.exists() and json_key(run_path, "medcam_version") is None:
-        raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
-    single = len(mine) == 1
     work = ExplainWork(
-        model, list(methods), list(targets), layer, inferer, out_dir, str(device), amp, threshold, overwrite,
+        model, list(methods), list(targets), layer, inferer, Path(out_dir), str(device), amp, threshold, overwrite,
         slicer, png, settings, window_progress=progress and single,
     )  # fmt: skip
-    by_id: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(mine), desc="medcam cases", unit="case", disable=not progress or single)
-
-    def record(rec: dict[str, Any]) -> None:
-        by_id[rec["case_id"]] = rec
-        bar.update(1)
-        bar.set_postfix_str(rec["case_id"])
-        if on_case is not None:
-            on_case(rec)
-
-    todo = []
-    for src in mine:  # resume is decided here, on the driver: workers only get cases still to do
-        t0 = time.perf_counter()
-        try:
-            rec = _resume_record(src, out_dir, overwrite, work.signature)
-        except PipelineError as e:
-            rec = _failed_record(src, e)
-            logger.error("case %s failed: %s", src.case_id, rec["error"])
-        if rec is None:
-            todo.append(src)
-            continue
-        if rec["status"] == "skipped":
-            logger.info("case %s already done: skipped", src.case_id)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        record(rec)
-    try:
-        runner.run(work, todo, record)
-    finally:
-        bar.close()
-    records = [by_id[src.case_id] for src in mine]
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
-    run = {
-        "medcam_version": __version__,
-        "output": str(out_dir),
-        "num_parts": num_parts,
-        "part_id": part_id,
-        "cases_total": len(cases),
-        "cases_in_part": len(mine),
-        **counts,
-        "cases": records,
-        "settings": _jsonable(settings),
-        "settings_signature": work.signature,
-        "versions": versions(),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
-    run["path"] = str(run_path)
-    return run
+    return run_cohort(
+        cases, work, out_dir, settings=settings, num_parts=num_parts, part_id=part_id,
+        overwrite=overwrite, progress=progress, on_case=on_case, executor=executor,
+    )  # fmt: skip
 
 
-def json_key(path: PathLike, key: str) -> Any:
-    """``json.load(path)[key]`` or None if unreadable/absent."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get(key) if isinstance(data, dict) else None
+def explain_files(
+    inputs: Sequence[str],
+    settings: RunSettings,
+    output: PathLike = "medcam-out",
+    *,
+    num_parts: int = 1,
+    part_id: int = 0,
+    slicer: bool = True,
+    png: bool = True,
+    shared_scale: bool = True,
+    slice_at: str = "roi",
+    executor: str | Executor | None = None,
+) -> dict[str, Any]:
+    """What ``medcam explain`` does: check everything (:func:`~medcam.pipeline.prepare`), then
+    :func:`explain_cohort` over the cases of this part (on ``executor``). Returns the run summary.
+
+    ``shared_scale``, ``slice_at``: the PNGs' colour scale (one per case) and slice choice (``roi``/``max``)."""
+    if slice_at not in ("roi", "max"):
+        raise PipelineError(f"slice_at must be 'roi' or 'max', got {slice_at!r}")
+    p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
+    if len(p.layers) != 1:
+        raise PipelineError(f"explain takes one layer, got {p.layers}")
+    record = {
+        **p.record(settings), "slicer": slicer, "png": png,
+        "figures": {"shared_scale": shared_scale, "slice_at": slice_at} if png else None,
+    }  # fmt: skip
+    return explain_cohort(
+        p.cases, p.model, p.methods, p.specs, p.layers[0], p.inferer, output, num_parts=num_parts,
+        part_id=part_id, device=p.device, amp=settings.amp, threshold=settings.threshold,
+        overwrite=settings.overwrite, slicer=slicer, png=png, progress=settings.progress, settings=record,
+        executor=executor,
+    )  # fmt: skip

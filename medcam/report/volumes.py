@@ -29,6 +29,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from ..errors import MedcamError
+
 DEFAULT_MAX_VOXELS = 10_000_000
 
 
@@ -137,4 +139,6 @@ def case_js(payload: dict[str, Any]) -> str:
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(float32 data [X, Y, Z] with scaling applied, 4x4 affine) of a NIfTI file."""
     img = nib.load(str(path))
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise MedcamError(f"{path}: not a NIfTI image ({type(img).__name__})")
     return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, float)
