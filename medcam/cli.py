@@ -520,6 +520,34 @@ def _run_explain(
     )
 
 
+def _run_nnunet(inputs: Sequence[str], folds: str, checkpoint_name: str, **kw: Any) -> None:
+    """``--model nnunet:FOLDER``: one case given as image files, run and explained as nnU-Net runs it."""
+    from .frameworks import nnunet
+
+    unsupported = [
+        f"--{k.replace('_', '-')}"
+        for k in ("checkpoint", "regions", "activation", "channel_order", "spacing", "orientation", "roi_size")
+        if kw.get(k) is not None
+    ]
+    if unsupported:
+        _fail(f"{', '.join(unsupported)} do not apply to nnU-Net models: the model folder's plans define them")
+    fold_list = [f.strip() for f in folds.split(",") if f.strip()]
+    model = nnunet.load(
+        kw["model_spec"][len("nnunet:") :], folds=fold_list, checkpoint=checkpoint_name, device=_device(kw["device"])
+    )
+    summary = nnunet.explain_files(
+        model,
+        inputs,
+        kw["output"],
+        methods=_split_list(kw["methods"]) or ["hirescam"],
+        targets=list(kw["targets"]),
+        layer=kw["layer"] or "auto",
+        overwrite=kw["overwrite"],
+        progress=not kw["quiet"],
+    )
+    click.echo(f"medcam: 1 case explained with nnU-Net -> {Path(kw['output']) / summary['case_id']}")
+
+
 def _report(run: dict[str, Any], output: str) -> None:
     click.echo(
         f"medcam: {run['ok']} case(s) explained, {run['skipped']} skipped (already done), "
@@ -538,6 +566,15 @@ def _report(run: dict[str, Any], output: str) -> None:
 @main.command("explain", epilog=EPILOG_EXPLAIN)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @_model_options
+@click.option(
+    "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
+)
+@click.option(
+    "--checkpoint-name",
+    default="checkpoint_final.pth",
+    show_default=True,
+    help="nnU-Net models: checkpoint file in each fold_N.",
+)
 @_explain_options
 @common_options
 def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
@@ -551,6 +588,10 @@ def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
     --method for every --target at --layer (with MONAI sliding windows if --roi-size), and the maps are mapped back
     onto the original image grid.
     """
+    folds, checkpoint_name = kw.pop("folds"), kw.pop("checkpoint_name")
+    if str(kw["model_spec"]).startswith("nnunet:"):
+        _run_nnunet(inputs, folds, checkpoint_name, **kw)
+        return
     run = _run_explain(inputs, **kw)
     _report(run, kw["output"])
     if run["failed"]:
