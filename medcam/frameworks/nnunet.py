@@ -69,6 +69,10 @@ _PREDICTOR_API = (
 )
 
 
+#: pooled methods keep the hooked layer's activation of every pass up to this many bytes (host memory)
+CACHE_BYTES = 1 << 30
+
+
 class NnUNetError(ModelError):
     """An nnU-Net model folder, checkpoint, input or installation medcam cannot use (message says why and the fix)."""
 
@@ -515,6 +519,17 @@ def explain(
             raise MedcamError(f"layer {cam.layer_name!r} never ran in the forward pass")
         return cam.to_feature_map(hook.activation, patch)
 
+    # pooled methods: the hooked layer's activation of each pass is kept (on the CPU, up to CACHE_BYTES) so that
+    # forming the maps needs no second forward of the passes already run
+    cached: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+    cache_bytes = [0]
+
+    def keep(key: tuple[int, int, tuple[int, ...]], act: torch.Tensor) -> None:
+        size = act.numel() * act.element_size()
+        if key not in cached and cache_bytes[0] + size <= CACHE_BYTES:
+            cached[key] = act.detach().to("cpu", copy=True)
+            cache_bytes[0] += size
+
     current = [-1]
     try:
         with cam.hooked("grad") as hook:
@@ -524,6 +539,7 @@ def explain(
                 for f, i, m in tqdm(all_passes, desc="medcam statistics", disable=not progress):
                     load_fold(f, current)
                     aw = layer_activation(hook, tile(i, m))
+                    keep((f, i, m), aw)
                     wgt = _flip(blend(i)[None, None], m).to(device=device, dtype=torch.float32)
                     st = cam.activation_statistics(aw, _area_pool(wgt, tuple(aw.shape[2:])))
                     _add(act_stats, {n: v[0] for n, v in st.items()})
@@ -538,6 +554,8 @@ def explain(
                 if tuple(y.shape[2:]) != patch:
                     raise MedcamError(f"the network output {tuple(y.shape)} is not on the tile grid {patch}")
                 af = cam.to_feature_map(a.detach(), patch)
+                if not cam.elementwise:
+                    keep((f, i, m), af)
                 feat_shape = tuple(af.shape[2:])
                 ks = active[i]
                 for j, k in enumerate(ks):
@@ -571,14 +589,18 @@ def explain(
                     ]
                 )
                 for f, i, m in tqdm(all_passes, desc="medcam maps", disable=not progress):
-                    load_fold(f, current)
-                    aw = layer_activation(hook, tile(i, m))
+                    aw = cached.get((f, i, m))
+                    if aw is None:
+                        load_fold(f, current)
+                        aw = layer_activation(hook, tile(i, m))
+                        stats["passes"] += 1
+                    else:
+                        aw = aw.to(device)
                     mk = weighted_channel_sum(alpha.to(aw.device), aw.expand(len(ks), *aw.shape[1:]))
                     mk = cam.upsampler(mk[None], patch)  # [1, k, *patch]
                     mk = _flip(mk, m)[0].float().cpu() * blend(i).float()
                     for kk, k in enumerate(ks):
                         acc[(k, *slicers[i])] += mk[kk]
-                    stats["passes"] += 1
                 hook.mode = "grad"
     finally:
         net.load_state_dict(original)
