@@ -351,6 +351,12 @@ def load(
     try:
         predictor.initialize_from_trained_model_folder(str(folder), folds, checkpoint_name=checkpoint)
     except RuntimeError as e:
+        if "torchvision" in str(e):
+            raise NnUNetError(
+                f"nnU-Net's search for trainer class of '{folder}' imported torchvision, which cannot load beside "
+                f"this torch {torch.__version__} ({str(e).splitlines()[0]}); install the torchvision built for it "
+                "(trainers other than nnUNetTrainer are looked up by importing every nnU-Net trainer module)"
+            ) from e
         if "state_dict" in str(e):
             raise NnUNetError(
                 f"fold_{folds[0]}/{checkpoint} does not fit the network nnU-Net builds from '{folder}/plans.json' "
