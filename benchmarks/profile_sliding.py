@@ -52,10 +52,8 @@ def main():
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     case = next(c for cs in CASES.values() for c in cs if c.name == args.case)
-    infer, explain, cam, tl, _ = setup(
-        case, device, args.amp, "hirescam", batch_targets=False, channels_last=args.channels_last
-    )
-    model = cam.model
+    infer, explain, cam, tl, _ = setup(case, device, args.amp, "hirescam", channels_last=args.channels_last)
+    model, runner = cam.model, cam.runner
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
     infer(), explain()
@@ -68,16 +66,16 @@ def main():
         xw = xw.contiguous(memory_format=torch.channels_last_3d)
     go = [torch.randn((case.sw_batch, case.out_channels, *case.roi), device=device) for _ in tl]
     pieces = {}
-    with cam.hooked("grad") as hook:
-        t_fwd_graph, (y, a) = timed(lambda: cam.forward(xw, hook), device)
+    with runner.session("grad") as hook:
+        t_fwd_graph, (y, a) = timed(lambda: runner.forward(xw, hook), device)
 
         def backward_all():
-            y, a = cam.forward(xw, hook)
-            return cam.activation_grads(y, a, go)
+            y, a = runner.forward(xw, hook)
+            return runner.activation_grads(y, a, go)
 
         t_fwd_bwd, g = timed(backward_all, device)
         af = a.detach().float()
-        t_map, _ = timed(lambda: [cam.upsampler(cam.elementwise_map(af, gk)[:, None], case.roi) for gk in g], device)
+        t_map, _ = timed(lambda: [cam.upsampler(cam.formula.map(af, gk)[:, None], case.roi) for gk in g], device)
     hook_free = lambda: model(xw)  # noqa: E731
 
     def fwd_nograd():

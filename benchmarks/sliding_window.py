@@ -24,13 +24,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cpu_memory  # benchmarks/cpu_memory.py, beside this script
 import psutil
 import torch
 from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.networks.nets import SegResNet
 
 import medcam
-import medcam.cpu_memory
 from medcam import targets as T
 
 
@@ -139,7 +139,7 @@ def measure_alternately(infer, explain, device, repeats):
     return statistics.median(t_inf), m_inf, statistics.median(t_cam), m_cam
 
 
-def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which: str, channels_last: bool) -> int:
+def cpu_peak_rss(case: Case, amp: bool, method: str, which: str, channels_last: bool) -> int:
     """Peak RSS growth (bytes) of ONE call of ``which`` ("infer" or "explain") in a fresh process.
 
     In a long-lived process the allocator keeps freed pages, so RSS growth after a warm-up says little; a fresh
@@ -148,13 +148,13 @@ def cpu_peak_rss(case: Case, amp: bool, method: str, batch_targets: bool, which:
     follows the live tensors (repeated probes agree to the byte).
     """
     cmd = [sys.executable, __file__, "--device", "cpu", "--method", method, "--probe-memory", f"{case.name}:{which}"]
-    cmd += ["--amp"] * amp + ["--batch-targets"] * batch_targets + ["--channels-last"] * channels_last
+    cmd += ["--amp"] * amp + ["--channels-last"] * channels_last
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return int(out.strip().splitlines()[-1])
 
 
-def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, channels_last: bool = False):
+def setup(case: Case, device, amp: bool, method: str, channels_last: bool = False):
     """Model, volume, targets and the two callables (MONAI inference, medcam) of one case.
 
     ``channels_last``: model and volume in ``torch.channels_last_3d`` (NDHWC) for both, as a user would set it.
@@ -190,7 +190,6 @@ def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, chann
         inferer=inferer,
         amp=amp,
         amp_dtype=dtype if amp else None,
-        batch_targets=batch_targets,
     )
     given = infer().float() if give_output else None
     res = {}
@@ -201,21 +200,18 @@ def setup(case: Case, device, amp: bool, method: str, batch_targets: bool, chann
     return infer, explain, cam, tl, res
 
 
-def run_case(
-    case: Case, device, amp: bool, repeats: int, method: str, batch_targets: bool = False, channels_last: bool = False
-):
-    infer, explain, cam, tl, res = setup(case, device, amp, method, batch_targets, channels_last)
+def run_case(case: Case, device, amp: bool, repeats: int, method: str, channels_last: bool = False):
+    infer, explain, cam, tl, res = setup(case, device, amp, method, channels_last)
     infer(), explain()  # warm-up (cuDNN autotune, allocator)
     t_inf, m_inf, t_cam, m_cam = measure_alternately(infer, explain, device, repeats)
     if device.type == "cpu":
-        m_inf = cpu_peak_rss(case, amp, method, batch_targets, "infer", channels_last)
-        m_cam = cpu_peak_rss(case, amp, method, batch_targets, "explain", channels_last)
+        m_inf = cpu_peak_rss(case, amp, method, "infer", channels_last)
+        m_cam = cpu_peak_rss(case, amp, method, "explain", channels_last)
     r = res["r"]
     return {
         "case": case.name,
         "targets": [repr(t)[:40] for t in tl],
         "method": method,
-        "batch_targets": cam.batch_targets,
         "sw_batch_size": case.sw_batch,
         "windows": r.stats["windows"],
         "backward_windows": r.stats["backward_windows"],
@@ -228,11 +224,11 @@ def run_case(
     }
 
 
-def probe_memory(spec: str, amp: bool, method: str, batch_targets: bool, channels_last: bool) -> None:
+def probe_memory(spec: str, amp: bool, method: str, channels_last: bool) -> None:
     """Child process of :func:`cpu_peak_rss`: print the peak RSS growth of one call."""
     name, which = spec.split(":")
     case = next(c for cs in CASES.values() for c in cs if c.name == name)
-    infer, explain, *_ = setup(case, torch.device("cpu"), amp, method, batch_targets, channels_last)
+    infer, explain, *_ = setup(case, torch.device("cpu"), amp, method, channels_last)
     with PeakRSS() as p:
         (infer if which == "infer" else explain)()
     print(p.value)
@@ -247,11 +243,6 @@ def main():
     ap.add_argument("--amp", action="store_true", help="autocast both inference and medcam (fp16 on GPU, bf16 on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--method", default="hirescam", choices=sorted(medcam.METHODS))
-    ap.add_argument(
-        "--batch-targets",
-        action="store_true",
-        help="one vmap-batched backward pass for all targets (medcam's batch_targets=True; off by default)",
-    )
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True for both")
     ap.add_argument("--channels-last", action="store_true", help="model and volume in channels_last_3d, for both")
     ap.add_argument(
@@ -262,9 +253,9 @@ def main():
     ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # CASE:infer|explain (child process)
     args = ap.parse_args()
     if args.probe_memory:
-        return probe_memory(args.probe_memory, args.amp, args.method, args.batch_targets, args.channels_last)
+        return probe_memory(args.probe_memory, args.amp, args.method, args.channels_last)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if args.keep_freed_memory and not medcam.cpu_memory.keep_freed_memory():
+    if args.keep_freed_memory and not cpu_memory.keep_freed_memory():
         raise SystemExit("--keep-freed-memory: this C library does not take mallopt settings")
     device = torch.device(args.device)
     groups = args.cases or ("brats,ct" if device.type == "cuda" else "cpu_small")
@@ -284,9 +275,7 @@ def main():
         "results": [],
     }
     for case in selected:
-        info["results"].append(
-            run_case(case, device, args.amp, args.repeats, args.method, args.batch_targets, args.channels_last)
-        )
+        info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, args.channels_last))
         print(json.dumps(info["results"][-1]), flush=True)
     print(json.dumps(info, indent=1))
 

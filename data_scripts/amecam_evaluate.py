@@ -114,7 +114,7 @@ def main(argv=None) -> None:
         tr, te = data.subset(is_tr), data.subset(is_te)
         log.info("fold %d: %d train / %d test tumour slices", k, len(tr), len(te))
         tr_maps, te_maps = all_maps(model, agg, tr.images, dev), all_maps(model, agg, te.images, dev)
-        score = lambda x: model(x.to(dev))[:, -1]  # noqa: E731  (deepest exit's tumour logit)
+        score = lambda x, model=model: model(x.to(dev))[:, -1]  # noqa: E731  (deepest exit's tumour logit)
         for name in te_maps:
             vote, ev = region_logit_polarity(score, tr.images, tr_maps[name])
             d_pos = float(dice_score(tr_maps[name][:, 0] > 0.5, tr.masks, spatial_dims=2).mean())

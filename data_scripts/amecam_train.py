@@ -33,7 +33,7 @@ from medcam.amecam import (
     exit_cams,
     extract_slices,
     fit_attention,
-    load_brats_case,
+    load_modality_and_labels,
     pretrain_contrastive,
     train_classifier,
 )
@@ -89,7 +89,7 @@ def load_volumes(args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.nda
     if args.data == "real":
         if not args.real_root.is_dir():
             sys.exit(f"real cases not found at {args.real_root} (pass --real-root)")
-        return [(c, *load_brats_case(args.real_root / c, args.modality)) for c in REAL_CASES]
+        return [(c, *load_modality_and_labels(args.real_root / c, args.modality)) for c in REAL_CASES]
     from medcam.data.phantoms import generate_phantom
 
     out = []
@@ -108,7 +108,7 @@ def build_slices(args: argparse.Namespace) -> tuple[SliceSet, list[str]]:
             log.info("slices from cache %s", cache)
             return c["data"], c["names"]
     vols = load_volumes(args)
-    sets = [extract_slices(v, l, axis=-1, volume_index=i) for i, (_, v, l) in enumerate(vols)]
+    sets = [extract_slices(v, lab, axis=-1, volume_index=i) for i, (_, v, lab) in enumerate(vols)]
     data, names = SliceSet.concat(sets).resized(args.size), [n for n, _, _ in vols]
     if cache is not None:
         torch.save({"key": [args.data, args.size, args.modality, args.n_phantoms], "data": data, "names": names}, cache)

@@ -5,11 +5,13 @@ __version__ = "0.1.0"
 import logging as _logging
 
 from . import targets
-from .engine import BaseSegCAM, CAMResult, interpolate_upsampler
-from .errors import LayerError, MedcamError, ModelError, TargetError
+from .engine import BaseSegCAM
+from .errors import LayerError, MedcamDataError, MedcamError, ModelError, PhantomError, TargetError
 from .layers import LayerInfo, list_layers
 from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
 from .normalize import normalize
+from .result import CAMResult, interpolate_upsampler
+from .runner import ModelRunner
 from .tokens import TokenGrid
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
@@ -19,7 +21,6 @@ _LAZY = {
     "load_brats_case": "medcam.data",
     "load_volumes": "medcam.data",
     "BratsCase": "medcam.data",
-    "MedcamDataError": "medcam.data",
     "save_heatmap": "medcam.io",
     "export_slicer_scene": "medcam.io",
     "save_overlay_png": "medcam.io",
@@ -36,9 +37,10 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        if _LAZY[name] is None:  # a subpackage
+        module = _LAZY[name]
+        if module is None:  # a subpackage
             return importlib.import_module(f"medcam.{name}")
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'medcam' has no attribute {name!r}")
 
 
@@ -56,10 +58,13 @@ __all__ = [
     "LayerInfo",
     "normalize",
     "interpolate_upsampler",
+    "ModelRunner",
     "MedcamError",
     "LayerError",
     "TargetError",
     "ModelError",
+    "MedcamDataError",
+    "PhantomError",
     "TokenGrid",
     *_LAZY,
 ]

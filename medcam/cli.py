@@ -1,24 +1,33 @@
-"""``medcam`` command line: ``layers``, ``explain``, ``demo`` (and ``evaluate`` when :mod:`medcam.evaluation` has it).
+"""The ``medcam`` command line, one click group: ``layers``, ``explain``, ``evaluate``, ``demo``.
 
-Every command reports bad input (missing file, unknown layer or target, corrupt NIfTI, TorchScript model, ...) as ONE
-line ``medcam: error: ...`` on stderr with exit code 1 (usage errors: click's message, exit code 2); ``--debug`` shows
-the Python traceback instead. Progress bars (tqdm, on stderr) are silenced by ``--quiet``.
+Options shared by ``explain`` and ``evaluate`` are declared once (:func:`model_options`, :func:`case_options`,
+:func:`window_options`) and mapped onto one :class:`~medcam.pipeline.RunSettings`; the work is done by
+:mod:`medcam.pipeline` (which never imports this module). Every command reports bad input (missing file, unknown
+layer or target, corrupt NIfTI, TorchScript model, ...) as ONE line ``medcam: error: ...`` on stderr with exit code 1
+(usage errors: click's message, exit code 2); ``--debug`` shows the Python traceback instead. Progress bars (tqdm, on
+stderr) are silenced by ``--quiet``. Logging handlers and warning filters are set for the command's duration only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
 
+from .errors import MedcamError
+from .methods import METHODS
+
 logger = logging.getLogger("medcam")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 EPILOG_EXPLAIN = """\b
 Examples:
@@ -47,6 +56,31 @@ Output per case: OUT/<case_id>/summary.json, heatmaps/*.nii.gz (original grid), 
 Finished cases are skipped when you run the same command again; the exit code is 1 if any case failed."""
 
 
+EPILOG_EVALUATE = """\b
+Examples:
+  # the demo model on one BraTS case: localisation against the case's own TC/WT/ET labels, deletion/insertion,
+  # average drop, for Seg-Grad-CAM and Seg-HiRes-Grad-CAM at the default layer
+  medcam evaluate BraTS2021_00000/ -o eval --target ET --target WT
+\b
+  # a cohort, two layers, every metric, a MetaCAM-style consensus map
+  medcam evaluate cases/ -o eval -M gradcam,hirescam,layercam -l down_layers.2 -l down_layers.3 \\
+      --metrics all --consensus
+\b
+  # your own mask as the localisation reference (on the original image grid), fewer deletion steps
+  medcam evaluate case/ -o eval --reference mask:lesion.nii.gz --steps 10
+\b
+--reference (the mask G of the localisation metrics):
+  auto       the case's own label region named like each target's region (BraTS: TC, WT, ET); no
+             localisation for cases without a label file [default]
+  WT|TC|ET   that label region of the case for every target
+  mask:FILE  a binary mask on the ORIGINAL image grid (same shape/affine as the input), for every target
+  none       no reference (localisation is skipped)
+\b
+Output: OUT/metrics.csv (columns case, method, layer, target, metric, value), OUT/metrics.json,
+OUT/deletion_insertion.png, OUT/threshold_sweep.png. While it runs, each finished case is kept in
+OUT/.medcam-journal/ (removed when the tables are written): a rerun after an interruption resumes from it."""
+
+
 # ---------------------------------------------------------------------------------------------------- plumbing
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -55,70 +89,78 @@ class _Formatter(logging.Formatter):
         return f"medcam: {level}: {msg}" if record.levelno >= logging.WARNING else f"medcam: {msg}"
 
 
-def _setup_logging(quiet: bool, verbose: int, debug: bool) -> None:
+@contextlib.contextmanager
+def console_logging(quiet: bool, verbose: int, debug: bool) -> Iterator[None]:
+    """medcam's log records on stderr, one line each, and third-party warnings hidden unless ``-v``/``--debug``:
+    for the ``with`` block only (handler, levels and warning filters are restored on exit)."""
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_medcam", False):
-            root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler._medcam = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter())
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger("medcam").setLevel(level)
-    # third-party warnings (deprecations in MONAI/torch) are noise on a command line; shown with -v
-    logging.captureWarnings(True)
-    logging.getLogger("py.warnings").setLevel(logging.WARNING if (verbose or debug) else logging.CRITICAL)
-    if not (verbose or debug):
-        warnings.simplefilter("ignore")
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            if not (verbose or debug):
+                warnings.simplefilter("ignore")  # deprecations in MONAI/torch are noise on a command line
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     click.echo(f"medcam: error: {' '.join(str(msg).split())}", err=True)
     sys.exit(1)
 
 
-def common_options(fn: Callable) -> Callable:
-    """--quiet / --verbose / --debug on every command, and the one-line error policy."""
+def command_errors(fn: F) -> F:
+    """--quiet / --verbose / --debug on a command, its logging context, and the one-line error policy."""
 
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars, only errors.")
     @click.option("--verbose", "-v", count=True, help="More log messages (INFO; library warnings too).")
     @click.option("--debug", is_flag=True, help="Show the Python traceback of errors (and DEBUG logs).")
     @functools.wraps(fn)
     def wrapper(*args: Any, quiet: bool, verbose: int, debug: bool, **kwargs: Any) -> Any:
-        _setup_logging(quiet, verbose, debug)
-        try:
-            return fn(*args, quiet=quiet, **kwargs)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            _fail("interrupted")
-        except Exception as e:  # noqa: BLE001 - the one-line error policy
-            if debug:
+        with console_logging(quiet, verbose, debug):
+            try:
+                return fn(*args, quiet=quiet, **kwargs)
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
-            from .errors import MedcamError
+            except KeyboardInterrupt:
+                _fail("interrupted")
+            except Exception as e:  # noqa: BLE001 - the one-line error policy (--debug re-raises)
+                if debug:
+                    raise
+                text = " ".join(str(e).split()) or type(e).__name__
+                if not isinstance(e, (MedcamError, OSError)):  # a bug: say so
+                    text = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)"
+                _fail(text)
 
-            known = isinstance(e, (MedcamError, ValueError, FileNotFoundError, FileExistsError, OSError))
-            text = " ".join(str(e).split()) or type(e).__name__
-            if not known:
-                text = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)"
-            _fail(text)
-
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
-def _ints(text: str | None, what: str, n: int | None = 3) -> tuple[int, ...] | None:
+def _apply(options: Sequence[Callable[[F], F]], fn: F) -> F:
+    for o in reversed(options):
+        fn = o(fn)
+    return fn
+
+
+def _ints(text: str | None, what: str, n: int = 3) -> tuple[int, ...] | None:
+    """``"96,96,96"`` / ``"96"`` / ``"96x96x96"`` -> n positive integers; ``"0"``/``"none"`` -> ``()``; None."""
     if text is None or text == "":
         return None
+    if text.strip().lower() in ("0", "none"):
+        return ()
     try:
         vals = tuple(int(v) for v in str(text).replace("x", ",").split(","))
     except ValueError:
         raise click.BadParameter(f"{what} must be integers like 96,96,96, got {text!r}") from None
-    if len(vals) == 1 and n:
-        vals = vals * n
-    if n and len(vals) != n:
-        raise click.BadParameter(f"{what} needs {n} integers, got {text!r}")
+    vals = vals * n if len(vals) == 1 else vals
+    if len(vals) != n or min(vals) < 1:
+        raise click.BadParameter(f"{what} needs 1 or {n} positive integers, got {text!r}")
     return vals
 
 
@@ -129,27 +171,127 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         vals = tuple(float(v) for v in str(text).split(","))
     except ValueError:
         raise click.BadParameter(f"{what} must be numbers like 2 or 1,1,2.5, got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * 3
+    vals = vals * 3 if len(vals) == 1 else vals
     if len(vals) != 3 or min(vals) <= 0:
         raise click.BadParameter(f"{what} needs 1 or 3 positive numbers (mm), got {text!r}")
     return vals
 
 
-def _split_list(values: Sequence[str]) -> list[str]:
+def _split_list(values: Sequence[str] | None) -> list[str]:
     out: list[str] = []
-    for v in values:
-        out += [x.strip() for x in v.split(",") if x.strip()]
+    for v in values or ():
+        out += [x.strip() for x in str(v).split(",") if x.strip()]
     return out
 
 
-def _device(name: str) -> str:
-    from .pipeline import PipelineError, resolve_device
+# ---------------------------------------------------------------------------------------------------- option groups
+def model_options(fn: F) -> F:
+    """--model, --checkpoint (every command that loads a model)."""
+    return _apply(
+        [
+            click.option(
+                "--model", "-m", "model_spec", default="demo", show_default=True, metavar="MODEL",
+                help="'demo' (built-in SegResNet, BraTS TC/WT/ET), 'package.module:function' or 'file.py:function' "
+                "(factory returning the network), or a MONAI bundle folder (configs/inference.json + models/model.pt).",
+            ),
+            click.option(
+                "--checkpoint", type=click.Path(dir_okay=False), default=None,
+                help="state_dict file for a factory model (loaded with weights_only=True).",
+            ),
+        ],
+        fn,
+    )  # fmt: skip
 
-    try:
-        return resolve_device(name)
-    except PipelineError as e:
-        _fail(str(e))
+
+def case_options(fn: F) -> F:
+    """Targets, output naming and the preprocessing of the cases (explain and evaluate)."""
+    return _apply(
+        [
+            click.option(
+                "--target", "-t", "targets", multiple=True, metavar="SPEC",
+                help="Region of interest to explain (repeatable). `ET` alone = the PREDICTED ET region; ET:class, "
+                "TC:component=largest|N, mask:file.nii.gz[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], channel:N[:mode]. "
+                "[default: predicted region of each named output]",
+            ),
+            click.option("--regions", default=None, metavar="A,B,C", help="Names of the output channels in order (demo: TC,WT,ET)."),
+            click.option(
+                "--activation", type=click.Choice(["sigmoid", "softmax"]), default=None,
+                help="The model's output activation (predicted regions). [default: sigmoid]",
+            ),
+            click.option(
+                "--threshold", type=float, default=None,
+                help="Probability threshold of predicted regions [default: 0.5 sigmoid, argmax softmax].",
+            ),
+            click.option(
+                "--channel-order", default=None, metavar="M1,M2,M3,M4",
+                help="Order of the BraTS modalities fed to the model, e.g. t1ce,t1,t2,flair for MONAI's "
+                "brats_mri_segmentation bundle. [default: t1,t1ce,t2,flair]",
+            ),
+            click.option("--spacing", default=None, metavar="MM", help="Resample to this voxel size (mm, 1 or 3 numbers) before the model. [demo: 2]"),
+            click.option("--orientation", default=None, metavar="CODES", help="Reorient to these axis codes before the model, 'none' to keep. [default: RAS]"),
+            click.option(
+                "--crop-foreground/--no-crop-foreground", default=None,
+                help="Crop to the non-zero bounding box before the model (maps are mapped back). [demo: on]",
+            ),
+            click.option("--normalize/--no-normalize", default=None, help="Z-score each channel over its non-zero voxels. [default: on]"),
+            click.option("--divisible-by", type=int, default=None, help="Pad the preprocessed volume to a multiple of this (whole-image mode)."),
+        ],
+        fn,
+    )  # fmt: skip
+
+
+def window_options(fn: F) -> F:
+    """Sliding windows, device and precision (explain and evaluate)."""
+    return _apply(
+        [
+            click.option(
+                "--roi-size", default=None, metavar="X,Y,Z",
+                help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]",
+            ),
+            click.option("--overlap", type=float, default=None, help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]"),
+            click.option("--sw-batch-size", type=int, default=None, help="Windows per forward pass. [default: a bundle's inferer, else 1]"),
+            click.option(
+                "--blend", type=click.Choice(["constant", "gaussian"]), default=None,
+                help="Sliding-window blending, as MONAI's sliding_window_inference. [default: a bundle's inferer, else constant]",
+            ),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+            click.option("--amp", is_flag=True, help="Mixed precision (autocast; bf16 on CPU). Maps are formed in fp32."),
+        ],
+        fn,
+    )  # fmt: skip
+
+
+def method_option(default: str) -> Callable[[F], F]:
+    return click.option(
+        "--method", "-M", "methods", multiple=True, metavar="NAME",
+        help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} (gradcam = Seg-Grad-CAM, "
+        f"hirescam = Seg-HiRes-Grad-CAM). [default: {default}]",
+    )  # fmt: skip
+
+
+def run_settings(kw: dict[str, Any], quiet: bool) -> Any:
+    """The shared options (popped from ``kw``) as one :class:`~medcam.pipeline.RunSettings`."""
+    from .pipeline import RunSettings
+
+    shared = [
+        "crop_foreground", "normalize", "divisible_by", "spacing", "orientation", "channel_order", "regions",
+    ]  # fmt: skip
+    v = {k: kw.pop(k, None) for k in shared}
+    pre = {k: v[k] for k in ("crop_foreground", "normalize", "divisible_by") if v[k] is not None}
+    if v["spacing"] is not None:
+        pre["spacing"] = _floats(v["spacing"], "--spacing")
+    if v["orientation"] is not None:
+        pre["orientation"] = None if v["orientation"].lower() == "none" else v["orientation"].upper()
+    channel_order, regions = v["channel_order"], v["regions"]
+    return RunSettings(
+        model_spec=kw.pop("model_spec"), checkpoint=kw.pop("checkpoint"),
+        methods=_split_list(kw.pop("methods", ())), targets=list(kw.pop("targets", ())),
+        layers=_split_list(kw.pop("layers", ())), regions=_split_list([regions]) if regions else None,
+        activation=kw.pop("activation"), channel_order=[c.lower() for c in _split_list([channel_order] if channel_order else [])] or None,
+        threshold=kw.pop("threshold"), preprocessing=pre, roi_size=_ints(kw.pop("roi_size"), "--roi-size"),
+        overlap=kw.pop("overlap"), sw_batch_size=kw.pop("sw_batch_size"), blend=kw.pop("blend"),
+        device=kw.pop("device"), amp=kw.pop("amp"), overwrite=kw.pop("overwrite", False), progress=not quiet,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- group
@@ -162,43 +304,32 @@ def main() -> None:
     medcam demo                 phantom + demo model -> ./medcam-demo (NIfTI, PNG, Slicer scene, summary.json)
     medcam layers --model M     which layers can be explained, with output shapes and strides
     medcam explain INPUT -o OUT explain a case, image files, or a whole cohort (resumable, splittable)
+    medcam evaluate INPUT -o OUT score methods x layers x targets with localisation/faithfulness/sanity metrics
 
     A map answers: which positions of the chosen layer's features raised the score
     S = sum over the target region of the target channel's logit. Run `medcam COMMAND --help` for details.
     """
-    from .cpu_memory import keep_freed_memory
-
-    keep_freed_memory()  # this process only: window after window reuses freed host memory (see medcam.cpu_memory)
-
-
-def _model_options(fn: Callable) -> Callable:
-    opts = [
-        click.option(
-            "--model",
-            "-m",
-            "model_spec",
-            default="demo",
-            show_default=True,
-            metavar="MODEL",
-            help="'demo' (built-in SegResNet, BraTS TC/WT/ET), 'package.module:function' or "
-            "'file.py:function' (factory returning the network), or a MONAI bundle folder "
-            "(configs/inference.json + models/model.pt).",
-        ),
-        click.option(
-            "--checkpoint",
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="state_dict file for a factory model (loaded with weights_only=True).",
-        ),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------------- layers
+def _layer_rows(loaded: Any, example: Any) -> list[dict[str, Any]]:
+    from .layers import auto_layer, list_layers
+
+    infos = list_layers(loaded.net, example)
+    try:
+        auto: str | None = auto_layer(loaded.net, example)
+    except MedcamError:  # the listing is still useful without an auto choice
+        auto = None
+    rows = []
+    for i in infos:
+        marks = (("auto", i.name == auto), ("default", i.name == loaded.default_layer), ("head", i.is_output))
+        flags = [f for f, on in marks if on]
+        rows.append({"name": i.name, "type": i.type, "shape": list(i.shape), "stride": list(i.stride), "flags": flags})
+    return rows
+
+
 @main.command("layers")
-@_model_options
+@model_options
 @click.option(
     "--size",
     default=None,
@@ -208,16 +339,11 @@ def _model_options(fn: Callable) -> Callable:
 @click.option("--in-channels", type=int, default=None, help="Input channels (default: from the first convolution).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the layers as JSON.")
-@common_options
+@command_errors
 def layers_cmd(
-    model_spec: str,
-    checkpoint: str | None,
-    size: str | None,
-    in_channels: int | None,
-    device: str,
-    as_json: bool,
+    model_spec: str, checkpoint: str | None, size: str | None, in_channels: int | None, device: str, as_json: bool,
     quiet: bool,
-) -> None:
+) -> None:  # fmt: skip
     """List the layers you can explain, with output shapes and strides.
 
     One forward pass of a zero input; every module whose output is a feature map [B, K, *f] is listed in call
@@ -227,28 +353,15 @@ def layers_cmd(
     """
     import torch
 
-    from .layers import auto_layer, list_layers
-    from .pipeline import load_model
+    from .pipeline import load_model, resolve_device
 
-    loaded = load_model(model_spec, checkpoint=checkpoint, device=_device(device), weights=False)
+    loaded = load_model(model_spec, checkpoint=checkpoint, device=resolve_device(device), weights=False)
     cin = in_channels or loaded.in_channels
     if cin is None:
         _fail("cannot tell the number of input channels; pass --in-channels")
     spatial = _ints(size, "--size") or loaded.roi_size or (64, 64, 64)
     example = torch.zeros((1, cin, *spatial), device=device)
-    infos = list_layers(loaded.net, example)
-    try:
-        auto = auto_layer(loaded.net, example)
-    except Exception:  # noqa: BLE001 - listing still useful without an auto choice
-        auto = None
-    rows = []
-    for i in infos:
-        flags = [
-            f
-            for f, on in (("auto", i.name == auto), ("default", i.name == loaded.default_layer), ("head", i.is_output))
-            if on
-        ]
-        rows.append({"name": i.name, "type": i.type, "shape": list(i.shape), "stride": list(i.stride), "flags": flags})
+    rows = _layer_rows(loaded, example)
     if as_json:
         click.echo(json.dumps({"input_shape": list(example.shape), "layers": rows}, indent=2))
         return
@@ -263,266 +376,12 @@ def layers_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------- explain
-def _explain_options(fn: Callable) -> Callable:
-    from .methods import METHODS
-
-    opts = [
-        click.option(
-            "--output",
-            "-o",
-            type=click.Path(file_okay=False),
-            default="medcam-out",
-            show_default=True,
-            help="Output folder; one sub-folder per case.",
-        ),
-        click.option(
-            "--method",
-            "-M",
-            "methods",
-            multiple=True,
-            metavar="NAME",
-            help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} "
-            "(gradcam = Seg-Grad-CAM, hirescam = Seg-HiRes-Grad-CAM). [default: hirescam]",
-        ),
-        click.option(
-            "--target",
-            "-t",
-            "targets",
-            multiple=True,
-            metavar="SPEC",
-            help="Region of interest to explain (repeatable). `ET` alone = the PREDICTED ET region; "
-            "ET:class, TC:component=largest|N, mask:file.nii.gz[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], "
-            "channel:N[:mode]. [default: predicted region of each named output]",
-        ),
-        click.option(
-            "--layer",
-            "-l",
-            default=None,
-            metavar="NAME",
-            help="Layer to explain (`medcam layers` lists them) or 'auto' (bottleneck). "
-            "[default: the model's default, demo: down_layers.3]",
-        ),
-        click.option(
-            "--regions", default=None, metavar="A,B,C", help="Names of the output channels in order (demo: TC,WT,ET)."
-        ),
-        click.option(
-            "--activation",
-            type=click.Choice(["sigmoid", "softmax"]),
-            default=None,
-            help="The model's output activation (predicted regions). [default: sigmoid]",
-        ),
-        click.option(
-            "--threshold",
-            type=float,
-            default=None,
-            help="Probability threshold of predicted regions [default: 0.5 sigmoid, argmax softmax].",
-        ),
-        click.option(
-            "--channel-order",
-            default=None,
-            metavar="M1,M2,M3,M4",
-            help="Order of the BraTS modalities fed to the model, e.g. t1ce,t1,t2,flair for MONAI's "
-            "brats_mri_segmentation bundle. [default: t1,t1ce,t2,flair]",
-        ),
-        click.option(
-            "--spacing",
-            default=None,
-            metavar="MM",
-            help="Resample to this voxel size (mm, 1 or 3 numbers) before the model. [demo: 2]",
-        ),
-        click.option(
-            "--orientation",
-            default=None,
-            metavar="CODES",
-            help="Reorient to these axis codes before the model, 'none' to keep. [default: RAS]",
-        ),
-        click.option(
-            "--crop-foreground/--no-crop-foreground",
-            default=None,
-            help="Crop to the non-zero bounding box before the model (maps are mapped back). [demo: on]",
-        ),
-        click.option(
-            "--normalize/--no-normalize",
-            default=None,
-            help="Z-score each channel over its non-zero voxels. [default: on]",
-        ),
-        click.option(
-            "--divisible-by",
-            type=int,
-            default=None,
-            help="Pad the preprocessed volume to a multiple of this (whole-image mode).",
-        ),
-        click.option(
-            "--roi-size",
-            default=None,
-            metavar="X,Y,Z",
-            help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]",
-        ),
-        click.option(
-            "--overlap",
-            type=float,
-            default=None,
-            help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]",
-        ),
-        click.option(
-            "--sw-batch-size",
-            type=int,
-            default=None,
-            help="Windows per forward pass. [default: a bundle's inferer, else 1]",
-        ),
-        click.option(
-            "--blend",
-            type=click.Choice(["constant", "gaussian"]),
-            default=None,
-            help="Sliding-window blending, as MONAI's sliding_window_inference. "
-            "[default: a bundle's inferer, else constant]",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--amp", is_flag=True, help="Mixed precision (autocast; bf16 on CPU). Maps are formed in fp32."),
-        click.option(
-            "--num-parts",
-            type=int,
-            default=1,
-            show_default=True,
-            help="Split the cohort into this many parts (one per machine/GPU).",
-        ),
-        click.option("--part-id", type=int, default=0, show_default=True, help="Which part this run does (0-based)."),
-        click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder."),
-        click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays."),
-        click.option(
-            "--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them)."
-        ),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
-
-
-def _run_explain(
-    inputs: Sequence[str],
-    *,
-    model_spec: str,
-    checkpoint: str | None,
-    output: str,
-    methods: Sequence[str],
-    targets: Sequence[str],
-    layer: str | None,
-    regions: str | None,
-    activation: str | None,
-    threshold: float | None,
-    channel_order: str | None,
-    spacing: str | None,
-    orientation: str | None,
-    crop_foreground: bool | None,
-    normalize: bool | None,
-    divisible_by: int | None,
-    roi_size: str | None,
-    overlap: float | None,
-    sw_batch_size: int | None,
-    blend: str | None,
-    device: str,
-    amp: bool,
-    num_parts: int,
-    part_id: int,
-    slicer: bool,
-    png: bool,
-    overwrite: bool,
-    quiet: bool,
-) -> dict[str, Any]:
-    from .methods import METHODS
-    from .pipeline import (
-        default_targets,
-        discover_cases,
-        explain_cohort,
-        load_model,
-        make_inferer,
-        parse_targets,
-        sliding_settings,
-        split_parts,
-    )
-
-    method_list = _split_list(methods) or ["hirescam"]
-    unknown = [m for m in method_list if m.lower() not in METHODS]
-    if unknown:
-        _fail(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    method_list = list(dict.fromkeys(m.lower() for m in method_list))
-    if threshold is not None and not 0 < threshold < 1:
-        _fail(f"--threshold must be a probability in (0, 1), got {threshold}")
-    dev = _device(device)
-    pre: dict[str, Any] = {}
-    if spacing is not None:
-        pre["spacing"] = _floats(spacing, "--spacing")
-    if orientation is not None:
-        pre["orientation"] = None if orientation.lower() == "none" else orientation.upper()
-    if crop_foreground is not None:
-        pre["crop_foreground"] = crop_foreground
-    if normalize is not None:
-        pre["normalize"] = normalize
-    if divisible_by is not None:
-        pre["divisible_by"] = divisible_by
-    roi = None
-    if roi_size is not None:
-        roi = () if roi_size.strip() in ("0", "none") else _ints(roi_size, "--roi-size")
-    order = [c.strip().lower() for c in channel_order.split(",")] if channel_order else None
-    region_names = [r.strip() for r in regions.split(",") if r.strip()] if regions else None
-
-    # everything that can be checked before the first case: inputs, parts, model, targets, layer
-    cases = discover_cases(inputs)
-    split_parts(cases, num_parts, part_id)
-    loaded = load_model(
-        model_spec,
-        checkpoint=checkpoint,
-        device=dev,
-        regions=region_names,
-        activation=activation,
-        channel_order=order,
-        preprocessing=pre,
-        roi_size=roi,
-        layer=layer,
-    )
-    specs = parse_targets(targets, loaded.regions) if targets else default_targets(loaded.regions)
-    layer_name = layer or loaded.default_layer
-    if layer_name != "auto":
-        from .layers import resolve_layer
-
-        resolve_layer(loaded.net, layer_name)
-    sw = sliding_settings(loaded.sliding, overlap=overlap, sw_batch_size=sw_batch_size, mode=blend)
-    inferer = make_inferer(loaded.roi_size, **sw, progress=False)
-    settings = {
-        "model": loaded.describe(),
-        "methods": method_list,
-        "targets": [s.text for s in specs],
-        "layer": layer_name,
-        "sliding_window": None if inferer is None else {"roi_size": list(loaded.roi_size), **sw},
-        "threshold": threshold,
-        "amp": amp,
-        "slicer": slicer,
-        "png": png,
-    }
-    return explain_cohort(
-        cases,
-        loaded,
-        method_list,
-        specs,
-        layer_name,
-        inferer,
-        output,
-        num_parts=num_parts,
-        part_id=part_id,
-        device=dev,
-        amp=amp,
-        threshold=threshold,
-        overwrite=overwrite,
-        slicer=slicer,
-        png=png,
-        progress=not quiet,
-        settings=settings,
-    )
-
-
-def _run_nnunet(inputs: Sequence[str], folds: str, checkpoint_name: str, **kw: Any) -> None:
+def _run_nnunet(
+    inputs: Sequence[str], output: str, quiet: bool, folds: str, checkpoint_name: str, kw: dict[str, Any]
+) -> None:
     """``--model nnunet:FOLDER``: one case given as image files, run and explained as nnU-Net runs it."""
     from .frameworks import nnunet
+    from .pipeline import resolve_device
 
     unsupported = [
         f"--{k.replace('_', '-')}"
@@ -532,20 +391,19 @@ def _run_nnunet(inputs: Sequence[str], folds: str, checkpoint_name: str, **kw: A
     if unsupported:
         _fail(f"{', '.join(unsupported)} do not apply to nnU-Net models: the model folder's plans define them")
     fold_list = [f.strip() for f in folds.split(",") if f.strip()]
-    model = nnunet.load(
-        kw["model_spec"][len("nnunet:") :], folds=fold_list, checkpoint=checkpoint_name, device=_device(kw["device"])
-    )
+    spec = str(kw["model_spec"])[len("nnunet:") :]
+    model = nnunet.load(spec, folds=fold_list, checkpoint=checkpoint_name, device=resolve_device(kw["device"]))
     summary = nnunet.explain_files(
         model,
         inputs,
-        kw["output"],
+        output,
         methods=_split_list(kw["methods"]) or ["hirescam"],
         targets=list(kw["targets"]),
-        layer=kw["layer"] or "auto",
+        layer=kw.get("layers") or "auto",
         overwrite=kw["overwrite"],
-        progress=not kw["quiet"],
+        progress=not quiet,
     )
-    click.echo(f"medcam: 1 case explained with nnU-Net -> {Path(kw['output']) / summary['case_id']}")
+    click.echo(f"medcam: 1 case explained with nnU-Net -> {Path(output) / summary['case_id']}")
 
 
 def _report(run: dict[str, Any], output: str) -> None:
@@ -565,19 +423,42 @@ def _report(run: dict[str, Any], output: str) -> None:
 
 @main.command("explain", epilog=EPILOG_EXPLAIN)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@_model_options
+@model_options
 @click.option(
-    "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
-)
-@click.option(
-    "--checkpoint-name",
-    default="checkpoint_final.pth",
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="medcam-out",
     show_default=True,
-    help="nnU-Net models: checkpoint file in each fold_N.",
+    help="Output folder; one sub-folder per case.",
 )
-@_explain_options
-@common_options
-def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
+@method_option("hirescam")
+@click.option(
+    "--layer",
+    "-l",
+    "layers",
+    multiple=False,
+    default=None,
+    metavar="NAME",
+    help="Layer to explain (`medcam layers` lists them) or 'auto' (bottleneck). [default: the model's default, demo: down_layers.3]",
+)
+@case_options
+@window_options
+@click.option(
+    "--num-parts",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Split the cohort into this many parts (one per machine/GPU).",
+)
+@click.option("--part-id", type=int, default=0, show_default=True, help="Which part this run does (0-based).")
+@click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder.")
+@click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays.")
+@click.option("--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them).")
+@click.option("--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4.")
+@click.option("--checkpoint-name", default="checkpoint_final.pth", show_default=True, help="nnU-Net models: checkpoint file in each fold_N.")
+@command_errors
+def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.
 
     INPUTS is one BraTS case folder, one folder of case folders, one CSV manifest (header: case_id, then either
@@ -587,15 +468,120 @@ def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
     Each case is preprocessed like the model expects (orientation, spacing, z-score), explained with every
     --method for every --target at --layer (with MONAI sliding windows if --roi-size), and the maps are mapped back
     onto the original image grid.
-    """
+    """  # fmt: skip
+    from .pipeline import explain_files
+
     folds, checkpoint_name = kw.pop("folds"), kw.pop("checkpoint_name")
     if str(kw["model_spec"]).startswith("nnunet:"):
-        _run_nnunet(inputs, folds, checkpoint_name, **kw)
+        _run_nnunet(inputs, output, quiet, folds, checkpoint_name, kw)
         return
-    run = _run_explain(inputs, **kw)
-    _report(run, kw["output"])
+    kw["layers"] = [kw["layers"]] if kw.get("layers") else []
+    settings = run_settings(kw, quiet)
+    run = explain_files(inputs, settings, output, **kw)
+    _report(run, output)
     if run["failed"]:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+_METRIC_GROUPS = "localisation, deletion, insertion, average_drop, road, sanity"
+
+
+@main.command("evaluate", epilog=EPILOG_EVALUATE)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@model_options
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="medcam-eval",
+    show_default=True,
+    help="Output folder for metrics.csv, metrics.json and the plots.",
+)
+@method_option("gradcam,hirescam")
+@click.option(
+    "--layer",
+    "-l",
+    "layers",
+    multiple=True,
+    metavar="NAME",
+    help="Layer(s) to explain, repeatable, or 'auto'. [default: the model's default, demo: down_layers.3]",
+)
+@case_options
+@window_options
+@click.option(
+    "--reference",
+    "-r",
+    default="auto",
+    show_default=True,
+    metavar="REF",
+    help="Reference mask of the localisation metrics: auto (the case's label region matching each target), "
+    "TC|WT|ET, mask:FILE (original image grid), or none.",
+)
+@click.option(
+    "--metrics",
+    "metrics",
+    multiple=True,
+    metavar="NAMES",
+    help=f"Metric groups, repeat or comma-separate: {_METRIC_GROUPS}; 'all' or 'default'. [default: localisation,deletion,insertion,average_drop]",
+)
+@click.option("--steps", type=int, default=20, show_default=True, help="Deletion / insertion steps.")
+@click.option(
+    "--baseline", default="zero", show_default=True, help="Deletion / insertion baseline: zero, mean, blur or a number."
+)
+@click.option(
+    "--map-threshold",
+    default="otsu",
+    show_default=True,
+    help="Threshold of the min-max normalised map for Dice / IoU / HD95: otsu, percentile:Q or value:V.",
+)
+@click.option("--tolerance-mm", type=float, default=0.0, show_default=True, help="Pointing-game tolerance (mm).")
+@click.option(
+    "--road-percentiles",
+    default="10,30,50,70,90",
+    show_default=True,
+    help="ROAD removal percentages (with --metrics road).",
+)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Perturbed images per forward pass.")
+@click.option("--consensus", is_flag=True, help="Also score a MetaCAM-style consensus map of the methods.")
+@click.option(
+    "--sanity-steps",
+    type=int,
+    default=6,
+    show_default=True,
+    help="Cascade steps with a map in the sanity check (evenly spaced over the layers, last included).",
+)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
+@click.option("--overwrite", is_flag=True, help="Replace existing metrics files in OUTPUT.")
+@command_errors
+def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
+    """Score CAM methods x layers x targets on a case, image files, or a cohort.
+
+    INPUTS as for `medcam explain`: one BraTS case folder, one folder of case folders, a CSV manifest, or image
+    files forming ONE case. Each case is preprocessed like the model expects, explained with every --method at
+    every --layer for every --target, and every map is scored: localisation against --reference (energy pointing
+    game, pointing game, Dice / IoU / HD95 in mm after --map-threshold, a threshold sweep), deletion / insertion
+    AUC, average drop / increase in confidence, ROAD, and the cascading-randomisation sanity check (Spearman / SSIM;
+    a dead, constant map counts as similarity 0). One row per (case, method, layer, target, metric).
+    """
+    from .pipeline.evaluate import EvaluationOptions, evaluate_files
+
+    try:
+        percentiles = tuple(float(v) for v in _split_list([kw.pop("road_percentiles")]))
+    except ValueError:
+        raise click.BadParameter("--road-percentiles must be numbers like 10,50,90") from None
+    options = EvaluationOptions(road_percentiles=percentiles, metrics=tuple(_split_list(kw.pop("metrics"))), **{
+        k: kw.pop(k) for k in ("reference", "steps", "baseline", "map_threshold", "tolerance_mm", "batch_size",
+                               "consensus", "sanity_steps", "plots")
+    })  # fmt: skip
+    settings = run_settings(kw, quiet)
+    run = evaluate_files(inputs, settings, options, output)
+    click.echo(
+        f"medcam: evaluated {run['cases'] - len(run['failed'])} case(s), {len(run['result'].rows)} rows -> {run['paths']['csv']}"
+    )
+    if run["failed"]:
+        shown = "; ".join(f"{c}: {m}" for c, m in run["failed"][:3])
+        _fail(f"{len(run['failed'])} of {run['cases']} case(s) failed: {shown}")
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -609,7 +595,7 @@ def explain_cmd(inputs: Sequence[str], **kw: Any) -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Regenerate the phantom and redo the explanation.")
-@common_options
+@command_errors
 def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwrite: bool, quiet: bool) -> None:
     """Generate a BraTS-like phantom, explain the demo model on it, write everything to OUTPUT.
 
@@ -620,14 +606,14 @@ def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwr
     OUTPUT/Phantom_<seed>/overlays/    PNG overlays
     OUTPUT/Phantom_<seed>/slicer/      open scene.mrml in 3D Slicer
     Running it again reuses what is there (use --overwrite to redo).
-    """
+    """  # fmt: skip
     from .data.brats import discover_brats_case
     from .data.phantoms import default_case_id, write_phantom_case
     from .models.demo import DEMO_SPACING_MM
+    from .pipeline import RunSettings, explain_files
 
     out = Path(output)
-    cid = default_case_id(seed, "brats2021")
-    case_dir = out / "input" / cid
+    case_dir = out / "input" / default_case_id(seed, "brats2021")
     if case_dir.exists() and not overwrite:
         discover_brats_case(case_dir)  # a clear error if it is not a usable case
         logger.info("reusing phantom %s", case_dir)
@@ -636,52 +622,15 @@ def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwr
         write_phantom_case(
             out / "input", seed=seed, spacing_mm=DEMO_SPACING_MM, layout="brats2021", overwrite=overwrite
         )
-    run = _run_explain(
-        [str(case_dir)],
-        model_spec="demo",
-        checkpoint=None,
-        output=str(out),
-        methods=list(methods) or ["gradcam", "hirescam"],
-        targets=(),
-        layer=None,
-        regions=None,
-        activation=None,
-        threshold=None,
-        channel_order=None,
-        spacing=None,
-        orientation=None,
-        crop_foreground=None,
-        normalize=None,
-        divisible_by=None,
-        roi_size=None,
-        overlap=0.25,
-        sw_batch_size=1,
-        blend="constant",
-        device=device,
-        amp=False,
-        num_parts=1,
-        part_id=0,
-        slicer=True,
-        png=True,
-        overwrite=overwrite,
-        quiet=quiet,
-    )
+    settings = RunSettings(
+        methods=_split_list(methods) or ["gradcam", "hirescam"], overlap=0.25, sw_batch_size=1, blend="constant",
+        device=device, overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
+    run = explain_files([str(case_dir)], settings, out)
     _report(run, str(out))
     if run["failed"]:
         sys.exit(1)
 
-
-# ---------------------------------------------------------------------------------------------------- evaluate
-def _register_optional() -> None:
-    try:
-        from .evaluation import evaluate_command  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - the CLI works without the evaluation module
-        return
-    if isinstance(evaluate_command, click.Command):
-        main.add_command(evaluate_command, "evaluate")
-
-
-_register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,12 +1,21 @@
 """Exceptions raised by medcam.
 
 Every error medcam raises on bad input is a :class:`MedcamError` (a ``ValueError``) whose message names the problem
-and how to fix it, raised before any expensive computation.
+and how to fix it, raised before any expensive computation. The command line prints a :class:`MedcamError` as one
+line; any other exception escaping medcam is a bug.
 """
 
 from __future__ import annotations
 
-__all__ = ["MedcamError", "LayerError", "TargetError", "ModelError"]
+__all__ = [
+    "MedcamError",
+    "LayerError",
+    "TargetError",
+    "ModelError",
+    "MedcamDataError",
+    "PhantomError",
+    "OutputExistsError",
+]
 
 
 class MedcamError(ValueError):
@@ -23,3 +32,18 @@ class TargetError(MedcamError):
 
 class ModelError(MedcamError):
     """The model cannot be explained as given (TorchScript, non-tensor output, non-finite gradients, ...)."""
+
+
+class MedcamDataError(MedcamError):
+    """Bad input data (missing/unreadable file, inconsistent grids, not 3D, empty or non-finite image...).
+
+    The message names the offending file and says how to fix the problem.
+    """
+
+
+class PhantomError(MedcamError):
+    """Invalid phantom parameters or missing template files."""
+
+
+class OutputExistsError(MedcamError, FileExistsError):
+    """An output file already exists and ``overwrite`` is False (also a ``FileExistsError``)."""

@@ -18,7 +18,7 @@ Metric groups (``metrics=``):
   is 1 when the trained model's own map is constant (then the sanity rows are uninformative).
 With ``consensus=True`` and two methods or more, a MetaCAM-style consensus map ("metacam") is scored too.
 
-The command line ``medcam evaluate`` (:data:`evaluate_command`, defined in :mod:`medcam.evaluate_cli`) runs this on
+The command line ``medcam evaluate`` (:mod:`medcam.cli`, through :func:`medcam.pipeline.evaluate.evaluate_files`) runs this on
 BraTS case folders, image files or a cohort and writes the same files.
 """
 
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from .errors import MedcamError
+from .hooks import preserved_model_state
+from .runner import ModelRunner
 from .targets import Target, as_target_list
 
 __all__ = [
@@ -175,7 +177,6 @@ def evaluate(
         :class:`EvaluationResult`.
     """
     from . import metrics as M
-    from .hooks import preserved_model_state
 
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
@@ -209,8 +210,12 @@ def evaluate(
     thr_method, thr_value = threshold
 
     res = EvaluationResult()
+    runner = ModelRunner(model)  # output selection as the explainers (a deep-supervision tuple gives element 0)
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return runner.predictor(x) if inferer is None else inferer(x, runner.predictor)
+
     with preserved_model_state(model):
-        net: Callable = model if inferer is None else (lambda x: inferer(x, model))
         with torch.no_grad():
             out = net(image)
         weights = [t.score_weights(out) for t in tl]
@@ -373,12 +378,3 @@ def write_results(
         plt.close(fig)
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
-
-
-# the ``medcam evaluate`` command (needs click; the library works without it)
-try:
-    from .evaluate_cli import evaluate_command  # noqa: E402
-except ImportError as _e:  # pragma: no cover - click missing
-    logger.debug("medcam evaluate command unavailable: %s", _e)
-else:
-    __all__.append("evaluate_command")

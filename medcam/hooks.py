@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .errors import LayerError
+from .errors import LayerError, MedcamError, ModelError
 
-__all__ = ["preserved_model_state", "ActivationHook", "StopForward"]
+__all__ = ["preserved_model_state", "ActivationHook", "StopForward", "HookMode", "run_model"]
+
+#: what the hook does with the layer's output (see :class:`ActivationHook`)
+HookMode = Literal["grad", "detach", "stop"]
 
 
 class StopForward(Exception):
@@ -61,16 +64,25 @@ class ActivationHook:
         calls: how often the layer fired since the last :meth:`reset`.
     """
 
-    def __init__(self, module: nn.Module, name: str, mode: Literal["grad", "detach", "stop"] = "grad"):
+    def __init__(self, module: nn.Module, name: str, mode: HookMode = "grad"):
         self.module, self.name, self.mode = module, name, mode
         self.activation: torch.Tensor | None = None
         self.calls = 0
-        self._handle = None
+        self._handle: Any = None
 
     def reset(self) -> None:
         self.activation, self.calls = None, 0
 
-    def _hook(self, module: nn.Module, inputs, output):
+    @contextlib.contextmanager
+    def mode_as(self, mode: HookMode) -> Iterator[ActivationHook]:
+        """Switch the hook to ``mode`` for the ``with`` block; the previous mode is restored on exit (also on error)."""
+        previous, self.mode = self.mode, mode
+        try:
+            yield self
+        finally:
+            self.mode = previous
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> torch.Tensor | None:
         self.calls += 1
         if self.calls > 1:
             raise LayerError(
@@ -96,7 +108,29 @@ class ActivationHook:
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def run_model(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)``, turning a failure inside the model into a :class:`ModelError` that says what it was given.
+
+    :class:`StopForward` (a hook ending the pass on purpose) and medcam's own errors pass through unchanged.
+    """
+    try:
+        return model(x)
+    except (MedcamError, StopForward):
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the input shape and what the model expects
+        conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        hint = ""
+        if conv is not None:
+            nd = conv.weight.ndim - 2
+            hint = f"; its first convolution takes {conv.in_channels} channels and {nd} spatial dims"
+        first_line = (str(e).splitlines() or [""])[0]
+        raise ModelError(
+            f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {first_line}). "
+            f"medcam passes the image as [B, Cin, *spatial]{hint}"
+        ) from e

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import LayerError, ModelError
-from .hooks import preserved_model_state
+from .hooks import preserved_model_state, run_model
 
 __all__ = ["LayerInfo", "list_layers", "resolve_layer", "auto_layer", "check_hookable"]
 
@@ -120,8 +120,6 @@ def list_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo
             for name, m in model.named_modules():
                 if name and not isinstance(m, torch.jit.ScriptModule):
                     handles.append(m.register_forward_hook(make_hook(name)))
-            from .engine import run_model  # here: engine imports this module
-
             with torch.no_grad():
                 out = run_model(model, example_input)
         finally:

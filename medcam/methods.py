@@ -1,23 +1,17 @@
-"""The CAM methods: one small class each, saying only how the map is formed.
+"""The CAM methods: one small explainer class each, naming its formula (:mod:`medcam.formulas`).
 
 Notation: ``A`` = hooked activation ``[B, K, *f]``, ``g = dS/dA`` (same shape), ``S = sum_u M(u) y_c(u)`` the ROI
-score, ``N`` = number of feature-grid positions. Maps are pre-ReLU on the feature grid; the engine
-(:mod:`medcam.engine`) upsamples them and applies the ReLU. Statistics are sums over the feature grid so that the
-sliding-window engine can add them over windows (see ``BaseSegCAM.gradient_statistics``).
+score, ``N`` = number of feature-grid positions. Maps are pre-ReLU on the feature grid; the executors upsample them
+and apply the ReLU. :data:`METHODS` is the registry used by the command line, the pipeline and the tests: a method
+added there is offered everywhere and tested like the others.
 """
 
 from __future__ import annotations
 
-import torch
-
 from .engine import BaseSegCAM
+from .formulas import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 
 __all__ = ["SegGradCAM", "SegHiResGradCAM", "SegXGradCAM", "SegGradCAMPlusPlus", "SegLayerCAM", "METHODS"]
-
-
-def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the spatial dims: ``[B, K, *f] -> [B, K]``."""
-    return x.flatten(2).sum(-1)
 
 
 class SegGradCAM(BaseSegCAM):
@@ -28,13 +22,7 @@ class SegGradCAM(BaseSegCAM):
     volume, so ``alpha`` is one global weight vector.
     """
 
-    elementwise = False
-
-    def gradient_statistics(self, activation, grad, activation_stats=None):
-        return {"grad": _spatial_sum(grad)}
-
-    def weights_from_statistics(self, stats, n_positions):
-        return stats["grad"] / n_positions
+    formula = GradCAM()
 
 
 class SegHiResGradCAM(BaseSegCAM):
@@ -44,8 +32,7 @@ class SegHiResGradCAM(BaseSegCAM):
     head on ``A`` it equals ``M * (y_c - b_c)`` exactly: the map shows what each position added to the score.
     """
 
-    def elementwise_map(self, activation, grad):
-        return (grad * activation).sum(dim=1)
+    formula = HiResCAM()
 
 
 class SegXGradCAM(BaseSegCAM):
@@ -55,18 +42,7 @@ class SegXGradCAM(BaseSegCAM):
     Its map sums to the same value as HiResCAM's (``sum_{k,u} g A``) whenever ``sum_u A_k != 0``.
     """
 
-    elementwise = False
-    uses_activation_statistics = True
-    eps = 1e-7
-
-    def gradient_statistics(self, activation, grad, activation_stats=None):
-        return {"grad_act": _spatial_sum(grad * activation)}
-
-    def activation_statistics(self, activation, weight):
-        return {"act": _spatial_sum(activation if weight is None else activation * weight)}
-
-    def weights_from_statistics(self, stats, n_positions):
-        return stats["grad_act"] / (stats["act"] + self.eps)
+    formula = XGradCAM()
 
 
 class SegGradCAMPlusPlus(BaseSegCAM):
@@ -80,35 +56,16 @@ class SegGradCAMPlusPlus(BaseSegCAM):
     gives the whole-volume result.
     """
 
-    elementwise = False
-    uses_activation_statistics = True
-
-    def activation_statistics(self, activation, weight):
-        act = activation.double()  # float64 like the rest of the formula: a float32 sum moves the poles
-        return {"act": _spatial_sum(act if weight is None else act * weight.double())}
-
-    def gradient_statistics(self, activation, grad, activation_stats=None):
-        # float64: the denominator nearly cancels where g is close to -2 / sum_v A_k(v)
-        act, grad = activation.double(), grad.double()
-        g2 = grad * grad
-        total = _spatial_sum(act) if activation_stats is None else activation_stats["act"].double()
-        sum_a = total[(..., *([None] * (act.ndim - 2)))]
-        denom = 2 * g2 + sum_a * g2 * grad
-        a = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
-        return {"alpha": _spatial_sum(a * torch.relu(grad)).to(activation.dtype)}
-
-    def weights_from_statistics(self, stats, n_positions):
-        return stats["alpha"]
+    formula = GradCAMPlusPlus()
 
 
 class SegLayerCAM(BaseSegCAM):
     """LayerCAM (Jiang et al., TIP 2021) on an ROI score: ``map(u) = sum_k ReLU(g_k(u)) A_k(u)``."""
 
-    def elementwise_map(self, activation, grad):
-        return (torch.relu(grad) * activation).sum(dim=1)
+    formula = LayerCAM()
 
 
-#: name -> class, for the CLI and configuration files
+#: name -> class, for the CLI, configuration files and the tests
 METHODS: dict[str, type[BaseSegCAM]] = {
     "gradcam": SegGradCAM,
     "hirescam": SegHiResGradCAM,

@@ -1,4 +1,4 @@
-"""Window stitching: explain a whole volume window by window, with MONAI's sliding-window semantics.
+"""MONAI sliding-window executor: explain a whole volume window by window, with MONAI's sliding-window semantics.
 
 Definition (what is explained). MONAI's ``sliding_window_inference`` blends window outputs ``y_w`` with the
 importance map ``omega`` (constant or gaussian) of each window:
@@ -12,54 +12,71 @@ and the ROI score is ``S = sum_u W(u) Y(u)`` (``W`` = score weights of the targe
 and each window is differentiated on its own with (1) as its output gradient: no graph spans two windows, so
 memory is that of ``sw_batch_size`` windows whatever the volume size.
 
-* Element-wise methods (Seg-HiRes-Grad-CAM, LayerCAM): each window's pre-ReLU map is formed from its gradient
-  (which already carries the blending weight), upsampled to the window size and summed into volume coordinates.
-* Pooled methods (Seg-Grad-CAM, XGrad-CAM, Grad-CAM++): channel weights are global. Their statistics (e.g.
-  ``sum_u g_k``) are summed over all windows; ``N`` = feature-grid positions covering the whole volume; activation
-  sums (XGrad-CAM's denominator, Grad-CAM++'s ``sum_v A_k``) weight each window's feature positions by its normalised
-  blending weight, area-averaged onto the feature grid, so that overlaps count once. The per-window maps
-  ``sum_k alpha_k A_wk`` are then upsampled and blended with the same normalised importance weights as the output.
-  This needs the activations of every window, taken in forward-only passes that stop at the hooked layer.
+* Element-wise formulas (:class:`~medcam.formulas.ElementwiseFormula`: HiResCAM, LayerCAM): each window's pre-ReLU
+  map is formed from its gradient (which already carries the blending weight), upsampled to the window size and
+  summed into volume coordinates.
+* Pooled formulas (:class:`~medcam.formulas.PooledFormula`: Grad-CAM, XGrad-CAM, Grad-CAM++): channel weights are
+  global. Their statistics (e.g. ``sum_u g_k``) are summed over all windows; ``N`` = feature-grid positions covering
+  the whole volume; activation sums (XGrad-CAM's denominator, Grad-CAM++'s ``sum_v A_k``) weight each window's
+  feature positions by its normalised blending weight, area-averaged onto the feature grid, so that overlaps count
+  once. The per-window maps ``sum_k alpha_k A_wk`` are then upsampled and blended with the same normalised
+  importance weights as the output. This needs the activations of every window, taken in forward-only passes that
+  stop at the hooked layer.
 * ReLU is applied once, on the stitched map.
 
 With one window covering the volume both reduce exactly to the whole-volume result.
 
-Passes: (0) one no-grad ``sliding_window_inference`` when a target needs the prediction (PredictedROI,
-ComponentROI) or the score is on probabilities; (A) pooled methods with activation statistics (XGrad-CAM,
-Grad-CAM++) only: forward up to the hooked layer for every window, summing the blended activation statistics of the
-volume; (1) forward + backward of every window whose slice of the output gradient is non-zero for some target;
-windows outside all ROIs get no forward or backward at all; (2) pooled methods only: forward up to the hooked layer
-for every window, blending the maps.
+Passes (one function each, sharing one :class:`SlidingState`): (0) :func:`reference_pass`: one no-grad
+``sliding_window_inference`` when a target needs the prediction (PredictedROI, ComponentROI) or the score is on
+probabilities; (A) :func:`activation_statistics_pass`: :class:`~medcam.formulas.ActivationPooledFormula` only
+(XGrad-CAM, Grad-CAM++): forward up to the hooked layer for every window, summing the blended activation statistics
+of the volume; (1) :func:`gradient_pass`: forward + backward of every window whose slice of the output gradient is
+non-zero for some target; windows outside all ROIs get no forward or backward at all; (2) :func:`map_pass`: pooled
+formulas only: forward up to the hooked layer for every window, blending the maps.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
-from monai.inferers import sliding_window_inference
+from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import BlendMode, PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
 from tqdm import tqdm
 
-from .engine import BaseSegCAM, CAMResult, run_model, weighted_channel_sum
 from .errors import MedcamError
-from .hooks import StopForward
+from .formulas import ActivationPooledFormula, ElementwiseFormula, Formula, PooledFormula, Statistics
+from .formulas import weighted_channel_sum as _weighted_channel_sum
+from .hooks import ActivationHook
+from .result import CAMResult, Upsampler, interpolate_upsampler
+from .runner import ModelRunner
 from .targets import Target
 
-__all__ = ["explain_sliding", "check_inferer", "stitch_device", "WindowGrid"]
+__all__ = [
+    "explain_sliding",
+    "check_inferer",
+    "stitch_device",
+    "window_example",
+    "WindowGrid",
+    "ChannelSparse",
+    "SlidingState",
+]
 
 logger = logging.getLogger(__name__)
 
+#: one window of one sample: ``(sample index b, window index i)``
+WindowRef = tuple[int, int]
 
-def check_inferer(inferer: Any, cam: BaseSegCAM) -> None:
+
+def check_inferer(inferer: Any) -> SlidingWindowInferer:
     """Refuse inferers medcam cannot follow exactly, with the reason."""
-    from monai.inferers import SlidingWindowInferer
-
     if not isinstance(inferer, SlidingWindowInferer):
         raise MedcamError(
             f"inferer must be a monai.inferers.SlidingWindowInferer, got {type(inferer).__name__}; "
@@ -67,11 +84,13 @@ def check_inferer(inferer: Any, cam: BaseSegCAM) -> None:
         )
     if getattr(inferer, "with_coord", False):
         raise MedcamError("SlidingWindowInferer(with_coord=True) is not supported: the predictor must take one tensor")
-    if not cam.supports_sliding_window:
-        raise MedcamError(
-            f"{type(cam).__name__} cannot be explained with a sliding-window inferer: its channel weights are not "
-            "additive over windows. Use one of medcam.METHODS, or inferer=None"
-        )
+    return inferer
+
+
+def window_example(inferer: Any, image: torch.Tensor) -> torch.Tensor:
+    """A zero input of one window ``[1, Cin, *roi]``, e.g. to choose ``layer="auto"`` at the windows' size."""
+    roi = fall_back_tuple(inferer.roi_size, image.shape[2:])
+    return torch.zeros((1, image.shape[1], *roi), dtype=image.dtype, device=image.device)
 
 
 def stitch_device(inferer: Any, image: torch.Tensor) -> torch.device:
@@ -112,7 +131,7 @@ class WindowGrid:
         self.padded_size = tuple(max(s, r) for s, r in zip(spatial, self.roi_size))
         overlap = ensure_tuple_rep(inferer.overlap, nd)
         interval = _get_scan_interval(self.padded_size, self.roi_size, nd, overlap)
-        self.slices = dense_patch_slices(self.padded_size, self.roi_size, interval)
+        self.slices: list[tuple[Any, ...]] = dense_patch_slices(self.padded_size, self.roi_size, interval)
         patch = get_valid_patch_size(self.padded_size, self.roi_size)
         mode = look_up_option(inferer.mode, BlendMode)
         self.importance = compute_importance_map(
@@ -139,211 +158,6 @@ class WindowGrid:
         return F.pad(x, pad=self.pad) if any(self.pad) else x
 
 
-def explain_sliding(
-    cam: BaseSegCAM,
-    image: torch.Tensor,
-    tl: list[Target],
-    relu: bool,
-    upsample: bool,
-    output: torch.Tensor | None = None,
-) -> CAMResult:
-    """Sliding-window explanation of ``image`` ``[B, Cin, *S]``; see the module docstring for the exact semantics.
-
-    ``output``: the blended model output ``[B, C, *S]`` if the caller already has it (skips pass 0).
-    """
-    if not upsample:
-        raise MedcamError("upsample=False is not available with an inferer: window maps are stitched on the input grid")
-    inf = cam.inferer
-    sw_device = torch.device(inf.sw_device) if inf.sw_device is not None else image.device
-    bsz, _, *spatial_l = image.shape
-    spatial = tuple(spatial_l)
-    device = stitch_device(inf, image)
-    grid = WindowGrid(inf, spatial, sw_device, device)
-    progress = bool(inf.progress or cam.progress)
-    stats: dict[str, Any] = {"windows": len(grid.slices) * bsz, "backward_windows": 0, "activation_windows": 0}
-
-    with cam.hooked("grad") as hook:
-        # ---- pass 0: the blended output, when the ROI or the score needs it (and the caller did not give it)
-        if output is not None:
-            output = output.as_tensor() if hasattr(output, "as_tensor") else output
-            if output.shape[0] != bsz or tuple(output.shape[2:]) != spatial:
-                raise MedcamError(
-                    f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the blended "
-                    "output of sliding_window_inference on this image"
-                )
-            output = output.detach().float().to(device)
-            reference = output
-        elif cam.score == "probability" or any(t.needs_prediction for t in tl):
-            hook.mode = "detach"
-            with torch.no_grad(), cam.autocast(sw_device):
-                output = sliding_window_inference(
-                    image,
-                    grid.roi_size,
-                    inf.sw_batch_size,
-                    lambda x: cam.select_output(run_model(cam.model, _reset(hook, x))),
-                    overlap=inf.overlap,
-                    mode=inf.mode,
-                    sigma_scale=inf.sigma_scale,
-                    padding_mode=inf.padding_mode,
-                    cval=inf.cval,
-                    sw_device=sw_device,
-                    device=device,
-                    progress=progress,
-                )
-            output = output.as_tensor() if hasattr(output, "as_tensor") else output
-            output = output.float()
-            hook.mode = "grad"
-            reference = output
-        else:
-            # logits score with a prediction-free ROI: only the output's shape is needed; one window tells the
-            # channel count (once per explainer), and a zero-stride tensor stands in for the blended output
-            n_out = cam._output_channels
-            if n_out is None:
-                first = grid.pad_tensor(image[:1], inf.padding_mode, inf.cval)[
-                    (slice(None), slice(None), *grid.slices[0])
-                ]
-                hook.mode = "detach"
-                with torch.no_grad(), cam.autocast(sw_device):
-                    n_out = cam.select_output(run_model(cam.model, _reset(hook, first.to(sw_device)))).shape[1]
-                cam._output_channels = n_out
-            hook.mode = "grad"
-            reference = torch.zeros((), device=device).expand(bsz, n_out, *spatial)
-        if tuple(reference.shape[2:]) != spatial:
-            raise MedcamError(f"the model output {tuple(reference.shape)} is not on the input grid {spatial}")
-
-        # ---- output gradients dS/dY per target (padded to the window grid, kept on their non-zero channels only),
-        # scores, ROI sizes
-        grads: list[ChannelSparse] = []
-        scores, voxels = [], []
-        for t in tl:
-            w = t.score_weights(reference)
-            voxels.append((t.roi(reference) != 0).flatten(1).sum(1).cpu())
-            if output is not None:
-                g, s = cam.output_gradient(output, w)
-                scores.append(s.cpu().double())
-            else:
-                g = w
-                scores.append(torch.zeros(bsz, dtype=torch.float64))  # summed over windows in pass 1
-            del w
-            sparse = ChannelSparse.from_dense(g, grid)
-            del g
-            if not sparse.channels:
-                logger.warning("target %r has an empty ROI: its map is all zero", t)
-            grads.append(sparse)
-        n_out = reference.shape[1]
-
-        # which targets have gradient in each (sample, window): the others are skipped
-        active = [[[k for k, g in enumerate(grads) if g.touches(b, s)] for s in grid.slices] for b in range(bsz)]
-        todo = [(b, i) for b in range(bsz) for i in range(len(grid.slices)) if active[b][i]]
-        stats["backward_windows"] = len(todo)
-
-        x_pad = grid.pad_tensor(image, inf.padding_mode, inf.cval)
-        acc = torch.zeros((bsz, len(tl), *grid.padded_size), dtype=torch.float32, device=device)
-        pooled: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # gradient statistics per (sample, target)
-        act_stats: dict[int, dict[str, torch.Tensor]] = {}  # activation statistics of the whole volume per sample
-        feat_shape: tuple[int, ...] = ()
-        pairs = [(b, i) for b in range(bsz) for i in range(len(grid.slices))]
-        all_batches = [pairs[j : j + inf.sw_batch_size] for j in range(0, len(pairs), inf.sw_batch_size)]
-
-        # ---- pass A (pooled methods with activation statistics): forward to the layer only, every window; first,
-        # because Grad-CAM++ needs the volume's activation sums inside the gradient statistics of pass 1
-        if not cam.elementwise and cam.uses_activation_statistics and todo:
-            hook.mode = "stop"
-            for batch in tqdm(all_batches, desc="medcam statistics", disable=not progress):
-                aw = _activations(cam, hook, x_pad, grid, batch, sw_device)
-                blend = torch.stack([grid.blend_weight(i, sw_device) for _, i in batch])[:, None]
-                st = cam.activation_statistics(aw, _to_feature_grid(blend, tuple(aw.shape[2:])))
-                for j, (b, _) in enumerate(batch):
-                    _add(act_stats.setdefault(b, {}), {n: v[j] for n, v in st.items()})
-            stats["activation_windows"] += len(pairs)
-            hook.mode = "grad"
-
-        # ---- pass 1: forward + backward of the windows that touch an ROI
-        batches = [todo[j : j + inf.sw_batch_size] for j in range(0, len(todo), inf.sw_batch_size)]
-        for batch in tqdm(batches, desc="medcam windows", disable=not progress):
-            xw = torch.cat([x_pad[(slice(b, b + 1), slice(None), *grid.slices[i])] for b, i in batch]).to(sw_device)
-            y, a = cam.forward(xw, hook)
-            if tuple(y.shape[2:]) != grid.roi_size:
-                raise MedcamError(f"the model output {tuple(y.shape)} is not on the window grid {grid.roi_size}")
-            af = cam.to_feature_map(a.detach(), grid.roi_size)
-            feat_shape = tuple(af.shape[2:])
-            ks = sorted({k for b, i in batch for k in active[b][i]})
-            blend = torch.stack([grid.blend_weight(i, sw_device) for _, i in batch])  # [n, *roi]
-
-            def window_gradient(k: int) -> torch.Tensor:
-                """Equation (1) for target k on this batch: dS/dy_w ``[n, C, *roi]`` (zero where k is inactive)."""
-                gw = torch.zeros((len(batch), n_out, *grid.roi_size), device=sw_device)
-                for j, (b, i) in enumerate(batch):
-                    if k in active[b][i]:
-                        gw[j, grads[k].channels] = grads[k].window(b, grid.slices[i], sw_device) * blend[j]
-                return gw
-
-            for k, gw, g in _target_gradients(cam, y, a, ks, window_gradient):
-                g = cam.to_feature_map(g, grid.roi_size)
-                if output is None:  # S = sum_w sum_u dS/dy_w * y_w (exact for logits)
-                    ch = grads[k].channels
-                    per_win = (gw[:, ch] * y.detach()[:, ch].float()).flatten(1).sum(1).double().cpu()
-                    for j, (b, _) in enumerate(batch):
-                        scores[k][b] += per_win[j]
-                del gw
-                if cam.elementwise:
-                    m = cam.upsampler(cam.elementwise_map(af, g)[:, None], grid.roi_size)[:, 0]
-                    for j, (b, i) in enumerate(batch):
-                        acc[(b, k, *grid.slices[i])] += m[j].to(device)
-                    del m
-                else:
-                    volume_stats = None
-                    if act_stats:  # the whole volume's activation statistics, one row per window of the batch
-                        volume_stats = {
-                            n: torch.stack([act_stats[b][n] for b, _ in batch]) for n in act_stats[batch[0][0]]
-                        }
-                    st = cam.gradient_statistics(af, g, volume_stats)
-                    for j, (b, i) in enumerate(batch):
-                        if k in active[b][i]:
-                            _add(pooled.setdefault((b, k), {}), {n: v[j] for n, v in st.items()})
-                del g
-            del y, a, af
-
-        # ---- pass 2 (pooled methods): forward to the layer only, for every window: blend sum_k alpha_k A_wk
-        if not cam.elementwise and pooled:
-            hook.mode = "stop"
-            n_pos = _feature_positions(spatial, grid.roi_size, feat_shape)
-            alpha = {
-                (b, k): cam.weights_from_statistics(
-                    {n: v[None] for n, v in {**st, **act_stats.get(b, {})}.items()}, n_pos
-                )[0]
-                for (b, k), st in pooled.items()
-            }
-            for batch in tqdm(all_batches, desc="medcam maps", disable=not progress):
-                aw = _activations(cam, hook, x_pad, grid, batch, sw_device)
-                for j, (b, i) in enumerate(batch):
-                    ks = [k for k in range(len(tl)) if (b, k) in alpha]
-                    if not ks:
-                        continue
-                    al = torch.stack([alpha[(b, k)] for k in ks]).to(sw_device)  # [k, K]
-                    m = weighted_channel_sum(al, aw[j : j + 1].expand(len(ks), *aw.shape[1:]))
-                    m = cam.upsampler(m[None], grid.roi_size)[0] * grid.blend_weight(i, sw_device)
-                    for kk, k in enumerate(ks):
-                        acc[(b, k, *grid.slices[i])] += m[kk].to(device)
-            stats["activation_windows"] += len(pairs)
-            hook.mode = "grad"
-
-    maps = acc[(slice(None), slice(None), *grid.crop)]
-    if relu:
-        maps = torch.relu(maps)
-    return CAMResult(
-        maps=maps.contiguous(),  # on the stitching device, like MONAI's blended output
-        scores=torch.stack(scores, dim=1).float(),
-        roi_voxels=torch.stack(voxels, 1),
-        targets=tl,
-        layer=str(cam.layer_name),
-        feature_shape=feat_shape,
-        output=output,
-        stats=stats,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
 class ChannelSparse:
     """One target's output gradient ``dS/dY`` on the padded grid, stored on its non-zero channels only.
 
@@ -366,63 +180,339 @@ class ChannelSparse:
         channels = [int(c) for c in torch.nonzero(nonzero).flatten().tolist()]
         return cls(channels, grid.pad_zeros(grad[:, channels].float()))
 
-    def touches(self, b: int, window: tuple[slice, ...]) -> bool:
+    def touches(self, b: int, window: tuple[Any, ...]) -> bool:
         """Whether sample ``b`` has gradient inside ``window`` (else that window is skipped for this target)."""
         return bool(self.channels) and bool(self.values[(b, slice(None), *window)].ne(0).any())
 
-    def window(self, b: int, window: tuple[slice, ...], device: torch.device) -> torch.Tensor:
+    def window(self, b: int, window: tuple[Any, ...], device: torch.device) -> torch.Tensor:
         """``[len(channels), *roi]`` values of sample ``b`` inside ``window``."""
         return self.values[(b, slice(None), *window)].to(device)
 
 
-def _target_gradients(cam: BaseSegCAM, y: torch.Tensor, a: torch.Tensor, ks: list[int], window_gradient):
-    """Yield ``(k, dS_k/dy [n, C, *roi], dS_k/dA [n, K, *f])`` for the targets ``ks`` of one window batch.
+@dataclass
+class SlidingState:
+    """What the passes of one sliding-window explanation share.
 
-    Each output gradient is built just before its own backward pass and dropped after it, so only one target's
-    window-sized gradient is alive at a time (unless ``cam.batch_targets`` asks for one batched pass).
+    Set up by :func:`explain_sliding`; :func:`reference_pass` fills ``output``/``reference``,
+    :func:`target_gradients` ``grads``/``active``/``scores``/``voxels``, the later passes ``acc``, ``pooled``,
+    ``act_stats`` and ``feat_shape``.
     """
-    if cam.batch_targets and len(ks) > 1:
-        gws = [window_gradient(k) for k in ks]
-        yield from zip(ks, gws, cam.activation_grads(y, a, gws))
+
+    runner: ModelRunner
+    method: Formula
+    inferer: Any
+    hook: ActivationHook
+    grid: WindowGrid
+    x_pad: torch.Tensor  # [B, Cin, *padded] the padded image
+    n_targets: int
+    device: torch.device  # where volume-sized buffers live
+    sw_device: torch.device  # where windows run
+    upsampler: Upsampler
+    progress: bool
+    output: torch.Tensor | None = None  # the blended output [B, C, *S] when known
+    n_out: int = 0
+    grads: list[ChannelSparse] = field(default_factory=list)  # dS/dY per target
+    active: list[list[list[int]]] = field(default_factory=list)  # [b][i] -> targets with gradient in that window
+    scores: list[torch.Tensor] = field(default_factory=list)  # per target [B] float64
+    voxels: list[torch.Tensor] = field(default_factory=list)  # per target [B]
+    acc: torch.Tensor | None = None  # [B, K, *padded] stitched maps
+    pooled: dict[tuple[int, int], Statistics] = field(default_factory=dict)  # gradient statistics per (b, target)
+    act_stats: dict[int, Statistics] = field(default_factory=dict)  # activation statistics of the volume per b
+    feat_shape: tuple[int, ...] = ()
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.x_pad.shape[0])
+
+    def all_windows(self) -> list[WindowRef]:
+        return [(b, i) for b in range(self.batch_size) for i in range(len(self.grid.slices))]
+
+    def batches(self, refs: list[WindowRef]) -> list[list[WindowRef]]:
+        """``refs`` in batches of ``sw_batch_size``."""
+        n = self.inferer.sw_batch_size
+        return [refs[j : j + n] for j in range(0, len(refs), n)]
+
+    def windows(self, batch: list[WindowRef]) -> torch.Tensor:
+        """The input windows ``[n, Cin, *roi]`` of a batch, on ``sw_device``."""
+        x = self.x_pad
+        return torch.cat([x[(slice(b, b + 1), slice(None), *self.grid.slices[i])] for b, i in batch]).to(self.sw_device)
+
+    def blend(self, batch: list[WindowRef]) -> torch.Tensor:
+        """Normalised blending weights ``[n, *roi]`` of a batch's windows."""
+        return torch.stack([self.grid.blend_weight(i, self.sw_device) for _, i in batch])
+
+    def stitch(self, batch: list[WindowRef], k: int, maps: torch.Tensor, which: list[int] | None = None) -> None:
+        """Add window maps ``maps[j]`` ``[*roi]`` into target ``k``'s volume (only the batch rows ``which``)."""
+        assert self.acc is not None
+        for j, (b, i) in enumerate(batch):
+            if which is None or j in which:
+                self.acc[(b, k, *self.grid.slices[i])] += maps[j].to(self.device)
+
+    def bar(self, items: list[Any], desc: str) -> Iterator[Any]:
+        return iter(tqdm(items, desc=desc, disable=not self.progress))
+
+
+def explain_sliding(
+    runner: ModelRunner,
+    method: Formula,
+    targets: list[Target],
+    image: torch.Tensor,
+    inferer: Any,
+    *,
+    upsampler: Upsampler = interpolate_upsampler,
+    relu: bool = True,
+    upsample: bool = True,
+    progress: bool = False,
+    output: torch.Tensor | None = None,
+) -> CAMResult:
+    """Sliding-window explanation of ``image`` ``[B, Cin, *S]``; see the module docstring for the exact semantics.
+
+    ``runner``'s layer must be resolved (on a window, see :func:`window_example`). ``output``: the blended model
+    output ``[B, C, *S]`` if the caller already has it (skips pass 0).
+    """
+    if not upsample:
+        raise MedcamError("upsample=False is not available with an inferer: window maps are stitched on the input grid")
+    if not isinstance(method, (ElementwiseFormula, PooledFormula)):
+        raise MedcamError(f"the sliding-window executor needs an element-wise or pooled formula, got {method!r}")
+    check_inferer(inferer)
+    spatial = tuple(image.shape[2:])
+    sw_device = torch.device(inferer.sw_device) if inferer.sw_device is not None else image.device
+    device = stitch_device(inferer, image)
+    grid = WindowGrid(inferer, spatial, sw_device, device)
+    with runner.session("grad") as hook:
+        st = SlidingState(
+            runner=runner,
+            method=method,
+            inferer=inferer,
+            hook=hook,
+            grid=grid,
+            x_pad=grid.pad_tensor(image, inferer.padding_mode, inferer.cval),
+            n_targets=len(targets),
+            device=device,
+            sw_device=sw_device,
+            upsampler=upsampler,
+            progress=bool(inferer.progress or progress),
+        )
+        st.stats = {"windows": len(grid.slices) * image.shape[0], "backward_windows": 0, "activation_windows": 0}
+        reference = reference_pass(st, image, targets, output)
+        target_gradients(st, targets, reference)
+        del reference
+        st.acc = torch.zeros((st.batch_size, len(targets), *grid.padded_size), dtype=torch.float32, device=device)
+        if isinstance(method, ActivationPooledFormula) and st.stats["backward_windows"]:
+            activation_statistics_pass(st)
+        gradient_pass(st)
+        if isinstance(method, PooledFormula) and st.pooled:
+            map_pass(st)
+    maps = st.acc[(slice(None), slice(None), *grid.crop)]
+    if relu:
+        maps = torch.relu(maps)
+    return CAMResult(
+        maps=maps.contiguous(),  # on the stitching device, like MONAI's blended output
+        scores=torch.stack(st.scores, dim=1).float(),
+        roi_voxels=torch.stack(st.voxels, 1),
+        targets=targets,
+        layer=str(runner.layer_name),
+        feature_shape=st.feat_shape,
+        output=st.output,
+        stats=st.stats,
+    )
+
+
+def reference_pass(
+    st: SlidingState, image: torch.Tensor, targets: list[Target], output: torch.Tensor | None
+) -> torch.Tensor:
+    """Pass 0: the tensor the targets' weights are taken on, ``[B, C, *S]`` on the stitching device.
+
+    The caller's blended ``output``; else, when the ROI or the score needs the prediction, one no-grad
+    ``sliding_window_inference`` with the inferer's settings (both stored in ``st.output``); else (logits score with
+    a prediction-free ROI) a zero-stride stand-in of the output's shape, whose channel count one window tells.
+    """
+    bsz, spatial, inf = st.batch_size, st.grid.spatial, st.inferer
+    runner = st.runner
+    if output is not None:
+        output = output.as_tensor() if hasattr(output, "as_tensor") else output
+        if output.shape[0] != bsz or tuple(output.shape[2:]) != spatial:
+            raise MedcamError(
+                f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the blended "
+                "output of sliding_window_inference on this image"
+            )
+        st.output = reference = output.detach().float().to(st.device)
+    elif runner.score == "probability" or any(t.needs_prediction for t in targets):
+        with st.hook.mode_as("detach"), torch.no_grad(), runner.autocast(st.sw_device):
+            blended = sliding_window_inference(
+                image,
+                st.grid.roi_size,
+                inf.sw_batch_size,
+                runner.hooked_predictor(st.hook),
+                overlap=inf.overlap,
+                mode=inf.mode,
+                sigma_scale=inf.sigma_scale,
+                padding_mode=inf.padding_mode,
+                cval=inf.cval,
+                sw_device=st.sw_device,
+                device=st.device,
+                progress=st.progress,
+            )
+        assert isinstance(blended, torch.Tensor)
+        blended = blended.as_tensor() if hasattr(blended, "as_tensor") else blended
+        st.output = reference = blended.float()
+    else:
+        first = st.x_pad[(slice(0, 1), slice(None), *st.grid.slices[0])].to(st.sw_device)
+        n_out = runner.output_channels(first, st.hook)
+        reference = torch.zeros((), device=st.device).expand(bsz, n_out, *spatial)
+    if tuple(reference.shape[2:]) != spatial:
+        raise MedcamError(f"the model output {tuple(reference.shape)} is not on the input grid {spatial}")
+    st.n_out = int(reference.shape[1])
+    return reference
+
+
+def target_gradients(st: SlidingState, targets: list[Target], reference: torch.Tensor) -> None:
+    """Output gradients ``dS/dY`` per target (padded, on their non-zero channels), scores, ROI sizes, and which
+    targets have gradient in each window (the others are skipped there)."""
+    for t in targets:
+        w = t.score_weights(reference)
+        st.voxels.append((t.roi(reference) != 0).flatten(1).sum(1).cpu())
+        if st.output is not None:
+            g, s = st.runner.output_gradient(st.output, w)
+            st.scores.append(s.cpu().double())
+        else:
+            g = w
+            st.scores.append(torch.zeros(st.batch_size, dtype=torch.float64))  # summed over windows in pass 1
+        del w
+        sparse = ChannelSparse.from_dense(g, st.grid)
+        del g
+        if not sparse.channels:
+            logger.warning("target %r has an empty ROI: its map is all zero", t)
+        st.grads.append(sparse)
+    st.active = [
+        [[k for k, g in enumerate(st.grads) if g.touches(b, s)] for s in st.grid.slices] for b in range(st.batch_size)
+    ]
+    st.stats["backward_windows"] = sum(bool(ks) for row in st.active for ks in row)
+
+
+def activation_statistics_pass(st: SlidingState) -> None:
+    """Pass A (:class:`~medcam.formulas.ActivationPooledFormula`): forward to the layer only, every window, summing
+    the blended activation statistics of the volume per sample. First, because Grad-CAM++ needs the volume's
+    activation sums inside the gradient statistics of pass 1."""
+    assert isinstance(st.method, ActivationPooledFormula)
+    refs = st.all_windows()
+    with st.hook.mode_as("stop"):
+        for batch in st.bar(st.batches(refs), "medcam statistics"):
+            aw = st.runner.activations(st.windows(batch), st.hook)
+            weight = _to_feature_grid(st.blend(batch)[:, None], tuple(aw.shape[2:]))
+            stats = st.method.activation_statistics(aw, weight)
+            for j, (b, _) in enumerate(batch):
+                _add(st.act_stats.setdefault(b, {}), {n: v[j] for n, v in stats.items()})
+    st.stats["activation_windows"] += len(refs)
+
+
+def gradient_pass(st: SlidingState) -> None:
+    """Pass 1: forward + backward of the windows that touch an ROI; element-wise maps are stitched, pooled
+    gradient statistics summed."""
+    todo = [(b, i) for b, i in st.all_windows() if st.active[b][i]]
+    for batch in st.bar(st.batches(todo), "medcam windows"):
+        y, a = st.runner.forward(st.windows(batch), st.hook)
+        if tuple(y.shape[2:]) != st.grid.roi_size:
+            raise MedcamError(f"the model output {tuple(y.shape)} is not on the window grid {st.grid.roi_size}")
+        af = st.runner.to_feature_map(a.detach(), st.grid.roi_size)
+        st.feat_shape = tuple(af.shape[2:])
+        ks = sorted({k for b, i in batch for k in st.active[b][i]})
+        blend = st.blend(batch)
+        for n, k in enumerate(ks):
+            gw = _window_gradient(st, batch, k, blend)
+            g = st.runner.activation_grad(y, a, gw, retain_graph=n < len(ks) - 1)
+            g = st.runner.to_feature_map(g, st.grid.roi_size)
+            if st.output is None:  # S = sum_w sum_u dS/dy_w * y_w (exact for logits)
+                _add_window_scores(st, batch, k, gw, y)
+            del gw
+            _use_window_gradient(st, batch, k, af, g)
+            del g
+        del y, a, af
+
+
+def _window_gradient(st: SlidingState, batch: list[WindowRef], k: int, blend: torch.Tensor) -> torch.Tensor:
+    """Equation (1) for target ``k`` on a batch: ``dS/dy_w`` ``[n, C, *roi]`` (zero where ``k`` is inactive).
+
+    Built just before its own backward pass and dropped after it, so only one target's window-sized gradient is
+    alive at a time."""
+    grad = st.grads[k]
+    gw = torch.zeros((len(batch), st.n_out, *st.grid.roi_size), device=st.sw_device)
+    for j, (b, i) in enumerate(batch):
+        if k in st.active[b][i]:
+            gw[j, grad.channels] = grad.window(b, st.grid.slices[i], st.sw_device) * blend[j]
+    return gw
+
+
+def _add_window_scores(st: SlidingState, batch: list[WindowRef], k: int, gw: torch.Tensor, y: torch.Tensor) -> None:
+    ch = st.grads[k].channels
+    per_win = (gw[:, ch] * y.detach()[:, ch].float()).flatten(1).sum(1).double().cpu()
+    for j, (b, _) in enumerate(batch):
+        st.scores[k][b] += per_win[j]
+
+
+def _use_window_gradient(st: SlidingState, batch: list[WindowRef], k: int, af: torch.Tensor, g: torch.Tensor) -> None:
+    """Target ``k``'s activation gradient ``g`` ``[n, K, *f]`` of a batch: stitch the element-wise map, or add the
+    pooled statistics of the windows where ``k`` is active."""
+    method = st.method
+    if isinstance(method, ElementwiseFormula):
+        m = st.upsampler(method.map(af, g)[:, None], st.grid.roi_size)[:, 0]
+        st.stitch(batch, k, m)
         return
-    for j, k in enumerate(ks):
-        gw = window_gradient(k)
-        (g,) = cam.activation_grads(y, a, [gw], retain_graph=j < len(ks) - 1)
-        yield k, gw, g
+    assert isinstance(method, PooledFormula)
+    volume_stats = None
+    if st.act_stats:  # the whole volume's activation statistics, one row per window of the batch
+        names = st.act_stats[batch[0][0]]
+        volume_stats = {n: torch.stack([st.act_stats[b][n] for b, _ in batch]) for n in names}
+    stats = method.gradient_statistics(af, g, volume_stats)
+    for j, (b, i) in enumerate(batch):
+        if k in st.active[b][i]:
+            _add(st.pooled.setdefault((b, k), {}), {n: v[j] for n, v in stats.items()})
 
 
-def _reset(hook, x):
-    hook.reset()
-    return x
+def map_pass(st: SlidingState) -> None:
+    """Pass 2 (pooled formulas): global channel weights ``alpha`` per (sample, target), then forward to the layer
+    only, for every window, blending ``sum_k alpha_k A_wk``."""
+    assert isinstance(st.method, PooledFormula)
+    n_pos = _feature_positions(st.grid.spatial, st.grid.roi_size, st.feat_shape)
+    alpha = {
+        (b, k): st.method.weights({n: v[None] for n, v in {**stats, **st.act_stats.get(b, {})}.items()}, n_pos)[0]
+        for (b, k), stats in st.pooled.items()
+    }
+    refs = st.all_windows()
+    with st.hook.mode_as("stop"):
+        for batch in st.bar(st.batches(refs), "medcam maps"):
+            aw = st.runner.activations(st.windows(batch), st.hook)
+            for j, (b, i) in enumerate(batch):
+                ks = [k for k in range(st.n_targets) if (b, k) in alpha]
+                if not ks:
+                    continue
+                al = torch.stack([alpha[(b, k)] for k in ks]).to(st.sw_device)  # [k, K]
+                m = _weighted_channel_sum(al, aw[j : j + 1].expand(len(ks), *aw.shape[1:]))
+                m = st.upsampler(m[None], st.grid.roi_size)[0] * st.grid.blend_weight(i, st.sw_device)
+                for kk, k in enumerate(ks):
+                    st.stitch([(b, i)], k, m[kk : kk + 1])
+    st.stats["activation_windows"] += len(refs)
 
 
-def _activations(cam: BaseSegCAM, hook, x_pad, grid: WindowGrid, batch, sw_device) -> torch.Tensor:
-    """Hooked activation ``[n, K, *f]`` (float32) of a batch of windows, stopping the forward at the layer."""
-    xw = torch.cat([x_pad[(slice(b, b + 1), slice(None), *grid.slices[i])] for b, i in batch]).to(sw_device)
-    hook.reset()
-    try:
-        with torch.no_grad(), cam.autocast(sw_device):
-            run_model(cam.model, xw)
-    except StopForward:
-        pass
-    if hook.activation is None:
-        raise MedcamError(f"layer {cam.layer_name!r} never ran in the forward pass")
-    return cam.to_feature_map(hook.activation, grid.roi_size)
-
-
+# ---------------------------------------------------------------------------------------------------- helpers
 def _to_feature_grid(weight: torch.Tensor, feat_shape: tuple[int, ...]) -> torch.Tensor:
     """Average a window-grid weight ``[n, 1, *roi]`` down to the feature grid ``[n, 1, *f]`` (area pooling)."""
     if tuple(weight.shape[2:]) == feat_shape:
         return weight
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[weight.ndim - 2]
-    return pool(weight, feat_shape)
+    pools: dict[int, Callable[..., torch.Tensor]] = {
+        1: F.adaptive_avg_pool1d,
+        2: F.adaptive_avg_pool2d,
+        3: F.adaptive_avg_pool3d,
+    }
+    return pools[weight.ndim - 2](weight, feat_shape)
 
 
-def _feature_positions(spatial, roi_size, feat_shape) -> float:
+def _feature_positions(spatial: tuple[int, ...], roi_size: tuple[int, ...], feat_shape: tuple[int, ...]) -> float:
     """N: feature-grid positions covering the whole (unpadded) volume, at the layer's stride."""
     return float(math.prod(s * f / r for s, f, r in zip(spatial, feat_shape, roi_size)))
 
 
-def _add(slot: dict[str, torch.Tensor], st: dict[str, torch.Tensor]) -> None:
-    for n, v in st.items():
+def _add(slot: Statistics, stats: Statistics) -> None:
+    for n, v in stats.items():
         slot[n] = slot[n] + v if n in slot else v.detach().clone()

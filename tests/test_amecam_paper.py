@@ -22,7 +22,7 @@ from medcam.amecam import (
     exit_cams,
     extract_slices,
     fit_attention,
-    load_brats_case,
+    load_modality_and_labels,
     mean_aggregate,
     minmax_maps,
     multi_exit_loss,
@@ -204,7 +204,7 @@ def test_per_slice_metrics_conventions():
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared real cases not available")
 def test_real_case_slices():
-    vol, lab = load_brats_case(SHARED / "tcga_fg_6692", "flair")
+    vol, lab = load_modality_and_labels(SHARED / "tcga_fg_6692", "flair")
     assert vol.shape == lab.shape == (240, 240, 155)
     s = extract_slices(vol, lab)
     frac = (lab > 0).reshape(-1, 155).sum(0) / (240 * 240)

@@ -6,13 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
-import click
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -191,17 +188,6 @@ def test_demo_writes_everything(tiny_demo, tmp_path):
     assert r2.exit_code == 0 and "1 skipped" in r2.output
 
 
-def test_evaluate_is_registered_when_available(monkeypatch):
-    import medcam.cli as cli
-
-    fake = types.ModuleType("medcam.evaluation")
-    fake.evaluate_command = click.Command("evaluate", callback=lambda: None)
-    monkeypatch.setitem(sys.modules, "medcam.evaluation", fake)
-    monkeypatch.setattr(cli.main, "commands", dict(cli.main.commands))
-    cli._register_optional()
-    assert cli.main.commands["evaluate"] is fake.evaluate_command
-
-
 def test_console_script_error_policy(tmp_path):
     exe = Path(sys.executable).with_name("medcam")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "medcam.cli"]
@@ -215,39 +201,3 @@ def test_console_script_error_policy(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("medcam: error: input")
     assert "Traceback" not in p.stderr
-
-
-def test_keep_freed_memory_is_applied_on_glibc_and_harmless_elsewhere(monkeypatch):
-    """The command's allocator setting: applied where glibc takes it, a no-op (False) elsewhere."""
-    import ctypes
-    import sys as _sys
-
-    import medcam.cpu_memory as cm
-
-    if _sys.platform.startswith("linux"):
-        assert cm.keep_freed_memory() == hasattr(ctypes.CDLL(None), "mallopt")
-    with pytest.raises(ValueError, match="trim_threshold=2147483648 bytes"):
-        cm.keep_freed_memory(trim_threshold=2**31)  # would wrap round to a negative C int
-    with pytest.raises(ValueError, match="mmap_threshold=-1 bytes"):
-        cm.keep_freed_memory(mmap_threshold=-1)
-
-    class OldGlibc:  # takes the trim threshold, refuses mmap thresholds over 32 MiB
-        def __init__(self):
-            self.calls = []
-
-            def mallopt(option, value):
-                self.calls.append((option, value))
-                return int(option != -3 or value <= 32 * 2**20)
-
-            self.mallopt = mallopt
-
-    libc = OldGlibc()
-    monkeypatch.setattr(cm.ctypes, "CDLL", lambda name: libc)
-    monkeypatch.setattr(cm.sys, "platform", "linux")
-    assert cm.keep_freed_memory() is True
-    assert libc.calls == [(-1, 2**31 - 1), (-3, 2**30), (-3, 32 * 2**20)]  # 1 GiB refused: 32 MiB used instead
-    monkeypatch.setattr(cm.ctypes, "CDLL", lambda name: object())  # a C library without mallopt (musl)
-    monkeypatch.setattr(cm.sys, "platform", "linux")
-    assert cm.keep_freed_memory() is False
-    monkeypatch.setattr(cm.sys, "platform", "darwin")
-    assert cm.keep_freed_memory() is False

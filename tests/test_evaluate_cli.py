@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medcam.evaluation import evaluate_command
+from medcam.cli import evaluate_cmd as evaluate_command
 from tests._cli_helpers import assert_one_line_error
 
 TINY_SPACING = 12.0

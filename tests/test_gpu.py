@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -13,22 +15,49 @@ from medcam import targets as T
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module")
-def net():
-    # TF32 convolutions (the default on Ampere/Hopper) carry ~1e-3 relative error: compare in true fp32
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """TF32 off for the block (TF32 convolutions, the default on Ampere/Hopper, carry ~1e-3 relative error), and the
+    process's flags given back afterwards, also on error."""
+    flags = _tf32_flags()
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.fixture(scope="module")
+def net():
     torch.manual_seed(0)
-    return SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8).eval()
+    with true_fp32():
+        yield SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8).eval()
+
+
+def test_true_fp32_restores_the_tf32_flags():
+    torch.backends.cudnn.allow_tf32 = True
+    before = _tf32_flags()
+    with pytest.raises(RuntimeError), true_fp32():
+        assert _tf32_flags() == (False, False)
+        raise RuntimeError("restored on error too")
+    assert _tf32_flags() == before
 
 
 @cuda
-@pytest.mark.parametrize("cls", [medcam.SegGradCAM, medcam.SegHiResGradCAM, medcam.SegXGradCAM, medcam.SegLayerCAM])
+@pytest.mark.parametrize("name", list(medcam.METHODS))
 @pytest.mark.parametrize("sliding", [False, True])
-def test_cuda_matches_cpu(net, cls, sliding):
+def test_cuda_matches_cpu(net, name, sliding):
+    cls = medcam.METHODS[name]
     torch.manual_seed(1)
     x = torch.randn(1, 2, 48, 40, 32)
-    tl = [T.PredictedROI(0), T.BoxROI(1, (4, 4, 4), (30, 20, 20))]
+    # Grad-CAM++: a box target keeps its coefficients away from their poles (see test_sliding)
+    box = T.BoxROI(1, (4, 4, 4), (30, 20, 20))
+    tl = [box] if name == "gradcam++" else [T.PredictedROI(0), box]
     inf = SlidingWindowInferer(roi_size=(32, 32, 32), overlap=0.5, mode="gaussian") if sliding else None
     ref = cls(net, layer="down_layers.3", inferer=inf).explain(x, tl)
     gpu_net = net.to("cuda")

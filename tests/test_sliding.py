@@ -60,9 +60,10 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     roi = tuple(inferer.roi_size)
     padded = [max(s_, r_) for s_, r_ in zip(x.shape[2:], roi)]  # MONAI's coordinates are in the padded volume
     out = torch.zeros((x.shape[0], *padded), dtype=torch.float64)
-    if method == "hirescam":
+    if method in ("hirescam", "layercam"):  # element-wise: window maps summed
         for a, g, coord in zip(acts, grads, coords):
-            m = F.interpolate((g * a).sum(1, keepdim=True).double(), size=roi, mode="trilinear", align_corners=False)
+            term = g * a if method == "hirescam" else F.relu(g) * a
+            m = F.interpolate(term.sum(1, keepdim=True).double(), size=roi, mode="trilinear", align_corners=False)
             for j, sl in enumerate(coord):
                 out[(sl[0], *sl[2:])] += m[j, 0]
         crop = [slice((p_ - s_) // 2, (p_ - s_) // 2 + s_) for p_, s_ in zip(padded, x.shape[2:])]
@@ -74,6 +75,8 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
         n *= s_ * f_ / r_
     if method == "gradcam":  # alpha = sum of gradients over windows / N
         alpha = sum(g.double().sum((0, 2, 3, 4)) for g in grads) / n
+    elif method not in ("xgradcam", "gradcam++"):
+        raise NotImplementedError(f"no sliding-window reference for method {method!r}: write one here")
     else:
         # sum_v A_k over the volume: each window's activation weighted by its normalised blending weight, taken
         # from MONAI itself (a predictor that answers 1 in channel w for window w), area-averaged onto the feature grid
@@ -95,7 +98,7 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
         else:  # gradcam++
             alpha, dalpha = 0, 0
             s_ = act_sum[None, :, None, None, None]
-            for g, a in zip(grads, acts):
+            for g in grads:
                 g = g.double()
                 den = 2 * g**2 + s_ * g**3
                 coef = torch.where(
@@ -126,12 +129,8 @@ def _reference(net, x, inferer, weights_fn, method, probability=None, error_boun
     return blended[:, 0].double()
 
 
-CLASSES = {
-    "hirescam": medcam.SegHiResGradCAM,
-    "gradcam": medcam.SegGradCAM,
-    "xgradcam": medcam.SegXGradCAM,
-    "gradcam++": medcam.SegGradCAMPlusPlus,
-}
+#: every registered method is tested (a method added to medcam.METHODS needs its reference in _reference)
+CLASSES = medcam.METHODS
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])

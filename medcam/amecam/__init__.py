@@ -30,7 +30,7 @@ from .contrastive import c2am_loss, cosine_matrix, nt_xent_loss, sim_max_loss, s
 from .slices import (
     SliceSet,
     extract_slices,
-    load_brats_case,
+    load_modality_and_labels,
     minmax_volume,
     per_slice_metrics,
     summarise,
@@ -58,11 +58,11 @@ __all__ = [
     "sim_min_loss",
     "SliceSet",
     "extract_slices",
-    "load_brats_case",
+    "load_modality_and_labels",
     "minmax_volume",
     "per_slice_metrics",
     "summarise",
 ]
-from .segmentation import AMECAM  # noqa: E402  (needs the core engine: medcam.SegHiResGradCAM, ...)
+from .segmentation import AMECAM  # noqa: E402, F401  (re-exported; needs the core engine: medcam.SegHiResGradCAM)
 
 __all__.append("AMECAM")

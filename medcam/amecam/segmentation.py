@@ -79,9 +79,9 @@ class AMECAM:
             raise MedcamError(f"method must be a medcam CAM class such as medcam.SegHiResGradCAM, got {method!r}")
         if int(attention_downsample) < 1:
             raise MedcamError(f"attention_downsample must be a positive integer, got {attention_downsample}")
-        if any(isinstance(l, str) and l == "auto" for l in layers):
+        if any(isinstance(name, str) and name == "auto" for name in layers):
             raise LayerError("AMECAM needs explicit layers (not 'auto'): see medcam.list_layers(model, example)")
-        self.cams = [method(model, layer=l, inferer=inferer, **(method_kwargs or {})) for l in layers]
+        self.cams = [method(model, layer=name, inferer=inferer, **(method_kwargs or {})) for name in layers]
         self.layer_names = [c.layer_name for c in self.cams]
         if len(set(self.layer_names)) != len(self.layer_names):
             raise LayerError(f"duplicate layers: {self.layer_names}")

@@ -25,7 +25,7 @@ __all__ = [
     "SliceSet",
     "minmax_volume",
     "extract_slices",
-    "load_brats_case",
+    "load_modality_and_labels",
     "per_slice_metrics",
     "summarise",
 ]
@@ -156,7 +156,7 @@ def extract_slices(
     )
 
 
-def load_brats_case(
+def load_modality_and_labels(
     folder: str | os.PathLike, modality: str = "flair", label_file: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one modality and the reference labels of a BraTS-format case folder.

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -36,9 +35,10 @@ from medcam.data.loading import (
 )
 from medcam.data.preprocessing import build_preprocessing
 
+from ..types import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 
 #: canonical modality names, in the default channel order
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -23,22 +22,18 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImage
 
+from ..errors import MedcamDataError
+from ..geometry import spacing_of
+from ..types import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 
 #: tolerance (mm, or unitless for direction cosines) when comparing affines of files that must share a grid
 AFFINE_ATOL = 1e-3
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _SUPPORTED_HINT = "NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a folder with one DICOM series"
-
-
-class MedcamDataError(ValueError):
-    """Bad input data (missing/unreadable file, inconsistent grids, not 3D, empty or non-finite image...).
-
-    The message names the offending file and says how to fix the problem.
-    """
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class ImageHeader:
     @property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size in mm along each array axis."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return spacing_of(self.affine)
 
 
 def is_nifti(path: PathLike) -> bool:

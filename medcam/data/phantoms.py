@@ -22,15 +22,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..errors import PhantomError
+from ..geometry import spacing_of
+from ..types import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 
 #: channel order of :attr:`Phantom.image`
 CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
@@ -48,10 +50,6 @@ BRAIN_LEVEL: dict[str, float] = {"t1": 500.0, "t1ce": 600.0, "t2": 400.0, "flair
 LABEL_NCR, LABEL_ED, LABEL_ET = 1, 2, 4
 
 _TEMPLATE = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
-
-
-class PhantomError(ValueError):
-    """Invalid phantom parameters or missing template files."""
 
 
 @dataclass
@@ -79,7 +77,7 @@ class Phantom:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return spacing_of(self.affine)
 
 
 def template_path(name: str) -> Path:

@@ -50,10 +50,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..engine import BaseSegCAM, CAMResult, validate_image, weighted_channel_sum
+from ..engine import BaseSegCAM
 from ..errors import MedcamError, ModelError
-from ..hooks import StopForward
-from ..layers import auto_layer, resolve_layer
+from ..formulas import ActivationPooledFormula, ElementwiseFormula, weighted_channel_sum
+from ..layers import resolve_layer
+from ..result import CAMResult
+from ..runner import validate_image
 from ..targets import ClassROI, PredictedROI, Target, as_target_list
 
 __all__ = ["NnUNetError", "NnUNetModel", "load", "explain", "SUPPORTED_VERSIONS"]
@@ -440,9 +442,9 @@ def explain(
     nd = len(patch)
     if len(x.shape) - 2 != nd:
         raise NnUNetError(f"data {tuple(x.shape[1:])} does not have the {nd} spatial dims of the patch size {patch}")
-    if cam.layer_module is None:  # the auto layer, found on one tile
-        example = torch.zeros((1, x.shape[1], *patch), dtype=dtype, device=device)
-        cam.layer_name, cam.layer_module = resolve_layer(net, auto_layer(net, example))
+    runner, formula = cam.runner, cam.formula
+    elementwise = isinstance(formula, ElementwiseFormula)
+    runner.ensure_layer(torch.zeros((1, x.shape[1], *patch), dtype=dtype, device=device))  # auto: on one tile
 
     # ---- Y: nnU-Net's own prediction (tiles, Gaussian, mirroring, folds)
     if logits is None:
@@ -473,7 +475,7 @@ def explain(
     for t in tl:
         w = t.score_weights(y_vol)
         voxels.append((t.roi(y_vol) != 0).flatten(1).sum(1))
-        g, s = cam.output_gradient(y_vol, w)
+        g, s = runner.output_gradient(y_vol, w)
         scores.append(s.float())
         if not bool((g != 0).any()):
             logger.warning("target %r has an empty ROI: its map is all zero", t)
@@ -515,15 +517,7 @@ def explain(
             current[0] = f
 
     def layer_activation(hook, xm: torch.Tensor) -> torch.Tensor:
-        hook.reset()
-        try:
-            with torch.no_grad(), cam.autocast(xm.device):
-                net(xm)
-        except StopForward:
-            pass
-        if hook.activation is None:
-            raise MedcamError(f"layer {cam.layer_name!r} never ran in the forward pass")
-        return cam.to_feature_map(hook.activation, patch)
+        return runner.activations(xm, hook)
 
     # pooled methods: the hooked layer's activation of each pass is kept (on the CPU, up to CACHE_BYTES) so that
     # forming the maps needs no second forward of the passes already run
@@ -538,16 +532,16 @@ def explain(
 
     current = [-1]
     try:
-        with cam.hooked("grad") as hook:
+        with runner.session("grad") as hook:
             # pass A: activation statistics of the whole volume (XGrad-CAM, Grad-CAM++), every pass
-            if not cam.elementwise and cam.uses_activation_statistics and grad_passes:
+            if isinstance(formula, ActivationPooledFormula) and grad_passes:
                 hook.mode = "stop"
                 for f, i, m in tqdm(all_passes, desc="medcam statistics", disable=not progress):
                     load_fold(f, current)
                     aw = layer_activation(hook, tile(i, m))
                     keep((f, i, m), aw)
                     wgt = _flip(blend(i)[None, None], m).to(device=device, dtype=torch.float32)
-                    st = cam.activation_statistics(aw, _area_pool(wgt, tuple(aw.shape[2:])))
+                    st = formula.activation_statistics(aw, _area_pool(wgt, tuple(aw.shape[2:])))
                     _add(act_stats, {n: v[0] for n, v in st.items()})
                     stats["passes"] += 1
                 hook.mode = "grad"
@@ -556,11 +550,11 @@ def explain(
             for f, i, m in tqdm(grad_passes, desc="medcam tiles", disable=not progress):
                 load_fold(f, current)
                 xm = tile(i, m)
-                y, a = cam.forward(xm, hook)
+                y, a = runner.forward(xm, hook)
                 if tuple(y.shape[2:]) != patch:
                     raise MedcamError(f"the network output {tuple(y.shape)} is not on the tile grid {patch}")
-                af = cam.to_feature_map(a.detach(), patch)
-                if not cam.elementwise:
+                af = runner.to_feature_map(a.detach(), patch)
+                if not elementwise:
                     keep((f, i, m), af)
                 feat_shape = tuple(af.shape[2:])
                 ks = active[i]
@@ -568,31 +562,26 @@ def explain(
                     gk = grads[k]
                     assert gk is not None
                     go = _flip((gk[(slice(None), *slicers[i])] * blend(i))[None], m)
-                    (g,) = cam.activation_grads(y, a, [go.to(device)], retain_graph=j < len(ks) - 1)
-                    g = cam.to_feature_map(g, patch)
-                    if cam.elementwise:
-                        mp = cam.upsampler(cam.elementwise_map(af, g)[:, None], patch)[:, 0]
+                    g = runner.activation_grad(y, a, go.to(device), retain_graph=j < len(ks) - 1)
+                    g = runner.to_feature_map(g, patch)
+                    if elementwise:
+                        mp = cam.upsampler(formula.map(af, g)[:, None], patch)[:, 0]
                         mp = _flip(mp[:, None], m)[0, 0]  # flip back (the same dims of a [1, 1, *patch] tensor)
                         acc[(k, *slicers[i])] += mp.float().cpu()
                     else:
                         vs = {n: v[None].to(device) for n, v in act_stats.items()} if act_stats else None
-                        st = cam.gradient_statistics(af, g, vs)
+                        st = formula.gradient_statistics(af, g, vs)
                         _add(pooled.setdefault(k, {}), {n: v[0] for n, v in st.items()})
                 stats["passes"] += 1
                 del y, a, af
 
             # pass 2 (pooled methods): every pass's sum_k alpha_k A_k, upsampled, flipped back and blended
-            if not cam.elementwise and pooled:
+            if not elementwise and pooled:
                 hook.mode = "stop"
                 n_pos = float(math.prod(s * fs / r for s, fs, r in zip(x.shape[2:], feat_shape, patch)))
                 ks = sorted(pooled)
                 alpha = torch.stack(
-                    [
-                        cam.weights_from_statistics({n: v[None] for n, v in {**pooled[k], **act_stats}.items()}, n_pos)[
-                            0
-                        ]
-                        for k in ks
-                    ]
+                    [formula.weights({n: v[None] for n, v in {**pooled[k], **act_stats}.items()}, n_pos)[0] for k in ks]
                 )
                 for f, i, m in tqdm(all_passes, desc="medcam maps", disable=not progress):
                     aw = cached.get((f, i, m))
@@ -619,7 +608,7 @@ def explain(
         scores=torch.stack(scores, 1).float(),
         roi_voxels=torch.stack(voxels, 1),
         targets=tl,
-        layer=str(cam.layer_name),
+        layer=str(runner.layer_name),
         feature_shape=feat_shape,
         output=y_vol,
         stats=stats,

@@ -13,15 +13,11 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
+
+from ..errors import OutputExistsError
+from ..types import PathLike
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-class OutputExistsError(FileExistsError):
-    """Raised when an output file already exists and ``overwrite`` is False."""
 
 
 def check_output_path(path: PathLike, overwrite: bool = False) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -20,9 +19,10 @@ import SimpleITK as sitk
 from medcam.data.loading import MedcamDataError, is_nifti, read_header
 from medcam.io.atomic import atomic_write, check_output_path
 
+from ..types import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 
 NIFTI_INTENT_ESTIMATE = 1001
 _DESCRIP_LEN = 79  # 80-byte field, NUL-terminated

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,9 +20,9 @@ from scipy import ndimage
 from medcam.data.loading import MedcamDataError
 from medcam.io.atomic import atomic_write, check_output_path
 
-logger = logging.getLogger(__name__)
+from ..types import PathLike
 
-PathLike = Union[str, Path]
+logger = logging.getLogger(__name__)
 
 
 def _np(a) -> np.ndarray:

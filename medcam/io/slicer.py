@@ -23,7 +23,6 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
 from xml.sax.saxutils import quoteattr
 
 import matplotlib
@@ -34,9 +33,10 @@ from medcam.data.loading import MedcamDataError, read_header, strip_image_suffix
 from medcam.io.atomic import atomic_write, check_output_path, write_text_atomic
 from medcam.io.nifti import save_heatmap
 
+from ..types import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 
 #: default segment names/colours (RGB 0-1) for BraTS label values and regions
 BRATS_LABEL_SEGMENTS: dict[int, tuple[str, tuple[float, float, float]]] = {

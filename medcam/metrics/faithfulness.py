@@ -293,7 +293,7 @@ def average_drop_increase(
     image, sal = _prepare(image, saliency, spatial_dims)
     lnorm = normalize_maps(sal, normalize, spatial_dims).clamp(0, 1)
     base = make_baseline(image, baseline)
-    xs = [image.float()[None]] + [(l[None] * image.float() + (1 - l[None]) * base)[None] for l in lnorm]
+    xs = [image.float()[None]] + [(w[None] * image.float() + (1 - w[None]) * base)[None] for w in lnorm]
     s = score_fn(torch.cat(xs)).reshape(-1).float().to(image.device)
     y, o = s[0], s[1:]
     if not y > 0:

@@ -39,24 +39,14 @@ and cohorts), :mod:`~medcam.pipeline.errors` (:class:`PipelineError`); everythin
 
 from __future__ import annotations
 
+from ..geometry import spacing_of
+from ..types import PathLike
 from .cases import CaseSource, discover_cases, load_case, split_parts
-from .common import PathLike
+from .cohort import SUMMARY_NAME, json_key, process_case, read_summary, run_cohort, staged_case_dir, versions
 from .errors import PipelineError
 from .models import LoadedModel, load_model, load_state_dict_file
-from .run import (
-    METHOD_LABELS,
-    SUMMARY_NAME,
-    explain_case,
-    explain_cohort,
-    json_key,
-    make_inferer,
-    predict,
-    read_summary,
-    resolve_device,
-    sliding_settings,
-    spacing_of,
-    versions,
-)
+from .run import METHOD_LABELS, explain_case, explain_cohort, explain_files, predict
+from .settings import Prepared, RunSettings, make_inferer, prepare, resolve_device, sliding_settings
 from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
 
 __all__ = [
@@ -87,4 +77,11 @@ __all__ = [
     "PathLike",
     "spacing_of",
     "mask_on_case_grid",
+    "run_cohort",
+    "process_case",
+    "staged_case_dir",
+    "RunSettings",
+    "Prepared",
+    "prepare",
+    "explain_files",
 ]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import PathLike
+from ..types import PathLike
 from .errors import PipelineError
 from .models import LoadedModel
 
@@ -165,6 +165,7 @@ def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
             raise PipelineError(f"'{source}' holds {len(found)} cases; load them one at a time")
         source = found[0]
     pre = dict(model.preprocessing)
+    case: Any
     if model.bundle_preprocessing is not None:
         case = _load_with_bundle(source, model)
     elif source.kind in ("brats_folder", "brats_mapping"):

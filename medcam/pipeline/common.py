@@ -1,15 +1,12 @@
-"""Small helpers shared by the pipeline modules: the path type and JSON conversion."""
+"""Small helpers shared by the pipeline modules: JSON conversion."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-PathLike = str | os.PathLike
 
 
 def _jsonable(obj: Any) -> Any:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .common import PathLike, _jsonable
+from ..types import PathLike
+from .common import _jsonable
 from .errors import PipelineError
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
@@ -160,9 +161,15 @@ def _import_factory(spec: str) -> Callable[[], Any]:
             assert mspec.loader is not None
             mspec.loader.exec_module(module)
         else:
-            if str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
-            module = importlib.import_module(mod_name)
+            cwd = str(Path.cwd())
+            added = cwd not in sys.path  # the working folder on the path for this import only
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(mod_name)
+            finally:
+                if added and cwd in sys.path:
+                    sys.path.remove(cwd)
     except PipelineError:
         raise
     except ImportError as e:

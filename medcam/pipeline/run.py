@@ -1,16 +1,11 @@
-"""Running explanations: inference, ``explain_case`` / ``explain_cohort``, case summaries and versions."""
+"""Explaining cases: inference, ``explain_case`` (one case folder) and ``explain_cohort`` (via the cohort loop)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import platform
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +13,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import ModelError, TargetError
+from ..geometry import spacing_of
+from ..result import CAMResult
+from ..runner import ModelRunner
+from ..types import PathLike
 from .cases import CaseSource, load_case, split_parts
-from .common import PathLike, _jsonable
+from .cohort import run_cohort, write_case
 from .errors import PipelineError
 from .models import LoadedModel
+from .settings import RunSettings, prepare
 from .target_specs import TargetSpec, build_targets
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
@@ -36,94 +35,18 @@ METHOD_LABELS: dict[str, str] = {
     "gradcam++": "Seg-Grad-CAM++",
     "layercam": "Seg-LayerCAM",
 }
-SUMMARY_NAME = "summary.json"
 #: BraTS modality used as overlay background per region (ET/TC are seen on T1ce, the oedema of WT on FLAIR)
 _OVERLAY_CHANNEL = {"ET": "t1ce", "TC": "t1ce", "WT": "flair"}
-
-
-#: sliding-window settings used when neither the command line nor the model (a bundle's inferer) gives them
-SLIDING_DEFAULTS: dict[str, Any] = {"overlap": 0.25, "sw_batch_size": 1, "mode": "constant"}
-
-
-def sliding_settings(model_settings: dict[str, Any], **given: Any) -> dict[str, Any]:
-    """``overlap``/``sw_batch_size``/``mode``: what was given (not None), else the model's, else the defaults."""
-    out = {**SLIDING_DEFAULTS, **model_settings}
-    out.update({k: v for k, v in given.items() if v is not None})
-    return out
-
-
-def make_inferer(
-    roi_size: Sequence[int] | None,
-    *,
-    overlap: float = 0.25,
-    sw_batch_size: int = 1,
-    mode: str = "constant",
-    progress: bool = False,
-) -> Any:
-    """A MONAI ``SlidingWindowInferer`` (or None for whole-image explanation when ``roi_size`` is None/empty)."""
-    if not roi_size:
-        return None
-    from monai.inferers import SlidingWindowInferer
-
-    if any(int(s) < 1 for s in roi_size):
-        raise PipelineError(f"roi size must be positive integers, got {tuple(roi_size)}")
-    if not 0 <= overlap < 1:
-        raise PipelineError(f"overlap must be in [0, 1), got {overlap}")
-    if mode not in ("constant", "gaussian"):
-        raise PipelineError(f"blend mode must be 'constant' or 'gaussian', got {mode!r}")
-    return SlidingWindowInferer(
-        tuple(int(s) for s in roi_size),
-        sw_batch_size=int(sw_batch_size),
-        overlap=float(overlap),
-        mode=mode,
-        progress=progress,
-    )
+SCORE_DEFINITION = (
+    "S = sum over ROI voxels of the target channel's logit (blended output with sliding windows); maps: pre-ReLU on "
+    "the layer grid -> trilinear upsampling -> ReLU, not normalised"
+)
 
 
 def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
-    """Model output ``[B, C, *S]`` (float32 logits, detached): ``inferer(image, net)`` or ``net(image)``."""
-    from ..engine import BaseSegCAM
-
-    helper = BaseSegCAM(net, layer="auto", amp=amp)  # reuse autocast and output selection
-    with torch.no_grad(), helper.autocast(image.device):
-        out = inferer(image, lambda x: helper.select_output(net(x))) if inferer is not None else net(image)
-    out = helper.select_output(out)
-    out = out.as_tensor() if hasattr(out, "as_tensor") else out
-    return out.detach().float()
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; other names are checked (PipelineError if unusable)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise PipelineError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
-
-
-def spacing_of(affine: Any) -> tuple[float, float, float]:
-    """Voxel spacing (mm) along each axis of a 4x4 affine (tensor or array): the column norms of its 3x3 part."""
-    a = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, float)
-    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))
-
-
-def versions() -> dict[str, str]:
-    """Versions of medcam and the libraries that shape its results."""
-    import monai
-    import nibabel
-
-    return {
-        "medcam": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "nibabel": nibabel.__version__,
-        "python": platform.python_version(),
-    }
+    """Model output ``[B, C, *S]`` (float32, detached): ``inferer(image, net)`` or ``net(image)``, output selected
+    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`)."""
+    return ModelRunner(net, amp=amp).predict(image, inferer)
 
 
 def _overlay_channel(case: Any, region: str) -> int:
@@ -132,33 +55,200 @@ def _overlay_channel(case: Any, region: str) -> int:
     return names.index(want) if want in names else 0
 
 
-def _settings_signature(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+def _file_stem(method: str, target: str) -> str:
+    return f"{method.replace('+', 'pp')}_{target}"
 
 
-def read_summary(case_dir: PathLike) -> dict[str, Any] | None:
-    """The ``summary.json`` of a finished case folder, or None if absent/unreadable/not medcam's."""
-    p = Path(case_dir) / SUMMARY_NAME
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "medcam_version" in data else None
+@dataclass
+class _Explained:
+    """What the explanation of one case produced (before anything is written)."""
+
+    case: Any
+    model: LoadedModel
+    specs: Sequence[TargetSpec]
+    targets: list[Any]  # medcam.targets objects, one per spec
+    output: torch.Tensor  # [1, C, *S] model output on the preprocessed grid
+    results: dict[str, CAMResult]  # per method
+    regions: list[str]  # one name per output channel
+    timings: dict[str, Any]
+
+    @property
+    def first(self) -> CAMResult:
+        return next(iter(self.results.values()))
 
 
-def _replace_dir(staging: Path, final: Path, overwrite: bool) -> None:
-    """Move the finished staging folder onto ``final`` (replacing a previous medcam output only if allowed)."""
-    if final.exists():
-        if not overwrite:
-            raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
-        if read_summary(final) is None:
-            raise PipelineError(f"'{final}' exists and is not a medcam output folder; refusing to replace it")
-        old = final.parent / f".old-{uuid.uuid4().hex[:8]}-{final.name}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+def _explain_maps(
+    case: Any,
+    model: LoadedModel,
+    methods: Sequence[str],
+    specs: Sequence[TargetSpec],
+    layer: str,
+    inferer: Any,
+    *,
+    device: torch.device,
+    amp: bool,
+    threshold: float | None,
+    progress: bool,
+) -> _Explained:
+    """Predict once, check the targets against the output, explain with every method (nothing written)."""
+    from .. import METHODS
+
+    timings: dict[str, Any] = {"explain_s": {}}
+    t0 = time.perf_counter()
+    net = model.net.to(device)
+    tl = build_targets(specs, case, activation=model.activation, threshold=threshold)
+    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
+    image = image[None].float().to(device)
+    output = predict(net, image, inferer, amp=amp)
+    timings["predict_s"] = round(time.perf_counter() - t0, 3)
+    if output.shape[2:] != image.shape[2:]:
+        raise ModelError(f"the model output {tuple(output.shape)} is not on the input grid {tuple(image.shape)}")
+    n_out = output.shape[1]
+    regions = list(model.regions) if len(model.regions) == n_out else [f"ch{i}" for i in range(n_out)]
+    for s in specs:
+        if s.channel >= n_out:
+            raise TargetError(
+                f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs"
+            )
+    results = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        act: Any = model.activation  # "sigmoid" or "softmax", checked by load_model
+        cam = METHODS[m](net, layer=layer, inferer=inferer, amp=amp, output_activation=act, progress=progress)
+        results[m] = cam.explain(image, tl, output=output if inferer is not None else None)
+        timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
+    return _Explained(case, model, specs, tl, output, results, regions, timings)
+
+
+def _target_rows(ex: _Explained) -> list[dict[str, Any]]:
+    sp = spacing_of(ex.case.image.affine)
+    voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
+    rows = []
+    for k, (spec, t) in enumerate(zip(ex.specs, ex.targets)):
+        n = int(ex.first.roi_voxels[0, k])
+        rows.append(
+            {
+                "name": spec.name,
+                "spec": spec.text,
+                "kind": spec.kind,
+                "channel": spec.channel,
+                "region": ex.regions[spec.channel],
+                "target": repr(t),
+                "roi_voxels": n,
+                "roi_volume_ml": round(n * voxel_ml, 4),
+                **{key: {} for key in ("score", "map_max", "map_sum", "heatmaps", "overlays")},
+            }
+        )
+    return rows
+
+
+def _write_method_maps(ex: _Explained, rows: list[dict[str, Any]], staging: Path, png: bool) -> dict[str, np.ndarray]:
+    """Heatmaps (original grid) and PNG overlays of every method and target; fills ``rows``; returns the maps for
+    the Slicer scene."""
+    from ..io import save_heatmap, save_overlay_png
+
+    case, layer = ex.case, ex.first.layer
+    ref, sp = Path(case.reference_path), spacing_of(case.image.affine)
+    roi_masks = [t.roi(ex.output)[0].cpu().numpy() > 0 for t in ex.targets]
+    slicer_maps: dict[str, np.ndarray] = {}
+    for m, res in ex.results.items():
+        label = METHOD_LABELS.get(m, m)
+        maps = res.maps[0].detach().float().cpu().numpy()  # [K, *S] preprocessed grid
+        original = case.invert(maps)  # [K, *original]
+        for k, (spec, row) in enumerate(zip(ex.specs, rows)):
+            row["score"][m] = float(res.scores[0, k])
+            row["map_max"][m] = float(maps[k].max())
+            row["map_sum"][m] = float(maps[k].sum())
+            row["heatmaps"][m] = f"heatmaps/{_file_stem(m, spec.name)}.nii.gz"
+            save_heatmap(original[k], ref, staging / row["heatmaps"][m], method=label, target=spec.name, layer=layer)
+            slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
+            if not png:
+                continue
+            ch = _overlay_channel(case, ex.regions[spec.channel])
+            bg = case.image[ch].detach().cpu().numpy() if hasattr(case.image, "detach") else case.image[ch]
+            row["overlays"][m] = f"overlays/{_file_stem(m, spec.name)}.png"
+            title = (
+                f"{case.case_id} | {label} | target {spec.name} | layer {layer} | ROI contour, background "
+                f"{case.channel_names[ch]}"
+            )
+            save_overlay_png(bg, maps[k], roi_masks[k], staging / row["overlays"][m], title=title, spacing=sp)
+    return slicer_maps
+
+
+def _predicted_regions(ex: _Explained, threshold: float | None) -> np.ndarray:
+    """0/1 prediction per output channel ``[C, *S]`` (sigmoid > threshold, or one-hot argmax for softmax)."""
+    out = ex.output[0]
+    if ex.model.activation == "sigmoid":
+        pred = (torch.sigmoid(out) > (0.5 if threshold is None else threshold)).float()
     else:
-        os.replace(staging, final)
+        pred = torch.nn.functional.one_hot(out.argmax(0), out.shape[0]).movedim(-1, 0).float()
+    return pred.cpu().numpy()
+
+
+def _sliding_record(ex: _Explained, inferer: Any) -> dict[str, Any] | None:
+    if inferer is None:
+        return None
+    return {
+        "roi_size": list(inferer.roi_size),
+        "overlap": inferer.overlap,
+        "mode": str(inferer.mode),
+        "sw_batch_size": inferer.sw_batch_size,
+        "windows": ex.first.stats.get("windows"),
+        "backward_windows": {m: r.stats.get("backward_windows") for m, r in ex.results.items()},
+    }
+
+
+def _write_case_files(
+    ex: _Explained,
+    staging: Path,
+    *,
+    inferer: Any,
+    threshold: float | None,
+    slicer: bool,
+    png: bool,
+    device: torch.device,
+    amp: bool,
+    source: CaseSource | None,
+) -> dict[str, Any]:
+    """Write the maps, overlays and Slicer scene of ``ex`` into ``staging``; return the case summary."""
+    from ..io import export_slicer_scene
+
+    t0 = time.perf_counter()
+    case, rows = ex.case, _target_rows(ex)
+    slicer_maps = _write_method_maps(ex, rows, staging, png)
+    pred = _predicted_regions(ex, threshold)
+    if slicer:
+        export_slicer_scene(
+            staging / "slicer",
+            image_path=Path(case.reference_path),
+            heatmaps=slicer_maps,
+            segmentation=case.invert(pred, nearest=True),
+            segment_names=[f"predicted {r}" for r in ex.regions],
+            method="+".join(ex.results),
+            layer=ex.first.layer,
+        )
+    ex.timings["write_s"] = round(time.perf_counter() - t0, 3)
+    return {
+        "source": source.describe() if source is not None else {k: str(v) for k, v in case.paths.items()},
+        "reference_image": str(case.reference_path),
+        "channels": list(case.channel_names),
+        "original_shape": list(case.original_shape),
+        "preprocessed_shape": list(case.image.shape[1:]),
+        "preprocessed_spacing_mm": [round(v, 4) for v in spacing_of(case.image.affine)],
+        "model": ex.model.describe(),
+        "layer": ex.first.layer,
+        "feature_shape": list(ex.first.feature_shape),
+        "methods": {m: METHOD_LABELS.get(m, m) for m in ex.results},
+        "score_definition": SCORE_DEFINITION,
+        "sliding_window": _sliding_record(ex, inferer),
+        "threshold": 0.5 if threshold is None and ex.model.activation == "sigmoid" else threshold,
+        "predicted_voxels": {ex.regions[c]: int(pred[c].sum()) for c in range(pred.shape[0])},
+        "targets": rows,
+        "slicer_scene": "slicer/scene.mrml" if slicer else None,
+        "device": str(device),
+        "amp": bool(amp),
+        "timings": ex.timings,
+    }
 
 
 def explain_case(
@@ -180,7 +270,7 @@ def explain_case(
     settings: Mapping[str, Any] | None = None,
     source: CaseSource | None = None,
 ) -> dict[str, Any]:
-    """Explain one preprocessed case and write its folder ``out_dir`` (see the module docstring).
+    """Explain one preprocessed case and write its folder ``out_dir`` (see :mod:`medcam.pipeline`).
 
     Args:
         case: a loaded case (``case.image`` ``[C, X, Y, Z]`` MetaTensor, ``case.invert``, ``case.reference_path``).
@@ -205,7 +295,6 @@ def explain_case(
         ``map_max`` / ``map_sum`` (per method, preprocessed grid), relative paths of the written files.
     """
     from .. import METHODS
-    from ..io import export_slicer_scene, save_heatmap, save_overlay_png
 
     t_start = time.perf_counter()
     if not isinstance(model, LoadedModel):
@@ -213,168 +302,24 @@ def explain_case(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise PipelineError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    layer = layer or model.default_layer
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if Path(out_dir).exists() and not overwrite:
         raise PipelineError(f"output folder '{out_dir}' already exists; pass --overwrite to replace it")
-    device = torch.device(device)
-    net = model.net.to(device)
-    timings: dict[str, Any] = {}
+    dev = torch.device(device)
 
-    t0 = time.perf_counter()
-    tl = build_targets(targets, case, activation=model.activation, threshold=threshold)
-    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
-    image = image[None].float().to(device)
-    output = predict(net, image, inferer, amp=amp)
-    timings["predict_s"] = round(time.perf_counter() - t0, 3)
-    if output.shape[2:] != image.shape[2:]:
-        raise ModelError(f"the model output {tuple(output.shape)} is not on the input grid {tuple(image.shape)}")
-    n_out = output.shape[1]
-    regions = list(model.regions) if len(model.regions) == n_out else [f"ch{i}" for i in range(n_out)]
-    for s in targets:
-        if s.channel >= n_out:
-            raise TargetError(
-                f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs"
-            )
+    def work(staging: Path) -> dict[str, Any]:
+        ex = _explain_maps(
+            case, model, methods, targets, layer or model.default_layer, inferer,
+            device=dev, amp=amp, threshold=threshold, progress=progress,
+        )  # fmt: skip
+        summary = _write_case_files(
+            ex, staging, inferer=inferer, threshold=threshold, slicer=slicer, png=png, device=dev, amp=amp,
+            source=source,
+        )  # fmt: skip
+        ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        return summary
 
-    results = {}
-    timings["explain_s"] = {}
-    for m in methods:
-        t0 = time.perf_counter()
-        cam = METHODS[m](
-            net, layer=layer, inferer=inferer, amp=amp, output_activation=model.activation, progress=progress
-        )
-        res = cam.explain(image, tl, output=output if inferer is not None else None)
-        timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
-        results[m] = res
-
-    # ---- write everything into a staging folder
-    t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".partial-{uuid.uuid4().hex[:8]}-{out_dir.name}"
-    staging.mkdir()
-    try:
-        first = results[methods[0]]
-        layer_name = first.layer
-        sp = spacing_of(case.image.affine)
-        voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
-        ref = Path(case.reference_path)
-        target_rows = []
-        roi_masks = [t.roi(output)[0].cpu().numpy() > 0 for t in tl]
-        slicer_maps: dict[str, np.ndarray] = {}
-        for k, (spec, t) in enumerate(zip(targets, tl)):
-            target_rows.append(
-                {
-                    "name": spec.name,
-                    "spec": spec.text,
-                    "kind": spec.kind,
-                    "channel": spec.channel,
-                    "region": regions[spec.channel],
-                    "target": repr(t),
-                    "roi_voxels": int(first.roi_voxels[0, k]),
-                    "roi_volume_ml": round(int(first.roi_voxels[0, k]) * voxel_ml, 4),
-                    "score": {},
-                    "map_max": {},
-                    "map_sum": {},
-                    "heatmaps": {},
-                    "overlays": {},
-                }
-            )
-        for m, res in results.items():
-            maps = res.maps[0].detach().float().cpu().numpy()  # [K, *S] preprocessed grid
-            original = case.invert(maps)  # [K, *original]
-            for k, (spec, row) in enumerate(zip(targets, target_rows)):
-                row["score"][m] = float(res.scores[0, k])
-                row["map_max"][m] = float(maps[k].max())
-                row["map_sum"][m] = float(maps[k].sum())
-                rel = f"heatmaps/{m.replace('+', 'pp')}_{spec.name}.nii.gz"
-                save_heatmap(
-                    original[k], ref, staging / rel, method=METHOD_LABELS.get(m, m), target=spec.name, layer=layer_name
-                )
-                row["heatmaps"][m] = rel
-                slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
-                if png:
-                    rel_png = f"overlays/{m.replace('+', 'pp')}_{spec.name}.png"
-                    ch = _overlay_channel(case, regions[spec.channel])
-                    bg = case.image[ch].detach().cpu().numpy() if hasattr(case.image, "detach") else case.image[ch]
-                    save_overlay_png(
-                        bg,
-                        maps[k],
-                        roi_masks[k],
-                        staging / rel_png,
-                        title=f"{case.case_id} | {METHOD_LABELS.get(m, m)} | target {spec.name} | layer {layer_name}"
-                        f" | ROI contour, background {case.channel_names[ch]}",
-                        spacing=sp,
-                    )
-                    row["overlays"][m] = rel_png
-        # predicted regions (0/1 per output channel) on the original grid, for the summary and Slicer
-        if model.activation == "sigmoid":
-            pred = (torch.sigmoid(output[0]) > (0.5 if threshold is None else threshold)).float()
-        else:
-            pred = torch.nn.functional.one_hot(output[0].argmax(0), n_out).movedim(-1, 0).float()
-        pred_np = pred.cpu().numpy()
-        prediction = {regions[c]: int(pred_np[c].sum()) for c in range(n_out)}
-        slicer_rel = None
-        if slicer:
-            pred_orig = case.invert(pred_np, nearest=True)
-            export_slicer_scene(
-                staging / "slicer",
-                image_path=ref,
-                heatmaps=slicer_maps,
-                segmentation=pred_orig,
-                segment_names=[f"predicted {r}" for r in regions],
-                method="+".join(methods),
-                layer=layer_name,
-            )
-            slicer_rel = "slicer/scene.mrml"
-        timings["write_s"] = round(time.perf_counter() - t0, 3)
-        timings["total_s"] = round(time.perf_counter() - t_start, 3)
-        summary = {
-            "medcam_version": __version__,
-            "status": "ok",
-            "case_id": case.case_id,
-            "source": source.describe() if source is not None else {k: str(v) for k, v in case.paths.items()},
-            "reference_image": str(ref),
-            "channels": list(case.channel_names),
-            "original_shape": list(case.original_shape),
-            "preprocessed_shape": list(case.image.shape[1:]),
-            "preprocessed_spacing_mm": [round(v, 4) for v in sp],
-            "model": model.describe(),
-            "layer": layer_name,
-            "feature_shape": list(first.feature_shape),
-            "methods": {m: METHOD_LABELS.get(m, m) for m in methods},
-            "score_definition": "S = sum over ROI voxels of the target channel's logit (blended output with "
-            "sliding windows); maps: pre-ReLU on the layer grid -> trilinear upsampling -> ReLU, "
-            "not normalised",
-            "sliding_window": None
-            if inferer is None
-            else {
-                "roi_size": list(inferer.roi_size),
-                "overlap": inferer.overlap,
-                "mode": str(inferer.mode),
-                "sw_batch_size": inferer.sw_batch_size,
-                "windows": first.stats.get("windows"),
-                "backward_windows": {m: r.stats.get("backward_windows") for m, r in results.items()},
-            },
-            "threshold": 0.5 if threshold is None and model.activation == "sigmoid" else threshold,
-            "predicted_voxels": prediction,
-            "targets": target_rows,
-            "slicer_scene": slicer_rel,
-            "device": str(device),
-            "amp": bool(amp),
-            "timings": timings,
-            "versions": versions(),
-            "settings": _jsonable(dict(settings or {})),
-            "settings_signature": _settings_signature(settings or {}),
-        }
-        from ..io import write_text_atomic
-
-        write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
-        _replace_dir(staging, out_dir, overwrite)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    logger.info("case %s done in %.1f s -> %s", case.case_id, timings["total_s"], out_dir)
+    summary = write_case(work, case.case_id, out_dir, settings=settings or {}, overwrite=overwrite)
+    logger.info("case %s done in %.1f s -> %s", case.case_id, summary["timings"]["total_s"], out_dir)
     return summary
 
 
@@ -401,107 +346,58 @@ def explain_cohort(
 ) -> dict[str, Any]:
     """Explain many cases into ``out_dir/<case_id>/``, resumably; failures are recorded, not fatal.
 
-    * A case whose folder holds a ``summary.json`` written with the same settings is skipped (``"skipped"``);
-      one written with other settings fails with a message (use ``overwrite=True`` or another ``out_dir``).
-    * A case that raises is recorded as ``"failed"`` with ``"error"`` and the run goes on; nothing of it is left
-      on disk, so the next run retries it.
-    * ``num_parts``/``part_id`` pick this machine's share (:func:`split_parts`).
+    The loop is :func:`medcam.pipeline.cohort.run_cohort`: a case whose folder holds a ``summary.json`` written with
+    the same settings is skipped (``"skipped"``), one written with other settings fails with a message (use
+    ``overwrite=True`` or another ``out_dir``); a case that raises is recorded as ``"failed"`` with ``"error"`` and
+    the run goes on, nothing of it left on disk; ``num_parts``/``part_id`` pick this machine's share
+    (:func:`~medcam.pipeline.split_parts`).
 
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or
         ``cohort_summary.part<i>-of-<N>.json`` for a split run): ``cases`` [{case_id, status, error, seconds,
         summary}], counts ``ok``/``skipped``/``failed``.
     """
-    from tqdm.auto import tqdm
+    single = len(split_parts(cases, num_parts, part_id)) == 1  # one case: bars over its windows instead
 
-    from ..io import write_text_atomic
+    def work(src: CaseSource, staging: Path) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        case = load_case(src, model)
+        ex = _explain_maps(
+            case, model, methods, targets, layer or model.default_layer, inferer,
+            device=torch.device(device), amp=amp, threshold=threshold, progress=progress and single,
+        )  # fmt: skip
+        summary = _write_case_files(
+            ex, staging, inferer=inferer, threshold=threshold, slicer=slicer, png=png,
+            device=torch.device(device), amp=amp, source=src,
+        )  # fmt: skip
+        ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        logger.info("case %s done in %.1f s", src.case_id, ex.timings["total_s"])
+        return summary
 
-    out_dir = Path(out_dir)
-    mine = split_parts(cases, num_parts, part_id)
-    settings = dict(settings or {})
-    signature = _settings_signature(settings)
-    run_name = "cohort_summary.json" if num_parts == 1 else f"cohort_summary.part{part_id}-of-{num_parts}.json"
-    run_path = out_dir / run_name
-    if run_path.exists() and json_key(run_path, "medcam_version") is None:
-        raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
-    single = len(mine) == 1
-    records = []
-    bar = tqdm(mine, desc="medcam cases", unit="case", disable=not progress or single)
-    for src in bar:
-        bar.set_postfix_str(src.case_id)
-        t0 = time.perf_counter()
-        case_dir = out_dir / src.case_id
-        rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
-        try:
-            if case_dir.exists() and not overwrite:
-                prev = read_summary(case_dir)
-                if prev is None:
-                    raise PipelineError(
-                        f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
-                        "it (pass --overwrite, or move it away)"
-                    )
-                if prev.get("settings_signature") != signature:
-                    raise PipelineError(
-                        f"'{case_dir}' was explained with other settings; pass --overwrite to redo it "
-                        "or choose another --output"
-                    )
-                rec.update(status="skipped", summary=f"{src.case_id}/{SUMMARY_NAME}")
-                logger.info("case %s already done: skipped", src.case_id)
-            else:
-                case = load_case(src, model)
-                explain_case(
-                    case,
-                    model,
-                    methods,
-                    targets,
-                    layer,
-                    inferer,
-                    case_dir,
-                    device=device,
-                    amp=amp,
-                    threshold=threshold,
-                    overwrite=overwrite,
-                    slicer=slicer,
-                    png=png,
-                    progress=progress and single,
-                    settings=settings,
-                    source=src,
-                )
-                rec.update(status="ok", summary=f"{src.case_id}/{SUMMARY_NAME}")
-        except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort
-            msg = " ".join(str(e).split()) or type(e).__name__
-            rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
-            logger.error("case %s failed: %s", src.case_id, msg)
-            logger.debug("traceback of case %s", src.case_id, exc_info=True)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        records.append(rec)
-        if on_case is not None:
-            on_case(rec)
-    bar.close()
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
-    run = {
-        "medcam_version": __version__,
-        "output": str(out_dir),
-        "num_parts": num_parts,
-        "part_id": part_id,
-        "cases_total": len(cases),
-        "cases_in_part": len(mine),
-        **counts,
-        "cases": records,
-        "settings": _jsonable(settings),
-        "settings_signature": signature,
-        "versions": versions(),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
-    run["path"] = str(run_path)
-    return run
+    return run_cohort(
+        cases, work, out_dir, settings=settings or {}, num_parts=num_parts, part_id=part_id,
+        overwrite=overwrite, progress=progress, on_case=on_case,
+    )  # fmt: skip
 
 
-def json_key(path: PathLike, key: str) -> Any:
-    """``json.load(path)[key]`` or None if unreadable/absent."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get(key) if isinstance(data, dict) else None
+def explain_files(
+    inputs: Sequence[str],
+    settings: RunSettings,
+    output: PathLike = "medcam-out",
+    *,
+    num_parts: int = 1,
+    part_id: int = 0,
+    slicer: bool = True,
+    png: bool = True,
+) -> dict[str, Any]:
+    """What ``medcam explain`` does: check everything (:func:`~medcam.pipeline.prepare`), then
+    :func:`explain_cohort` over the cases of this part. Returns the run summary."""
+    p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id)
+    if len(p.layers) != 1:
+        raise PipelineError(f"explain takes one layer, got {p.layers}")
+    record = {**p.record(settings), "slicer": slicer, "png": png}
+    return explain_cohort(
+        p.cases, p.model, p.methods, p.specs, p.layers[0], p.inferer, output, num_parts=num_parts,
+        part_id=part_id, device=p.device, amp=settings.amp, threshold=settings.threshold,
+        overwrite=settings.overwrite, slicer=slicer, png=png, progress=settings.progress, settings=record,
+    )  # fmt: skip

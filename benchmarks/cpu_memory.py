@@ -1,4 +1,4 @@
-"""Host-memory reuse for the ``medcam`` command's own process (glibc only).
+"""Host-memory reuse for a benchmark's own process (glibc only); not part of the medcam package.
 
 Why: a sliding-window explanation allocates and frees the same large tensors window after window. By default glibc
 hands freed memory at the top of its heap back to the OS (``M_TRIM_THRESHOLD``, 128 KiB and up) and serves large
@@ -8,8 +8,9 @@ per window than inference (the decoder's autograd graph), so it pays more. On th
 14-18 % and a 1- or 3-target explanation 15-22 % faster; the ratio between the two moves little.
 The price: the process keeps its peak heap after the call instead of returning it to the OS.
 
-The command line calls :func:`keep_freed_memory` for itself; a library import never changes allocator settings. In
-your own process, call it yourself or start Python with ``MALLOC_TRIM_THRESHOLD_=2147483647``.
+Neither medcam nor its command line change allocator settings (process-global state); the benchmark applies it to
+both sides with ``--keep-freed-memory``. In your own process, copy this function or start Python with
+``MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,273 @@
+"""The cohort loop, in one place: parts, resume, staged case folders and failure records.
+
+Used by ``medcam explain`` (:func:`medcam.pipeline.explain_cohort`) and ``medcam evaluate``
+(:func:`medcam.pipeline.evaluate_files`). What a case *is* comes from the caller as a :data:`CaseWork` function
+``work(source, staging_dir) -> summary``; this module decides whether to run it, where, and what is recorded:
+
+* :func:`process_case` handles ONE case and returns its record; it is the unit another executor (a Ray actor, a job
+  array) calls: it needs only the source, the case folder and the work function.
+* A case folder whose ``summary.json`` was written with the same settings is skipped; one written with other
+  settings is an error (``overwrite=True`` redoes it); a folder that is not medcam's is never replaced.
+* A case is written into a hidden staging folder beside its final place and moved there when complete
+  (:func:`staged_case_dir`), so an interrupted run leaves only complete case folders.
+* A failing case is recorded (``status="failed"``, ``error``) and the loop goes on; nothing of it stays on disk.
+* :func:`run_cohort` loops over this part's cases and writes the run summary (``cohort_summary.json``, or
+  ``cohort_summary.part<i>-of-<N>.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..types import PathLike
+from .cases import CaseSource, split_parts
+from .common import _jsonable
+from .errors import PipelineError
+
+__all__ = [
+    "CaseWork",
+    "SUMMARY_NAME",
+    "process_case",
+    "run_cohort",
+    "staged_case_dir",
+    "write_case",
+    "read_summary",
+    "json_key",
+    "settings_signature",
+    "versions",
+]
+
+logger = logging.getLogger(__package__)
+
+SUMMARY_NAME = "summary.json"
+#: ``work(source, staging_dir) -> summary``: do one case, writing its files into ``staging_dir`` (which exists and
+#: is empty); the returned summary is written as ``summary.json`` by the loop (with version and settings signature)
+CaseWork = Callable[[CaseSource, Path], dict[str, Any]]
+
+
+def versions() -> dict[str, str]:
+    """Versions of medcam and the libraries that shape its results."""
+    import monai
+    import nibabel
+
+    return {
+        "medcam": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def settings_signature(settings: Mapping[str, Any]) -> str:
+    """A short hash of the run settings (what resume compares)."""
+    return hashlib.sha256(json.dumps(_jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def json_key(path: PathLike, key: str) -> Any:
+    """``json.load(path)[key]`` or None if unreadable/absent."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def read_summary(case_dir: PathLike) -> dict[str, Any] | None:
+    """The ``summary.json`` of a finished case folder, or None if absent/unreadable/not medcam's."""
+    p = Path(case_dir) / SUMMARY_NAME
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "medcam_version" in data else None
+
+
+def _replace_dir(staging: Path, final: Path, overwrite: bool) -> None:
+    """Move the finished staging folder onto ``final`` (replacing a previous medcam output only if allowed)."""
+    if final.exists():
+        if not overwrite:
+            raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
+        if read_summary(final) is None:
+            raise PipelineError(f"'{final}' exists and is not a medcam output folder; refusing to replace it")
+        old = final.parent / f".old-{uuid.uuid4().hex[:8]}-{final.name}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+@contextlib.contextmanager
+def staged_case_dir(final: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden, empty staging folder beside ``final``, moved onto ``final`` when the block completes.
+
+    On error the staging folder is removed and ``final`` is untouched. An existing ``final`` is replaced only with
+    ``overwrite`` and only if it is a medcam output folder.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".partial-{uuid.uuid4().hex[:8]}-{final.name}"
+    staging.mkdir()
+    try:
+        yield staging
+        _replace_dir(staging, final, overwrite)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_case(
+    work: Callable[[Path], dict[str, Any]],
+    case_id: str,
+    case_dir: PathLike,
+    *,
+    settings: Mapping[str, Any],
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version and settings signature)
+    into the staging folder, moved to ``case_dir`` when complete; returns the summary written."""
+    from ..io import write_text_atomic
+
+    with staged_case_dir(case_dir, overwrite) as staging:
+        summary = {
+            "medcam_version": __version__,
+            "status": "ok",
+            "case_id": case_id,
+            **work(staging),
+            "versions": versions(),
+            "settings": _jsonable(dict(settings)),
+            "settings_signature": settings_signature(settings),
+        }
+        write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
+    return summary
+
+
+def _is_done(case_dir: Path, signature: str, overwrite: bool) -> bool:
+    """Whether ``case_dir`` holds this case finished with the same settings (raises if it holds something else)."""
+    if not case_dir.exists() or overwrite:
+        return False
+    prev = read_summary(case_dir)
+    if prev is None:
+        raise PipelineError(
+            f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite it (pass --overwrite, "
+            "or move it away)"
+        )
+    if prev.get("settings_signature") != signature:
+        raise PipelineError(
+            f"'{case_dir}' was explained with other settings; pass --overwrite to redo it or choose another --output"
+        )
+    return True
+
+
+def process_case(
+    src: CaseSource,
+    case_dir: PathLike,
+    work: CaseWork,
+    *,
+    settings: Mapping[str, Any],
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """One case of a cohort: skipped if done, else ``work`` into a staged folder; failures recorded, not raised.
+
+    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``.
+    """
+    t0 = time.perf_counter()
+    case_dir = Path(case_dir)
+    rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
+    try:
+        if _is_done(case_dir, settings_signature(settings), overwrite):
+            rec.update(status="skipped")
+            logger.info("case %s already done: skipped", src.case_id)
+        else:
+            write_case(
+                lambda staging: work(src, staging), src.case_id, case_dir, settings=settings, overwrite=overwrite
+            )
+            rec.update(status="ok")
+        rec["summary"] = f"{case_dir.name}/{SUMMARY_NAME}"
+    except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort: recorded with its error
+        msg = " ".join(str(e).split()) or type(e).__name__
+        rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
+        logger.error("case %s failed: %s", src.case_id, msg)
+        logger.debug("traceback of case %s", src.case_id, exc_info=True)
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def run_cohort(
+    cases: Sequence[CaseSource],
+    work: CaseWork,
+    out_dir: PathLike,
+    *,
+    settings: Mapping[str, Any],
+    case_root: PathLike | None = None,
+    num_parts: int = 1,
+    part_id: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``work`` on this part's cases (one :func:`process_case` each) and write the run summary.
+
+    Args:
+        case_root: where the case folders go (``case_root/<case_id>``); default ``out_dir``.
+    Returns:
+        The run summary (also written to ``out_dir/cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``
+        for a split run; ``path`` added): ``cases`` [records], counts ``ok``/``skipped``/``failed``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..io import write_text_atomic
+
+    out_dir = Path(out_dir)
+    root = Path(case_root) if case_root is not None else out_dir
+    mine = split_parts(cases, num_parts, part_id)
+    run_name = "cohort_summary.json" if num_parts == 1 else f"cohort_summary.part{part_id}-of-{num_parts}.json"
+    run_path = out_dir / run_name
+    if run_path.exists() and json_key(run_path, "medcam_version") is None:
+        raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
+    records = []
+    bar = tqdm(mine, desc="medcam cases", unit="case", disable=not progress or len(mine) == 1)
+    for src in bar:
+        bar.set_postfix_str(src.case_id)
+        rec = process_case(src, root / src.case_id, work, settings=settings, overwrite=overwrite)
+        records.append(rec)
+        if on_case is not None:
+            on_case(rec)
+    bar.close()
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
+    run = {
+        "medcam_version": __version__,
+        "output": str(out_dir),
+        "num_parts": num_parts,
+        "part_id": part_id,
+        "cases_total": len(cases),
+        "cases_in_part": len(mine),
+        **counts,
+        "cases": records,
+        "settings": _jsonable(dict(settings)),
+        "settings_signature": settings_signature(settings),
+        "versions": versions(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
+    run["path"] = str(run_path)
+    return run

@@ -1,0 +1,264 @@
+"""What ``medcam evaluate`` does: score CAM methods x layers x targets on cases with :mod:`medcam.metrics`.
+
+It shares ``medcam explain``'s machinery: the same :class:`~medcam.pipeline.RunSettings` (model, preprocessing,
+windows), the same checks before the first case (:func:`~medcam.pipeline.prepare`) and the same cohort loop
+(:func:`~medcam.pipeline.run_cohort`: resume, staged case folders, failure records). Each case is scored by
+:func:`medcam.evaluation.evaluate` and its rows kept in a journal, ``OUT/.medcam-journal/cases/<case_id>/summary.json``
+(with the run's ``cohort_summary.json``); the tables of all cases (``metrics.csv``, ``metrics.json``, plots) are then
+written by :func:`medcam.evaluation.write_results` (atomic; existing files are refused unless ``overwrite``) and the
+journal removed. A run interrupted before the tables resumes from the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MedcamError
+from ..geometry import spacing_of
+from ..types import PathLike
+from .cases import CaseSource, load_case
+from .cohort import read_summary, run_cohort
+from .errors import PipelineError
+from .settings import Prepared, RunSettings, prepare
+from .target_specs import TargetSpec, build_targets, mask_on_case_grid
+
+__all__ = ["EvaluationOptions", "evaluate_files", "parse_metrics", "parse_map_threshold", "parse_baseline"]
+
+logger = logging.getLogger(__package__)
+
+#: hidden folder of per-case results while an evaluation runs (removed once the tables are written)
+JOURNAL = ".medcam-journal"
+
+
+def parse_metrics(values: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """Metric group names (``all``, ``default`` allowed) -> (metric groups, whether ``localisation`` was named
+    explicitly; through ``all`` / ``default`` it is dropped for cases without reference)."""
+    from ..evaluation import ALL_METRICS, DEFAULT_METRICS
+
+    names = [v.lower() for v in values]
+    if not names:
+        return tuple(DEFAULT_METRICS), False
+    out: list[str] = []
+    for n in names:
+        group = ALL_METRICS if n == "all" else DEFAULT_METRICS if n == "default" else (n,)
+        for g in group:
+            if g not in ALL_METRICS:
+                raise PipelineError(f"unknown metric {n!r}; choose from {', '.join(ALL_METRICS)}, default or all")
+            if g not in out:
+                out.append(g)
+    return tuple(out), "localisation" in names
+
+
+def parse_map_threshold(text: str) -> tuple[str, float | None]:
+    """``otsu`` | ``percentile:Q`` | ``value:V`` -> the ``threshold=`` of :func:`medcam.evaluation.evaluate`."""
+    t = text.strip().lower()
+    if t == "otsu":
+        return "otsu", None
+    kind, _, num = t.partition(":")
+    try:
+        val: float | None = float(num)
+    except ValueError:
+        val = None
+    if kind == "percentile" and val is not None and 0 <= val <= 100:
+        return "percentile", val
+    if kind == "value" and val is not None and 0 <= val <= 1:
+        return "value", val
+    raise PipelineError(f"--map-threshold must be otsu, percentile:Q (0-100) or value:V (0-1), got {text!r}")
+
+
+def parse_baseline(text: str) -> str | float:
+    """``zero`` | ``mean`` | ``blur`` | a number: the deletion / insertion baseline."""
+    t = text.strip().lower()
+    if t in ("zero", "mean", "blur"):
+        return t
+    try:
+        return float(t)
+    except ValueError:
+        raise PipelineError(f"--baseline must be zero, mean, blur or a number, got {text!r}") from None
+
+
+@dataclass
+class EvaluationOptions:
+    """The options of ``medcam evaluate`` beyond :class:`RunSettings` (see :func:`medcam.evaluation.evaluate`)."""
+
+    reference: str = "auto"
+    metrics: tuple[str, ...] = ()
+    steps: int = 20
+    baseline: str = "zero"
+    map_threshold: str = "otsu"
+    tolerance_mm: float = 0.0
+    road_percentiles: tuple[float, ...] = (10, 30, 50, 70, 90)
+    batch_size: int = 4
+    consensus: bool = False
+    sanity_steps: int = 6
+    plots: bool = True
+
+    def checked(self) -> dict[str, Any]:
+        """The options as :func:`medcam.evaluation.evaluate` keywords (PipelineError on bad values)."""
+        for name in ("steps", "sanity_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.road_percentiles or not all(0 < p < 100 for p in self.road_percentiles):
+            raise PipelineError(f"--road-percentiles must lie in (0, 100), got {list(self.road_percentiles)}")
+        return {
+            "threshold": parse_map_threshold(self.map_threshold),
+            "tolerance_mm": self.tolerance_mm,
+            "steps": self.steps,
+            "baseline": parse_baseline(self.baseline),
+            "batch_size": self.batch_size,
+            "road_percentiles": tuple(self.road_percentiles),
+            "consensus": self.consensus,
+            "sanity_max_steps": self.sanity_steps,
+        }
+
+
+def _check_reference(spec: str) -> str:
+    """``auto`` | ``none`` | a BraTS region | ``mask:FILE`` (the file must exist): checked before the first case."""
+    from ..data.brats import REGIONS
+
+    mode = spec.strip()
+    if mode.lower() in ("auto", "none") or mode.upper() in REGIONS:
+        return mode
+    path = mode[5:] if mode.lower().startswith("mask:") else mode
+    if not path or not Path(path).is_file():
+        raise PipelineError(
+            f"--reference {spec!r}: expected auto, none, TC/WT/ET or mask:FILE "
+            f"(a mask on the original image grid){'' if not path else f'; file {path!r} not found'}"
+        )
+    return f"mask:{path}"
+
+
+def _reference_masks(mode: str, case: Any, specs: Sequence[TargetSpec]) -> list[torch.Tensor | None]:
+    """One reference mask (bool tensor on the preprocessed grid) or None per target spec."""
+    from ..data.brats import REGIONS
+
+    if mode.lower() == "none":
+        return [None] * len(specs)
+    label = getattr(case, "label", None)
+
+    def label_region(name: str) -> torch.Tensor:
+        assert label is not None
+        lab = torch.as_tensor(label.as_tensor() if hasattr(label, "as_tensor") else label)
+        return lab[list(REGIONS).index(name)] > 0
+
+    if mode.lower() == "auto":
+        refs: list[torch.Tensor | None] = []
+        for s in specs:
+            refs.append(label_region(s.region) if label is not None and s.region in REGIONS else None)
+            if refs[-1] is None:
+                why = "no label file" if label is None else f"the label has no region {s.region!r}"
+                logger.info("case %s: no reference for target %s (%s)", case.case_id, s.name, why)
+        return refs
+    if mode.upper() in REGIONS:
+        if label is None:
+            raise PipelineError(
+                f"--reference {mode}: case {case.case_id} has no label (seg) file; use --reference mask:FILE or none"
+            )
+        return [label_region(mode.upper())] * len(specs)
+    path = mode[5:]
+    try:
+        arr = mask_on_case_grid(case, TargetSpec(f"mask:{path}", "mask", 0, "reference", path=path))
+    except MedcamError as e:
+        raise PipelineError(str(e).replace("--target", "--reference", 1)) from e
+    return [torch.from_numpy(arr) > 0] * len(specs)
+
+
+def _case_metrics(metrics: tuple[str, ...], explicit: bool, mode: str, case: Any, refs: list[Any]) -> tuple[str, ...]:
+    """The metrics of one case: localisation dropped (with a warning) when it has no reference and was not asked
+    for by name."""
+    if "localisation" not in metrics or any(r is not None for r in refs):
+        return metrics
+    if explicit or mode.lower() != "auto":
+        raise PipelineError(
+            f"case {case.case_id}: --metrics localisation needs a reference mask; the case has no label file "
+            "(use --reference mask:FILE)"
+        )
+    logger.warning("case %s has no label file: localisation skipped (use --reference mask:FILE)", case.case_id)
+    return tuple(m for m in metrics if m != "localisation")
+
+
+def _serialise(result: Any) -> dict[str, Any]:
+    return {
+        "rows": result.rows,
+        "curves": [[list(k), *v] for k, v in result.curves.items()],
+        "sweeps": [[list(k), *v] for k, v in result.sweeps.items()],
+    }
+
+
+def _deserialise(data: dict[str, Any]) -> Any:
+    from ..evaluation import EvaluationResult
+
+    return EvaluationResult(
+        rows=list(data["rows"]),
+        curves={tuple(k): (x, y) for k, x, y in data["curves"]},
+        sweeps={tuple(k): (x, y) for k, x, y in data["sweeps"]},
+    )
+
+
+def _score_case(
+    src: CaseSource, p: Prepared, settings: RunSettings, metrics: tuple[str, ...], explicit: bool, mode: str, kw: dict
+) -> dict[str, Any]:
+    """Evaluate one case (the cohort loop's work); its rows, curves and sweeps go into its summary."""
+    from ..evaluation import evaluate
+
+    case = load_case(src, p.model)
+    refs = _reference_masks(mode, case, p.specs)
+    case_metrics = _case_metrics(metrics, explicit, mode, case, refs)
+    tl = build_targets(p.specs, case, activation=p.model.activation, threshold=settings.threshold)
+    image = torch.as_tensor(case.image.as_tensor() if hasattr(case.image, "as_tensor") else case.image)
+    res = evaluate(
+        p.model.net, image[None].float().to(p.device), tl, methods=p.methods, layers=p.layers,
+        reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
+        metrics=case_metrics, output_activation=p.model.activation or "sigmoid", inferer=p.inferer,
+        case_id=src.case_id, target_names=[s.name for s in p.specs], **kw,
+    )  # fmt: skip
+    logger.info("case %s: %d rows", src.case_id, len(res.rows))
+    return _serialise(res)
+
+
+def evaluate_files(
+    inputs: Sequence[str], settings: RunSettings, options: EvaluationOptions, output: PathLike = "medcam-eval"
+) -> dict[str, Any]:
+    """The body of ``medcam evaluate``. Returns ``{"paths", "result", "cases", "failed", "run"}``.
+
+    Every argument is validated (inputs, model, methods, layers, targets, metrics, reference, output files) before
+    the first case is explained. Raises :class:`~medcam.MedcamError` for bad input, and when every case failed.
+    """
+    from ..evaluation import EvaluationResult, check_outputs, write_results
+
+    metrics, explicit = parse_metrics(options.metrics)
+    kw = options.checked()
+    mode = _check_reference(options.reference)
+    if mode.lower() == "none" and "localisation" in metrics:
+        if explicit:
+            raise PipelineError("--metrics localisation needs a reference; drop --reference none")
+        metrics = tuple(m for m in metrics if m != "localisation")
+    if not metrics:
+        raise PipelineError("no metrics left to compute; choose --metrics")
+    p = prepare(inputs, settings, default_methods=("gradcam", "hirescam"))
+    out_dir = Path(output)
+    check_outputs(out_dir, settings.overwrite, options.plots)  # before the expensive part
+    record = {**p.record(settings), "layers": p.layers, "metrics": list(metrics), "reference": mode, **kw}
+    journal = out_dir / JOURNAL
+    run = run_cohort(
+        p.cases, lambda src, _staging: _score_case(src, p, settings, metrics, explicit, mode, kw), journal,
+        settings=record, case_root=journal / "cases", overwrite=settings.overwrite, progress=settings.progress,
+    )  # fmt: skip
+    total = EvaluationResult()
+    for rec in run["cases"]:
+        if rec["status"] != "failed":
+            total.extend(_deserialise(read_summary(journal / "cases" / rec["case_id"]) or {}))
+    failed = [(r["case_id"], r["error"]) for r in run["cases"] if r["status"] == "failed"]
+    if not total.rows:
+        first = failed[0] if failed else ("-", "no rows")
+        raise PipelineError(f"all {len(p.cases)} case(s) failed; first: {first[0]}: {first[1]}")
+    paths = write_results(total, out_dir, overwrite=settings.overwrite, plots=options.plots)
+    shutil.rmtree(journal, ignore_errors=True)  # the tables are written: the journal has served
+    return {"paths": paths, "result": total, "cases": len(p.cases), "failed": failed, "run": run}

@@ -1,0 +1,203 @@
+"""One settings object for ``medcam explain`` and ``medcam evaluate``, and everything checked before the first case.
+
+The command line maps its options onto :class:`RunSettings` (the options shared by both commands are declared once,
+in :mod:`medcam.cli`); :func:`prepare` checks them all (methods, inputs, parts, model, targets, layers, window
+settings) before any case is explained, so bad input fails fast with one message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cases import CaseSource, discover_cases, split_parts
+from .errors import PipelineError
+from .models import LoadedModel, load_model
+from .target_specs import TargetSpec, default_targets, parse_targets
+
+__all__ = [
+    "RunSettings",
+    "Prepared",
+    "prepare",
+    "make_inferer",
+    "sliding_settings",
+    "resolve_device",
+    "SLIDING_DEFAULTS",
+]
+
+#: sliding-window settings used when neither the command line nor the model (a bundle's inferer) gives them
+SLIDING_DEFAULTS: dict[str, Any] = {"overlap": 0.25, "sw_batch_size": 1, "mode": "constant"}
+
+
+def sliding_settings(model_settings: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """``overlap``/``sw_batch_size``/``mode``: what was given (not None), else the model's, else the defaults."""
+    out = {**SLIDING_DEFAULTS, **model_settings}
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+def make_inferer(
+    roi_size: Sequence[int] | None,
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    mode: str = "constant",
+    progress: bool = False,
+) -> Any:
+    """A MONAI ``SlidingWindowInferer`` (or None for whole-image explanation when ``roi_size`` is None/empty)."""
+    if not roi_size:
+        return None
+    from monai.inferers import SlidingWindowInferer
+
+    if any(int(s) < 1 for s in roi_size):
+        raise PipelineError(f"roi size must be positive integers, got {tuple(roi_size)}")
+    if not 0 <= overlap < 1:
+        raise PipelineError(f"overlap must be in [0, 1), got {overlap}")
+    if int(sw_batch_size) < 1:
+        raise PipelineError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if mode not in ("constant", "gaussian"):
+        raise PipelineError(f"blend mode must be 'constant' or 'gaussian', got {mode!r}")
+    return SlidingWindowInferer(
+        tuple(int(s) for s in roi_size),
+        sw_batch_size=int(sw_batch_size),
+        overlap=float(overlap),
+        mode=mode,
+        progress=progress,
+    )
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; other names are checked (PipelineError if unusable)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return name
+
+
+@dataclass
+class RunSettings:
+    """What to explain with what model, preprocessed and windowed how.
+
+    Attributes:
+        model_spec, checkpoint: see :func:`~medcam.pipeline.load_model`.
+        methods: names in :data:`medcam.METHODS` (empty: the command's default).
+        targets: target specs (``ET``, ``WT:class``, ``mask:FILE``...; empty: each named output's predicted region).
+        layers: dotted names or ``"auto"`` (empty: the model's default); ``explain`` takes one.
+        regions, activation, channel_order: the model's output names, output activation and input modality order.
+        threshold: probability threshold of predicted regions (None: 0.5 sigmoid, argmax softmax).
+        preprocessing: overrides of the model's preprocessing (``spacing``, ``orientation``, ``crop_foreground``,
+            ``normalize``, ``divisible_by``).
+        roi_size: sliding-window size; ``()`` = whole image; None = the model's.
+        overlap, sw_batch_size, blend: window settings (None: a bundle's inferer, else the defaults).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        amp: autocast (bf16 on CPU).
+        overwrite: redo finished cases / replace outputs.
+        progress: tqdm bars.
+    """
+
+    model_spec: str = "demo"
+    checkpoint: str | None = None
+    methods: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    regions: list[str] | None = None
+    activation: str | None = None
+    channel_order: list[str] | None = None
+    threshold: float | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    roi_size: tuple[int, ...] | None = None
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    blend: str | None = None
+    device: str = "auto"
+    amp: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    """The checked inputs of a run: cases, loaded model, targets, layers, inferer and the recorded settings."""
+
+    cases: list[CaseSource]
+    model: LoadedModel
+    methods: list[str]
+    specs: list[TargetSpec]
+    layers: list[str]
+    inferer: Any
+    sliding: dict[str, Any] | None  # roi_size + window settings, or None for whole-image
+    device: str
+
+    def record(self, settings: RunSettings) -> dict[str, Any]:
+        """The settings recorded in summaries and compared on resume."""
+        return {
+            "model": self.model.describe(),
+            "methods": self.methods,
+            "targets": [s.text for s in self.specs],
+            "layer": self.layers[0] if len(self.layers) == 1 else self.layers,
+            "sliding_window": self.sliding,
+            "threshold": settings.threshold,
+            "amp": settings.amp,
+        }
+
+
+def _methods(names: Sequence[str], default: Sequence[str]) -> list[str]:
+    from ..methods import METHODS
+
+    out = list(dict.fromkeys(m.lower() for m in names)) or list(default)
+    unknown = [m for m in out if m not in METHODS]
+    if unknown:
+        raise PipelineError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return out
+
+
+def _check_layers(model: LoadedModel, layers: Sequence[str]) -> list[str]:
+    from ..layers import resolve_layer
+
+    out = list(dict.fromkeys(layers)) or [model.default_layer]
+    for name in out:
+        if name != "auto":
+            resolve_layer(model.net, name)
+    return out
+
+
+def prepare(
+    inputs: Sequence[str],
+    settings: RunSettings,
+    *,
+    default_methods: Sequence[str] = ("hirescam",),
+    num_parts: int = 1,
+    part_id: int = 0,
+) -> Prepared:
+    """Check everything that can be checked before the first case; load the model once."""
+    s = settings
+    methods = _methods(s.methods, default_methods)
+    if s.threshold is not None and not 0 < s.threshold < 1:
+        raise PipelineError(f"--threshold must be a probability in (0, 1), got {s.threshold}")
+    device = resolve_device(s.device)
+    cases = discover_cases(list(inputs))
+    split_parts(cases, num_parts, part_id)
+    model = load_model(
+        s.model_spec,
+        checkpoint=s.checkpoint,
+        device=device,
+        regions=s.regions,
+        activation=s.activation,
+        channel_order=s.channel_order,
+        preprocessing=s.preprocessing or None,
+        roi_size=s.roi_size,
+    )
+    specs = parse_targets(s.targets, model.regions) if s.targets else default_targets(model.regions)
+    layers = _check_layers(model, s.layers)
+    sw = sliding_settings(model.sliding, overlap=s.overlap, sw_batch_size=s.sw_batch_size, mode=s.blend)
+    inferer = make_inferer(model.roi_size, **sw, progress=False)
+    sliding = None if inferer is None else {"roi_size": list(model.roi_size or ()), **sw}
+    return Prepared(cases, model, methods, specs, layers, inferer, sliding, device)
