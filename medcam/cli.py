@@ -455,8 +455,15 @@ def _report(run: dict[str, Any], output: str) -> None:
 @click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder.")
 @click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays.")
 @click.option("--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them).")
-@click.option("--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4.")
-@click.option("--checkpoint-name", default="checkpoint_final.pth", show_default=True, help="nnU-Net models: checkpoint file in each fold_N.")
+@click.option(
+    "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
+)
+@click.option(
+    "--checkpoint-name",
+    default="checkpoint_final.pth",
+    show_default=True,
+    help="nnU-Net models: checkpoint file in each fold_N.",
+)
 @command_errors
 def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.

@@ -220,7 +220,7 @@ def _load_with_bundle(source: CaseSource, model: LoadedModel) -> Any:
         if source.kind != "volumes"
         else tuple(f"channel{i}" for i in range(len(files))),
         transform=model.bundle_preprocessing,
-        original_shape=tuple(header.shape),
+        original_shape=(int(header.shape[0]), int(header.shape[1]), int(header.shape[2])),
         original_affine=header.affine,
     )
 
