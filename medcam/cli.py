@@ -435,6 +435,36 @@ def layers_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------- explain
+def _run_nnunet(
+    inputs: Sequence[str], output: str, quiet: bool, folds: str, checkpoint_name: str, kw: dict[str, Any]
+) -> None:
+    """``--model nnunet:FOLDER``: one case given as image files, run and explained as nnU-Net runs it."""
+    from .frameworks import nnunet
+    from .pipeline import resolve_device
+
+    unsupported = [
+        f"--{k.replace('_', '-')}"
+        for k in ("checkpoint", "regions", "activation", "channel_order", "spacing", "orientation", "roi_size")
+        if kw.get(k) is not None
+    ]
+    if unsupported:
+        _fail(f"{', '.join(unsupported)} do not apply to nnU-Net models: the model folder's plans define them")
+    fold_list = [f.strip() for f in folds.split(",") if f.strip()]
+    spec = str(kw["model_spec"])[len("nnunet:") :]
+    model = nnunet.load(spec, folds=fold_list, checkpoint=checkpoint_name, device=resolve_device(kw["device"]))
+    summary = nnunet.explain_files(
+        model,
+        inputs,
+        output,
+        methods=_split_list(kw["methods"]) or ["hirescam"],
+        targets=list(kw["targets"]),
+        layer=kw.get("layers") or "auto",
+        overwrite=kw["overwrite"],
+        progress=not quiet,
+    )
+    click.echo(f"medcam: 1 case explained with nnU-Net -> {Path(output) / summary['case_id']}")
+
+
 def _report(run: dict[str, Any], output: str) -> None:
     click.echo(
         f"medcam: {run['ok']} case(s) explained, {run['skipped']} skipped (already done), "
@@ -501,6 +531,15 @@ def _report(run: dict[str, Any], output: str) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them).")
 @ray_options
+@click.option(
+    "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
+)
+@click.option(
+    "--checkpoint-name",
+    default="checkpoint_final.pth",
+    show_default=True,
+    help="nnU-Net models: checkpoint file in each fold_N.",
+)
 @command_errors
 def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.
@@ -516,6 +555,10 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
+    folds, checkpoint_name = kw.pop("folds"), kw.pop("checkpoint_name")
+    if str(kw["model_spec"]).startswith("nnunet:"):
+        _run_nnunet(inputs, output, quiet, folds, checkpoint_name, kw)
+        return
     kw["layers"] = [kw["layers"]] if kw.get("layers") else []
     executor = run_executor(kw)  # checked before the inputs and the model
     settings = run_settings(kw, quiet)

@@ -166,7 +166,9 @@ def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
         source = found[0]
     pre = dict(model.preprocessing)
     case: Any
-    if source.kind in ("brats_folder", "brats_mapping"):
+    if model.bundle_preprocessing is not None:
+        case = _load_with_bundle(source, model)
+    elif source.kind in ("brats_folder", "brats_mapping"):
         case = load_brats_case(source.source, channel_order=model.channel_order, case_id=source.case_id, **pre)
     else:
         case = load_volumes(list(source.source), case_id=source.case_id, **pre)
@@ -175,6 +177,52 @@ def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
             f"case {source.case_id} has {case.image.shape[0]} channels but the model takes {model.in_channels}"
         )
     return case
+
+
+def _load_with_bundle(source: CaseSource, model: LoadedModel) -> Any:
+    """A case preprocessed by the bundle's own ``preprocessing`` (``{"image": [files]}`` as ``monai.bundle run``).
+
+    BraTS folders give their files in ``model.channel_order``; image files are taken in the order given. The case
+    is inverted with MONAI's ``Invertd`` on that same transform (what the bundle's postprocessing does).
+    """
+    from ..data import VolumeCase
+    from ..data.brats import discover_brats_case
+    from ..data.loading import read_header
+
+    if source.kind == "brats_folder":
+        _, _, found = discover_brats_case(source.source)
+        files = [Path(found[c]) for c in model.channel_order]
+    elif source.kind == "brats_mapping":
+        from ..data.brats import _normalise_mapping
+
+        mapping = _normalise_mapping(source.source)
+        files = [Path(mapping[c]) for c in model.channel_order]
+    else:
+        files = [Path(p) for p in source.source]
+    header = read_header(files[0])
+    for f in files[1:]:
+        read_header(f)  # missing/unreadable files fail here, before the bundle's loader
+    try:
+        out = model.bundle_preprocessing({"image": [str(f) for f in files] if len(files) > 1 else str(files[0])})
+    except Exception as e:  # noqa: BLE001 - MONAI wraps transform errors in RuntimeError
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise PipelineError(
+            f"case {source.case_id}: the bundle's own preprocessing failed ({type(e).__name__}: {first[:200]})"
+        ) from e
+    image = out["image"]
+    return VolumeCase(
+        image=image,
+        label=None,
+        paths={f"channel{i}": f for i, f in enumerate(files)},
+        reference_path=files[0],
+        case_id=source.case_id,
+        channel_names=tuple(model.channel_order)
+        if source.kind != "volumes"
+        else tuple(f"channel{i}" for i in range(len(files))),
+        transform=model.bundle_preprocessing,
+        original_shape=(int(header.shape[0]), int(header.shape[1]), int(header.shape[2])),
+        original_affine=header.affine,
+    )
 
 
 def split_parts(cases: Sequence[CaseSource], num_parts: int = 1, part_id: int = 0) -> list[CaseSource]:

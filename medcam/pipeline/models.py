@@ -55,6 +55,8 @@ class LoadedModel:
     roi_size: tuple[int, ...] | None = None
     in_channels: int | None = None
     sliding: dict[str, Any] = field(default_factory=dict)
+    bundle_preprocessing: Any = None
+    pipeline: dict[str, Any] = field(default_factory=lambda: {"preprocessing": "medcam", "inverse": "medcam"})
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description for ``summary.json``."""
@@ -68,6 +70,7 @@ class LoadedModel:
             "activation": self.activation,
             "channel_order": list(self.channel_order),
             "preprocessing": _jsonable(self.preprocessing),
+            "pipeline": dict(self.pipeline),
         }
 
 
@@ -221,10 +224,11 @@ def _bundle_inferer(parser: Any, cfg: Path) -> tuple[tuple[int, ...] | None, dic
     return roi, {"overlap": float(overlap), "sw_batch_size": int(inferer.sw_batch_size), "mode": str(mode)}
 
 
-def _load_bundle(folder: Path) -> tuple[nn.Module, str, tuple[int, ...] | None, dict[str, Any]]:
+def _load_bundle(folder: Path) -> tuple[nn.Module, str, tuple[int, ...] | None, dict[str, Any], dict[str, Any]]:
     """Instantiate ``network_def`` of ``configs/inference.json`` and load ``models/model.pt`` (no download).
 
-    Returns ``(network, weights path, the inferer's roi_size or None, its other sliding-window settings)``.
+    Returns ``(network, weights path, the inferer's roi_size or None, its other sliding-window settings, the
+    bundle's own pipeline (see :func:`_bundle_pipeline`))``.
     """
     cfg = next(
         (
@@ -259,7 +263,51 @@ def _load_bundle(folder: Path) -> tuple[nn.Module, str, tuple[int, ...] | None, 
     net = _check_eager(net, f"bundle '{folder}' network_def")
     _load_weights(net, load_state_dict_file(weights), str(weights))
     roi, sliding = _bundle_inferer(parser, cfg)
-    return net, str(weights), roi, sliding
+    return net, str(weights), roi, sliding, _bundle_pipeline(parser, cfg)
+
+
+def _bundle_pipeline(parser: Any, cfg: Path) -> dict[str, Any]:
+    """The bundle's own ``preprocessing`` (instantiated) and what its ``postprocessing`` says, when they exist.
+
+    Returns ``{"preprocessing": Compose or None, "activation": "sigmoid"/"softmax"/None, "invertd": bool,
+    "reason": why the bundle's preprocessing is not used (or "")}``. The preprocessing is used only if it is a
+    ``Compose`` of dictionary transforms starting with ``LoadImaged`` on ``image`` (what ``monai.bundle run`` feeds
+    its dataset with), so that medcam can give it the case's files and invert it with MONAI's ``Invertd``.
+    """
+    from monai.transforms import Activationsd, Compose, Invertd, LoadImaged
+
+    content = parser.get()
+    out: dict[str, Any] = {"preprocessing": None, "activation": None, "invertd": False, "reason": ""}
+    if "preprocessing" not in content:
+        out["reason"] = "the bundle's inference config has no 'preprocessing'"
+        return out
+    try:
+        pre = parser.get_parsed_content("preprocessing", instantiate=True)
+    except Exception as e:  # noqa: BLE001 - a preprocessing needing other parts of the config: fall back
+        out["reason"] = f"its preprocessing could not be built ({type(e).__name__}: {str(e).splitlines()[0][:150]})"
+        logger.warning("bundle '%s': %s; using medcam's preprocessing", cfg, out["reason"])
+        return out
+    first = pre.transforms[0] if isinstance(pre, Compose) and pre.transforms else None
+    if not isinstance(first, LoadImaged) or "image" not in first.keys:
+        out["reason"] = "its preprocessing does not start with LoadImaged(keys='image')"
+        logger.warning("bundle '%s': %s; using medcam's preprocessing", cfg, out["reason"])
+        return out
+    out["preprocessing"] = pre
+    if "postprocessing" in content:
+        try:
+            post = parser.get_parsed_content("postprocessing", instantiate=True)
+        except Exception as e:  # noqa: BLE001 - e.g. SaveImaged with an output folder config: read what we can
+            logger.info("bundle '%s': postprocessing not built (%s); activation from --activation", cfg, e)
+            post = None
+        for t in getattr(post, "transforms", []) or []:
+            if isinstance(t, Activationsd):
+                sig, soft = t.converter.sigmoid, t.converter.softmax
+                sig = sig if isinstance(sig, bool) else any(sig)
+                soft = soft if isinstance(soft, bool) else any(soft)
+                out["activation"] = "sigmoid" if sig else ("softmax" if soft else None)
+            if isinstance(t, Invertd):
+                out["invertd"] = True
+    return out
 
 
 def load_model(
@@ -343,8 +391,20 @@ def load_model(
     elif Path(spec).is_dir():
         if checkpoint is not None:
             raise PipelineError("--checkpoint is for factory models; a bundle's weights are its models/model.pt")
-        net, ckpt, bundle_roi, sliding = _load_bundle(Path(spec))
+        net, ckpt, bundle_roi, sliding, own = _load_bundle(Path(spec))
         loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt, roi_size=bundle_roi, sliding=sliding)
+        if own["preprocessing"] is not None and not preprocessing:
+            loaded.bundle_preprocessing = own["preprocessing"]
+            loaded.pipeline = {
+                "preprocessing": "bundle",
+                "inverse": "bundle Invertd" if own["invertd"] else "MONAI Invertd of the bundle's preprocessing",
+            }
+            if own["activation"] is not None:
+                loaded.activation = own["activation"]
+        elif own["preprocessing"] is not None:
+            loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": "preprocessing options given"}
+        else:
+            loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": own["reason"]}
     elif Path(spec).is_file():
         if _is_torchscript_archive(Path(spec)):
             raise ModelError(f"--model '{spec}' {_TORCHSCRIPT_HINT}")
