@@ -100,3 +100,29 @@ def test_explaining_changes_no_global_torch_state():
     grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
     medcam.SegGradCAMPlusPlus(LinearHeadNet(), "feat")(torch.randn(1, 2, 8, 8, 8), medcam.targets.ClassROI(0))
     assert (torch.is_grad_enabled(), torch.get_num_threads()) == (grad, threads)
+
+
+def test_explain_and_evaluate_share_their_options():
+    """Options declared once: every shared option is accepted by both commands and maps onto RunSettings."""
+    from medcam.cli import evaluate_cmd, explain_cmd, run_settings
+
+    shared = {"--model", "--checkpoint", "--target", "--regions", "--activation", "--threshold", "--channel-order",
+              "--spacing", "--orientation", "--crop-foreground", "--normalize", "--divisible-by", "--roi-size",
+              "--overlap", "--sw-batch-size", "--blend", "--device", "--amp", "--method", "--layer", "--overwrite",
+              "--quiet", "--verbose", "--debug"}  # fmt: skip
+
+    def opts(cmd):
+        return {o for p in cmd.params for o in p.opts if o.startswith("--")}
+
+    assert shared <= opts(explain_cmd) and shared <= opts(evaluate_cmd)
+    kw = {"model_spec": "demo", "checkpoint": None, "methods": ("gradcam,hirescam",), "targets": ("ET",),
+          "layers": ("a", "b"), "regions": "TC,WT,ET", "activation": None, "channel_order": "T1CE,t1,t2,flair",
+          "threshold": 0.4, "spacing": "2", "orientation": "las", "crop_foreground": False, "normalize": None,
+          "divisible_by": None, "roi_size": "64", "overlap": 0.5, "sw_batch_size": 2, "blend": "gaussian",
+          "device": "cpu", "amp": True, "overwrite": True}  # fmt: skip
+    s = run_settings(kw, quiet=True)
+    assert kw == {}  # every shared option was consumed
+    assert s.methods == ["gradcam", "hirescam"] and s.layers == ["a", "b"] and s.regions == ["TC", "WT", "ET"]
+    assert s.channel_order == ["t1ce", "t1", "t2", "flair"] and s.roi_size == (64, 64, 64) and s.amp
+    assert s.preprocessing == {"spacing": (2.0, 2.0, 2.0), "orientation": "LAS", "crop_foreground": False}
+    assert (s.overlap, s.sw_batch_size, s.blend, s.progress, s.overwrite) == (0.5, 2, "gaussian", False, True)
