@@ -153,7 +153,63 @@ def _device(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- group
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 118})
+class _LazyGroup(click.Group):
+    """A group whose heavy commands are imported when run, not when `medcam --help` lists them (start-up < 1.5 s)."""
+
+    #: name -> (module, attribute, short help shown in `medcam --help`)
+    lazy: dict[str, tuple[str, str, str]] = {
+        "evaluate": (
+            "medcam.evaluate_cli",
+            "evaluate_command",
+            "Score CAM methods x layers x targets on a case, image files, or a cohort.",
+        )
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in self.lazy:
+            return cmd
+        import importlib
+
+        module, attr, _ = self.lazy[name]
+        cmd = getattr(importlib.import_module(module), attr)
+        self.add_command(cmd, name)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from click.utils import make_default_short_help
+
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                rows.append((name, make_default_short_help(self.lazy[name][2], limit)))
+            elif not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _MethodsOption(click.Option):
+    """--method, whose help lists the registered methods: read when help is shown, so the import stays lazy."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from .methods import METHODS
+
+        self.help = (
+            f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} "
+            "(gradcam = Seg-Grad-CAM, hirescam = Seg-HiRes-Grad-CAM). [default: hirescam]"
+        )
+        return super().get_help_record(ctx)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 118})
 @click.version_option(package_name="medcam")
 def main() -> None:
     """medcam: class activation maps (CAMs) for 3D medical-image segmentation networks.
@@ -223,7 +279,9 @@ def layers_cmd(
     One forward pass of a zero input; every module whose output is a feature map [B, K, *f] is listed in call
     order. `stride` = input size / feature size per axis. The layer medcam picks for `--layer auto` (the
     bottleneck: coarsest grid, most channels) is marked `auto`, the output head `head`, the model's default
-    `default`. Pass a name to `medcam explain --layer NAME`.
+    `default`. A module that runs more than once per forward pass (e.g. a residual block's activation applied
+    twice) is marked `runs-Nx:not-explainable`: it has no single activation, choose its parent or another layer.
+    Pass a name to `medcam explain --layer NAME`.
     """
     import torch
 
@@ -248,6 +306,8 @@ def layers_cmd(
             for f, on in (("auto", i.name == auto), ("default", i.name == loaded.default_layer), ("head", i.is_output))
             if on
         ]
+        if i.calls > 1:  # a reused module has no single activation: shown, but marked as not explainable
+            flags.append(f"runs-{i.calls}x:not-explainable")
         rows.append({"name": i.name, "type": i.type, "shape": list(i.shape), "stride": list(i.stride), "flags": flags})
     if as_json:
         click.echo(json.dumps({"input_shape": list(example.shape), "layers": rows}, indent=2))
@@ -264,8 +324,6 @@ def layers_cmd(
 
 # ---------------------------------------------------------------------------------------------------- explain
 def _explain_options(fn: Callable) -> Callable:
-    from .methods import METHODS
-
     opts = [
         click.option(
             "--output",
@@ -281,8 +339,7 @@ def _explain_options(fn: Callable) -> Callable:
             "methods",
             multiple=True,
             metavar="NAME",
-            help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)} "
-            "(gradcam = Seg-Grad-CAM, hirescam = Seg-HiRes-Grad-CAM). [default: hirescam]",
+            cls=_MethodsOption,
         ),
         click.option(
             "--target",
@@ -307,9 +364,10 @@ def _explain_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--activation",
-            type=click.Choice(["sigmoid", "softmax"]),
+            type=click.Choice(["sigmoid", "softmax", "none"]),
             default=None,
-            help="The model's output activation (predicted regions). [default: sigmoid]",
+            help="The model's output activation (predicted regions); 'none' when the network ends in its own "
+            "sigmoid/softmax, i.e. outputs probabilities. [default: sigmoid]",
         ),
         click.option(
             "--threshold",
@@ -429,6 +487,9 @@ def _run_explain(
     overwrite: bool,
     quiet: bool,
 ) -> dict[str, Any]:
+    for p in inputs:  # the commonest mistake, reported before torch is imported (about 2 s)
+        if not Path(p).exists():
+            _fail(f"input '{p}' does not exist")
     from .methods import METHODS
     from .pipeline import (
         default_targets,
@@ -483,9 +544,7 @@ def _run_explain(
     specs = parse_targets(targets, loaded.regions) if targets else default_targets(loaded.regions)
     layer_name = layer or loaded.default_layer
     if layer_name != "auto":
-        from .layers import resolve_layer
-
-        resolve_layer(loaded.net, layer_name)
+        _check_layer_before_cases(loaded, layer_name, dev)
     sw = sliding_settings(loaded.sliding, overlap=overlap, sw_batch_size=sw_batch_size, mode=blend)
     inferer = make_inferer(loaded.roi_size, **sw, progress=False)
     settings = {
@@ -518,6 +577,26 @@ def _run_explain(
         progress=not quiet,
         settings=settings,
     )
+
+
+def _check_layer_before_cases(loaded: Any, layer_name: str, device: str) -> None:
+    """Unknown layers and layers that run more than once per forward fail here, before any case is loaded.
+
+    The second check runs one no-grad forward of a zero input of the window size (64^3 without one); a network that
+    cannot run on it is left to the per-case checks."""
+    import torch
+
+    from .errors import ModelError
+    from .layers import check_layer_runs_once, resolve_layer
+
+    resolve_layer(loaded.net, layer_name)
+    if loaded.in_channels is None:
+        return
+    example = torch.zeros((1, loaded.in_channels, *(loaded.roi_size or (64, 64, 64))), device=device)
+    try:
+        check_layer_runs_once(loaded.net.to(device), layer_name, example)
+    except ModelError as e:
+        logger.debug("layer check skipped: the network does not run on %s (%s)", tuple(example.shape), e)
 
 
 def _report(run: dict[str, Any], output: str) -> None:
@@ -632,15 +711,12 @@ def demo_cmd(output: str, seed: int, methods: Sequence[str], device: str, overwr
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 def _register_optional() -> None:
-    try:
-        from .evaluation import evaluate_command  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - the CLI works without the evaluation module
-        return
+    """Register ``evaluate`` now (it is otherwise imported when first used, see :class:`_LazyGroup`)."""
+    from .evaluation import evaluate_command  # type: ignore[attr-defined]
+
     if isinstance(evaluate_command, click.Command):
         main.add_command(evaluate_command, "evaluate")
 
-
-_register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

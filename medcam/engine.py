@@ -96,7 +96,9 @@ class BaseSegCAM:
         amp_dtype: override the autocast dtype.
         score: ``"logits"`` (default, as in the Seg-Grad-CAM paper) or ``"probability"`` (apply
             ``output_activation`` before summing over the ROI).
-        output_activation: ``"sigmoid"`` or ``"softmax"``; required with ``score="probability"``.
+        output_activation: ``"sigmoid"`` or ``"softmax"``; required with ``score="probability"``. ``"none"``: the
+            network ends in its own sigmoid/softmax, its outputs are probabilities (``score="probability"`` then
+            sums them as they are; pass ``activation="none"`` to :class:`~medcam.targets.PredictedROI` too).
         upsampler: ``upsampler(maps [B, K, *f], size) -> [B, K, *size]``; default :func:`interpolate_upsampler`.
         output_index: which element to explain when the model returns a tuple/list (e.g. deep supervision).
         progress: show a tqdm bar over windows (sliding-window mode).
@@ -135,10 +137,16 @@ class BaseSegCAM:
         self.model = check_hookable(model)
         if score not in ("logits", "probability"):
             raise MedcamError(f"score must be 'logits' or 'probability', got {score!r}")
-        if score == "probability" and output_activation not in ("sigmoid", "softmax"):
-            raise MedcamError("score='probability' needs output_activation='sigmoid' or 'softmax' (the model's own)")
-        if output_activation not in (None, "sigmoid", "softmax"):
-            raise MedcamError(f"output_activation must be 'sigmoid', 'softmax' or None, got {output_activation!r}")
+        if score == "probability" and output_activation not in ("sigmoid", "softmax", "none"):
+            raise MedcamError(
+                "score='probability' needs output_activation='sigmoid' or 'softmax' (the model's own), or 'none' "
+                "when the model outputs probabilities itself"
+            )
+        if output_activation not in (None, "sigmoid", "softmax", "none"):
+            raise MedcamError(
+                f"output_activation must be 'sigmoid', 'softmax', 'none' (outputs are probabilities) or None, "
+                f"got {output_activation!r}"
+            )
         self.score, self.output_activation = score, output_activation
         self.upsampler = upsampler or interpolate_upsampler
         self.output_index = output_index
@@ -229,6 +237,7 @@ class BaseSegCAM:
         """
         tl = as_target_list(targets)
         image = validate_image(image)
+        check_spatial_dims(image, self.inferer)
         if output is not None and self.inferer is None:
             raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
         self._ensure_layer(image)
@@ -353,6 +362,8 @@ class BaseSegCAM:
         dims = tuple(range(1, output.ndim))
         if self.score == "logits":
             return weights, (weights * output).sum(dim=dims)
+        if self.output_activation == "none":  # the outputs already are probabilities
+            return weights, (weights * output).sum(dim=dims)
         with torch.enable_grad():
             yv = output.detach().float().requires_grad_(True)
             p = torch.sigmoid(yv) if self.output_activation == "sigmoid" else torch.softmax(yv, dim=1)
@@ -419,6 +430,25 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
             f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {str(e).splitlines()[0]}). "
             f"medcam passes the image as [B, Cin, *spatial]{hint}"
         ) from e
+
+
+def check_spatial_dims(image: torch.Tensor, inferer: Any = None) -> None:
+    """Refuse an image whose number of dims does not fit the sliding window given per spatial dim.
+
+    The usual mistake is an unbatched ``[C, *S]`` volume: MONAI would fail deep inside with an unrelated message
+    ("Sequence must have length 2"). (Without an inferer, :func:`run_model` reports the model's failure with the
+    shapes it expects.)
+    """
+    roi = getattr(inferer, "roi_size", None) if inferer is not None else None
+    if not isinstance(roi, (tuple, list)) or not roi:
+        return
+    nd = len(roi)
+    if image.ndim != nd + 2:
+        raise MedcamError(
+            f"image has shape {tuple(image.shape)} but the sliding window roi_size {tuple(roi)} has {nd} spatial "
+            f"dims: give [B, C, {', '.join('XYZ'[:nd]) if nd <= 3 else '*spatial'}] ({nd + 2} dims; for a single "
+            "[C, *spatial] volume use image[None])"
+        )
 
 
 def weighted_channel_sum(alpha: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,13 @@ sliding-window engine can add them over windows (see ``BaseSegCAM.gradient_stati
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .engine import BaseSegCAM
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SegGradCAM", "SegHiResGradCAM", "SegXGradCAM", "SegGradCAMPlusPlus", "SegLayerCAM", "METHODS"]
 
@@ -78,6 +82,11 @@ class SegGradCAMPlusPlus(BaseSegCAM):
     taken first, over every window with the blending weights (as XGrad-CAM's denominator), and each window's
     ``a_k(u) ReLU(g_k(u))`` is then formed with it: ``alpha`` adds up over windows and one window covering the volume
     gives the whole-volume result.
+
+    Signed activations: the closed form assumes ``A >= 0`` (a post-ReLU layer, as in the paper). Where a channel's
+    sum ``sum_v A_k(v)`` is negative, the denominator ``2 g^2 + sum_v A_k(v) g^3`` crosses zero at
+    ``g = -2 / sum_v A_k(v)`` and ``alpha_k`` swings by orders of magnitude for tiny changes of ``g``. A warning names
+    the layer when this happens: explain a layer that follows a ReLU, or use another method.
     """
 
     elementwise = False
@@ -98,6 +107,18 @@ class SegGradCAMPlusPlus(BaseSegCAM):
         return {"alpha": _spatial_sum(a * torch.relu(grad)).to(activation.dtype)}
 
     def weights_from_statistics(self, stats, n_positions):
+        act = stats.get("act")
+        if act is not None and bool((act < 0).any()) and not getattr(self, "_warned_signed", False):
+            self._warned_signed = True
+            neg = int((act < 0).sum())
+            logger.warning(
+                "Grad-CAM++ on layer %r: %d channel(s) have a negative activation sum, but its closed form assumes "
+                "non-negative (post-ReLU) activations; near g = -2/sum(A) the channel weights swing wildly. Explain "
+                "a layer whose output follows a ReLU (an activation module in `medcam layers` / "
+                "medcam.list_layers that runs once per forward), or use hirescam, gradcam, xgradcam or layercam",
+                self.layer_name,
+                neg,
+            )
         return stats["alpha"]
 
 

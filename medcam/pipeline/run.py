@@ -310,6 +310,8 @@ def explain_case(
         # predicted regions (0/1 per output channel) on the original grid, for the summary and Slicer
         if model.activation == "sigmoid":
             pred = (torch.sigmoid(output[0]) > (0.5 if threshold is None else threshold)).float()
+        elif model.activation == "none":  # the outputs already are probabilities
+            pred = (output[0] > (0.5 if threshold is None else threshold)).float()
         else:
             pred = torch.nn.functional.one_hot(output[0].argmax(0), n_out).movedim(-1, 0).float()
         pred_np = pred.cpu().numpy()
@@ -356,7 +358,7 @@ def explain_case(
                 "windows": first.stats.get("windows"),
                 "backward_windows": {m: r.stats.get("backward_windows") for m, r in results.items()},
             },
-            "threshold": 0.5 if threshold is None and model.activation == "sigmoid" else threshold,
+            "threshold": 0.5 if threshold is None and model.activation in ("sigmoid", "none") else threshold,
             "predicted_voxels": prediction,
             "targets": target_rows,
             "slicer_scene": slicer_rel,
