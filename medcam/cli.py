@@ -40,11 +40,17 @@ Targets (repeat --target; default: the predicted region of every named output):
   TC:component=largest      the largest connected component of the predicted TC; component=2 = second largest
   mask:roi.nii.gz[:WT]      binary mask ON THE ORIGINAL IMAGE GRID (same shape/affine as the input), mapped through
                             the case's preprocessing with nearest-neighbour resampling; region defaults to WT
+  mask:{folder}/{case}_seg.nii.gz[:WT]  per-case mask: {case} = case id, {folder} = case folder, {COLUMN} = a
+                            manifest column named mask or mask_* (one mask file for several cases is refused)
+  label:ET[:REGION]         the case's own reference region (TC/WT/ET from its seg file, BraTS label conventions)
   box:x0,y0,z0:x1,y1,z1[:WT]  voxel box of the original grid, x0 <= i < x1
   channel:N[:class|...]     by output channel number, for models without --regions
 \b
 Output per case: OUT/<case_id>/summary.json, heatmaps/*.nii.gz (original grid), overlays/*.png, slicer/scene.mrml.
-Finished cases are skipped when you run the same command again; the exit code is 1 if any case failed."""
+Resume: a case folder is skipped only if it records the same input files (path, size, modification time) and
+settings; any other existing case folder refuses the whole run before anything is written (--overwrite redoes it).
+Exit codes: 0 ok, 1 bad input or a failed case, 2 usage error, 130 Ctrl-C, 143 SIGTERM (the case in progress is
+abandoned and its staging folder removed; run the same command to resume)."""
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
@@ -52,7 +58,10 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = " ".join(record.getMessage().split())
         level = record.levelname.lower()
-        return f"medcam: {level}: {msg}" if record.levelno >= logging.WARNING else f"medcam: {msg}"
+        text = f"medcam: {level}: {msg}" if record.levelno >= logging.WARNING else f"medcam: {msg}"
+        if record.exc_info:  # e.g. the traceback of a failed case, logged at DEBUG level (shown with --debug)
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 def _setup_logging(quiet: bool, verbose: int, debug: bool) -> None:
@@ -87,13 +96,24 @@ def common_options(fn: Callable) -> Callable:
     @click.option("--debug", is_flag=True, help="Show the Python traceback of errors (and DEBUG logs).")
     @functools.wraps(fn)
     def wrapper(*args: Any, quiet: bool, verbose: int, debug: bool, **kwargs: Any) -> Any:
+        from .signals import exit_status, stop_on_signals
+
         _setup_logging(quiet, verbose, debug)
         try:
-            return fn(*args, quiet=quiet, **kwargs)
+            with stop_on_signals():  # SIGTERM (cluster schedulers) like Ctrl-C: abandon the current case, clean up
+                return fn(*args, quiet=quiet, **kwargs)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            _fail("interrupted")
+        except KeyboardInterrupt as e:
+            if debug:
+                logger.debug("interrupted", exc_info=True)
+            name = {130: "SIGINT (Ctrl-C)", 143: "SIGTERM"}.get(exit_status(e), f"signal {exit_status(e) - 128}")
+            click.echo(
+                f"medcam: interrupted by {name}: the case in progress was abandoned and its staging folder removed; "
+                "finished cases are kept, run the same command to resume",
+                err=True,
+            )
+            sys.exit(exit_status(e))
         except Exception as e:  # noqa: BLE001 - the one-line error policy
             if debug:
                 raise
@@ -348,8 +368,9 @@ def _explain_options(fn: Callable) -> Callable:
             multiple=True,
             metavar="SPEC",
             help="Region of interest to explain (repeatable). `ET` alone = the PREDICTED ET region; "
-            "ET:class, TC:component=largest|N, mask:file.nii.gz[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], "
-            "channel:N[:mode]. [default: predicted region of each named output]",
+            "ET:class, TC:component=largest|N, mask:file.nii.gz[:REGION] (per case: mask:{folder}/{case}_seg.nii.gz), "
+            "label:ET[:REGION] (the case's seg file), box:x0,y0,z0:x1,y1,z1[:REGION], channel:N[:mode]. "
+            "[default: predicted region of each named output]",
         ),
         click.option(
             "--layer",
@@ -448,7 +469,17 @@ def _explain_options(fn: Callable) -> Callable:
         click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder."),
         click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays."),
         click.option(
-            "--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them)."
+            "--overwrite",
+            is_flag=True,
+            help="Redo cases whose folder holds other inputs or settings, replacing it (default: the run is refused "
+            "before anything is written; cases done with the same inputs and settings are skipped).",
+        ),
+        click.option(
+            "--case-id",
+            default=None,
+            metavar="ID",
+            help="Case id (output sub-folder) when INPUTS form one case. [default: the folder's name, or the first "
+            "file's name unless it is a modality name like t1.nii.gz, then its folder's name]",
         ),
     ]
     for o in reversed(opts):
@@ -486,6 +517,7 @@ def _run_explain(
     png: bool,
     overwrite: bool,
     quiet: bool,
+    case_id: str | None = None,
 ) -> dict[str, Any]:
     for p in inputs:  # the commonest mistake, reported before torch is imported (about 2 s)
         if not Path(p).exists():
@@ -528,7 +560,7 @@ def _run_explain(
     region_names = [r.strip() for r in regions.split(",") if r.strip()] if regions else None
 
     # everything that can be checked before the first case: inputs, parts, model, targets, layer
-    cases = discover_cases(inputs)
+    cases = discover_cases(inputs, case_id=case_id)
     split_parts(cases, num_parts, part_id)
     loaded = load_model(
         model_spec,

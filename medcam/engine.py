@@ -421,15 +421,32 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
 
         if isinstance(e, StopForward):
             raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if is_size_mismatch(e):  # the channels are fine: the spatial size does not suit the network's strides
+            raise ModelError(
+                f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {first}). The spatial "
+                "size does not suit the network: pad the image to a multiple of its total downsampling factor "
+                "(e.g. 16; monai.transforms.DivisiblePad(k=16)), or use a SlidingWindowInferer with such a roi_size"
+            ) from e
         conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
         hint = ""
         if conv is not None:
             nd = conv.weight.ndim - 2
             hint = f"; its first convolution takes {conv.in_channels} channels and {nd} spatial dims"
         raise ModelError(
-            f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {first}). "
             f"medcam passes the image as [B, Cin, *spatial]{hint}"
         ) from e
+
+
+_SIZE_MISMATCH = ("must match the size of tensor", "sizes of tensors must match", "size of tensor a")
+
+
+def is_size_mismatch(error: BaseException) -> bool:
+    """True for torch's errors when two feature maps of different spatial sizes meet (a skip connection or a
+    residual sum after an odd-sized down/upsampling): the input size is not divisible by the network's strides."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(k in text for k in _SIZE_MISMATCH)
 
 
 def check_spatial_dims(image: torch.Tensor, inferer: Any = None) -> None:

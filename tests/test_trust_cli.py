@@ -9,8 +9,12 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from medcam.cli import main
+from tests import test_pipeline as _fixtures
 from tests._cli_helpers import assert_one_line_error
-from tests.test_pipeline import cases_root, tiny_demo, tiny_net  # noqa: F401 - fixtures
+
+# fixtures shared with test_pipeline (assigned, not imported, so that using them as arguments is no redefinition)
+cases_root = _fixtures.cases_root
+tiny_demo = _fixtures.tiny_demo
 
 SMALL = ["--quiet", "--no-png", "--no-slicer", "--device", "cpu"]
 

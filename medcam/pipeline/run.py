@@ -24,7 +24,8 @@ from .cases import CaseSource, load_case, split_parts
 from .common import PathLike, _jsonable
 from .errors import PipelineError
 from .models import LoadedModel
-from .target_specs import TargetSpec, build_targets
+from .resume import case_input_files, check_writable, fingerprint, plan_cohort, remove_stale_staging, staging_dir
+from .target_specs import TargetSpec, build_targets, case_specs, check_masks_for_cohort
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
 
@@ -85,11 +86,30 @@ def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = Fa
     from ..engine import BaseSegCAM
 
     helper = BaseSegCAM(net, layer="auto", amp=amp)  # reuse autocast and output selection
-    with torch.no_grad(), helper.autocast(image.device):
-        out = inferer(image, lambda x: helper.select_output(net(x))) if inferer is not None else net(image)
+    try:
+        with torch.no_grad(), helper.autocast(image.device):
+            out = inferer(image, lambda x: helper.select_output(net(x))) if inferer is not None else net(image)
+    except RuntimeError as e:
+        raise model_failure(e, tuple(image.shape), inferer is not None) from e
     out = helper.select_output(out)
     out = out.as_tensor() if hasattr(out, "as_tensor") else out
     return out.detach().float()
+
+
+def model_failure(error: BaseException, shape: tuple[int, ...], sliding: bool) -> ModelError:
+    """The network failed on a preprocessed case: say so, with the command-line fix for a volume-size mismatch."""
+    from ..engine import is_size_mismatch
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = f"the model failed on the preprocessed case of shape {shape} ({type(error).__name__}: {first[:300]})"
+    if is_size_mismatch(error):
+        where = "each window (--roi-size)" if sliding else "the volume"
+        text += (
+            f"; the network needs spatial sizes divisible by its total downsampling factor: pad {where} with "
+            "--divisible-by 16 (2^levels of the encoder; 8 or 32 for other depths)"
+            + (", and choose an --roi-size divisible by it" if sliding else ", or use --roi-size")
+        )
+    return ModelError(text)
 
 
 def resolve_device(name: str) -> str:
@@ -179,6 +199,7 @@ def explain_case(
     progress: bool = False,
     settings: Mapping[str, Any] | None = None,
     source: CaseSource | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Explain one preprocessed case and write its folder ``out_dir`` (see the module docstring).
 
@@ -198,6 +219,8 @@ def explain_case(
         progress: tqdm bars over sliding windows.
         settings: run settings recorded in the summary (and compared on resume).
         source: where the case came from (recorded in the summary).
+        inputs: :func:`medcam.pipeline.resume.fingerprint` of the case's files (recorded as ``inputs``; the
+            resume rule compares it). Default: the fingerprint of ``case.paths``.
 
     Returns:
         The summary dict (also written as ``out_dir/summary.json``). Per target: ``roi_voxels`` (preprocessed
@@ -251,7 +274,7 @@ def explain_case(
     # ---- write everything into a staging folder
     t0 = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".partial-{uuid.uuid4().hex[:8]}-{out_dir.name}"
+    staging = staging_dir(out_dir)
     staging.mkdir()
     try:
         first = results[methods[0]]
@@ -368,6 +391,7 @@ def explain_case(
             "versions": versions(),
             "settings": _jsonable(dict(settings or {})),
             "settings_signature": _settings_signature(settings or {}),
+            "inputs": dict(inputs) if inputs is not None else fingerprint(dict(case.paths)),
         }
         from ..io import write_text_atomic
 
@@ -403,11 +427,19 @@ def explain_cohort(
 ) -> dict[str, Any]:
     """Explain many cases into ``out_dir/<case_id>/``, resumably; failures are recorded, not fatal.
 
-    * A case whose folder holds a ``summary.json`` written with the same settings is skipped (``"skipped"``);
-      one written with other settings fails with a message (use ``overwrite=True`` or another ``out_dir``).
+    * The resume rule (:mod:`medcam.pipeline.resume`): a case folder whose ``summary.json`` records the same input
+      files (resolved paths, sizes, modification times) and the same settings is skipped (``"skipped"``). Any other
+      existing folder under a case id of this run - another case, edited inputs, other settings, not medcam's - is
+      a conflict: without ``overwrite`` the whole run is refused BEFORE anything is written (PipelineError), with
+      ``overwrite`` such cases are redone.
+    * The output folder must be writable (checked before the first case); staging folders left by killed runs are
+      removed.
     * A case that raises is recorded as ``"failed"`` with ``"error"`` and the run goes on; nothing of it is left
-      on disk, so the next run retries it.
+      on disk, so the next run retries it. A ``KeyboardInterrupt`` (Ctrl-C; SIGTERM under
+      :func:`medcam.signals.stop_on_signals`) abandons the current case and propagates.
     * ``num_parts``/``part_id`` pick this machine's share (:func:`split_parts`).
+    * Per-case targets: ``mask:`` templates are filled in per case, ``label:`` reads the case's label file; one
+      mask file for several cases is refused.
 
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or
@@ -426,6 +458,12 @@ def explain_cohort(
     run_path = out_dir / run_name
     if run_path.exists() and json_key(run_path, "medcam_version") is None:
         raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
+    # everything decided before anything is written: a refused run touches nothing
+    check_masks_for_cohort(targets, len(cases))
+    specs_of, inputs = _cohort_inputs(mine, targets)
+    plan = plan_cohort(mine, out_dir, inputs, signature, overwrite)
+    check_writable(out_dir)
+    remove_stale_staging(out_dir)
     single = len(mine) == 1
     records = []
     bar = tqdm(mine, desc="medcam cases", unit="case", disable=not progress or single)
@@ -435,39 +473,32 @@ def explain_cohort(
         case_dir = out_dir / src.case_id
         rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
         try:
-            if case_dir.exists() and not overwrite:
-                prev = read_summary(case_dir)
-                if prev is None:
-                    raise PipelineError(
-                        f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite "
-                        "it (pass --overwrite, or move it away)"
-                    )
-                if prev.get("settings_signature") != signature:
-                    raise PipelineError(
-                        f"'{case_dir}' was explained with other settings; pass --overwrite to redo it "
-                        "or choose another --output"
-                    )
+            if plan[src.case_id] == "done":
                 rec.update(status="skipped", summary=f"{src.case_id}/{SUMMARY_NAME}")
-                logger.info("case %s already done: skipped", src.case_id)
+                logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
             else:
+                specs = specs_of[src.case_id]
+                if isinstance(specs, Exception):
+                    raise specs
                 case = load_case(src, model)
                 explain_case(
                     case,
                     model,
                     methods,
-                    targets,
+                    specs,
                     layer,
                     inferer,
                     case_dir,
                     device=device,
                     amp=amp,
                     threshold=threshold,
-                    overwrite=overwrite,
+                    overwrite=plan[src.case_id] == "redo",
                     slicer=slicer,
                     png=png,
                     progress=progress and single,
                     settings=settings,
                     source=src,
+                    inputs=inputs[src.case_id],
                 )
                 rec.update(status="ok", summary=f"{src.case_id}/{SUMMARY_NAME}")
         except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort
@@ -475,6 +506,9 @@ def explain_cohort(
             rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
             logger.error("case %s failed: %s", src.case_id, msg)
             logger.debug("traceback of case %s", src.case_id, exc_info=True)
+        except KeyboardInterrupt:
+            logger.debug("case %s abandoned (interrupted)", src.case_id)
+            raise
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         records.append(rec)
         if on_case is not None:
@@ -498,6 +532,34 @@ def explain_cohort(
     write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
     run["path"] = str(run_path)
     return run
+
+
+def _cohort_inputs(
+    cases: Sequence[CaseSource], targets: Sequence[TargetSpec]
+) -> tuple[dict[str, list[TargetSpec] | Exception], dict[str, dict[str, Any]]]:
+    """Per case: its target specs (mask templates filled in; the error instead when its mask is missing) and the
+    fingerprint of every file it is made of (images, label, per-case masks)."""
+    from ..data.loading import MedcamDataError
+    from ..errors import MedcamError
+
+    specs_of: dict[str, list[TargetSpec] | Exception] = {}
+    inputs: dict[str, dict[str, Any]] = {}
+    for src in cases:
+        try:
+            specs = case_specs(targets, src)
+        except MedcamError as e:
+            specs_of[src.case_id], specs = e, list(targets)
+        else:
+            specs_of[src.case_id] = specs
+        masks = [s.path for s in specs if s.kind == "mask" and not s.is_template]
+        try:
+            files = case_input_files(src, masks)
+        except MedcamDataError as e:  # a broken case folder: its failure is reported when it is run
+            files = {"folder": Path(str(src.source))}
+            if not isinstance(specs_of[src.case_id], Exception):
+                specs_of[src.case_id] = e
+        inputs[src.case_id] = fingerprint(files)
+    return specs_of, inputs
 
 
 def json_key(path: PathLike, key: str) -> Any:
