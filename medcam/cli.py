@@ -614,8 +614,8 @@ def _run_explain(
 def _check_layer_before_cases(loaded: Any, layer_name: str, device: str) -> None:
     """Unknown layers and layers that run more than once per forward fail here, before any case is loaded.
 
-    The second check runs one no-grad forward of a zero input of the window size (64^3 without one); a network that
-    cannot run on it is left to the per-case checks."""
+    The second check runs one no-grad forward of a zero input of the window size (at most 96 per axis; 64^3 without a
+    window); a network that cannot run on it is left to the per-case checks."""
     import torch
 
     from .errors import ModelError
@@ -624,7 +624,8 @@ def _check_layer_before_cases(loaded: Any, layer_name: str, device: str) -> None
     resolve_layer(loaded.net, layer_name)
     if loaded.in_channels is None:
         return
-    example = torch.zeros((1, loaded.in_channels, *(loaded.roi_size or (64, 64, 64))), device=device)
+    size = tuple(min(int(v), 96) for v in (loaded.roi_size or (64, 64, 64)))  # 96: divisible by strides <= 32
+    example = torch.zeros((1, loaded.in_channels, *size), device=device)
     try:
         check_layer_runs_once(loaded.net.to(device), layer_name, example)
     except ModelError as e:

@@ -286,7 +286,7 @@ class BaseSegCAM:
         if a is None:
             raise LayerError(
                 f"layer {self.layer_name!r} never ran in the forward pass (it is defined but unused for this input); "
-                "pick another layer with medcam.list_layers"
+                "pick another layer (`medcam layers`, or medcam.list_layers in Python)"
             )
         self.to_feature_map(a.detach(), x.shape[2:])  # a layer that gives no feature map fails here, clearly
 
@@ -478,7 +478,7 @@ def check_finite_grad(grad: torch.Tensor, layer: str | None) -> torch.Tensor:
     if not bool(torch.isfinite(grad).all()):
         raise ModelError(
             f"the gradient at layer {layer!r} contains NaN/inf (overflow under fp16 autocast, or a non-finite "
-            "model output); try amp=False or amp_dtype=torch.bfloat16, and check the input for NaN/inf"
+            "model output); run without --amp (Python: amp=False or amp_dtype=torch.bfloat16), and check the input for NaN/inf"
         )
     return grad
 

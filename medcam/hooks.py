@@ -75,7 +75,7 @@ class ActivationHook:
         if self.calls > 1:
             raise LayerError(
                 f"layer {self.name!r} runs more than once in one forward pass (a shared/reused module); "
-                "hook a module that is called once, e.g. a child or parent of it (see medcam.list_layers)"
+                "hook a module that is called once, e.g. a child or parent of it (`medcam layers` or medcam.list_layers)"
             )
         if not isinstance(output, torch.Tensor):
             raise LayerError(

@@ -310,3 +310,25 @@ def test_interrupt_while_writing_removes_the_staging_folder(tiny_demo, cases_roo
             progress=False,
         )
     assert list((tmp_path / "O").iterdir()) == []
+
+
+def test_mask_template_fields_and_relative_paths(cases_root, tmp_path, monkeypatch):
+    from medcam.errors import TargetError
+    from medcam.pipeline import CaseSource, discover_cases, parse_targets
+    from medcam.pipeline.target_specs import case_specs
+
+    specs = parse_targets(["mask:{case}/{case}_seg.nii.gz:WT", "ET"], ("TC", "WT", "ET"))
+    assert specs[0].is_template and specs[0].name == "mask-seg-WT"
+    monkeypatch.chdir(tmp_path)  # not the cohort folder: the template is found beside the case folders
+    for src in discover_cases([cases_root]):
+        filled = case_specs(specs, src)
+        assert Path(filled[0].path) == cases_root / src.case_id / f"{src.case_id}_seg.nii.gz"
+        assert filled[0].name == "mask-seg-WT" and filled[1] == specs[1]
+    monkeypatch.chdir(cases_root)  # from the cohort folder itself
+    (src,) = discover_cases([cases_root / "Phantom_00003"])
+    assert case_specs(specs, src)[0].path == "Phantom_00003/Phantom_00003_seg.nii.gz"
+    src = CaseSource("X", "volumes", [cases_root / "Phantom_00003" / "Phantom_00003_t1.nii.gz"], (("mask", "m.nii"),))
+    with pytest.raises(TargetError, match="has no field 'nope'"):
+        case_specs(parse_targets(["mask:{nope}:WT"], ("TC", "WT", "ET")), src)
+    with pytest.raises(TargetError, match="does not exist"):
+        case_specs(parse_targets(["mask:{mask}:WT"], ("TC", "WT", "ET")), src)

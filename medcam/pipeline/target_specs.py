@@ -284,7 +284,8 @@ def _case_fields(source: Any) -> dict[str, str]:
 
 def case_specs(specs: Sequence[TargetSpec], source: Any) -> list[TargetSpec]:
     """The specs for one case: mask templates filled in with the case's fields (``{case}``, ``{folder}``, manifest
-    columns); other specs unchanged.
+    columns); other specs unchanged. A relative path is relative to the current folder, else to the folder holding
+    the case folder (the cohort folder), so ``mask:{case}/{case}_seg.nii.gz`` works from either.
 
     Raises:
         TargetError: unknown placeholder, or the case's mask file does not exist (naming the case).
@@ -303,6 +304,9 @@ def case_specs(specs: Sequence[TargetSpec], source: Any) -> list[TargetSpec]:
                     f"--target {s.text!r}: case {source.case_id} has no field {e}; placeholders are "
                     f"{', '.join('{' + k + '}' for k in fields)}"
                 ) from None
+            beside = Path(fields["folder"]).parent / path  # relative to the cohort folder, when not to the cwd
+            if not Path(path).is_file() and not Path(path).is_absolute() and beside.is_file():
+                path = str(beside)
             if not Path(path).is_file():
                 raise TargetError(f"--target {s.text!r}: the mask of case {source.case_id}, '{path}', does not exist")
             s = dataclasses.replace(s, path=path)
