@@ -471,8 +471,9 @@ def _explain_options(fn: Callable) -> Callable:
         click.option(
             "--overwrite",
             is_flag=True,
-            help="Redo cases whose folder holds other inputs or settings, replacing it (default: the run is refused "
-            "before anything is written; cases done with the same inputs and settings are skipped).",
+            help="Redo cases that already have a folder and replace it (default: cases done with the same inputs "
+            "and settings are skipped; a folder with other inputs or settings refuses the run before anything is "
+            "written).",
         ),
         click.option(
             "--case-id",

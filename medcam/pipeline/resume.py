@@ -10,7 +10,7 @@ the run settings' signature. Anything else is a conflict:
 * the same files since modified, or other settings, or a folder medcam did not write: an error saying which.
 
 Conflicts are collected for every case of the run BEFORE anything is written (:func:`plan_cohort`), so a refused
-run touches nothing; ``--overwrite`` redoes such cases instead.
+run touches nothing; ``--overwrite`` redoes every existing case instead.
 
 Staging: a case is written into ``OUT/.partial-<pid>@<host>-<hex>-<case_id>`` and renamed into place when complete
 (:func:`staging_dir`). A run killed with SIGKILL (or a power cut) leaves its staging folder behind;
@@ -139,8 +139,8 @@ def plan_cohort(
 ) -> dict[str, str]:
     """Decide every case before anything is written: ``{case_id: "todo" | "done" | "redo"}``.
 
-    ``"done"``: the folder holds this case with these inputs and settings (skipped). ``"redo"``: a conflict and
-    ``overwrite`` (the folder is replaced when the case is finished). Without ``overwrite`` any conflict raises.
+    ``"done"``: the folder holds this case with these inputs and settings (skipped). ``"redo"``: ``overwrite`` and
+    an existing medcam case folder (replaced when the case is finished). Without ``overwrite`` any conflict raises.
 
     Raises:
         PipelineError: naming the first conflict and how many there are; nothing has been written.
@@ -154,13 +154,18 @@ def plan_cohort(
         if not case_dir.exists():
             plan[src.case_id] = "todo"
             continue
-        why = case_conflict(case_dir, read_summary(case_dir), inputs[src.case_id], signature)
+        previous = read_summary(case_dir)
+        if overwrite:
+            if previous is None:
+                raise PipelineError(
+                    f"'{case_dir}' exists and holds no medcam summary.json; --overwrite only replaces folders written "
+                    "by medcam (move it away)"
+                )
+            plan[src.case_id] = "redo"
+            continue
+        why = case_conflict(case_dir, previous, inputs[src.case_id], signature)
         if why is None:
             plan[src.case_id] = "done"
-        elif overwrite:
-            if read_summary(case_dir) is None:
-                raise PipelineError(f"{why}; --overwrite only replaces folders written by medcam")
-            plan[src.case_id] = "redo"
         else:
             conflicts.append(why)
     if conflicts:

@@ -430,8 +430,8 @@ def explain_cohort(
     * The resume rule (:mod:`medcam.pipeline.resume`): a case folder whose ``summary.json`` records the same input
       files (resolved paths, sizes, modification times) and the same settings is skipped (``"skipped"``). Any other
       existing folder under a case id of this run - another case, edited inputs, other settings, not medcam's - is
-      a conflict: without ``overwrite`` the whole run is refused BEFORE anything is written (PipelineError), with
-      ``overwrite`` such cases are redone.
+      a conflict: the whole run is refused BEFORE anything is written (PipelineError). With ``overwrite`` every
+      existing case folder written by medcam is redone and replaced.
     * The output folder must be writable (checked before the first case); staging folders left by killed runs are
       removed.
     * A case that raises is recorded as ``"failed"`` with ``"error"`` and the run goes on; nothing of it is left
