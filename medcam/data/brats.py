@@ -19,7 +19,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from medcam.data.preprocessing import build_preprocessing
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 #: canonical modality names, in the default channel order
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
