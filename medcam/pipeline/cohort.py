@@ -6,10 +6,16 @@ Used by ``medcam explain`` (:func:`medcam.pipeline.explain_cohort`) and ``medcam
 
 * :func:`process_case` handles ONE case and returns its record; it is the unit another executor (a Ray actor, a job
   array) calls: it needs only the source, the case folder and the work function.
-* A case folder whose ``summary.json`` was written with the same settings is skipped; one written with other
-  settings is an error (``overwrite=True`` redoes it); a folder that is not medcam's is never replaced.
+* The resume rule (:mod:`medcam.pipeline.resume`): a case folder whose ``summary.json`` records the same input
+  files (resolved paths, sizes, modification times) and the same settings is skipped. Any other existing folder
+  under a case id of this run (another case, edited inputs, other settings, not medcam's) is a conflict, and the
+  whole run is refused BEFORE anything is written (:func:`~medcam.pipeline.resume.plan_cohort`); with
+  ``overwrite=True`` every existing case folder written by medcam is redone; a folder that is not medcam's is never
+  replaced. The output folder must be writable (checked before the first case); staging folders left by killed
+  runs are removed.
 * A case is written into a hidden staging folder beside its final place and moved there when complete
-  (:func:`staged_case_dir`), so an interrupted run leaves only complete case folders.
+  (:func:`staged_case_dir`), so an interrupted run leaves only complete case folders. A ``KeyboardInterrupt``
+  (Ctrl-C; SIGTERM under :func:`medcam.signals.stop_on_signals`) abandons the current case and propagates.
 * A failing case is recorded (``status="failed"``, ``error``) and the loop goes on; nothing of it stays on disk.
 * :func:`run_cohort` loops over this part's cases and writes the run summary (``cohort_summary.json``, or
   ``cohort_summary.part<i>-of-<N>.json``).
@@ -38,12 +44,14 @@ from ..types import PathLike
 from .cases import CaseSource, split_parts
 from .common import _jsonable
 from .errors import PipelineError
+from .resume import case_input_files, check_writable, fingerprint, plan_cohort, remove_stale_staging, staging_dir
 
 __all__ = [
     "CaseWork",
     "SUMMARY_NAME",
     "process_case",
     "run_cohort",
+    "source_inputs",
     "staged_case_dir",
     "write_case",
     "read_summary",
@@ -125,7 +133,7 @@ def staged_case_dir(final: PathLike, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".partial-{uuid.uuid4().hex[:8]}-{final.name}"
+    staging = staging_dir(final)
     staging.mkdir()
     try:
         yield staging
@@ -142,8 +150,10 @@ def write_case(
     *,
     settings: Mapping[str, Any],
     overwrite: bool = False,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version and settings signature)
+    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version, settings signature and
+    ``inputs``, the :func:`~medcam.pipeline.resume.fingerprint` of the case's files that the resume rule compares)
     into the staging folder, moved to ``case_dir`` when complete; returns the summary written."""
     from ..io import write_text_atomic
 
@@ -156,26 +166,22 @@ def write_case(
             "versions": versions(),
             "settings": _jsonable(dict(settings)),
             "settings_signature": settings_signature(settings),
+            "inputs": _jsonable(dict(inputs)) if inputs is not None else None,
         }
         write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
 
 
-def _is_done(case_dir: Path, signature: str, overwrite: bool) -> bool:
-    """Whether ``case_dir`` holds this case finished with the same settings (raises if it holds something else)."""
-    if not case_dir.exists() or overwrite:
-        return False
-    prev = read_summary(case_dir)
-    if prev is None:
-        raise PipelineError(
-            f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite it (pass --overwrite, "
-            "or move it away)"
-        )
-    if prev.get("settings_signature") != signature:
-        raise PipelineError(
-            f"'{case_dir}' was explained with other settings; pass --overwrite to redo it or choose another --output"
-        )
-    return True
+def source_inputs(src: CaseSource, extra: Sequence[PathLike] = ()) -> dict[str, Any]:
+    """:func:`~medcam.pipeline.resume.fingerprint` of every file case ``src`` is made of (plus ``extra`` files, e.g.
+    per-case masks); a broken case folder is fingerprinted as the folder (its failure is reported when it is run)."""
+    from ..data.loading import MedcamDataError
+
+    try:
+        files: Mapping[str, PathLike] = case_input_files(src, extra)
+    except MedcamDataError:
+        files = {"folder": Path(str(src.source))}
+    return fingerprint(files)
 
 
 def process_case(
@@ -185,21 +191,41 @@ def process_case(
     *,
     settings: Mapping[str, Any],
     overwrite: bool = False,
+    plan: str | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One case of a cohort: skipped if done, else ``work`` into a staged folder; failures recorded, not raised.
 
-    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``.
+    Args:
+        plan: ``"todo" | "done" | "redo"`` as decided by :func:`~medcam.pipeline.resume.plan_cohort` for the whole
+            run; None: decided here for this case alone (a conflict is then this case's failure).
+        inputs: fingerprint of the case's files (default :func:`source_inputs`), recorded in its summary.
+
+    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``. A
+    ``KeyboardInterrupt`` abandons the case (its staging folder removed) and propagates.
     """
     t0 = time.perf_counter()
     case_dir = Path(case_dir)
     rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
     try:
-        if _is_done(case_dir, settings_signature(settings), overwrite):
+        if inputs is None:
+            inputs = source_inputs(src)
+        if plan is None:
+            one = _Renamed(src, case_dir.name)
+            plan = plan_cohort([one], case_dir.parent, {one.case_id: inputs}, settings_signature(settings), overwrite)[
+                one.case_id
+            ]
+        if plan == "done":
             rec.update(status="skipped")
-            logger.info("case %s already done: skipped", src.case_id)
+            logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
         else:
             write_case(
-                lambda staging: work(src, staging), src.case_id, case_dir, settings=settings, overwrite=overwrite
+                lambda staging: work(src, staging),
+                src.case_id,
+                case_dir,
+                settings=settings,
+                overwrite=plan == "redo",
+                inputs=inputs,
             )
             rec.update(status="ok")
         rec["summary"] = f"{case_dir.name}/{SUMMARY_NAME}"
@@ -208,8 +234,18 @@ def process_case(
         rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
         logger.error("case %s failed: %s", src.case_id, msg)
         logger.debug("traceback of case %s", src.case_id, exc_info=True)
+    except KeyboardInterrupt:
+        logger.debug("case %s abandoned (interrupted)", src.case_id)
+        raise
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+class _Renamed:
+    """A case source seen under the name of its case folder (for :func:`plan_cohort` on one folder)."""
+
+    def __init__(self, src: CaseSource, case_id: str):
+        self.source, self.case_id = src, case_id
 
 
 def run_cohort(
@@ -224,11 +260,16 @@ def run_cohort(
     overwrite: bool = False,
     progress: bool = True,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``work`` on this part's cases (one :func:`process_case` each) and write the run summary.
 
+    Every case is planned first (:func:`~medcam.pipeline.resume.plan_cohort`: a conflict refuses the whole run
+    before anything is written), then the output folder is checked writable and stale staging folders removed.
+
     Args:
         case_root: where the case folders go (``case_root/<case_id>``); default ``out_dir``.
+        inputs: ``{case_id: fingerprint}`` of every case's files (default :func:`source_inputs` of each case).
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``
         for a split run; ``path`` added): ``cases`` [records], counts ``ok``/``skipped``/``failed``.
@@ -244,11 +285,26 @@ def run_cohort(
     run_path = out_dir / run_name
     if run_path.exists() and json_key(run_path, "medcam_version") is None:
         raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
+    # everything decided before anything is written: a refused run touches nothing
+    fps = {src.case_id: (inputs or {}).get(src.case_id) or source_inputs(src) for src in mine}
+    plan = plan_cohort(mine, root, fps, settings_signature(settings), overwrite)
+    check_writable(out_dir)
+    if root != out_dir:
+        check_writable(root)
+    remove_stale_staging(root)
     records = []
     bar = tqdm(mine, desc="medcam cases", unit="case", disable=not progress or len(mine) == 1)
     for src in bar:
         bar.set_postfix_str(src.case_id)
-        rec = process_case(src, root / src.case_id, work, settings=settings, overwrite=overwrite)
+        rec = process_case(
+            src,
+            root / src.case_id,
+            work,
+            settings=settings,
+            overwrite=overwrite,
+            plan=plan[src.case_id],
+            inputs=fps[src.case_id],
+        )
         records.append(rec)
         if on_case is not None:
             on_case(rec)
