@@ -44,7 +44,16 @@ from ..types import PathLike
 from .cases import CaseSource, split_parts
 from .common import _jsonable
 from .errors import PipelineError
-from .resume import case_input_files, check_writable, fingerprint, plan_cohort, remove_stale_staging, staging_dir
+from .resume import (
+    SUMMARY_NAME,
+    case_input_files,
+    check_writable,
+    fingerprint,
+    plan_cohort,
+    read_summary,
+    remove_stale_staging,
+    staging_dir,
+)
 
 __all__ = [
     "CaseWork",
@@ -62,7 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__package__)
 
-SUMMARY_NAME = "summary.json"
 #: ``work(source, staging_dir) -> summary``: do one case, writing its files into ``staging_dir`` (which exists and
 #: is empty); the returned summary is written as ``summary.json`` by the loop (with version and settings signature)
 CaseWork = Callable[[CaseSource, Path], dict[str, Any]]
@@ -95,16 +103,6 @@ def json_key(path: PathLike, key: str) -> Any:
     except (OSError, ValueError):
         return None
     return data.get(key) if isinstance(data, dict) else None
-
-
-def read_summary(case_dir: PathLike) -> dict[str, Any] | None:
-    """The ``summary.json`` of a finished case folder, or None if absent/unreadable/not medcam's."""
-    p = Path(case_dir) / SUMMARY_NAME
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "medcam_version" in data else None
 
 
 def _replace_dir(staging: Path, final: Path, overwrite: bool) -> None:

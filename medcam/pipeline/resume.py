@@ -19,6 +19,7 @@ Staging: a case is written into ``OUT/.partial-<pid>@<host>-<hex>-<case_id>`` an
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -29,9 +30,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..types import PathLike
 from .errors import PipelineError
 
 logger = logging.getLogger(__package__)
+
+SUMMARY_NAME = "summary.json"
 
 __all__ = [
     "case_input_files",
@@ -40,7 +44,19 @@ __all__ = [
     "check_writable",
     "staging_dir",
     "remove_stale_staging",
+    "read_summary",
+    "SUMMARY_NAME",
 ]
+
+
+def read_summary(case_dir: PathLike) -> dict[str, Any] | None:
+    """The ``summary.json`` of a finished case folder, or None if absent/unreadable/not medcam's."""
+    p = Path(case_dir) / SUMMARY_NAME
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "medcam_version" in data else None
 
 
 # ---------------------------------------------------------------------------------------------- inputs of a case
@@ -145,8 +161,6 @@ def plan_cohort(
     Raises:
         PipelineError: naming the first conflict and how many there are; nothing has been written.
     """
-    from .cohort import read_summary  # cohort imports this module
-
     plan: dict[str, str] = {}
     conflicts: list[str] = []
     for src in cases:
