@@ -3,25 +3,34 @@
 __version__ = "0.1.0"
 
 import logging as _logging
+import sys as _sys
+import types as _types
 
-from . import targets
-from .engine import BaseSegCAM
 from .errors import LayerError, MedcamDataError, MedcamError, ModelError, PhantomError, TargetError
-from .layers import LayerInfo, list_layers
-from .methods import METHODS, SegGradCAM, SegGradCAMPlusPlus, SegHiResGradCAM, SegLayerCAM, SegXGradCAM
-from .methods import _register_more as _register_more_methods
-from .micam import SegMICAM, SegMIGradCAM
-from .normalize import normalize
-from .result import CAMResult, interpolate_upsampler
-from .runner import ModelRunner
-from .sycam import SynthesizedCAM
-from .tokens import TokenGrid
 
-_register_more_methods()
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
-# data loading and I/O pull in nibabel/SimpleITK/ITK: imported on first use, so `import medcam` stays light
+# Everything that needs torch (and data loading / I/O, which pull in nibabel/SimpleITK/ITK) is imported on first use:
+# `import medcam` and `medcam --help` stay fast (torch alone takes 1.5-2 s to import).
 _LAZY = {
+    "targets": None,
+    "BaseSegCAM": "medcam.engine",
+    "CAMResult": "medcam.result",
+    "interpolate_upsampler": "medcam.result",
+    "ModelRunner": "medcam.runner",
+    "LayerInfo": "medcam.layers",
+    "list_layers": "medcam.layers",
+    "METHODS": "medcam.methods",
+    "SegGradCAM": "medcam.methods",
+    "SegGradCAMPlusPlus": "medcam.methods",
+    "SegHiResGradCAM": "medcam.methods",
+    "SegLayerCAM": "medcam.methods",
+    "SegXGradCAM": "medcam.methods",
+    "normalize": "medcam.normalize",
+    "TokenGrid": "medcam.tokens",
+    "SegMICAM": "medcam.micam",
+    "SegMIGradCAM": "medcam.micam",
+    "SynthesizedCAM": "medcam.sycam",
     "load_brats_case": "medcam.data",
     "load_volumes": "medcam.data",
     "BratsCase": "medcam.data",
@@ -50,30 +59,29 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'medcam' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(_types.ModuleType):
+    """``medcam.normalize`` is the function, although a submodule of that name exists: importing the submodule
+    (done lazily now, e.g. by medcam.metrics) must not replace the package attribute with the module."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "normalize" and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+
 __all__ = [
-    "targets",
-    "BaseSegCAM",
-    "CAMResult",
-    "SegGradCAM",
-    "SegHiResGradCAM",
-    "SegXGradCAM",
-    "SegGradCAMPlusPlus",
-    "SegLayerCAM",
-    "SegMICAM",
-    "SegMIGradCAM",
-    "SynthesizedCAM",
-    "METHODS",
-    "list_layers",
-    "LayerInfo",
-    "normalize",
-    "interpolate_upsampler",
-    "ModelRunner",
     "MedcamError",
     "LayerError",
     "TargetError",
     "ModelError",
     "MedcamDataError",
     "PhantomError",
-    "TokenGrid",
     *_LAZY,
 ]

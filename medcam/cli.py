@@ -24,7 +24,6 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from .errors import MedcamError
-from .methods import METHODS
 
 logger = logging.getLogger("medcam")
 
@@ -50,6 +49,9 @@ Targets (repeat --target; default: the predicted region of every named output):
   TC:component=largest      the largest connected component of the predicted TC; component=2 = second largest
   mask:roi.nii.gz[:WT]      binary mask ON THE ORIGINAL IMAGE GRID (same shape/affine as the input), mapped through
                             the case's preprocessing with nearest-neighbour resampling; region defaults to WT
+  mask:{folder}/{case}_seg.nii.gz[:WT]  per-case mask: {case} = case id, {folder} = case folder, {COLUMN} = a
+                            manifest column named mask or mask_* (one mask file for several cases is refused)
+  label:ET[:REGION]         the case's own reference region (TC/WT/ET from its seg file, BraTS label conventions)
   box:x0,y0,z0:x1,y1,z1[:WT]  voxel box of the original grid, x0 <= i < x1
   channel:N[:class|...]     by output channel number, for models without --regions
 \b
@@ -59,7 +61,10 @@ slicer/scene.mrml; with --report also OUT/report/index.html (or later: medcam re
   # a cohort on Ray workers: a local Ray instance, or the cluster of `ray start` (pip install 'medcam[ray]')
   medcam explain cases/ -o out --ray
   medcam explain cases/ -o out --ray auto --gpus-per-worker 0.5
-Finished cases are skipped when you run the same command again; the exit code is 1 if any case failed."""
+Resume: a case folder is skipped only if it records the same input files (path, size, modification time) and
+settings; any other existing case folder refuses the whole run before anything is written (--overwrite redoes it).
+Exit codes: 0 ok, 1 bad input or a failed case, 2 usage error, 130 Ctrl-C, 143 SIGTERM (the case in progress is
+abandoned and its staging folder removed; run the same command to resume)."""
 
 
 EPILOG_EVALUATE = """\b
@@ -92,7 +97,10 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = " ".join(record.getMessage().split())
         level = record.levelname.lower()
-        return f"medcam: {level}: {msg}" if record.levelno >= logging.WARNING else f"medcam: {msg}"
+        text = f"medcam: {level}: {msg}" if record.levelno >= logging.WARNING else f"medcam: {msg}"
+        if record.exc_info:  # e.g. the traceback of a failed case, logged at DEBUG level (shown with --debug)
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 @contextlib.contextmanager
@@ -130,13 +138,25 @@ def command_errors(fn: F) -> F:
     @click.option("--debug", is_flag=True, help="Show the Python traceback of errors (and DEBUG logs).")
     @functools.wraps(fn)
     def wrapper(*args: Any, quiet: bool, verbose: int, debug: bool, **kwargs: Any) -> Any:
+        from .signals import exit_status, stop_on_signals
+
         with console_logging(quiet, verbose, debug):
             try:
-                return fn(*args, quiet=quiet, **kwargs)
-            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+                with stop_on_signals():  # SIGTERM (cluster schedulers) like Ctrl-C: abandon the current case, clean up
+                    return fn(*args, quiet=quiet, **kwargs)
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
                 raise
-            except KeyboardInterrupt:
-                _fail("interrupted")
+            except KeyboardInterrupt as e:
+                if debug:
+                    logger.debug("interrupted", exc_info=True)
+                status = exit_status(e)
+                name = {130: "SIGINT (Ctrl-C)", 143: "SIGTERM"}.get(status, f"signal {status - 128}")
+                click.echo(
+                    f"medcam: interrupted by {name}: the case in progress was abandoned and its staging folder "
+                    "removed; finished cases are kept, run the same command to resume",
+                    err=True,
+                )
+                sys.exit(status)
             except Exception as e:  # noqa: BLE001 - the one-line error policy (--debug re-raises)
                 if debug:
                     raise
@@ -216,13 +236,15 @@ def case_options(fn: F) -> F:
             click.option(
                 "--target", "-t", "targets", multiple=True, metavar="SPEC",
                 help="Region of interest to explain (repeatable). `ET` alone = the PREDICTED ET region; ET:class, "
-                "TC:component=largest|N, mask:file.nii.gz[:REGION], box:x0,y0,z0:x1,y1,z1[:REGION], channel:N[:mode]. "
+                "TC:component=largest|N, mask:file.nii.gz[:REGION] (per case: mask:{folder}/{case}_seg.nii.gz), "
+                "label:ET[:REGION] (the case's seg file), box:x0,y0,z0:x1,y1,z1[:REGION], channel:N[:mode]. "
                 "[default: predicted region of each named output]",
             ),
             click.option("--regions", default=None, metavar="A,B,C", help="Names of the output channels in order (demo: TC,WT,ET)."),
             click.option(
-                "--activation", type=click.Choice(["sigmoid", "softmax"]), default=None,
-                help="The model's output activation (predicted regions). [default: sigmoid]",
+                "--activation", type=click.Choice(["sigmoid", "softmax", "none"]), default=None,
+                help="The model's output activation (predicted regions); 'none' when the network ends in its own "
+                "sigmoid/softmax, i.e. outputs probabilities. [default: sigmoid]",
             ),
             click.option(
                 "--threshold", type=float, default=None,
@@ -241,6 +263,11 @@ def case_options(fn: F) -> F:
             ),
             click.option("--normalize/--no-normalize", default=None, help="Z-score each channel over its non-zero voxels. [default: on]"),
             click.option("--divisible-by", type=int, default=None, help="Pad the preprocessed volume to a multiple of this (whole-image mode)."),
+            click.option(
+                "--case-id", default=None, metavar="ID",
+                help="Case id (output sub-folder) when INPUTS form one case. [default: the folder's name, or the first "
+                "file's name unless it is a modality name like t1.nii.gz, then its folder's name]",
+            ),
         ],
         fn,
     )  # fmt: skip
@@ -267,13 +294,38 @@ def window_options(fn: F) -> F:
     )  # fmt: skip
 
 
+class _MethodsOption(click.Option):
+    """--method, whose help lists the registered methods: read when help is shown, so that `medcam --help` and the
+    errors found before the first case do not import torch (start-up < 1.5 s)."""
+
+    def __init__(self, *args: Any, default_methods: str = "hirescam", synth: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.default_methods = default_methods
+        self.synth = synth
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from .methods import METHODS
+
+        self.help = (
+            f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)}{', synth:FILE' if self.synth else ''} "
+            "(gradcam = Seg-Grad-CAM, "
+            f"hirescam = Seg-HiRes-Grad-CAM). [default: {self.default_methods}]"
+        )
+        return super().get_help_record(ctx)
+
+
 def method_option(default: str, synth: bool = False) -> Callable[[F], F]:
-    more = ", synth:FILE" if synth else ""
     return click.option(
-        "--method", "-M", "methods", multiple=True, metavar="NAME",
-        help=f"CAM method(s), repeat or comma-separate: {', '.join(METHODS)}{more} (gradcam = Seg-Grad-CAM, "
-        f"hirescam = Seg-HiRes-Grad-CAM). [default: {default}]",
+        "--method", "-M", "methods", multiple=True, metavar="NAME", cls=_MethodsOption, default_methods=default,
+        synth=synth,
     )  # fmt: skip
+
+
+def _check_inputs_exist(inputs: Sequence[str]) -> None:
+    """The commonest mistake, reported before torch is imported (about 2 s)."""
+    for p in inputs:
+        if not Path(p).exists():
+            _fail(f"input '{p}' does not exist")
 
 
 def ray_options(fn: F) -> F:
@@ -349,6 +401,7 @@ def run_settings(kw: dict[str, Any], quiet: bool) -> Any:
         threshold=kw.pop("threshold"), preprocessing=pre, roi_size=_ints(kw.pop("roi_size"), "--roi-size"),
         overlap=kw.pop("overlap"), sw_batch_size=kw.pop("sw_batch_size"), blend=kw.pop("blend"),
         device=kw.pop("device"), amp=kw.pop("amp"), overwrite=kw.pop("overwrite", False), progress=not quiet,
+        case_id=kw.pop("case_id", None),
     )  # fmt: skip
 
 
@@ -383,6 +436,8 @@ def _layer_rows(loaded: Any, example: Any) -> list[dict[str, Any]]:
     for i in infos:
         marks = (("auto", i.name == auto), ("default", i.name == loaded.default_layer), ("head", i.is_output))
         flags = [f for f, on in marks if on]
+        if i.calls > 1:  # a reused module has no single activation: shown, but marked as not explainable
+            flags.append(f"runs-{i.calls}x:not-explainable")
         rows.append({"name": i.name, "type": i.type, "shape": list(i.shape), "stride": list(i.stride), "flags": flags})
     return rows
 
@@ -408,7 +463,9 @@ def layers_cmd(
     One forward pass of a zero input; every module whose output is a feature map [B, K, *f] is listed in call
     order. `stride` = input size / feature size per axis. The layer medcam picks for `--layer auto` (the
     bottleneck: coarsest grid, most channels) is marked `auto`, the output head `head`, the model's default
-    `default`. Pass a name to `medcam explain --layer NAME`.
+    `default`. A module that runs more than once per forward pass (e.g. a residual block's activation applied
+    twice) is marked `runs-Nx:not-explainable`: it has no single activation, choose its parent or another layer.
+    Pass a name to `medcam explain --layer NAME`.
     """
     import torch
 
@@ -529,7 +586,12 @@ def _report(run: dict[str, Any], output: str) -> None:
 @click.option(
     "--report", is_flag=True, help="Write the HTML report OUTPUT/report/index.html at the end (medcam report)."
 )
-@click.option("--overwrite", is_flag=True, help="Redo finished cases and replace their folders (default: skip them).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Redo cases that already have a folder and replace it (default: cases done with the same inputs and "
+    "settings are skipped; a folder with other inputs or settings refuses the run before anything is written).",
+)
 @ray_options
 @click.option(
     "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
@@ -552,6 +614,7 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     --method for every --target at --layer (with MONAI sliding windows if --roi-size), and the maps are mapped back
     onto the original image grid.
     """  # fmt: skip
+    _check_inputs_exist(inputs)
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
@@ -684,6 +747,7 @@ def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> 
     AUC, average drop / increase in confidence, ROAD, and the cascading-randomisation sanity check (Spearman / SSIM;
     a dead, constant map counts as similarity 0). One row per (case, method, layer, target, metric).
     """
+    _check_inputs_exist(inputs)
     from .pipeline.evaluate import EvaluationOptions, evaluate_files
 
     try:

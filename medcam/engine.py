@@ -20,12 +20,12 @@ from torch import nn
 from .errors import MedcamError
 from .formulas import Formula
 from .result import CAMResult, Upsampler, interpolate_upsampler
-from .runner import ModelRunner, ReshapeTransform, validate_image
+from .runner import ModelRunner, OutputActivation, ReshapeTransform, validate_image
 from .sliding import check_inferer, explain_sliding, window_example
 from .targets import Target, as_target_list
 from .whole import explain_whole
 
-__all__ = ["BaseSegCAM", "CAMResult", "interpolate_upsampler", "Upsampler"]
+__all__ = ["BaseSegCAM", "CAMResult", "interpolate_upsampler", "Upsampler", "check_spatial_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ class BaseSegCAM:
         amp_dtype: override the autocast dtype.
         score: ``"logits"`` (default, as in the Seg-Grad-CAM paper) or ``"probability"`` (apply
             ``output_activation`` before summing over the ROI).
-        output_activation: ``"sigmoid"`` or ``"softmax"``; required with ``score="probability"``.
+        output_activation: ``"sigmoid"`` or ``"softmax"``; required with ``score="probability"``. ``"none"``: the
+            network ends in its own sigmoid/softmax, its outputs are probabilities (``score="probability"`` then
+            sums them as they are; pass ``activation="none"`` to :class:`~medcam.targets.PredictedROI` too).
         upsampler: ``upsampler(maps [B, K, *f], size) -> [B, K, *size]``; default :func:`interpolate_upsampler`.
         output_index: which element to explain when the model returns a tuple/list (e.g. deep supervision).
         progress: show a tqdm bar over windows (sliding-window mode).
@@ -71,7 +73,7 @@ class BaseSegCAM:
         amp: bool = False,
         amp_dtype: torch.dtype | None = None,
         score: Literal["logits", "probability"] = "logits",
-        output_activation: Literal["sigmoid", "softmax"] | None = None,
+        output_activation: OutputActivation | None = None,
         upsampler: Upsampler | None = None,
         output_index: int = 0,
         progress: bool = False,
@@ -157,6 +159,7 @@ class BaseSegCAM:
         """
         tl = as_target_list(targets)
         image = validate_image(image)
+        check_spatial_dims(image, self.inferer)
         if output is not None and self.inferer is None:
             raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
         if self.inferer is None:
@@ -176,4 +179,23 @@ class BaseSegCAM:
             upsample=upsample,
             progress=self.progress,
             output=output,
+        )
+
+
+def check_spatial_dims(image: torch.Tensor, inferer: Any = None) -> None:
+    """Refuse an image whose number of dims does not fit the sliding window given per spatial dim.
+
+    The usual mistake is an unbatched ``[C, *S]`` volume: MONAI would fail deep inside with an unrelated message
+    ("Sequence must have length 2"). (Without an inferer, :func:`medcam.hooks.run_model` reports the model's failure
+    with the shapes it expects.)
+    """
+    roi = getattr(inferer, "roi_size", None) if inferer is not None else None
+    if not isinstance(roi, (tuple, list)) or not roi:
+        return
+    nd = len(roi)
+    if image.ndim != nd + 2:
+        raise MedcamError(
+            f"image has shape {tuple(image.shape)} but the sliding window roi_size {tuple(roi)} has {nd} spatial "
+            f"dims: give [B, C, {', '.join('XYZ'[:nd]) if nd <= 3 else '*spatial'}] ({nd + 2} dims; for a single "
+            "[C, *spatial] volume use image[None])"
         )

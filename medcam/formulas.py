@@ -20,9 +20,12 @@ method); a new executor needs nothing from a formula beyond this interface.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Formula",
@@ -57,8 +60,9 @@ def weighted_channel_sum(alpha: torch.Tensor, activation: torch.Tensor) -> torch
 class Formula:
     """Base of the two formula kinds; use :class:`ElementwiseFormula` or :class:`PooledFormula`."""
 
-    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Pre-ReLU map ``[B, *f]`` of a whole image from ``A`` and ``g`` (both ``[B, K, *f]``)."""
+    def map(self, activation: torch.Tensor, grad: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+        """Pre-ReLU map ``[B, *f]`` of a whole image from ``A`` and ``g`` (both ``[B, K, *f]``); ``layer``: the
+        hooked layer's name, for warnings only."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -88,15 +92,16 @@ class PooledFormula(Formula):
         """Statistics of the activation alone (none for a plain pooled formula)."""
         return {}
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
-        """Channel weights ``alpha`` ``[B, K]`` from the summed statistics; ``n_positions`` = N."""
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
+        """Channel weights ``alpha`` ``[B, K]`` from the summed statistics; ``n_positions`` = N; ``layer``: the hooked
+        layer's name, for warnings only."""
         raise NotImplementedError
 
-    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def map(self, activation: torch.Tensor, grad: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         n = float(math.prod(activation.shape[2:]))
         act_stats = self.activation_statistics(activation, None)
         stats = {**self.gradient_statistics(activation, grad, act_stats or None), **act_stats}
-        return weighted_channel_sum(self.weights(stats, n), activation)
+        return weighted_channel_sum(self.weights(stats, n, layer), activation)
 
 
 class ActivationPooledFormula(PooledFormula):
@@ -120,21 +125,21 @@ class GradCAM(PooledFormula):
     ) -> Statistics:
         return {"grad": spatial_sum(grad)}
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
         return stats["grad"] / n_positions
 
 
 class HiResCAM(ElementwiseFormula):
     """HiResCAM: ``map(u) = sum_k g_k(u) A_k(u)``."""
 
-    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def map(self, activation: torch.Tensor, grad: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         return (grad * activation).sum(dim=1)
 
 
 class LayerCAM(ElementwiseFormula):
     """LayerCAM: ``map(u) = sum_k ReLU(g_k(u)) A_k(u)``."""
 
-    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def map(self, activation: torch.Tensor, grad: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         return (torch.relu(grad) * activation).sum(dim=1)
 
 
@@ -151,7 +156,7 @@ class XGradCAM(ActivationPooledFormula):
     def activation_statistics(self, activation: torch.Tensor, weight: torch.Tensor | None) -> Statistics:
         return {"act": spatial_sum(activation if weight is None else activation * weight)}
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
         return stats["grad_act"] / (stats["act"] + self.eps)
 
 
@@ -162,6 +167,10 @@ class GradCAMPlusPlus(ActivationPooledFormula):
     denominator is 0). ``sum_v A_k(v)`` is the activation sum of the whole grid (over every window, blended, with a
     sliding window), hence an :class:`ActivationPooledFormula`. Computed in float64: the denominator nearly cancels
     where ``g`` is close to ``-2 / sum_v A_k(v)``.
+
+    Signed activations: the closed form assumes ``A >= 0`` (a post-ReLU layer, as in the paper). Where a channel's
+    sum ``sum_v A_k(v)`` is negative, the denominator crosses zero at ``g = -2 / sum_v A_k(v)`` and ``alpha_k``
+    swings by orders of magnitude for tiny changes of ``g``: :meth:`weights` then warns, naming the layer.
     """
 
     def activation_statistics(self, activation: torch.Tensor, weight: torch.Tensor | None) -> Statistics:
@@ -179,5 +188,15 @@ class GradCAMPlusPlus(ActivationPooledFormula):
         a = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
         return {"alpha": spatial_sum(a * torch.relu(g)).to(activation.dtype)}
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
+        act = stats.get("act")
+        if act is not None and bool((act < 0).any()):
+            logger.warning(
+                "Grad-CAM++ on layer %r: %d channel(s) have a negative activation sum, but its closed form assumes "
+                "non-negative (post-ReLU) activations; near g = -2/sum(A) the channel weights swing wildly. Explain "
+                "a layer whose output follows a ReLU (an activation module in `medcam layers` / "
+                "medcam.list_layers that runs once per forward), or use hirescam, gradcam, xgradcam or layercam",
+                layer,
+                int((act < 0).sum()),
+            )
         return stats["alpha"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import LayerError, MedcamError, ModelError
 
-__all__ = ["preserved_model_state", "ActivationHook", "StopForward", "HookMode", "run_model"]
+__all__ = ["preserved_model_state", "ActivationHook", "StopForward", "HookMode", "run_model", "is_size_mismatch"]
 
 #: what the hook does with the layer's output (see :class:`ActivationHook`)
 HookMode = Literal["grad", "detach", "stop"]
@@ -87,7 +87,7 @@ class ActivationHook:
         if self.calls > 1:
             raise LayerError(
                 f"layer {self.name!r} runs more than once in one forward pass (a shared/reused module); "
-                "hook a module that is called once, e.g. a child or parent of it (see medcam.list_layers)"
+                "hook a module that is called once, e.g. a child or parent of it (`medcam layers` or medcam.list_layers)"
             )
         if not isinstance(output, torch.Tensor):
             raise LayerError(
@@ -124,13 +124,30 @@ def run_model(model: nn.Module, x: torch.Tensor) -> Any:
     except (MedcamError, StopForward):
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the input shape and what the model expects
+        first_line = (str(e).splitlines() or [""])[0]
+        if is_size_mismatch(e):  # the channels are fine: the spatial size does not suit the network's strides
+            raise ModelError(
+                f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {first_line}). The "
+                "spatial size does not suit the network: pad the image to a multiple of its total downsampling "
+                "factor (e.g. 16; monai.transforms.DivisiblePad(k=16)), or use a SlidingWindowInferer with such a "
+                "roi_size"
+            ) from e
         conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
         hint = ""
         if conv is not None:
             nd = conv.weight.ndim - 2
             hint = f"; its first convolution takes {conv.in_channels} channels and {nd} spatial dims"
-        first_line = (str(e).splitlines() or [""])[0]
         raise ModelError(
             f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {first_line}). "
             f"medcam passes the image as [B, Cin, *spatial]{hint}"
         ) from e
+
+
+_SIZE_MISMATCH = ("must match the size of tensor", "sizes of tensors must match", "size of tensor a")
+
+
+def is_size_mismatch(error: BaseException) -> bool:
+    """True for torch's errors when two feature maps of different spatial sizes meet (a skip connection or a
+    residual sum after an odd-sized down/upsampling): the input size is not divisible by the network's strides."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(k in text for k in _SIZE_MISMATCH)

@@ -12,7 +12,7 @@ from torch import nn
 from .errors import LayerError, ModelError
 from .hooks import preserved_model_state, run_model
 
-__all__ = ["LayerInfo", "list_layers", "resolve_layer", "auto_layer", "check_hookable"]
+__all__ = ["LayerInfo", "list_layers", "resolve_layer", "auto_layer", "check_hookable", "check_layer_runs_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ class LayerInfo:
         is_output: True if this module's output is the model output (the head).
         on_input: True if the module is applied to the model input itself (a stem, e.g. a ViT patch embedding):
             its output is a filter of the image, not a learnt representation, so ``auto`` passes it over.
+        calls: how often the module ran in the forward pass. A module that runs more than once (a reused
+            activation such as the ``act`` of a MONAI ``ResBlock``, applied twice) has no single activation to
+            explain: medcam refuses it (see :func:`check_layer_runs_once`); ``shape`` is then its first call's.
     """
 
     name: str
@@ -39,6 +42,7 @@ class LayerInfo:
     order: int
     is_output: bool
     on_input: bool = False
+    calls: int = 1
 
     @property
     def channels(self) -> int:
@@ -98,7 +102,8 @@ def list_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo
             network's total stride).
     Returns:
         LayerInfo per module whose output is a tensor ``[B, K, *f]`` with as many spatial dims as the input,
-        in forward call order.
+        once per module (``calls`` says how often it ran; only modules with ``calls == 1`` can be explained), in
+        the order of their first call.
     """
     model = check_hookable(model)
     spatial = tuple(example_input.shape[2:])
@@ -106,8 +111,13 @@ def list_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo
     outputs: dict[str, torch.Tensor] = {}
     handles = []
 
+    calls: dict[str, int] = {}
+
     def make_hook(name: str):
         def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:
+                return
             if isinstance(output, torch.Tensor) and output.ndim == example_input.ndim:
                 on_input = any(i is example_input for i in inputs)
                 records.append((name, module, tuple(output.shape), len(records), on_input))
@@ -130,8 +140,29 @@ def list_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo
     infos = []
     for name, module, shape, order, on_input in records:
         stride = tuple(float(s) / float(f) for s, f in zip(spatial, shape[2:]))
-        infos.append(LayerInfo(name, type(module).__name__, shape, stride, order, outputs[name] is out, on_input))
+        infos.append(
+            LayerInfo(name, type(module).__name__, shape, stride, order, outputs[name] is out, on_input, calls[name])
+        )
     return infos
+
+
+def check_layer_runs_once(model: nn.Module, layer: str, example_input: torch.Tensor) -> None:
+    """Raise :class:`LayerError` if ``layer`` runs more than once (or never) in a forward pass of ``example_input``.
+
+    Meant to be called before any real data is loaded (the command line does): one no-grad forward of a small
+    example input (e.g. zeros of the sliding-window size).
+    """
+    model = check_hookable(model)
+    resolve_layer(model, layer)
+    info = next((i for i in list_layers(model, example_input) if i.name == layer), None)
+    if info is None:
+        return  # not a feature-map layer, or it did not run for this input: the engine explains why on the case
+    if info.calls > 1:
+        raise LayerError(
+            f"layer {layer!r} runs {info.calls} times per forward pass (a reused module, e.g. an activation "
+            "applied twice in a residual block), so it has no single activation to explain; choose a layer that "
+            "runs once, e.g. its parent block or a layer before it (`medcam layers` flags the reused ones)"
+        )
 
 
 def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
@@ -144,7 +175,9 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     coarsest feature map, but a linear filter of the image; its decoder's first stage is chosen instead).
     """
     # a MONAI SkipConnection outputs cat(bypass, submodule): not one path's features, so it is never the bottleneck
-    infos = [i for i in list_layers(model, example_input) if not i.is_output and i.type != "SkipConnection"]
+    infos = [
+        i for i in list_layers(model, example_input) if not i.is_output and i.type != "SkipConnection" and i.calls == 1
+    ]
     infos = [i for i in infos if not i.on_input] or infos
     if not infos:
         raise LayerError("no spatial feature layer found; pass layer=<dotted name> explicitly")

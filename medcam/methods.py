@@ -54,6 +54,11 @@ class SegGradCAMPlusPlus(BaseSegCAM):
     taken first, over every window with the blending weights (as XGrad-CAM's denominator), and each window's
     ``a_k(u) ReLU(g_k(u))`` is then formed with it: ``alpha`` adds up over windows and one window covering the volume
     gives the whole-volume result.
+
+    Signed activations: the closed form assumes ``A >= 0`` (a post-ReLU layer, as in the paper). Where a channel's
+    sum ``sum_v A_k(v)`` is negative, the denominator ``2 g^2 + sum_v A_k(v) g^3`` crosses zero at
+    ``g = -2 / sum_v A_k(v)`` and ``alpha_k`` swings by orders of magnitude for tiny changes of ``g``. A warning names
+    the layer when this happens: explain a layer that follows a ReLU, or use another method.
     """
 
     formula = GradCAMPlusPlus()
@@ -97,3 +102,6 @@ def resolve_method(spec: str) -> tuple[str, type[BaseSegCAM]]:
     if spec.lower() not in METHODS:
         raise MedcamError(f"unknown method {spec!r}; choose from {', '.join(METHODS)} or synth:FILE")
     return spec.lower(), METHODS[spec.lower()]
+
+
+_register_more()  # at import: the registry is complete whoever imports it first

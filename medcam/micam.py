@@ -62,7 +62,7 @@ class MIWeights(PooledFormula):
     ) -> Statistics:
         raise MedcamError("MI-CAM's channel weights come from mutual information, not from the gradient: use SegMICAM")
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
         return stats["mi"]
 
 
@@ -81,7 +81,7 @@ class NMIGradCAM(PooledFormula):
     ) -> Statistics:
         return {"grad": spatial_sum(grad)}
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
         alpha = stats["grad"] / n_positions
         if self.nmi is None:
             return alpha

@@ -27,13 +27,15 @@ from .errors import LayerError, MedcamError, ModelError
 from .hooks import ActivationHook, HookMode, StopForward, preserved_model_state, run_model
 from .layers import auto_layer, check_hookable, resolve_layer
 
-__all__ = ["ModelRunner", "ReshapeTransform", "ScoreKind", "validate_image", "check_finite_grad"]
+__all__ = ["ModelRunner", "ReshapeTransform", "ScoreKind", "OutputActivation", "validate_image", "check_finite_grad"]
 
 logger = logging.getLogger(__name__)
 
 #: ``transform(layer output, input spatial size) -> [B, K, *f]`` (e.g. :class:`medcam.TokenGrid` for ViT tokens)
 ReshapeTransform = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 ScoreKind = Literal["logits", "probability"]
+#: the model's own output activation; ``"none"``: the network ends in it, its outputs already are probabilities
+OutputActivation = Literal["sigmoid", "softmax", "none"]
 
 
 class ModelRunner:
@@ -48,6 +50,7 @@ class ModelRunner:
         reshape_transform: for layers whose output is not a feature map (ViT tokens ``[B, N, C]``).
         score: ``"logits"`` (``S = sum W y``) or ``"probability"`` (``S = sum W act(y)``).
         output_activation: ``"sigmoid"``/``"softmax"`` (the model's own); required with ``score="probability"``.
+            ``"none"``: the outputs already are probabilities (``score="probability"`` sums them as they are).
     """
 
     def __init__(
@@ -60,15 +63,21 @@ class ModelRunner:
         output_index: int = 0,
         reshape_transform: ReshapeTransform | None = None,
         score: ScoreKind = "logits",
-        output_activation: Literal["sigmoid", "softmax"] | None = None,
+        output_activation: OutputActivation | None = None,
     ):
         self.model = check_hookable(model)
         if score not in ("logits", "probability"):
             raise MedcamError(f"score must be 'logits' or 'probability', got {score!r}")
-        if score == "probability" and output_activation not in ("sigmoid", "softmax"):
-            raise MedcamError("score='probability' needs output_activation='sigmoid' or 'softmax' (the model's own)")
-        if output_activation not in (None, "sigmoid", "softmax"):
-            raise MedcamError(f"output_activation must be 'sigmoid', 'softmax' or None, got {output_activation!r}")
+        if score == "probability" and output_activation not in ("sigmoid", "softmax", "none"):
+            raise MedcamError(
+                "score='probability' needs output_activation='sigmoid' or 'softmax' (the model's own), or 'none' "
+                "when the model outputs probabilities itself"
+            )
+        if output_activation not in (None, "sigmoid", "softmax", "none"):
+            raise MedcamError(
+                f"output_activation must be 'sigmoid', 'softmax', 'none' (outputs are probabilities) or None, "
+                f"got {output_activation!r}"
+            )
         self.amp, self.amp_dtype = amp, amp_dtype
         self.output_index = output_index
         self.reshape_transform = reshape_transform
@@ -180,7 +189,7 @@ class ModelRunner:
         if hook.activation is None:
             raise LayerError(
                 f"layer {self.layer_name!r} never ran in the forward pass (it is defined but unused for this input); "
-                "pick another layer with medcam.list_layers"
+                "pick another layer (`medcam layers`, or medcam.list_layers in Python)"
             )
         return hook.activation
 
@@ -226,7 +235,7 @@ class ModelRunner:
     def output_gradient(self, output: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dS/dy [B, C, *S], S [B])`` for score weights ``W`` on the (detached, float32) output ``y``."""
         dims = tuple(range(1, output.ndim))
-        if self.score == "logits":
+        if self.score == "logits" or self.output_activation == "none":  # "none": the outputs are probabilities
             return weights, (weights * output).sum(dim=dims)
         with torch.enable_grad():
             yv = output.detach().float().requires_grad_(True)
@@ -241,7 +250,8 @@ def check_finite_grad(grad: torch.Tensor, layer: str | None) -> torch.Tensor:
     if not bool(torch.isfinite(grad).all()):
         raise ModelError(
             f"the gradient at layer {layer!r} contains NaN/inf (overflow under fp16 autocast, or a non-finite "
-            "model output); try amp=False or amp_dtype=torch.bfloat16, and check the input for NaN/inf"
+            "model output); run without --amp (Python: amp=False or amp_dtype=torch.bfloat16), and check the input "
+            "for NaN/inf"
         )
     return grad
 

@@ -476,7 +476,9 @@ def map_pass(st: SlidingState) -> None:
     assert isinstance(st.method, PooledFormula)
     n_pos = _feature_positions(st.grid.spatial, st.grid.roi_size, st.feat_shape)
     alpha = {
-        (b, k): st.method.weights({n: v[None] for n, v in {**stats, **st.act_stats.get(b, {})}.items()}, n_pos)[0]
+        (b, k): st.method.weights(
+            {n: v[None] for n, v in {**stats, **st.act_stats.get(b, {})}.items()}, n_pos, st.runner.layer_name
+        )[0]
         for (b, k), stats in st.pooled.items()
     }
     refs = st.all_windows()

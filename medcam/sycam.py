@@ -324,7 +324,7 @@ class ElementwiseExpression(ElementwiseFormula):
     def __init__(self, expr: Expr):
         self.expr = expr
 
-    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def map(self, activation: torch.Tensor, grad: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         return self.expr.evaluate({"A": activation, "g": grad}).sum(dim=1)
 
     def __repr__(self) -> str:
@@ -345,7 +345,7 @@ class PooledExpression(PooledFormula):
         env = {"A": activation, "g": grad}
         return {s.text(): _spatial_sum(s.args[0].evaluate(env)) for s in self.grad_terms}
 
-    def weights(self, stats: Statistics, n_positions: float) -> torch.Tensor:
+    def weights(self, stats: Statistics, n_positions: float, layer: str | None = None) -> torch.Tensor:
         ref = next(iter(stats.values())) if stats else None
         if ref is None:  # a constant expression: no statistic tells the channel count
             raise ExpressionError(f"the CAM expression {self.expr.text()!r} has no sum() term")
@@ -382,7 +382,7 @@ def expression_formula(expr: Expr) -> ElementwiseExpression | PooledExpression:
 class _NoExpression(Formula):
     """Placeholder of :class:`SynthesizedCAM` itself: every instance (or subclass from a file) has its own formula."""
 
-    def map(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def map(self, activation: torch.Tensor, grad: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         raise ExpressionError("SynthesizedCAM needs an expression, e.g. expression='sum(g*A) / sum(A)'")
 
 

@@ -43,10 +43,53 @@ def _check_channel(channel: int, output: torch.Tensor, what: str = "channel") ->
     if output.ndim < 2:
         raise TargetError(f"model output has shape {tuple(output.shape)}; expected [B, C, *spatial]")
     n = output.shape[1]
-    if not -n <= channel < n:
+    if not 0 <= channel < n:
         raise TargetError(
             f"{what} {channel} is out of range: the model output has {n} channels (shape {tuple(output.shape)}); "
             f"use a channel in 0..{n - 1}"
+        )
+
+
+def _channel_index(channel: object, what: str = "channel") -> int:
+    """``channel`` as a non-negative int; negative indices are refused (``-1`` would silently be the last channel)."""
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+        raise TargetError(f"{what} must be an int, got {type(channel).__name__}")
+    if channel < 0:
+        raise TargetError(
+            f"{what} {int(channel)} is negative; give the output channel as a non-negative index (0 = first channel)"
+        )
+    return int(channel)
+
+
+#: output activations a target understands; "none" = the model's outputs already are probabilities
+ACTIVATIONS = ("sigmoid", "softmax", "none")
+
+
+def looks_like_probabilities(output: torch.Tensor, activation: str) -> bool:
+    """True when ``output`` is what the activation would produce already: every value in [0, 1] (and, for softmax,
+    channels summing to 1), i.e. the network ends in its own sigmoid/softmax and gives probabilities, not logits."""
+    if output.numel() == 0 or not output.is_floating_point():
+        return False
+    lo, hi = float(output.min()), float(output.max())
+    if lo < 0.0 or hi > 1.0:
+        return False
+    if activation == "softmax":
+        return bool(torch.allclose(output.float().sum(1), torch.ones((), device=output.device), atol=1e-3))
+    return True
+
+
+def _warn_if_probabilities(output: torch.Tensor, channel: int, activation: str, threshold: float | None) -> None:
+    if activation == "softmax" and threshold is None:
+        return  # argmax: the same on probabilities and logits
+    if looks_like_probabilities(output, activation):
+        logger.warning(
+            "the model output lies in [0, 1]: it looks like probabilities already (the network ends in its own "
+            "%s), and a %s on top of it gives a wrong predicted region for channel %d (sigmoid(p) > 0.5 holds for "
+            "every p > 0); pass output_activation='none' / activation='none' (command line: --activation none) to "
+            "threshold the outputs themselves",
+            activation,
+            activation,
+            channel,
         )
 
 
@@ -54,16 +97,21 @@ def _predicted_mask(output: torch.Tensor, channel: int, activation: str, thresho
     """Boolean mask ``[B, *S]`` of the voxels the model assigns to ``channel``.
 
     sigmoid: ``sigmoid(y_c) > threshold``; softmax: ``argmax_c y == channel`` when threshold is None, else
-    ``softmax(y)_c > threshold``.
+    ``softmax(y)_c > threshold``; none (outputs are probabilities): ``y_c > threshold``. Threshold default 0.5.
+    Warns when the output looks like probabilities but a sigmoid/softmax is to be applied on top.
     """
+    if activation in ("sigmoid", "softmax"):
+        _warn_if_probabilities(output, channel, activation, threshold)
     if activation == "sigmoid":
         thr = 0.5 if threshold is None else threshold
         return torch.sigmoid(output[:, channel].float()) > thr
     if activation == "softmax":
         if threshold is None:
-            return output.argmax(dim=1) == (channel % output.shape[1])
+            return output.argmax(dim=1) == channel
         return torch.softmax(output.float(), dim=1)[:, channel] > threshold
-    raise TargetError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    if activation == "none":
+        return output[:, channel].float() > (0.5 if threshold is None else threshold)
+    raise TargetError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 class Target:
@@ -75,9 +123,7 @@ class Target:
     needs_prediction: bool = False
 
     def __init__(self, channel: int):
-        if not isinstance(channel, (int, np.integer)):
-            raise TargetError(f"channel must be an int, got {type(channel).__name__}")
-        self.channel = int(channel)
+        self.channel = _channel_index(channel)
 
     # -- to implement -------------------------------------------------------------------------------------------
     def roi(self, output: torch.Tensor) -> torch.Tensor:
@@ -120,9 +166,11 @@ class PredictedROI(Target):
 
     Args:
         channel: output channel.
-        activation: ``"sigmoid"`` (multi-label outputs such as BraTS TC/WT/ET: ``sigmoid(y_c) > threshold``) or
+        activation: ``"sigmoid"`` (multi-label outputs such as BraTS TC/WT/ET: ``sigmoid(y_c) > threshold``),
             ``"softmax"`` (mutually exclusive classes: voxels whose argmax is ``channel``; with an explicit threshold,
-            ``softmax(y)_c > threshold``).
+            ``softmax(y)_c > threshold``) or ``"none"`` (the network ends in its own sigmoid/softmax, its outputs are
+            probabilities: ``y_c > threshold``). A sigmoid/softmax on outputs that already lie in [0, 1] is warned
+            about (``sigmoid(p) > 0.5`` holds for every voxel).
         threshold: probability threshold. None (default) means 0.5 for sigmoid and argmax for softmax.
     """
 
@@ -131,12 +179,12 @@ class PredictedROI(Target):
     def __init__(
         self,
         channel: int,
-        activation: Literal["sigmoid", "softmax"] = "sigmoid",
+        activation: Literal["sigmoid", "softmax", "none"] = "sigmoid",
         threshold: float | None = None,
     ):
         super().__init__(channel)
-        if activation not in ("sigmoid", "softmax"):
-            raise TargetError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise TargetError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if threshold is not None and not 0.0 <= threshold < 1.0:
             raise TargetError(f"threshold must be a probability in [0, 1), got {threshold}")
         self.activation = activation
@@ -165,7 +213,7 @@ class ComponentROI(PredictedROI):
         self,
         channel: int,
         which: Literal["largest"] | int = "largest",
-        activation: Literal["sigmoid", "softmax"] = "sigmoid",
+        activation: Literal["sigmoid", "softmax", "none"] = "sigmoid",
         threshold: float | None = None,
         point: Sequence[int] | None = None,
         connectivity: int | None = None,
@@ -230,6 +278,12 @@ class MaskROI(Target):
             raise TargetError(f"mask must be a torch tensor or numpy array, got {type(mask).__name__}")
         if not torch.isfinite(mask.float()).all():
             raise TargetError("mask contains NaN or inf values")
+        if not bool((mask != 0).any()):
+            logger.warning(
+                "MaskROI on channel %d: the mask is all zero (empty ROI), so the score is 0 and the map all zero; "
+                "check the mask (is it on the output grid, with the ROI non-zero?)",
+                int(channel),
+            )
         self.mask = mask
 
     def roi(self, output: torch.Tensor) -> torch.Tensor:
@@ -309,7 +363,7 @@ class ContrastROI(Target):
 
     def __init__(self, channel: int, reference_channel: int, alpha: float = 1.0, region: Target | None = None):
         super().__init__(channel)
-        self.reference_channel = int(reference_channel)
+        self.reference_channel = _channel_index(reference_channel, "reference_channel")
         self.alpha = float(alpha)
         self.region = region if region is not None else ClassROI(channel)
         self.needs_prediction = self.region.needs_prediction

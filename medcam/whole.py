@@ -51,7 +51,7 @@ def explain_whole(
         maps = [
             torch.zeros((af.shape[0], *af.shape[2:]), device=af.device)
             if g_out is None
-            else method.map(af, runner.to_feature_map(next(grads), spatial))
+            else method.map(af, runner.to_feature_map(next(grads), spatial), runner.layer_name)
             for g_out in g_outs
         ]
         del y, a

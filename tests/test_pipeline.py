@@ -388,11 +388,11 @@ def test_cohort_failures_resume_and_parts(tiny_demo, cases_root, tmp_path):
     run2 = explain_cohort(discover_cases([root]), model, ["hirescam"], specs, None, inferer, out, **kw)
     assert (run2["ok"], run2["skipped"], run2["failed"]) == (0, 2, 1)
     assert (out / "Phantom_00003" / "summary.json").stat().st_mtime_ns == mtime
-    # other settings: refused per case, not silently skipped
-    run3 = explain_cohort(
-        discover_cases([root]), model, ["hirescam"], specs, None, inferer, out, **{**kw, "settings": {"m": 2}}
-    )
-    assert run3["failed"] == 3 and "other settings" in run3["cases"][1]["error"]
+    # other settings: the whole run is refused before anything is written (issue 19), not silently skipped
+    with pytest.raises(PipelineError, match="other settings"):
+        explain_cohort(
+            discover_cases([root]), model, ["hirescam"], specs, None, inferer, out, **{**kw, "settings": {"m": 2}}
+        )
     # parts: each part writes its own run summary and handles its own share
     out2 = tmp_path / "out2"
     cases = discover_cases([root / "Phantom_00003"]) + discover_cases([root / "Phantom_00004"])

@@ -77,7 +77,7 @@ class BratsCase(VolumeCase):
     """A preprocessed BraTS case (see :class:`~medcam.data.loading.VolumeCase`).
 
     Extra attributes:
-        layout: "brats2021", "brats2023" or "mapping".
+        layout: "brats2021", "brats2023", "plain" (files named t1.nii.gz, ...) or "mapping".
         label_convention: "brats2021" (ET = 4) or "brats2023" (ET = 3), or None without label.
         ``label`` is [3, X, Y, Z] float32 with channels TC, WT, ET (0/1).
     """
@@ -93,11 +93,50 @@ def _match(folder: Path, suffix: str):
     return hits
 
 
+def _plain_files(folder: Path) -> dict[str, list[Path]]:
+    """Files named after the modality alone (``t1.nii.gz``, ``t1ce.nii.gz``/``t1c``, ``t2``/``t2w``, ``flair``/``t2f``,
+    optional ``seg``/``label``), case-insensitive: canonical modality -> matching files."""
+    hits: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        name = p.name.lower()
+        ext = next((e for e in _EXTS if name.endswith(e)), None)
+        if ext is None or not (p.is_file() or p.is_symlink()):
+            continue
+        canon = MODALITY_ALIASES.get(name[: -len(ext)])
+        if canon is not None:
+            hits.setdefault(canon, []).append(p)
+    return hits
+
+
+def _discover_plain(folder: Path, hits: dict[str, list[Path]]) -> tuple[str, str, dict[str, Path]]:
+    paths: dict[str, Path] = {}
+    for m in MODALITIES + ("seg",):
+        files = hits.get(m, [])
+        if len(files) > 1:
+            raise MedcamDataError(
+                f"Folder '{folder}' has several {m.upper()} images ({', '.join(p.name for p in files)}); keep one."
+            )
+        if files:
+            paths[m] = files[0]
+        elif m != "seg":
+            raise MedcamDataError(
+                f"Case folder '{folder}' (files named after the modality) has no {m.upper()} image: expected "
+                f"'{folder / (m + '.nii.gz')}' (names accepted: "
+                f"{', '.join(a for a, c in MODALITY_ALIASES.items() if c == m)})."
+            )
+    case_id = folder.resolve().name
+    logger.info("found case %s (plain file names) in %s", case_id, folder)
+    return "plain", case_id, paths
+
+
 def discover_brats_case(folder: PathLike) -> tuple[str, str, dict[str, Path]]:
     """Find the modality files of a BraTS case folder.
 
-    Detects the BraTS 2017-2021 layout (``<ID>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair``, optional ``_seg``) or the
-    2023+ layout (``<ID>-t1n.nii.gz``, ``-t1c``, ``-t2w``, ``-t2f``, optional ``-seg``); ``.nii`` is accepted too.
+    Detects the BraTS 2017-2021 layout (``<ID>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair``, optional ``_seg``), the
+    2023+ layout (``<ID>-t1n.nii.gz``, ``-t1c``, ``-t2w``, ``-t2f``, optional ``-seg``), or files named after the
+    modality alone (layout ``"plain"``: ``t1.nii.gz, t1ce.nii.gz, t2.nii.gz, flair.nii.gz``, 2023 names
+    ``t1n, t1c, t2w, t2f`` too, optional ``seg.nii.gz``; the case id is then the folder's name). ``.nii`` is
+    accepted too.
 
     Returns:
         (layout, case_id, {"t1": path, "t1ce": ..., "t2": ..., "flair": ..., ["seg": ...]}).
@@ -115,16 +154,20 @@ def discover_brats_case(folder: PathLike) -> tuple[str, str, dict[str, Path]]:
         if any(hits[m] for m in MODALITIES):
             found[layout] = hits
     if not found:
+        plain = _plain_files(folder)
+        if any(plain.get(m) for m in MODALITIES):
+            return _discover_plain(folder, plain)
         raise MedcamDataError(
             f"No BraTS case found in '{folder}': expected files '<ID>_t1.nii.gz, <ID>_t1ce.nii.gz, <ID>_t2.nii.gz, "
-            "<ID>_flair.nii.gz' (BraTS 2017-2021) or '<ID>-t1n.nii.gz, <ID>-t1c.nii.gz, <ID>-t2w.nii.gz, "
-            "<ID>-t2f.nii.gz' (BraTS 2023+). Rename the files or pass an explicit mapping "
-            "{'t1': ..., 't1ce': ..., 't2': ..., 'flair': ..., 'seg': ...}."
+            "<ID>_flair.nii.gz' (BraTS 2017-2021), '<ID>-t1n.nii.gz, <ID>-t1c.nii.gz, <ID>-t2w.nii.gz, "
+            "<ID>-t2f.nii.gz' (BraTS 2023+) or 't1.nii.gz, t1ce.nii.gz, t2.nii.gz, flair.nii.gz'. Rename the files, "
+            "or list them in a CSV manifest (header case_id,t1,t1ce,t2,flair[,seg]; `medcam explain --help`); in "
+            "Python, pass a mapping {'t1': ..., 't1ce': ..., 't2': ..., 'flair': ..., 'seg': ...}."
         )
     if len(found) > 1:
         raise MedcamDataError(
             f"Folder '{folder}' mixes BraTS 2017-2021 ('_t1') and 2023+ ('-t1n') file names; keep one case layout "
-            "per folder or pass an explicit mapping."
+            "per folder, or list the files in a CSV manifest (Python: pass an explicit mapping)."
         )
     layout, hits = next(iter(found.items()))
     sufs = LAYOUT_SUFFIXES[layout]
@@ -271,7 +314,7 @@ def load_brats_case(
         seg = read_volume(seg_path, is_label=True)
         values = np.unique(seg.cpu().numpy()).astype(int)
         try:
-            convention = label_convention or (layout if layout != "mapping" else infer_label_convention(values))
+            convention = label_convention or (layout if layout in LABEL_CONVENTIONS else infer_label_convention(values))
             regions = labels_to_regions(seg, convention)
         except MedcamDataError as exc:
             raise MedcamDataError(f"Label file '{seg_path}': {exc}") from exc

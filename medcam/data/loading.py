@@ -141,7 +141,7 @@ def read_header(path: PathLike) -> ImageHeader:
     if len(shape) != 3:
         raise MedcamDataError(
             f"Image '{path}' has shape {shape}, but medcam needs a 3D volume (X, Y, Z). "
-            "Split 4D/multi-component files into one 3D file per channel and pass them as a list."
+            "Split 4D/multi-component files into one 3D file per channel and give them as separate INPUTS (Python: a list)."
         )
     if min(shape) < 2:
         raise MedcamDataError(

@@ -25,11 +25,14 @@ class CaseSource:
         case_id: identifier (output sub-folder name).
         kind: ``"brats_folder"``, ``"brats_mapping"`` or ``"volumes"``.
         source: folder path, modality -> path mapping, or list of channel files.
+        fields: extra manifest columns of the case (``mask...`` columns), as ``(name, path)`` pairs; they fill
+            ``{name}`` placeholders of per-case ``--target mask:`` templates.
     """
 
     case_id: str
     kind: str
     source: Any
+    fields: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> Any:
         if isinstance(self.source, Mapping):
@@ -48,11 +51,30 @@ def _safe_id(name: str) -> str:
     return out or "case"
 
 
+def id_from_files(files: Sequence[PathLike]) -> str:
+    """Case id for image files: the first file's name without extension, or, when the files are named after the
+    modality alone (``t1.nii.gz``, ``flair.nii.gz``, ...), the name of their folder (not ``t1``)."""
+    from ..data.brats import MODALITY_ALIASES
+    from ..data.loading import strip_image_suffix
+
+    first = Path(files[0])
+    stem = strip_image_suffix(first.name)
+    if stem.lower() in MODALITY_ALIASES:
+        return _safe_id(first.resolve().parent.name)
+    return _safe_id(stem)
+
+
+def _is_field(column: str) -> bool:
+    """Manifest columns that are not image channels: ``mask``, ``mask_...`` (per-case target masks)."""
+    return column == "mask" or column.startswith("mask_")
+
+
 def _read_manifest(path: Path) -> list[CaseSource]:
     """CSV with a header: optional ``case_id``; either ``folder`` (a BraTS case folder) or one column per channel.
 
     Channel columns named t1, t1ce, t2, flair (2023 names accepted; optional ``seg``) make a BraTS case; any other
-    columns are image files in column order. Relative paths are relative to the CSV's folder.
+    columns are image files in column order, except ``mask`` / ``mask_*`` columns: per-case mask files for
+    ``--target mask:{mask}``. Relative paths are relative to the CSV's folder.
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -72,29 +94,28 @@ def _read_manifest(path: Path) -> list[CaseSource]:
             q = Path(v).expanduser()
             return q if q.is_absolute() else base / q
 
+        fields = tuple((k, str(p(v))) for k, v in row.items() if v and _is_field(k))
         if row.get("folder"):
             folder = p(row["folder"])
-            cases.append(CaseSource(_safe_id(cid or folder.name), "brats_folder", folder))
+            cases.append(CaseSource(_safe_id(cid or folder.name), "brats_folder", folder, fields))
             continue
-        cols = {k: v for k, v in row.items() if v and k != "folder"}
+        cols = {k: v for k, v in row.items() if v and k != "folder" and not _is_field(k)}
         if not cols:
             raise PipelineError(f"manifest '{path}' line {i}: no 'folder' and no image columns")
         if set(cols) - {"seg", "label"} <= _BRATS_KEYS and len(set(cols) - {"seg", "label"}) == 4:
             mapping = {k: p(v) for k, v in cols.items()}
-            from ..data.loading import strip_image_suffix
-
             first = next(iter(mapping.values()))
-            cases.append(CaseSource(_safe_id(cid or strip_image_suffix(first.name)), "brats_mapping", mapping))
+            cases.append(CaseSource(_safe_id(cid) if cid else id_from_files([first]), "brats_mapping", mapping, fields))
         else:
             files = [p(v) for k, v in cols.items() if k not in ("seg", "label")]
-            from ..data.loading import strip_image_suffix
-
-            cases.append(CaseSource(_safe_id(cid or strip_image_suffix(files[0].name)), "volumes", files))
+            cases.append(CaseSource(_safe_id(cid) if cid else id_from_files(files), "volumes", files, fields))
     return cases
 
 
-def discover_cases(inputs: Sequence[PathLike]) -> list[CaseSource]:
+def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> list[CaseSource]:
     """Turn the ``explain`` inputs into cases.
+
+    ``case_id`` names the case when the inputs form ONE case (image files or a case folder); refused for a cohort.
 
     * one folder that is a BraTS case (``<ID>_t1.nii.gz`` ... or ``<ID>-t1n.nii.gz`` ...) -> that case;
     * one folder whose sub-folders are BraTS cases -> a cohort (sorted by name; other sub-folders are ignored
@@ -106,7 +127,7 @@ def discover_cases(inputs: Sequence[PathLike]) -> list[CaseSource]:
         PipelineError: missing path, folder with no case, mixed kinds, duplicate case ids.
     """
     from ..data.brats import discover_brats_case
-    from ..data.loading import MedcamDataError, strip_image_suffix
+    from ..data.loading import MedcamDataError
 
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -143,7 +164,16 @@ def discover_cases(inputs: Sequence[PathLike]) -> list[CaseSource]:
             )
         if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
             raise PipelineError(f"manifest '{paths[0]}' is not a file")
-        cases = [CaseSource(_safe_id(strip_image_suffix(paths[0].name)), "volumes", list(paths))]
+        cases = [CaseSource(id_from_files(paths), "volumes", list(paths))]
+    if case_id is not None:
+        if len(cases) != 1:
+            raise PipelineError(
+                f"--case-id names ONE case, but the input holds {len(cases)} cases; name cohort cases with a CSV "
+                "manifest's case_id column"
+            )
+        if _safe_id(case_id) != case_id or case_id in (".", ".."):
+            raise PipelineError(f"--case-id {case_id!r}: use letters, digits, '.', '_' and '-' only")
+        cases = [CaseSource(case_id, cases[0].kind, cases[0].source, cases[0].fields)]
     ids = [c.case_id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:

@@ -6,10 +6,16 @@ Used by ``medcam explain`` (:func:`medcam.pipeline.explain_cohort`) and ``medcam
 
 * :func:`process_case` handles ONE case and returns its record; it is the unit another executor (a Ray actor, a job
   array) calls: it needs only the source, the case folder and the work function.
-* A case folder whose ``summary.json`` was written with the same settings is skipped; one written with other
-  settings is an error (``overwrite=True`` redoes it); a folder that is not medcam's is never replaced.
+* The resume rule (:mod:`medcam.pipeline.resume`): a case folder whose ``summary.json`` records the same input
+  files (resolved paths, sizes, modification times) and the same settings is skipped. Any other existing folder
+  under a case id of this run (another case, edited inputs, other settings, not medcam's) is a conflict, and the
+  whole run is refused BEFORE anything is written (:func:`~medcam.pipeline.resume.plan_cohort`); with
+  ``overwrite=True`` every existing case folder written by medcam is redone; a folder that is not medcam's is never
+  replaced. The output folder must be writable (checked before the first case); staging folders left by killed
+  runs are removed.
 * A case is written into a hidden staging folder beside its final place and moved there when complete
-  (:func:`staged_case_dir`), so an interrupted run leaves only complete case folders.
+  (:func:`staged_case_dir`), so an interrupted run leaves only complete case folders. A ``KeyboardInterrupt``
+  (Ctrl-C; SIGTERM under :func:`medcam.signals.stop_on_signals`) abandons the current case and propagates.
 * A failing case is recorded (``status="failed"``, ``error``) and the loop goes on; nothing of it stays on disk.
 * :func:`run_cohort` decides on the driver which of this part's cases are done (resume), hands the others to an
   executor (:mod:`medcam.pipeline.executors`: this process, or Ray workers with ``executor="ray"``) as one
@@ -43,6 +49,16 @@ from .cases import CaseSource, split_parts
 from .common import _jsonable
 from .errors import PipelineError
 from .executors import Executor, input_bytes, resolve_executor
+from .resume import (
+    SUMMARY_NAME,
+    case_input_files,
+    check_writable,
+    fingerprint,
+    plan_cohort,
+    read_summary,
+    remove_stale_staging,
+    staging_dir,
+)
 
 __all__ = [
     "CaseWork",
@@ -51,6 +67,7 @@ __all__ = [
     "discard_staging",
     "process_case",
     "run_cohort",
+    "source_inputs",
     "staged_case_dir",
     "write_case",
     "read_summary",
@@ -61,7 +78,6 @@ __all__ = [
 
 logger = logging.getLogger(__package__)
 
-SUMMARY_NAME = "summary.json"
 #: ``work(source, staging_dir) -> summary``: do one case, writing its files into ``staging_dir`` (which exists and
 #: is empty); the returned summary is written as ``summary.json`` by the loop (with version and settings signature).
 #: For an executor with workers (Ray) it must be picklable; it may have ``setup(device) -> work`` (e.g. move its model
@@ -98,16 +114,6 @@ def json_key(path: PathLike, key: str) -> Any:
     return data.get(key) if isinstance(data, dict) else None
 
 
-def read_summary(case_dir: PathLike) -> dict[str, Any] | None:
-    """The ``summary.json`` of a finished case folder, or None if absent/unreadable/not medcam's."""
-    p = Path(case_dir) / SUMMARY_NAME
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "medcam_version" in data else None
-
-
 def _replace_dir(staging: Path, final: Path, overwrite: bool) -> None:
     """Move the finished staging folder onto ``final`` (replacing a previous medcam output only if allowed)."""
     if final.exists():
@@ -134,7 +140,7 @@ def staged_case_dir(final: PathLike, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".partial-{uuid.uuid4().hex[:8]}-{final.name}"
+    staging = staging_dir(final)
     staging.mkdir()
     try:
         yield staging
@@ -151,8 +157,10 @@ def write_case(
     *,
     settings: Mapping[str, Any],
     overwrite: bool = False,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version and settings signature)
+    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version, settings signature and
+    ``inputs``, the :func:`~medcam.pipeline.resume.fingerprint` of the case's files that the resume rule compares)
     into the staging folder, moved to ``case_dir`` when complete; returns the summary written."""
     from ..io import write_text_atomic
 
@@ -165,26 +173,22 @@ def write_case(
             "versions": versions(),
             "settings": _jsonable(dict(settings)),
             "settings_signature": settings_signature(settings),
+            "inputs": _jsonable(dict(inputs)) if inputs is not None else None,
         }
         write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
 
 
-def _is_done(case_dir: Path, signature: str, overwrite: bool) -> bool:
-    """Whether ``case_dir`` holds this case finished with the same settings (raises if it holds something else)."""
-    if not case_dir.exists() or overwrite:
-        return False
-    prev = read_summary(case_dir)
-    if prev is None:
-        raise PipelineError(
-            f"'{case_dir}' exists and holds no medcam summary.json; refusing to overwrite it (pass --overwrite, "
-            "or move it away)"
-        )
-    if prev.get("settings_signature") != signature:
-        raise PipelineError(
-            f"'{case_dir}' was explained with other settings; pass --overwrite to redo it or choose another --output"
-        )
-    return True
+def source_inputs(src: CaseSource, extra: Sequence[PathLike] = ()) -> dict[str, Any]:
+    """:func:`~medcam.pipeline.resume.fingerprint` of every file case ``src`` is made of (plus ``extra`` files, e.g.
+    per-case masks); a broken case folder is fingerprinted as the folder (its failure is reported when it is run)."""
+    from ..data.loading import MedcamDataError
+
+    try:
+        files: Mapping[str, PathLike] = case_input_files(src, extra)
+    except MedcamDataError:
+        files = {"folder": Path(str(src.source))}
+    return fingerprint(files)
 
 
 def process_case(
@@ -194,21 +198,41 @@ def process_case(
     *,
     settings: Mapping[str, Any],
     overwrite: bool = False,
+    plan: str | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One case of a cohort: skipped if done, else ``work`` into a staged folder; failures recorded, not raised.
 
-    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``.
+    Args:
+        plan: ``"todo" | "done" | "redo"`` as decided by :func:`~medcam.pipeline.resume.plan_cohort` for the whole
+            run; None: decided here for this case alone (a conflict is then this case's failure).
+        inputs: fingerprint of the case's files (default :func:`source_inputs`), recorded in its summary.
+
+    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``. A
+    ``KeyboardInterrupt`` abandons the case (its staging folder removed) and propagates.
     """
     t0 = time.perf_counter()
     case_dir = Path(case_dir)
     rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
     try:
-        if _is_done(case_dir, settings_signature(settings), overwrite):
+        if inputs is None:
+            inputs = source_inputs(src)
+        if plan is None:
+            one = _Renamed(src, case_dir.name)
+            plan = plan_cohort([one], case_dir.parent, {one.case_id: inputs}, settings_signature(settings), overwrite)[
+                one.case_id
+            ]
+        if plan == "done":
             rec.update(status="skipped")
-            logger.info("case %s already done: skipped", src.case_id)
+            logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
         else:
             write_case(
-                lambda staging: work(src, staging), src.case_id, case_dir, settings=settings, overwrite=overwrite
+                lambda staging: work(src, staging),
+                src.case_id,
+                case_dir,
+                settings=settings,
+                overwrite=plan == "redo",
+                inputs=inputs,
             )
             rec.update(status="ok")
         rec["summary"] = f"{case_dir.name}/{SUMMARY_NAME}"
@@ -217,6 +241,9 @@ def process_case(
         rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
         logger.error("case %s failed: %s", src.case_id, msg)
         logger.debug("traceback of case %s", src.case_id, exc_info=True)
+    except KeyboardInterrupt:
+        logger.debug("case %s abandoned (interrupted)", src.case_id)
+        raise
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
 
@@ -245,6 +272,10 @@ class CohortJob:
     settings: Mapping[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     log_root: Path | None = None
+    #: ``{case_id: "todo" | "redo"}`` decided by :func:`~medcam.pipeline.resume.plan_cohort` on the driver
+    plans: Mapping[str, str] = field(default_factory=dict)
+    #: ``{case_id: fingerprint}`` of each case's input files, recorded in its summary
+    inputs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -259,7 +290,15 @@ class CohortJob:
         return replace(self, work=setup(device))
 
     def run_case(self, src: CaseSource) -> dict[str, Any]:
-        return process_case(src, self.root / src.case_id, self.work, settings=self.settings, overwrite=self.overwrite)
+        return process_case(
+            src,
+            self.root / src.case_id,
+            self.work,
+            settings=self.settings,
+            overwrite=self.overwrite,
+            plan=self.plans.get(src.case_id),
+            inputs=self.inputs.get(src.case_id),
+        )
 
     def failed_record(self, src: CaseSource, error: str) -> dict[str, Any]:
         return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": error, "seconds": 0.0}
@@ -272,19 +311,11 @@ class CohortJob:
         return input_bytes(src)
 
 
-def _resume_record(src: CaseSource, case_dir: Path, signature: str, overwrite: bool) -> dict[str, Any] | None:
-    """The record of a case decided on the driver (``skipped``, or ``failed`` when its folder holds something
-    else), or None when it is to be done."""
-    rec: dict[str, Any] = {"case_id": src.case_id, "source": src.describe()}
-    try:
-        if not _is_done(case_dir, signature, overwrite):
-            return None
-    except PipelineError as e:
-        msg = " ".join(str(e).split())
-        logger.error("case %s failed: %s", src.case_id, msg)
-        return {**rec, "status": "failed", "error": f"{type(e).__name__}: {msg}", "seconds": 0.0}
-    logger.info("case %s already done: skipped", src.case_id)
-    return {**rec, "status": "skipped", "summary": f"{case_dir.name}/{SUMMARY_NAME}", "seconds": 0.0}
+class _Renamed:
+    """A case source seen under the name of its case folder (for :func:`plan_cohort` on one folder)."""
+
+    def __init__(self, src: CaseSource, case_id: str):
+        self.source, self.case_id = src, case_id
 
 
 def run_cohort(
@@ -301,8 +332,12 @@ def run_cohort(
     on_case: Callable[[dict[str, Any]], None] | None = None,
     executor: str | Executor | None = None,
     log_dir: PathLike | None = None,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``work`` on this part's cases (one :func:`process_case` each) and write the run summary.
+
+    Every case is planned first (:func:`~medcam.pipeline.resume.plan_cohort`: a conflict refuses the whole run
+    before anything is written), then the output folder is checked writable and stale staging folders removed.
 
     Args:
         case_root: where the case folders go (``case_root/<case_id>``); default ``out_dir``.
@@ -311,6 +346,7 @@ def run_cohort(
             ``RayExecutor("auto", gpus_per_worker=0.5)``). Resume is decided here, before the executor; the
             records are in cohort order whoever ran the cases.
         log_dir: the workers' log folder of a distributed executor (default ``out_dir/logs``).
+        inputs: ``{case_id: fingerprint}`` of every case's files (default :func:`source_inputs` of each case).
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``
         for a split run; ``path`` added): ``cases`` [records], counts ``ok``/``skipped``/``failed``.
@@ -326,9 +362,17 @@ def run_cohort(
     run_path = out_dir / run_name
     if run_path.exists() and json_key(run_path, "medcam_version") is None:
         raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
+    # everything decided before anything is written: a refused run touches nothing
+    fps = {src.case_id: (inputs or {}).get(src.case_id) or source_inputs(src) for src in mine}
+    plan = plan_cohort(mine, root, fps, settings_signature(settings), overwrite)
     runner = resolve_executor(executor)
-    job = CohortJob(work, root, dict(settings), overwrite, Path(log_dir) if log_dir is not None else out_dir / "logs")
-    signature = settings_signature(settings)
+    check_writable(out_dir)
+    if root != out_dir:
+        check_writable(root)
+    remove_stale_staging(root)
+    job = CohortJob(
+        work, root, dict(settings), overwrite, Path(log_dir) if log_dir is not None else out_dir / "logs", plan, fps
+    )
     by_id: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(mine), desc="medcam cases", unit="case", disable=not progress or len(mine) == 1)
 
@@ -341,11 +385,19 @@ def run_cohort(
 
     todo = []
     for src in mine:  # resume is decided here, on the driver: an executor only gets the cases still to do
-        rec = _resume_record(src, root / src.case_id, signature, overwrite)
-        if rec is None:
-            todo.append(src)
+        if plan[src.case_id] == "done":
+            logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
+            record(
+                {
+                    "case_id": src.case_id,
+                    "source": src.describe(),
+                    "status": "skipped",
+                    "summary": f"{src.case_id}/{SUMMARY_NAME}",
+                    "seconds": 0.0,
+                }
+            )
         else:
-            record(rec)
+            todo.append(src)
     try:
         if todo:
             runner.run(job, todo, record)

@@ -33,7 +33,8 @@ class LoadedModel:
         spec: the ``--model`` string as given.
         checkpoint: weights file loaded, or None.
         regions: names of the C output channels (e.g. ``("TC", "WT", "ET")``), or ``()`` when unknown.
-        activation: the model's output activation, ``"sigmoid"`` (multi-label) or ``"softmax"``.
+        activation: the model's output activation, ``"sigmoid"`` (multi-label), ``"softmax"``, or ``"none"`` (the
+            network applies its own; outputs are probabilities).
         channel_order: BraTS modality order of the input channels (used when the input is a BraTS case).
         preprocessing: keyword arguments for ``load_brats_case`` / ``load_volumes`` (orientation, spacing mm, ...).
         default_layer: layer explained when none is given (``"auto"`` = the bottleneck).
@@ -333,7 +334,8 @@ def load_model(
         checkpoint: ``state_dict`` file for a factory model (``torch.load(weights_only=True)``).
         device: where to put the network.
         regions: names of the output channels (default: demo/BraTS ``TC, WT, ET`` for the demo, none otherwise).
-        activation: ``"sigmoid"`` or ``"softmax"`` (default sigmoid).
+        activation: ``"sigmoid"`` or ``"softmax"`` (default sigmoid); ``"none"`` when the network ends in its own
+            sigmoid/softmax (its outputs are probabilities, thresholded as they are).
         channel_order: BraTS modality order of the input channels (default T1, T1ce, T2, FLAIR; MONAI's
             brats_mri_segmentation bundle needs ``("t1ce", "t1", "t2", "flair")``).
         preprocessing: overrides of the ``load_brats_case``/``load_volumes`` keyword arguments.
@@ -348,8 +350,10 @@ def load_model(
     Raises:
         PipelineError / ModelError: with a one-line reason (missing file, TorchScript, bad factory, key mismatch).
     """
-    if activation is not None and activation not in ("sigmoid", "softmax"):
-        raise PipelineError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    if activation is not None and activation not in ("sigmoid", "softmax", "none"):
+        raise PipelineError(
+            f"activation must be 'sigmoid', 'softmax' or 'none' (the model outputs probabilities), got {activation!r}"
+        )
     pre: dict[str, Any] = {
         "orientation": "RAS",
         "spacing": None,
@@ -373,9 +377,7 @@ def load_model(
             ckpt = f"medcam.models.weights/{demo.DEMO_WEIGHTS}"
         else:
             net, ckpt = demo.demo_network(), None
-        pre.update(demo.demo_preprocessing_kwargs())
-        # the brain fits in one window once cropped to its bounding box: several times faster, same maps
-        pre["crop_foreground"] = True
+        pre.update(demo.demo_preprocessing_kwargs())  # the one definition, shared with the Python recipe
         loaded = LoadedModel(
             net=net,
             kind="demo",

@@ -17,16 +17,18 @@ from torch import nn
 
 from ..errors import ModelError, TargetError
 from ..geometry import spacing_of
+from ..hooks import is_size_mismatch
 from ..result import CAMResult
 from ..runner import ModelRunner
 from ..types import PathLike
 from .cases import CaseSource, load_case, split_parts
-from .cohort import discard_staging, run_cohort, write_case
+from .cohort import discard_staging, run_cohort, source_inputs, write_case
 from .errors import PipelineError
 from .executors import Executor
 from .models import LoadedModel
+from .resume import fingerprint
 from .settings import RunSettings, prepare
-from .target_specs import TargetSpec, build_targets
+from .target_specs import TargetSpec, build_targets, case_specs, check_masks_for_cohort
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
 
@@ -50,8 +52,34 @@ SCORE_DEFINITION = (
 
 def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
     """Model output ``[B, C, *S]`` (float32, detached): ``inferer(image, net)`` or ``net(image)``, output selected
-    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`)."""
-    return ModelRunner(net, amp=amp).predict(image, inferer)
+    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`).
+
+    Raises:
+        ModelError: the network failed on the case, with the command-line fix for a volume-size mismatch.
+    """
+    try:
+        return ModelRunner(net, amp=amp).predict(image, inferer)
+    except ModelError as e:
+        cause = e.__cause__
+        if cause is None or not is_size_mismatch(cause):
+            raise
+        raise model_failure(cause, tuple(image.shape), inferer is not None) from e
+    except RuntimeError as e:  # raised outside the model (e.g. by the sliding-window inferer)
+        raise model_failure(e, tuple(image.shape), inferer is not None) from e
+
+
+def model_failure(error: BaseException, shape: tuple[int, ...], sliding: bool) -> ModelError:
+    """The network failed on a preprocessed case: say so, with the command-line fix for a volume-size mismatch."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = f"the model failed on the preprocessed case of shape {shape} ({type(error).__name__}: {first[:300]})"
+    if is_size_mismatch(error):
+        where = "each window (--roi-size)" if sliding else "the volume"
+        text += (
+            f"; the network needs spatial sizes divisible by its total downsampling factor: pad {where} with "
+            "--divisible-by 16 (2^levels of the encoder; 8 or 32 for other depths)"
+            + (", and choose an --roi-size divisible by it" if sliding else ", or use --roi-size")
+        )
+    return ModelError(text)
 
 
 def _overlay_channel(case: Any, region: str) -> int:
@@ -121,7 +149,7 @@ def _explain_maps(
     results = {}
     for m, cls in method_classes.items():
         t0 = time.perf_counter()
-        act: Any = model.activation  # "sigmoid" or "softmax", checked by load_model
+        act: Any = model.activation  # "sigmoid", "softmax" or "none", checked by load_model
         cam = cls(net, layer=layer, inferer=inferer, amp=amp, output_activation=act, progress=progress)
         results[m] = cam.explain(image, tl, output=output if inferer is not None else None)
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
@@ -194,10 +222,13 @@ def _write_method_maps(
 
 
 def _predicted_regions(ex: _Explained, threshold: float | None) -> np.ndarray:
-    """0/1 prediction per output channel ``[C, *S]`` (sigmoid > threshold, or one-hot argmax for softmax)."""
+    """0/1 prediction per output channel ``[C, *S]`` (sigmoid > threshold, outputs > threshold for ``"none"``, or
+    one-hot argmax for softmax)."""
     out = ex.output[0]
     if ex.model.activation == "sigmoid":
         pred = (torch.sigmoid(out) > (0.5 if threshold is None else threshold)).float()
+    elif ex.model.activation == "none":  # the outputs already are probabilities
+        pred = (out > (0.5 if threshold is None else threshold)).float()
     else:
         pred = torch.nn.functional.one_hot(out.argmax(0), out.shape[0]).movedim(-1, 0).float()
     return pred.cpu().numpy()
@@ -261,7 +292,7 @@ def _write_case_files(
         "methods": {m: METHOD_LABELS.get(m, m) for m in ex.results},
         "score_definition": SCORE_DEFINITION,
         "sliding_window": _sliding_record(ex, inferer),
-        "threshold": 0.5 if threshold is None and ex.model.activation == "sigmoid" else threshold,
+        "threshold": 0.5 if threshold is None and ex.model.activation in ("sigmoid", "none") else threshold,
         "predicted_voxels": {ex.regions[c]: int(pred[c].sum()) for c in range(pred.shape[0])},
         "targets": rows,
         "slicer_scene": "slicer/scene.mrml" if slicer else None,
@@ -291,6 +322,7 @@ def explain_case(
     progress: bool = False,
     settings: Mapping[str, Any] | None = None,
     source: CaseSource | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Explain one preprocessed case and write its folder ``out_dir`` (see :mod:`medcam.pipeline`).
 
@@ -312,6 +344,8 @@ def explain_case(
         settings: run settings recorded in the summary (and compared on resume); its ``"figures"`` entry
             (``shared_scale``, ``slice_at``) sets the PNGs' options.
         source: where the case came from (recorded in the summary).
+        inputs: :func:`medcam.pipeline.resume.fingerprint` of the case's files (recorded as ``inputs``; the
+            resume rule compares it). Default: the fingerprint of ``case.paths``.
 
     Returns:
         The summary dict (also written as ``out_dir/summary.json``). Per target: ``roi_voxels`` (preprocessed
@@ -342,7 +376,10 @@ def explain_case(
         ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         return summary
 
-    summary = write_case(work, case.case_id, out_dir, settings=settings or {}, overwrite=overwrite)
+    if inputs is None:
+        masks = [s.path for s in targets if s.kind == "mask" and not s.is_template and s.path]
+        inputs = source_inputs(source, masks) if source is not None else fingerprint(dict(case.paths))
+    summary = write_case(work, case.case_id, out_dir, settings=settings or {}, overwrite=overwrite, inputs=inputs)
     logger.info("case %s done in %.1f s -> %s", case.case_id, summary["timings"]["total_s"], out_dir)
     return summary
 
@@ -370,6 +407,8 @@ class ExplainWork:
     png: bool = True
     settings: Mapping[str, Any] = field(default_factory=dict)
     window_progress: bool = False
+    #: per case: its target specs (mask templates filled in), or the error that fails that case
+    specs_of: Mapping[str, Any] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved."""
@@ -392,10 +431,13 @@ class ExplainWork:
 
     def __call__(self, src: CaseSource, staging: Path) -> dict[str, Any]:
         t_start = time.perf_counter()
+        specs = self.specs_of.get(src.case_id, self.targets)
+        if isinstance(specs, Exception):
+            raise specs
         case = load_case(src, self.model)
         dev = torch.device(self.device)
         ex = _explain_maps(
-            case, self.model, self.methods, self.targets, self.layer or self.model.default_layer, self.inferer,
+            case, self.model, self.methods, specs, self.layer or self.model.default_layer, self.inferer,
             device=dev, amp=self.amp, threshold=self.threshold, progress=self.window_progress,
         )  # fmt: skip
         summary = _write_case_files(
@@ -431,11 +473,21 @@ def explain_cohort(
 ) -> dict[str, Any]:
     """Explain many cases into ``out_dir/<case_id>/``, resumably; failures are recorded, not fatal.
 
-    The loop is :func:`medcam.pipeline.cohort.run_cohort`: a case whose folder holds a ``summary.json`` written with
-    the same settings is skipped (``"skipped"``), one written with other settings fails with a message (use
-    ``overwrite=True`` or another ``out_dir``); a case that raises is recorded as ``"failed"`` with ``"error"`` and
-    the run goes on, nothing of it left on disk; ``num_parts``/``part_id`` pick this machine's share
-    (:func:`~medcam.pipeline.split_parts`).
+    The loop is :func:`medcam.pipeline.cohort.run_cohort`:
+
+    * The resume rule (:mod:`medcam.pipeline.resume`): a case folder whose ``summary.json`` records the same input
+      files (resolved paths, sizes, modification times) and the same settings is skipped (``"skipped"``). Any other
+      existing folder under a case id of this run - another case, edited inputs, other settings, not medcam's - is
+      a conflict: the whole run is refused BEFORE anything is written (PipelineError). With ``overwrite`` every
+      existing case folder written by medcam is redone and replaced.
+    * The output folder must be writable (checked before the first case); staging folders left by killed runs are
+      removed.
+    * A case that raises is recorded as ``"failed"`` with ``"error"`` and the run goes on; nothing of it is left
+      on disk, so the next run retries it. A ``KeyboardInterrupt`` (Ctrl-C; SIGTERM under
+      :func:`medcam.signals.stop_on_signals`) abandons the current case and propagates.
+    * ``num_parts``/``part_id`` pick this machine's share (:func:`~medcam.pipeline.split_parts`).
+    * Per-case targets: ``mask:`` templates are filled in per case, ``label:`` reads the case's label file; one
+      mask file for several cases is refused.
 
     ``executor``: who explains the cases that are not done yet: None/``"local"`` this process, one after the other;
     ``"ray"`` a Ray cluster (:class:`~medcam.pipeline.ray_executor.RayExecutor` with its defaults: a local Ray
@@ -449,16 +501,50 @@ def explain_cohort(
         ``cohort_summary.part<i>-of-<N>.json`` for a split run): ``cases`` [{case_id, status, error, seconds,
         summary}] in cohort order, counts ``ok``/``skipped``/``failed``.
     """
-    single = len(split_parts(cases, num_parts, part_id)) == 1  # one case: bars over its windows instead
+    mine = split_parts(cases, num_parts, part_id)
+    single = len(mine) == 1  # one case: bars over its windows instead
+    # decided before anything is written: a refused run touches nothing
+    check_masks_for_cohort(targets, len(cases))
+    specs_of, inputs = _cohort_inputs(mine, targets)
     settings = dict(settings or {})
     work = ExplainWork(
         model, list(methods), list(targets), layer, inferer, Path(out_dir), str(device), amp, threshold, overwrite,
-        slicer, png, settings, window_progress=progress and single,
+        slicer, png, settings, window_progress=progress and single, specs_of=specs_of,
     )  # fmt: skip
     return run_cohort(
         cases, work, out_dir, settings=settings, num_parts=num_parts, part_id=part_id,
-        overwrite=overwrite, progress=progress, on_case=on_case, executor=executor,
+        overwrite=overwrite, progress=progress, on_case=on_case, executor=executor, inputs=inputs,
     )  # fmt: skip
+
+
+def _cohort_inputs(
+    cases: Sequence[CaseSource], targets: Sequence[TargetSpec]
+) -> tuple[dict[str, list[TargetSpec] | Exception], dict[str, dict[str, Any]]]:
+    """Per case: its target specs (mask templates filled in; the error instead when its mask is missing) and the
+    fingerprint of every file it is made of (images, label, per-case masks)."""
+    from ..data.loading import MedcamDataError
+    from ..errors import MedcamError
+    from .resume import case_input_files
+
+    specs_of: dict[str, list[TargetSpec] | Exception] = {}
+    inputs: dict[str, dict[str, Any]] = {}
+    for src in cases:
+        specs: list[TargetSpec]
+        try:
+            specs = case_specs(targets, src)
+        except MedcamError as e:
+            specs_of[src.case_id], specs = e, list(targets)
+        else:
+            specs_of[src.case_id] = specs
+        masks = [s.path for s in specs if s.kind == "mask" and not s.is_template and s.path]
+        try:
+            files: dict[str, Any] = dict(case_input_files(src, masks))
+        except MedcamDataError as e:  # a broken case folder: its failure is reported when it is run
+            files = {"folder": Path(str(src.source))}
+            if not isinstance(specs_of[src.case_id], Exception):
+                specs_of[src.case_id] = e
+        inputs[src.case_id] = fingerprint(files)
+    return specs_of, inputs
 
 
 def explain_files(

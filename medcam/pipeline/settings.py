@@ -7,6 +7,7 @@ settings) before any case is explained, so bad input fails fast with one message
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from .cases import CaseSource, discover_cases, split_parts
 from .errors import PipelineError
 from .models import LoadedModel, load_model
 from .target_specs import TargetSpec, default_targets, parse_targets
+
+logger = logging.getLogger(__package__)
 
 __all__ = [
     "RunSettings",
@@ -101,6 +104,7 @@ class RunSettings:
         amp: autocast (bf16 on CPU).
         overwrite: redo finished cases / replace outputs.
         progress: tqdm bars.
+        case_id: the case id (output sub-folder) when the inputs form one case (None: from the folder/file names).
     """
 
     model_spec: str = "demo"
@@ -121,6 +125,7 @@ class RunSettings:
     amp: bool = False
     overwrite: bool = False
     progress: bool = True
+    case_id: str | None = None
 
 
 @dataclass
@@ -168,13 +173,28 @@ def _methods(names: Sequence[str], default: Sequence[str], allow_synth: bool = F
     return out
 
 
-def _check_layers(model: LoadedModel, layers: Sequence[str]) -> list[str]:
-    from ..layers import resolve_layer
+def _check_layers(model: LoadedModel, layers: Sequence[str], device: str = "cpu") -> list[str]:
+    """Unknown layers and layers that run more than once per forward fail here, before any case is loaded.
+
+    The second check runs one no-grad forward of a zero input of the window size (at most 96 per axis; 64^3 without
+    a window); a network that cannot run on it is left to the per-case checks."""
+    from ..errors import ModelError
+    from ..layers import check_layer_runs_once, resolve_layer
 
     out = list(dict.fromkeys(layers)) or [model.default_layer]
-    for name in out:
-        if name != "auto":
-            resolve_layer(model.net, name)
+    named = [name for name in out if name != "auto"]
+    for name in named:
+        resolve_layer(model.net, name)
+    if not named or model.in_channels is None:
+        return out
+    size = tuple(min(int(v), 96) for v in (model.roi_size or (64, 64, 64)))  # 96: divisible by strides <= 32
+    example = torch.zeros((1, model.in_channels, *size), device=device)
+    for name in named:
+        try:
+            check_layer_runs_once(model.net.to(device), name, example)
+        except ModelError as e:
+            logger.debug("layer check skipped: the network does not run on %s (%s)", tuple(example.shape), e)
+            break
     return out
 
 
@@ -195,7 +215,7 @@ def prepare(
     if s.threshold is not None and not 0 < s.threshold < 1:
         raise PipelineError(f"--threshold must be a probability in (0, 1), got {s.threshold}")
     device = resolve_device(s.device)
-    cases = discover_cases(list(inputs))
+    cases = discover_cases(list(inputs), case_id=s.case_id)
     split_parts(cases, num_parts, part_id)
     model = load_model(
         s.model_spec,
@@ -208,7 +228,7 @@ def prepare(
         roi_size=s.roi_size,
     )
     specs = parse_targets(s.targets, model.regions) if s.targets else default_targets(model.regions)
-    layers = _check_layers(model, s.layers)
+    layers = _check_layers(model, s.layers, device)
     sw = sliding_settings(model.sliding, overlap=s.overlap, sw_batch_size=s.sw_batch_size, mode=s.blend)
     inferer = make_inferer(model.roi_size, **sw, progress=False)
     sliding = None if inferer is None else {"roi_size": list(model.roi_size or ()), **sw}

@@ -1,4 +1,11 @@
-"""Target specs: parsing ``--target`` strings (``ET``, ``TC:component=largest``, ``mask:``, ``box:``) into targets."""
+"""Target specs: parsing ``--target`` strings (``ET``, ``TC:component=largest``, ``mask:``, ``box:``, ``label:``) into
+targets.
+
+Per-case masks: a ``mask:`` path holding ``{...}`` placeholders is a template filled in for each case -
+``{case}`` (the case id), ``{folder}`` (the case's folder) or the name of a manifest column (e.g. ``{mask}``; its
+value is relative to the CSV). ``label:ET`` takes the ROI from the case's own label file (``seg``; BraTS label
+conventions, regions TC/WT/ET). One mask file for a cohort of several cases is refused.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +28,13 @@ class TargetSpec:
 
     Attributes:
         text: the spec as given.
-        kind: ``"predicted"``, ``"class"``, ``"component"``, ``"mask"`` or ``"box"``.
+        kind: ``"predicted"``, ``"class"``, ``"component"``, ``"mask"``, ``"box"`` or ``"label"``.
         channel: output channel.
         region: the channel's name (``"ET"``) or ``"ch<N>"``.
         rank: component rank (1 = largest) for ``"component"``.
         path: mask file (ORIGINAL image grid) for ``"mask"``.
         box: ``((x0, y0, z0), (x1, y1, z1))`` voxel indices of the ORIGINAL grid, half-open, for ``"box"``.
+        label: the reference region (``"TC"``, ``"WT"``, ``"ET"``) of the case's label file, for ``"label"``.
     """
 
     text: str
@@ -36,6 +44,13 @@ class TargetSpec:
     rank: int | None = None
     path: str | None = None
     box: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    label: str | None = None
+    template: str | None = None
+
+    @property
+    def is_template(self) -> bool:
+        """True for a per-case mask whose path still holds ``{...}`` placeholders."""
+        return self.kind == "mask" and "{" in str(self.path)
 
     @property
     def name(self) -> str:
@@ -49,8 +64,11 @@ class TargetSpec:
         if self.kind == "mask":
             from ..data.loading import strip_image_suffix
 
-            stem = re.sub(r"[^A-Za-z0-9]+", "", strip_image_suffix(Path(str(self.path)).name))[:20] or "roi"
+            raw = strip_image_suffix(Path(str(self.template or self.path)).name)
+            stem = re.sub(r"[^A-Za-z0-9]+", "", re.sub(r"\{[^}]*\}", "", raw))[:20] or "roi"
             return f"mask-{stem}-{self.region}"
+        if self.kind == "label":
+            return f"label-{self.label}-{self.region}"
         return f"box-{self.region}"
 
 
@@ -104,10 +122,35 @@ def parse_target(spec: str, regions: Sequence[str] = ()) -> TargetSpec:
                 rest, region_token = path_part, last
         if not rest:
             raise TargetError(f"--target {spec!r}: give the mask file, e.g. mask:lesion.nii.gz:WT")
+        if "{" in rest:  # a per-case template, filled in by case_specs
+            bad = [f for f in re.findall(r"\{([^}]*)\}", rest) if not f.isidentifier()]
+            if bad or rest.count("{") != rest.count("}"):
+                raise TargetError(
+                    f"--target {spec!r}: placeholders are {{case}}, {{folder}} or a manifest column like {{mask}}"
+                )
+            ch, reg = _channel_of(region_token, regions, spec) if region_token else _default_region(regions, spec)
+            return TargetSpec(text, "mask", ch, reg, path=str(rest), template=str(rest))
         if not Path(rest).exists():
             raise TargetError(f"--target {spec!r}: mask file '{rest}' does not exist")
         ch, reg = _channel_of(region_token, regions, spec) if region_token else _default_region(regions, spec)
         return TargetSpec(text, "mask", ch, reg, path=str(rest))
+    if head == "label":
+        parts = text.split(":")
+        from ..data.brats import REGIONS as LABEL_REGIONS
+
+        if len(parts) not in (2, 3) or parts[1].upper() not in LABEL_REGIONS:
+            raise TargetError(
+                f"--target {spec!r}: expected label:REGION[:OUTPUT] with REGION one of {', '.join(LABEL_REGIONS)} "
+                "(from the case's seg file)"
+            )
+        lab = parts[1].upper()
+        if len(parts) == 3:
+            ch, reg = _channel_of(parts[2], regions, spec)
+        elif lab.lower() in [r.lower() for r in regions]:
+            ch, reg = _channel_of(lab, regions, spec)
+        else:
+            ch, reg = _default_region(regions, spec)
+        return TargetSpec(text, "label", ch, reg, label=lab)
     if head == "box":
         parts = text.split(":")
         if len(parts) not in (3, 4):
@@ -171,6 +214,25 @@ def default_targets(regions: Sequence[str]) -> list[TargetSpec]:
     return parse_targets(list(regions), regions)
 
 
+def label_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
+    """``label:REGION``: the case's own reference region (TC/WT/ET from its seg file), float32 0/1 on the
+    preprocessed grid (the label went through the case's preprocessing with nearest-neighbour resampling)."""
+    from ..data.brats import REGIONS as LABEL_REGIONS
+
+    label = getattr(case, "label", None)
+    if label is None:
+        raise TargetError(
+            f"--target {spec.text!r}: case {case.case_id} has no label file (a BraTS '_seg' / 'seg' file, or a "
+            "'seg' manifest column)"
+        )
+    arr = label[LABEL_REGIONS.index(str(spec.label))]
+    arr = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
+    res = (arr > 0.5).astype(np.float32)
+    if not res.any():
+        raise TargetError(f"--target {spec.text!r}: case {case.case_id} has no {spec.label} voxels in its label file")
+    return res
+
+
 def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
     """A mask/box given on the ORIGINAL grid -> float32 0/1 ``[X', Y', Z']`` on the preprocessed grid."""
     from monai.data import MetaTensor
@@ -209,6 +271,60 @@ def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
     return res
 
 
+def _case_fields(source: Any) -> dict[str, str]:
+    fields = {"case": str(source.case_id)}
+    if source.kind == "brats_folder":
+        fields["folder"] = str(source.source)
+    else:
+        first = next(iter(source.source.values())) if isinstance(source.source, dict) else source.source[0]
+        fields["folder"] = str(Path(first).parent)
+    fields.update(dict(getattr(source, "fields", ()) or ()))
+    return fields
+
+
+def case_specs(specs: Sequence[TargetSpec], source: Any) -> list[TargetSpec]:
+    """The specs for one case: mask templates filled in with the case's fields (``{case}``, ``{folder}``, manifest
+    columns); other specs unchanged. A relative path is relative to the current folder, else to the folder holding
+    the case folder (the cohort folder), so ``mask:{case}/{case}_seg.nii.gz`` works from either.
+
+    Raises:
+        TargetError: unknown placeholder, or the case's mask file does not exist (naming the case).
+    """
+    import dataclasses
+
+    fields = None
+    out = []
+    for s in specs:
+        if s.is_template:
+            fields = fields if fields is not None else _case_fields(source)
+            try:
+                path = str(s.template).format(**fields)
+            except (KeyError, IndexError) as e:
+                raise TargetError(
+                    f"--target {s.text!r}: case {source.case_id} has no field {e}; placeholders are "
+                    f"{', '.join('{' + k + '}' for k in fields)}"
+                ) from None
+            beside = Path(fields["folder"]).parent / path  # relative to the cohort folder, when not to the cwd
+            if not Path(path).is_file() and not Path(path).is_absolute() and beside.is_file():
+                path = str(beside)
+            if not Path(path).is_file():
+                raise TargetError(f"--target {s.text!r}: the mask of case {source.case_id}, '{path}', does not exist")
+            s = dataclasses.replace(s, path=path)
+        out.append(s)
+    return out
+
+
+def check_masks_for_cohort(specs: Sequence[TargetSpec], n_cases: int) -> None:
+    """One mask file applied to several cases is refused: every case needs its own (a template or ``label:``)."""
+    single = [s for s in specs if s.kind == "mask" and not s.is_template]
+    if single and n_cases > 1:
+        raise TargetError(
+            f"--target {single[0].text!r}: one mask file for {n_cases} cases would be applied to every case; give "
+            "each case its own mask with a template (mask:{case}/{case}_seg.nii.gz:WT, mask:{folder}/roi.nii.gz, "
+            "or a manifest column: mask:{mask}) or use the case's own labels (label:WT)"
+        )
+
+
 def build_targets(
     specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid", threshold: float | None = None
 ) -> list[Target]:
@@ -225,6 +341,8 @@ def build_targets(
             out.append(ClassROI(s.channel))
         elif s.kind == "component":
             out.append(ComponentROI(s.channel, which=int(s.rank) - 1, activation=activation, threshold=threshold))
+        elif s.kind == "label":
+            out.append(MaskROI(label_on_case_grid(case, s), s.channel))
         else:
             out.append(MaskROI(mask_on_case_grid(case, s), s.channel))
     return out
