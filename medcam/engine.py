@@ -160,8 +160,7 @@ class BaseSegCAM:
         tl = as_target_list(targets)
         image = validate_image(image)
         check_spatial_dims(image, self.inferer)
-        if output is not None and self.inferer is None:
-            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
+        self._check_mode_options(output, upsample)
         if self.inferer is None:
             self.runner.ensure_layer(image[:1])
             return explain_whole(
@@ -180,6 +179,16 @@ class BaseSegCAM:
             progress=self.progress,
             output=output,
         )
+
+    def _check_mode_options(self, output: torch.Tensor | None, upsample: bool) -> None:
+        """``output=`` needs an inferer; an inferer needs ``upsample=True`` (window maps are stitched on the input
+        grid). Checked before any model work, by every explainer's ``explain``."""
+        if output is not None and self.inferer is None:
+            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
+        if self.inferer is not None and not upsample:
+            raise MedcamError(
+                "upsample=False is not available with an inferer: window maps are stitched on the input grid"
+            )
 
 
 def check_spatial_dims(image: torch.Tensor, inferer: Any = None) -> None:

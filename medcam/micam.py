@@ -379,12 +379,7 @@ class SegMICAM(_MIBase):
     ) -> CAMResult:
         """Maps ``[B, T, *S]`` (see :meth:`BaseSegCAM.explain`); ``scores`` are the ROI scores of the model output
         (logits) where it was computed, else 0; ``stats["mi_weights"]`` holds ``alpha`` ``[B, T, K]``."""
-        if self.inferer is not None and not upsample:
-            raise MedcamError(
-                "upsample=False is not available with an inferer: window maps are stitched on the input grid"
-            )
-        if output is not None and self.inferer is None:
-            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
+        self._check_mode_options(output, upsample)
         image, tl = self._prepare(image, targets)
         hists, reference, act = self._histograms(image, tl, output)
         alphas = self._weights(hists)  # [B, T, K]
@@ -444,12 +439,7 @@ class SegMIGradCAM(_MIBase):
         upsample: bool = True,
         output: torch.Tensor | None = None,
     ) -> CAMResult:
-        if output is not None and self.inferer is None:
-            raise MedcamError("output= is for the sliding-window mode; without an inferer the forward pass gives it")
-        if self.inferer is not None and not upsample:
-            raise MedcamError(
-                "upsample=False is not available with an inferer: window maps are stitched on the input grid"
-            )
+        self._check_mode_options(output, upsample)
         image, tl = self._prepare(image, targets)
         hists = self._histograms(image, tl, output)[0]
         nmi = self._weights(hists)  # [B, T, K]

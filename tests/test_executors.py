@@ -86,12 +86,13 @@ def test_executor_object_gives_the_local_summary(tiny_demo, cases_root, tmp_path
 
 
 def test_discard_partial_removes_only_that_cases_staging_folders(tmp_path):
-    from medcam.pipeline import CaseSource, ExplainWork
+    from medcam.pipeline import CaseSource
+    from medcam.pipeline.cohort import CohortJob
 
     names = [".partial-abcd1234-X", ".partial-123@node_1.a-abcd1234-X"]
     keep = [".partial-abcd1234-Y-X", ".partial-abcd1234-X2", "X", ".old-abcd1234-X"]
     for n in names + keep:
         (tmp_path / n).mkdir()
-    work = ExplainWork(None, [], [], None, None, tmp_path)  # type: ignore[arg-type]
-    work.discard_partial(CaseSource("X", "volumes", []))
+    job = CohortJob(work=None, root=tmp_path)  # type: ignore[arg-type]
+    job.discard_partial(CaseSource("X", "volumes", []))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

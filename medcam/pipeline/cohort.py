@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import time
 import uuid
@@ -53,6 +52,7 @@ from .resume import (
     SUMMARY_NAME,
     case_input_files,
     check_writable,
+    discard_staging,
     fingerprint,
     plan_cohort,
     read_summary,
@@ -246,18 +246,6 @@ def process_case(
         raise
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
-
-
-def discard_staging(root: PathLike, case_id: str) -> None:
-    """Remove the staging folders a killed attempt at ``case_id`` left in ``root``:
-    ``root/.partial-[<pid>@<host>-]<hex8>-<case_id>`` (other cases' folders are left alone)."""
-    pattern = re.compile(r"^\.partial-(?:\d+@[A-Za-z0-9_.]+-)?[0-9a-f]{8}-" + re.escape(case_id) + "$")
-    root = Path(root)
-    if not root.is_dir():
-        return
-    for p in root.glob(".partial-*"):
-        if pattern.match(p.name) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass

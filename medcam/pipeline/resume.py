@@ -256,3 +256,16 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
             removed.append(d)
             logger.info("removed %s, left by an interrupted run", d)
     return removed
+
+
+def discard_staging(root: PathLike, case_id: str) -> None:
+    """Remove the staging folders a killed attempt at ``case_id`` left in ``root``:
+    ``root/.partial-[<pid>@<host>-]<hex8>-<case_id>`` (other cases' folders are left alone)."""
+    # the names staging_dir gives (pid@host marked) and those of older versions (unmarked)
+    pattern = re.compile(r"^\.partial-(?:\d+@[A-Za-z0-9_.]+-)?[0-9a-f]{8}-" + re.escape(case_id) + "$")
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.glob(".partial-*"):
+        if pattern.match(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)

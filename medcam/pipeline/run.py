@@ -22,7 +22,7 @@ from ..result import CAMResult
 from ..runner import ModelRunner
 from ..types import PathLike
 from .cases import CaseSource, load_case, split_parts
-from .cohort import discard_staging, run_cohort, source_inputs, write_case
+from .cohort import run_cohort, source_inputs, write_case
 from .errors import PipelineError
 from .executors import Executor
 from .models import LoadedModel
@@ -424,10 +424,6 @@ class ExplainWork:
             return self
         self.model.net.to(device)  # a worker's own unpickled copy
         return replace(self, device=device)
-
-    def discard_partial(self, src: CaseSource) -> None:
-        """Remove the staging folders a killed attempt at ``src`` left: ``OUT/.partial-[<pid>@<host>-]<hex8>-<case>``."""
-        discard_staging(self.out_dir, src.case_id)
 
     def __call__(self, src: CaseSource, staging: Path) -> dict[str, Any]:
         t_start = time.perf_counter()
