@@ -157,16 +157,34 @@ class BaseSegCAM:
                 that :class:`~medcam.targets.PredictedROI`/:class:`~medcam.targets.ComponentROI` or
                 ``score="probability"`` otherwise need.
         """
+        self._check_mode_options(output, upsample)
+        image, tl = self._prepare(image, targets)
+        return self._execute(image, tl, relu=relu, upsample=upsample, output=output)
+
+    def _prepare(self, image: Any, targets: Target | Sequence[Target]) -> tuple[torch.Tensor, list[Target]]:
+        """Checked image ``[B, Cin, *S]`` and target list; the hooked layer resolved (on one window with an
+        inferer). Everything here runs before any pass over the volume."""
         tl = as_target_list(targets)
         image = validate_image(image)
         check_spatial_dims(image, self.inferer)
-        self._check_mode_options(output, upsample)
+        self.runner.ensure_layer(image[:1] if self.inferer is None else window_example(self.inferer, image))
+        return image, tl
+
+    def _execute(
+        self,
+        image: torch.Tensor,
+        tl: list[Target],
+        *,
+        relu: bool,
+        upsample: bool,
+        output: torch.Tensor | None,
+    ) -> CAMResult:
+        """Run the executor: :func:`~medcam.whole.explain_whole` or :func:`~medcam.sliding.explain_sliding` with
+        this method's formula. Methods whose weights are not gradient statistics (MI-CAM) override this."""
         if self.inferer is None:
-            self.runner.ensure_layer(image[:1])
             return explain_whole(
                 self.runner, self.formula, tl, image, upsampler=self.upsampler, relu=relu, upsample=upsample
             )
-        self.runner.ensure_layer(window_example(self.inferer, image))
         return explain_sliding(
             self.runner,
             self.formula,

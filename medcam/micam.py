@@ -34,12 +34,10 @@ from tqdm import tqdm
 from .engine import BaseSegCAM
 from .errors import MedcamError
 from .formulas import PooledFormula, Statistics, spatial_sum, weighted_channel_sum
-from .hooks import ActivationHook
 from .mutual_information import JointHistogram, dilate, mutual_information, normalized_mutual_information
 from .result import CAMResult
-from .runner import validate_image
-from .sliding import WindowGrid, check_inferer, explain_sliding, stitch_device, window_example
-from .targets import Target, as_target_list
+from .sliding import SlidingState, blend_pooled_maps, explain_sliding, open_state, reference_pass
+from .targets import Target
 from .whole import explain_whole
 
 __all__ = ["SegMICAM", "SegMIGradCAM", "mi_channel_histograms", "MIWeights", "NMIGradCAM"]
@@ -166,15 +164,6 @@ class _MIBase(BaseSegCAM):
     def _weights_from_histogram(self, hist: JointHistogram) -> torch.Tensor:
         raise NotImplementedError
 
-    def _prepare(self, image: Any, targets: Target | Sequence[Target]) -> tuple[torch.Tensor, list[Target]]:
-        tl = as_target_list(targets)
-        image = validate_image(image)
-        self.runner.ensure_layer(image[:1] if self.inferer is None else window_example(self.inferer, image))
-        return image, tl
-
-    def _show(self) -> bool:
-        return bool(self.progress or (self.inferer is not None and self.inferer.progress))
-
     def _whole_histograms(
         self, image: torch.Tensor, tl: list[Target], act: torch.Tensor, output: torch.Tensor
     ) -> list[list[JointHistogram]]:
@@ -185,17 +174,10 @@ class _MIBase(BaseSegCAM):
         ]
 
     def _sliding_histograms(
-        self,
-        image: torch.Tensor,
-        tl: list[Target],
-        hook: ActivationHook,
-        grid: WindowGrid,
-        x_pad: torch.Tensor,
-        sw_device: torch.device,
-        reference: torch.Tensor,
+        self, st: SlidingState, image: torch.Tensor, tl: list[Target], reference: torch.Tensor
     ) -> list[list[JointHistogram]]:
         """Pass 1 (ranges) and pass 2 (weighted counts) over the windows that meet each region."""
-        runner = self.runner
+        runner, hook, grid, x_pad, sw_device = st.runner, st.hook, st.grid, st.x_pad, st.sw_device
         bsz = image.shape[0]
         regions = [grid.pad_zeros(_region(t, reference, self.margin).float()) > 0 for t in tl]  # padded
         pairs = [(b, i) for b in range(bsz) for i in range(len(grid.slices))]
@@ -203,10 +185,10 @@ class _MIBase(BaseSegCAM):
         todo = [p for p in pairs if meets[p]]
         lo: dict[tuple[int, int], torch.Tensor] = {}
         hi: dict[tuple[int, int], torch.Tensor] = {}
-        hide = not self._show()
+        hide = not st.progress
         with hook.mode_as("stop"):
             for b, i in tqdm(todo, desc="MI-CAM ranges", disable=hide):  # pass 1: ranges over R (min/max are exact)
-                aw = runner.activations(_window(x_pad, grid, b, i, sw_device), hook)[0]
+                aw = runner.activations(st.windows([(b, i)]), hook)[0]
                 for k in meets[(b, i)]:
                     r = regions[k][(b, *grid.slices[i])].to(sw_device)
                     v = torch.cat([_upsampled_values(self, aw, grid.roi_size, r, ch) for ch in _chunks(aw.shape[0])])
@@ -219,7 +201,7 @@ class _MIBase(BaseSegCAM):
                 img_range = _img_range(image[b].to(sw_device), _region(tl[k], reference, self.margin)[b].to(sw_device))
                 hists[(b, k)] = JointHistogram((mn, hi[(b, k)]), img_range, self.bins)
             for b, i in tqdm(todo, desc="MI-CAM histograms", disable=hide):  # pass 2: counts weighted by blending
-                aw = runner.activations(_window(x_pad, grid, b, i, sw_device), hook)[0]
+                aw = runner.activations(st.windows([(b, i)]), hook)[0]
                 xw = x_pad[(b, slice(None), *grid.slices[i])].to(sw_device)
                 bw = grid.blend_weight(i, sw_device)
                 for k in meets[(b, i)]:
@@ -232,7 +214,7 @@ class _MIBase(BaseSegCAM):
                         hists[(b, k)].add(_upsampled_values(self, aw, grid.roi_size, r, ch), x, w, channels=ch)
             n_act = next(iter(hists.values())).counts.shape[1] if hists else None
             if n_act is None:  # every region is empty: one window tells the channel count (the weights are all 0)
-                n_act = runner.activations(_window(x_pad, grid, 0, 0, sw_device), hook).shape[1]
+                n_act = runner.activations(st.windows([(0, 0)]), hook).shape[1]
         out: list[list[JointHistogram]] = []
         for b in range(bsz):
             row = []
@@ -267,86 +249,36 @@ class _MIBase(BaseSegCAM):
                 act = runner.to_feature_map(runner._captured(hook), image.shape[2:])
             y = out.detach().float()
             return self._whole_histograms(image, tl, act, y), y, act
-        grid, x_pad, sw_device, device = self._grid(image)
         with runner.session("detach") as hook:
-            if output is not None:  # the caller's blended output (spares the prediction pass)
-                output = output.as_tensor() if hasattr(output, "as_tensor") else output
-                if output.shape[0] != image.shape[0] or tuple(output.shape[2:]) != tuple(image.shape[2:]):
-                    raise MedcamError(
-                        f"output has shape {tuple(output.shape)} but the image is {tuple(image.shape)}: pass the "
-                        "blended output of sliding_window_inference on this image"
-                    )
-                reference = output.detach().float().to(device)
-            else:
-                needs = any(t.needs_prediction for t in tl)
-                reference = self._reference_output(image, hook, grid, x_pad, sw_device, device, needs)
-            hists = self._sliding_histograms(image, tl, hook, grid, x_pad, sw_device, reference)
+            st = open_state(runner, self.formula, len(tl), image, self.inferer, hook, progress=self.progress)
+            reference = reference_pass(st, image, tl, output)  # the caller's output, a prediction or a stand-in
+            hists = self._sliding_histograms(st, image, tl, reference)
         return hists, reference, None
-
-    def _grid(self, image: torch.Tensor) -> tuple[WindowGrid, torch.Tensor, torch.device, torch.device]:
-        inf: Any = self.inferer
-        sw_device = torch.device(inf.sw_device) if inf.sw_device is not None else image.device
-        device = stitch_device(inf, image)
-        grid = WindowGrid(inf, tuple(image.shape[2:]), sw_device, device)
-        return grid, grid.pad_tensor(image, inf.padding_mode, inf.cval), sw_device, device
 
     def _sliding_maps(
         self, image: torch.Tensor, n_targets: int, alphas: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[int, ...], int]:
-        """Pass 3: ``sum_k alpha_k A_wk`` of every window, upsampled and blended with the normalised weights."""
-        runner = self.runner
-        grid, x_pad, sw_device, device = self._grid(image)
-        acc = torch.zeros((image.shape[0], n_targets, *grid.padded_size), device=device)
-        feat: tuple[int, ...] = ()
-        with runner.session("stop") as hook:
-            for b in range(image.shape[0]):
-                for i, s in enumerate(tqdm(grid.slices, desc="MI-CAM maps", disable=not self._show())):
-                    aw = runner.activations(_window(x_pad, grid, b, i, sw_device), hook)
-                    feat = tuple(aw.shape[2:])
-                    m = weighted_channel_sum(alphas[b].to(sw_device).float(), aw.expand(n_targets, *aw.shape[1:]))
-                    m = self.upsampler(m[None], grid.roi_size)[0] * grid.blend_weight(i, sw_device)
-                    acc[(b, slice(None), *s)] += m.to(device)
-        return acc[(slice(None), slice(None), *grid.crop)], feat, len(grid.slices) * image.shape[0]
-
-    def _reference_output(
-        self,
-        image: torch.Tensor,
-        hook: ActivationHook,
-        grid: WindowGrid,
-        x_pad: torch.Tensor,
-        sw_device: torch.device,
-        device: torch.device,
-        needs_prediction: bool,
-    ) -> torch.Tensor:
-        """The blended output when a target needs the prediction, else a zero-stride stand-in of the right shape."""
-        from monai.inferers import sliding_window_inference
-
-        runner, inf = self.runner, check_inferer(self.inferer)
-        if needs_prediction:
-            with hook.mode_as("detach"), torch.no_grad(), runner.autocast(sw_device):
-                out = sliding_window_inference(
-                    image,
-                    grid.roi_size,
-                    inf.sw_batch_size,
-                    runner.hooked_predictor(hook),
-                    overlap=inf.overlap,
-                    mode=inf.mode,
-                    sigma_scale=inf.sigma_scale,
-                    padding_mode=inf.padding_mode,
-                    cval=inf.cval,
-                    sw_device=sw_device,
-                    device=device,
-                )
-            assert isinstance(out, torch.Tensor)
-            out = out.as_tensor() if hasattr(out, "as_tensor") else out
-            return out.float()
-        n_out = runner.output_channels(_window(x_pad, grid, 0, 0, sw_device), hook)
-        return torch.zeros((), device=device).expand(image.shape[0], n_out, *image.shape[2:])
+        """Pass 3: ``sum_k alpha_k A_wk`` of every window, upsampled and blended as the pooled methods' map pass
+        (:func:`medcam.sliding.blend_pooled_maps`)."""
+        with self.runner.session("stop") as hook:
+            st = open_state(
+                self.runner,
+                self.formula,
+                n_targets,
+                image,
+                self.inferer,
+                hook,
+                upsampler=self.upsampler,
+                progress=self.progress,
+            )
+            alpha = {(b, k): alphas[b, k].float() for b in range(image.shape[0]) for k in range(n_targets)}
+            blend_pooled_maps(st, alpha)
+        return st.stitched(), st.feat_shape, st.stats["activation_windows"]
 
 
-def _window(x_pad: torch.Tensor, grid: WindowGrid, b: int, i: int, device: torch.device) -> torch.Tensor:
-    """Input window ``i`` of sample ``b``: ``[1, Cin, *roi]`` on ``device``."""
-    return x_pad[(slice(b, b + 1), slice(None), *grid.slices[i])].to(device)
+def _real_output(reference: torch.Tensor) -> torch.Tensor | None:
+    """The model output the reference pass computed, or None for its zero-stride stand-in (no prediction needed)."""
+    return reference if reference.stride()[0] != 0 or reference.numel() == 1 else None
 
 
 class SegMICAM(_MIBase):
@@ -368,19 +300,12 @@ class SegMICAM(_MIBase):
         total = mi.sum()
         return mi / total if float(total) > 0 else torch.zeros_like(mi)
 
-    def explain(
-        self,
-        image: torch.Tensor,
-        targets: Target | Sequence[Target],
-        *,
-        relu: bool = True,
-        upsample: bool = True,
-        output: torch.Tensor | None = None,
+    def _execute(
+        self, image: torch.Tensor, tl: list[Target], *, relu: bool, upsample: bool, output: torch.Tensor | None
     ) -> CAMResult:
-        """Maps ``[B, T, *S]`` (see :meth:`BaseSegCAM.explain`); ``scores`` are the ROI scores of the model output
-        (logits) where it was computed, else 0; ``stats["mi_weights"]`` holds ``alpha`` ``[B, T, K]``."""
-        self._check_mode_options(output, upsample)
-        image, tl = self._prepare(image, targets)
+        """MI weights from the histogram passes, then the map. :meth:`~BaseSegCAM.explain`'s result: maps
+        ``[B, T, *S]``; ``scores`` are the ROI scores of the model output (logits) where it was computed, else 0;
+        ``stats["mi_weights"]`` holds ``alpha`` ``[B, T, K]``."""
         hists, reference, act = self._histograms(image, tl, output)
         alphas = self._weights(hists)  # [B, T, K]
         for t in tl:
@@ -401,7 +326,7 @@ class SegMICAM(_MIBase):
         ref = reference
         scores = torch.stack([(t.score_weights(ref) * ref).flatten(1).sum(1) for t in tl], 1).float().cpu()
         voxels = torch.stack([(t.roi(ref) != 0).flatten(1).sum(1) for t in tl], 1).cpu()
-        real_output = ref if ref.stride()[0] != 0 or ref.numel() == 1 else None
+        real_output = _real_output(ref)
         return CAMResult(
             maps=maps.float().contiguous(),
             scores=scores,
@@ -430,19 +355,13 @@ class SegMIGradCAM(_MIBase):
     def _weights_from_histogram(self, hist: JointHistogram) -> torch.Tensor:
         return normalized_mutual_information(hist.counts).mean(0)
 
-    def explain(
-        self,
-        image: torch.Tensor,
-        targets: Target | Sequence[Target],
-        *,
-        relu: bool = True,
-        upsample: bool = True,
-        output: torch.Tensor | None = None,
+    def _execute(
+        self, image: torch.Tensor, tl: list[Target], *, relu: bool, upsample: bool, output: torch.Tensor | None
     ) -> CAMResult:
-        self._check_mode_options(output, upsample)
-        image, tl = self._prepare(image, targets)
-        hists = self._histograms(image, tl, output)[0]
+        """NMI weights from the histogram passes, then one executor call per (sample, target) with its formula."""
+        hists, reference, _ = self._histograms(image, tl, output)
         nmi = self._weights(hists)  # [B, T, K]
+        given = output if output is not None else _real_output(reference)  # spares each call its prediction pass
         results: list[list[CAMResult]] = []
         for b in range(image.shape[0]):
             row = []
@@ -469,7 +388,7 @@ class SegMIGradCAM(_MIBase):
                         relu=relu,
                         upsample=upsample,
                         progress=self.progress,
-                        output=None if output is None else output[b : b + 1],
+                        output=None if given is None else given[b : b + 1],
                     )
                 row.append(res)
             results.append(row)

@@ -67,6 +67,9 @@ __all__ = [
     "WindowGrid",
     "ChannelSparse",
     "SlidingState",
+    "open_state",
+    "reference_pass",
+    "blend_pooled_maps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -193,8 +196,8 @@ class ChannelSparse:
 class SlidingState:
     """What the passes of one sliding-window explanation share.
 
-    Set up by :func:`explain_sliding`; :func:`reference_pass` fills ``output``/``reference``,
-    :func:`target_gradients` ``grads``/``active``/``scores``/``voxels``, the later passes ``acc``, ``pooled``,
+    Made by :func:`open_state`; :func:`reference_pass` fills ``output``/``n_out``, :func:`target_gradients`
+    ``grads``/``active``/``scores``/``voxels``, the later passes ``acc`` (the stitched maps), ``pooled``,
     ``act_stats`` and ``feat_shape``.
     """
 
@@ -249,6 +252,11 @@ class SlidingState:
             if which is None or j in which:
                 self.acc[(b, k, *self.grid.slices[i])] += maps[j].to(self.device)
 
+    def stitched(self) -> torch.Tensor:
+        """The stitched maps cropped to the unpadded volume, ``[B, K, *S]``."""
+        assert self.acc is not None
+        return self.acc[(slice(None), slice(None), *self.grid.crop)]
+
     def bar(self, items: list[Any], desc: str) -> Iterator[Any]:
         return iter(tqdm(items, desc=desc, disable=not self.progress))
 
@@ -275,36 +283,17 @@ def explain_sliding(
         raise MedcamError("upsample=False is not available with an inferer: window maps are stitched on the input grid")
     if not isinstance(method, (ElementwiseFormula, PooledFormula)):
         raise MedcamError(f"the sliding-window executor needs an element-wise or pooled formula, got {method!r}")
-    check_inferer(inferer)
-    spatial = tuple(image.shape[2:])
-    sw_device = torch.device(inferer.sw_device) if inferer.sw_device is not None else image.device
-    device = stitch_device(inferer, image)
-    grid = WindowGrid(inferer, spatial, sw_device, device)
     with runner.session("grad") as hook:
-        st = SlidingState(
-            runner=runner,
-            method=method,
-            inferer=inferer,
-            hook=hook,
-            grid=grid,
-            x_pad=grid.pad_tensor(image, inferer.padding_mode, inferer.cval),
-            n_targets=len(targets),
-            device=device,
-            sw_device=sw_device,
-            upsampler=upsampler,
-            progress=bool(inferer.progress or progress),
-        )
-        st.stats = {"windows": len(grid.slices) * image.shape[0], "backward_windows": 0, "activation_windows": 0}
+        st = open_state(runner, method, len(targets), image, inferer, hook, upsampler=upsampler, progress=progress)
         reference = reference_pass(st, image, targets, output)
         target_gradients(st, targets, reference)
         del reference
-        st.acc = torch.zeros((st.batch_size, len(targets), *grid.padded_size), dtype=torch.float32, device=device)
         if isinstance(method, ActivationPooledFormula) and st.stats["backward_windows"]:
             activation_statistics_pass(st)
         gradient_pass(st)
         if isinstance(method, PooledFormula) and st.pooled:
             map_pass(st)
-    maps = st.acc[(slice(None), slice(None), *grid.crop)]
+    maps = st.stitched()
     if relu:
         maps = torch.relu(maps)
     return CAMResult(
@@ -316,6 +305,43 @@ def explain_sliding(
         feature_shape=st.feat_shape,
         output=st.output,
         stats=st.stats,
+    )
+
+
+def open_state(
+    runner: ModelRunner,
+    method: Formula,
+    n_targets: int,
+    image: torch.Tensor,
+    inferer: Any,
+    hook: ActivationHook,
+    *,
+    upsampler: Upsampler = interpolate_upsampler,
+    progress: bool = False,
+) -> SlidingState:
+    """The shared state of one sliding-window explanation of ``image`` ``[B, Cin, *S]`` for ``n_targets`` maps:
+    MONAI's grid and blending weights, the padded image, zeroed map volumes ``acc`` ``[B, n_targets, *padded]``.
+
+    ``hook`` is the runner's open session (:meth:`ModelRunner.session`); every pass switches its mode as it needs.
+    """
+    check_inferer(inferer)
+    sw_device = torch.device(inferer.sw_device) if inferer.sw_device is not None else image.device
+    device = stitch_device(inferer, image)
+    grid = WindowGrid(inferer, tuple(image.shape[2:]), sw_device, device)
+    return SlidingState(
+        runner=runner,
+        method=method,
+        inferer=inferer,
+        hook=hook,
+        grid=grid,
+        x_pad=grid.pad_tensor(image, inferer.padding_mode, inferer.cval),
+        n_targets=n_targets,
+        device=device,
+        sw_device=sw_device,
+        upsampler=upsampler,
+        progress=bool(inferer.progress or progress),
+        acc=torch.zeros((image.shape[0], n_targets, *grid.padded_size), dtype=torch.float32, device=device),
+        stats={"windows": len(grid.slices) * image.shape[0], "backward_windows": 0, "activation_windows": 0},
     )
 
 
@@ -471,8 +497,8 @@ def _use_window_gradient(st: SlidingState, batch: list[WindowRef], k: int, af: t
 
 
 def map_pass(st: SlidingState) -> None:
-    """Pass 2 (pooled formulas): global channel weights ``alpha`` per (sample, target), then forward to the layer
-    only, for every window, blending ``sum_k alpha_k A_wk``."""
+    """Pass 2 (pooled formulas): global channel weights ``alpha`` per (sample, target) from the summed statistics,
+    then :func:`blend_pooled_maps`."""
     assert isinstance(st.method, PooledFormula)
     n_pos = _feature_positions(st.grid.spatial, st.grid.roi_size, st.feat_shape)
     alpha = {
@@ -481,10 +507,19 @@ def map_pass(st: SlidingState) -> None:
         )[0]
         for (b, k), stats in st.pooled.items()
     }
+    blend_pooled_maps(st, alpha)
+
+
+def blend_pooled_maps(st: SlidingState, alpha: dict[WindowRef, torch.Tensor]) -> None:
+    """Forward to the layer only, for every window, blending ``sum_k alpha_k A_wk`` into ``st.acc``.
+
+    ``alpha``: channel weights ``[K]`` per ``(sample b, target k)``; targets without an entry get no map. Also the
+    map pass of methods whose weights come from elsewhere (MI-CAM's mutual information)."""
     refs = st.all_windows()
     with st.hook.mode_as("stop"):
         for batch in st.bar(st.batches(refs), "medcam maps"):
             aw = st.runner.activations(st.windows(batch), st.hook)
+            st.feat_shape = tuple(aw.shape[2:])
             for j, (b, i) in enumerate(batch):
                 ks = [k for k in range(st.n_targets) if (b, k) in alpha]
                 if not ks:
