@@ -28,6 +28,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import MedcamError
+from ..normalize import normalize
 from .contrastive import c2am_loss, grey, pixel_embeddings
 
 __all__ = [
@@ -45,16 +46,9 @@ logger = logging.getLogger(__name__)
 def minmax_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Min-max normalise every map of ``maps`` ``[B, K, *S]`` over its spatial dims to [0, 1].
 
-    A constant map becomes 0 everywhere. Differentiable.
+    A map whose range is <= ``eps`` becomes 0 everywhere. Differentiable. :func:`medcam.normalize` with eps 1e-8.
     """
-    if maps.ndim < 3:
-        raise MedcamError(f"maps must be [B, K, *spatial], got shape {tuple(maps.shape)}")
-    flat = maps.flatten(2)
-    lo = flat.min(dim=2, keepdim=True).values
-    hi = flat.max(dim=2, keepdim=True).values
-    out = (flat - lo) / (hi - lo).clamp_min(eps)
-    out = torch.where((hi - lo) > eps, out, torch.zeros_like(out))
-    return out.reshape(maps.shape)
+    return normalize(maps, "minmax", eps)
 
 
 def mean_aggregate(maps: torch.Tensor) -> torch.Tensor:
@@ -68,13 +62,9 @@ def authors_normalize(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The authors' per-map normalisation ``(m - min + eps) / (max - min + eps)`` over the spatial dims.
 
     ``maps`` ``[B, K, *S]`` -> same shape; a constant map becomes 1 everywhere (as in their code). Differentiable.
+    :func:`medcam.normalize` with ``offset=eps`` (the formula gives exactly 1 on a constant map: ``eps / eps``).
     """
-    if maps.ndim < 3:
-        raise MedcamError(f"maps must be [B, K, *spatial], got shape {tuple(maps.shape)}")
-    flat = maps.flatten(2)
-    lo = flat.min(dim=2, keepdim=True).values
-    hi = flat.max(dim=2, keepdim=True).values
-    return ((flat - lo + eps) / (hi - lo + eps)).reshape(maps.shape)
+    return normalize(maps, "minmax", 0.0, offset=eps, constant="one")
 
 
 def ame_cam_from_maps(maps: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MedcamError
+from ..normalize import normalize
 
 __all__ = ["ResNet18IN", "ExitLogit", "multi_exit_loss", "DEFAULT_EXIT_WEIGHTS", "exit_cams", "roc_auc"]
 
@@ -418,9 +419,7 @@ def ame_cam_maps(
 def authors_minmax(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The authors' evaluation normalisation of each map ``[N, 1, *S]``: ``(m - min + eps) / (max - min + eps)``
     where ``max > min``; a constant map is left as it is."""
-    flat = maps.float().flatten(1)
-    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return torch.where(hi > lo, (flat - lo + eps) / (hi - lo + eps), flat).reshape(maps.shape)
+    return normalize(maps.float(), "minmax", 0.0, dims=tuple(range(1, maps.ndim)), offset=eps, constant="keep")
 
 
 __all__ += ["ame_cam_maps", "authors_minmax"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MedcamError
+from ..normalize import normalize
 
 __all__ = [
     "SliceSet",
@@ -100,15 +101,12 @@ class SliceSet:
 
 
 def minmax_volume(volume: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Min-max normalise a whole volume (one modality, any shape) to [0, 1] as float32."""
+    """Min-max normalise a whole volume (one modality, any shape) to [0, 1] as float32 (a constant one: zeros)."""
     v = torch.as_tensor(np.asarray(volume, dtype=np.float32) if isinstance(volume, np.ndarray) else volume).float()
-    if not torch.isfinite(v).all():
-        raise MedcamError("volume contains NaN or inf values")
-    lo, hi = v.min(), v.max()
-    if hi - lo <= 0:
+    out = normalize(v.reshape(1, 1, -1), "minmax", 0.0, check_finite=True).reshape(v.shape)
+    if v.numel() and not bool(out.any()):  # a varying volume reaches 1 at its maximum
         logger.warning("constant volume: normalised to zeros")
-        return torch.zeros_like(v)
-    return (v - lo) / (hi - lo)
+    return out
 
 
 def extract_slices(

@@ -30,8 +30,10 @@ from medcam.data.loading import (
     VolumeCase,
     check_same_grid,
     load_channels,
+    loaded_header,
     read_header,
     read_volume,
+    strip_image_suffix,
 )
 from medcam.data.preprocessing import build_preprocessing
 
@@ -287,72 +289,86 @@ def load_brats_case(
         MedcamDataError: before any resampling, for missing modalities (naming the expected file), unreadable files,
             grids that disagree, non-3D, all-zero or non-finite images, invalid labels.
     """
-    if isinstance(source, Mapping):
-        paths = _normalise_mapping(source)
-        layout, cid = "mapping", case_id
-    else:
-        layout, cid, paths = discover_brats_case(source)
-    order = tuple(MODALITY_ALIASES.get(str(m).lower(), str(m)) for m in channel_order)
-    if sorted(order) != sorted(MODALITIES):
-        raise MedcamDataError(f"channel_order must be a permutation of {MODALITIES}, got {tuple(channel_order)}.")
-    for m in MODALITIES:
-        if m not in paths:
-            raise MedcamDataError(f"Missing modality {m!r} in the mapping; give a path for each of {MODALITIES}.")
-    if layout == "mapping" and cid is None:
-        from medcam.data.loading import strip_image_suffix
-
-        cid = strip_image_suffix(paths["t1"].name)
+    order = _channel_order(channel_order)
+    layout, cid, paths = _case_paths(source, case_id)
     seg_path = paths.get("seg") if load_label else None
     # cheap header checks of ALL files (images and label) before reading any voxel data
     headers = [read_header(paths[m]) for m in order]
     if seg_path is not None:
         check_same_grid(headers + [read_header(seg_path)])
-    convention = None
-    label_mt = None
-    keys = ("image",)
+    convention: str | None = None
+    label_mt: MetaTensor | None = None
     if seg_path is not None:  # labels are small and cheap to validate: do it before reading the images
-        seg = read_volume(seg_path, is_label=True)
-        values = np.unique(seg.cpu().numpy()).astype(int)
-        try:
-            convention = label_convention or (layout if layout in LABEL_CONVENTIONS else infer_label_convention(values))
-            regions = labels_to_regions(seg, convention)
-        except MedcamDataError as exc:
-            raise MedcamDataError(f"Label file '{seg_path}': {exc}") from exc
-        label_mt = MetaTensor(
-            torch.from_numpy(regions.astype(np.float32)),
-            affine=seg.affine.clone(),
-            meta={k: v for k, v in dict(seg.meta).items() if k != "affine"} | {"filename_or_obj": str(seg_path)},
-        )
-        keys = ("image", "label")
+        convention, label_mt = _load_regions(seg_path, layout, label_convention)
     image, loaded = load_channels([paths[m] for m in order])
-    if label_mt is not None:
-        check_same_grid(
-            [loaded[0], type(loaded[0])(seg_path, tuple(label_mt.shape[1:]), np.asarray(label_mt.affine, float))]
-        )
+    data = {"image": image}
+    if seg_path is not None and label_mt is not None:
+        check_same_grid([loaded[0], loaded_header(seg_path, label_mt)])
+        data["label"] = label_mt
     transform = build_preprocessing(
-        keys=keys,
+        keys=tuple(data),
         orientation=orientation,
         spacing=spacing,
         normalize=normalize,
         crop_foreground=crop_foreground,
         divisible_by=divisible_by,
     )
-    data = {"image": image}
-    if label_mt is not None:
-        data["label"] = label_mt
     out = transform(data)
-    ref = paths[order[0]] if "t1" not in order else paths["t1"]
     ref_idx = order.index("t1")
     return BratsCase(
         image=out["image"],
         label=out.get("label"),
         paths=dict(paths),
-        reference_path=ref,
+        reference_path=paths["t1"],
         case_id=str(case_id or cid),
         channel_names=order,
         transform=transform,
-        original_shape=tuple(loaded[ref_idx].shape),
+        original_shape=loaded[ref_idx].shape,
         original_affine=loaded[ref_idx].affine,
         layout=layout,
         label_convention=convention,
     )
+
+
+def _case_paths(
+    source: PathLike | Mapping[str, PathLike], case_id: str | None
+) -> tuple[str, str | None, dict[str, Path]]:
+    """(layout, case id, canonical modality -> file) of a case folder or an explicit mapping, every modality present."""
+    cid: str | None
+    if isinstance(source, Mapping):
+        paths = _normalise_mapping(source)
+        layout, cid = "mapping", case_id
+    else:
+        layout, cid, paths = discover_brats_case(source)
+    for m in MODALITIES:
+        if m not in paths:
+            raise MedcamDataError(f"Missing modality {m!r} in the mapping; give a path for each of {MODALITIES}.")
+    if layout == "mapping" and cid is None:
+        cid = strip_image_suffix(paths["t1"].name)
+    return layout, cid, paths
+
+
+def _channel_order(channel_order: Sequence[str]) -> tuple[str, ...]:
+    """Canonical names of ``channel_order`` (aliases such as t1c accepted), which must permute the four modalities."""
+    order = tuple(MODALITY_ALIASES.get(str(m).lower(), str(m)) for m in channel_order)
+    if sorted(order) != sorted(MODALITIES):
+        raise MedcamDataError(f"channel_order must be a permutation of {MODALITIES}, got {tuple(channel_order)}.")
+    return order
+
+
+def _load_regions(seg_path: Path, layout: str, label_convention: str | None) -> tuple[str, MetaTensor]:
+    """The label file as TC/WT/ET regions ``[3, X, Y, Z]`` float32 on the label's grid, and the convention used
+    (given, the layout's, or inferred from the label values)."""
+    seg = read_volume(seg_path, is_label=True)
+    values = [int(v) for v in np.unique(seg.cpu().numpy())]
+    try:
+        convention = label_convention or (layout if layout in LABEL_CONVENTIONS else infer_label_convention(values))
+        regions = labels_to_regions(seg, convention)
+    except MedcamDataError as exc:
+        raise MedcamDataError(f"Label file '{seg_path}': {exc}") from exc
+    label_mt = MetaTensor(
+        torch.from_numpy(regions.astype(np.float32)),
+        affine=seg.affine.clone(),
+        meta={k: v for k, v in dict(seg.meta).items() if k != "affine"} | {"filename_or_obj": str(seg_path)},
+    )
+    return convention, label_mt

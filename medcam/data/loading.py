@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class ImageHeader:
     """
 
     path: Path
-    shape: tuple[int, ...]
+    shape: tuple[int, int, int]
     affine: np.ndarray
 
     @property
@@ -118,9 +119,9 @@ def read_header(path: PathLike) -> ImageHeader:
                 shape = tuple(img.GetSize())
                 affine = sitk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
         elif is_nifti(path):
-            img = nib.load(str(path))
-            shape = tuple(int(s) for s in img.shape)
-            affine = np.asarray(img.affine, dtype=float)
+            nii = load_nifti(path)
+            shape = tuple(int(s) for s in nii.shape)
+            affine = np.asarray(nii.affine, dtype=float)
         else:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -147,7 +148,26 @@ def read_header(path: PathLike) -> ImageHeader:
         raise MedcamDataError(
             f"Image '{path}' has shape {shape}; a 3D volume needs at least 2 voxels along every axis."
         )
-    return ImageHeader(path=path, shape=shape, affine=affine)
+    x, y, z = shape
+    return ImageHeader(path=path, shape=(x, y, z), affine=affine)
+
+
+def load_nifti(path: PathLike) -> nib.Nifti1Image:
+    """nibabel's image of a NIfTI file (header and lazy voxel data; Nifti2Image is a Nifti1Image).
+
+    Raises:
+        MedcamDataError: the file is not a NIfTI-1/2 image.
+    """
+    img = nib.load(str(path))
+    if not isinstance(img, nib.Nifti1Image):
+        raise MedcamDataError(f"'{path}' is read by nibabel as {type(img).__name__}, not NIfTI; check the file.")
+    return img
+
+
+def loaded_header(path: PathLike, volume: MetaTensor) -> ImageHeader:
+    """The grid of a volume as read (``[X, Y, Z]`` or ``[C, X, Y, Z]``, MONAI's affine), to compare with other reads."""
+    x, y, z = (int(s) for s in volume.shape[-3:])
+    return ImageHeader(Path(path), (x, y, z), np.asarray(volume.affine, dtype=float))
 
 
 def check_same_grid(headers: Sequence[ImageHeader], atol: float = AFFINE_ATOL) -> None:
@@ -222,7 +242,7 @@ def load_channels(paths: Sequence[PathLike]) -> tuple[MetaTensor, list[ImageHead
     check_same_grid(headers)
     vols = [read_volume(h.path) for h in headers]
     # DICOM geometry and reader-specific affines: re-check on what MONAI actually loaded
-    loaded = [ImageHeader(h.path, tuple(v.shape), np.asarray(v.affine, dtype=float)) for h, v in zip(headers, vols)]
+    loaded = [loaded_header(h.path, v) for h, v in zip(headers, vols)]
     check_same_grid(loaded)
     ref = vols[0]
     stacked = torch.stack([torch.as_tensor(v.as_tensor() if isinstance(v, MetaTensor) else v) for v in vols], 0)
@@ -325,7 +345,7 @@ def load_volumes(
     if isinstance(paths, Mapping):
         names = tuple(str(k) for k in paths)
         files = [Path(p) for p in paths.values()]
-    elif isinstance(paths, (str, Path)):
+    elif isinstance(paths, (str, os.PathLike)):
         files = [Path(paths)]
         names = ("image",)
     else:
@@ -349,7 +369,7 @@ def load_volumes(
         case_id=case_id or strip_image_suffix(files[0].name),
         channel_names=names,
         transform=transform,
-        original_shape=tuple(headers[0].shape),
+        original_shape=headers[0].shape,
         original_affine=headers[0].affine,
     )
 

@@ -77,7 +77,8 @@ class Phantom:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm)."""
-        return spacing_of(self.affine)
+        sx, sy, sz = spacing_of(self.affine)
+        return sx, sy, sz
 
 
 def template_path(name: str) -> Path:
@@ -89,16 +90,23 @@ def template_path(name: str) -> Path:
             "The phantom generator needs the 'nilearn' package (for its MNI152 template files); "
             "install it with `pip install nilearn`."
         ) from exc
-    path = Path(dist.locate_file(_TEMPLATE.format(name)))
+    path = Path(str(dist.locate_file(_TEMPLATE.format(name))))
     if not path.is_file():
         raise PhantomError(f"MNI152 template file '{path}' not found in the nilearn installation; reinstall nilearn.")
     return path
 
 
+def _read_template(name: str) -> nib.Nifti1Image:
+    img = nib.load(str(template_path(name)))
+    if not isinstance(img, nib.Nifti1Image):
+        raise PhantomError(f"MNI152 template '{template_path(name)}' is not a NIfTI image; reinstall nilearn.")
+    return img
+
+
 @functools.lru_cache(maxsize=1)
 def _templates() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(t1, gm, wm) as float32 in [0, 1] at 1 mm, and the template affine (RAS)."""
-    imgs = [nib.load(str(template_path(n))) for n in ("t1", "gm", "wm")]
+    imgs = [_read_template(n) for n in ("t1", "gm", "wm")]
     arrs = [np.asarray(im.dataobj, dtype=np.float32) / 255.0 for im in imgs]
     for a in arrs:
         a.setflags(write=False)
@@ -140,26 +148,80 @@ def generate_phantom(
     Raises:
         PhantomError: bad parameters or missing template files.
     """
-    sp = np.array([spacing_mm] * 3 if np.isscalar(spacing_mm) else list(spacing_mm), dtype=float)
+    sp = _check_phantom_args(spacing_mm, orientation)
+    rng = np.random.default_rng(int(seed))
+    t1, gm, wm, aff0 = _templates()
+    shape, affine, world = _output_grid(t1.shape, aff0, sp)
+    tumour = _draw_tumour(rng, t1, wm, aff0)
+    rel = [(world[a] - tumour.centre[a]).astype(np.float32) for a in range(3)]
+    rho = np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2) + 1e-6
+    lumps = _smooth_field(rng, [r / rho for r in rel], n_terms=6, max_freq=1.5)
+    d = rho / (tumour.radius * (1.0 + tumour.lump_amp * lumps))  # normalised distance from the centre
+    src_vox = _mass_effect_coords(tumour, rel, rho, aff0, shape)
+    anatomy = _sample_anatomy((t1, gm, wm), src_vox, sp)
+    label = _tumour_labels(d, lumps, anatomy, sp)
+    image = _render_images(rng, label, anatomy, world, sp, noise=noise, bias=bias)
+    label[~anatomy.brain] = 0
+    brain = anatomy.brain
+    if orientation == "LPS":
+        image = image[:, ::-1, ::-1, :]
+        label, brain = label[::-1, ::-1, :], brain[::-1, ::-1, :]
+        flip = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+        affine = affine @ flip
+    return Phantom(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        label=np.ascontiguousarray(label),
+        affine=affine,
+        brain_mask=np.ascontiguousarray(brain),
+        centre_mm=np.asarray(tumour.centre, float),
+        radius_mm=tumour.radius,
+        seed=int(seed),
+    )
+
+
+def _check_phantom_args(spacing_mm: float | Sequence[float], orientation: str) -> np.ndarray:
+    """The spacing as 3 floats (mm), after checking it and the orientation."""
+    try:
+        sp = np.asarray(spacing_mm, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        sp = np.zeros(0)  # not numbers: refused below
+    if sp.size == 1:
+        sp = np.repeat(sp, 3)
     if sp.shape != (3,) or np.any(sp < 0.5) or np.any(sp > 8):
         raise PhantomError(f"spacing_mm must be between 0.5 and 8 mm (one value or three), got {spacing_mm!r}.")
     if orientation not in ("LPS", "RAS"):
         raise PhantomError(f"orientation must be 'LPS' or 'RAS', got {orientation!r}.")
-    rng = np.random.default_rng(int(seed))
-    t1, gm, wm, aff0 = _templates()
-    shape0 = np.array(t1.shape)
-    shape = tuple(int(v) for v in np.maximum(np.round(shape0 / sp), 2))
-    # output voxel i sits at template voxel coordinate i * s + (s - 1) / 2 (same field of view, voxel centres)
+    return sp
+
+
+def _output_grid(
+    shape0: tuple[int, ...], aff0: np.ndarray, sp: np.ndarray
+) -> tuple[tuple[int, int, int], np.ndarray, list[np.ndarray]]:
+    """Shape, affine (RAS) and world coordinates (mm, 3 broadcastable arrays) of the output grid: the template's
+    field of view at spacing ``sp``; output voxel i sits at template voxel coordinate i * s + (s - 1) / 2."""
+    nx, ny, nz = (int(v) for v in np.maximum(np.round(np.array(shape0) / sp), 2))
     offs = (sp - 1.0) / 2.0
     affine = aff0 @ np.array([[sp[0], 0, 0, offs[0]], [0, sp[1], 0, offs[1]], [0, 0, sp[2], offs[2]], [0, 0, 0, 1]])
-    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij", sparse=True)
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (nx, ny, nz)], indexing="ij", sparse=True)
     world = [affine[a, 0] * grid[0] + affine[a, 1] * grid[1] + affine[a, 2] * grid[2] + affine[a, 3] for a in range(3)]
+    return (nx, ny, nz), affine, world
 
-    # --- tumour parameters (centre in deep white matter, away from the brain boundary)
+
+@dataclass(frozen=True)
+class _Tumour:
+    """Random tumour parameters: centre (RAS mm), radius (mm), boundary lumpiness and mass-effect strength."""
+
+    centre: np.ndarray
+    radius: float
+    lump_amp: float
+    warp_k: float
+
+
+def _draw_tumour(rng: np.random.Generator, t1: np.ndarray, wm: np.ndarray, aff0: np.ndarray) -> _Tumour:
+    """Tumour parameters, the centre in deep white matter away from the brain boundary."""
     radius = float(rng.uniform(10.0, 18.0))
-    brain0 = t1 > 0.02
     step = 3
-    wm_c, brain_c = wm[::step, ::step, ::step], brain0[::step, ::step, ::step]
+    wm_c, brain_c = wm[::step, ::step, ::step], (t1 > 0.02)[::step, ::step, ::step]
     depth = ndimage.distance_transform_edt(brain_c) * step  # mm from outside the brain
     cand = np.argwhere((wm_c > 0.9) & (depth > 2.1 * radius * 0.55 + 8))
     if len(cand) == 0:
@@ -168,45 +230,80 @@ def generate_phantom(
     centre = (aff0 @ np.r_[ijk, 1.0])[:3] + rng.uniform(-1.0, 1.0, 3)
     lump_amp = float(rng.uniform(0.08, 0.25))
     warp_k = float(rng.uniform(0.15, 0.35))
+    return _Tumour(centre, radius, lump_amp, warp_k)
 
-    rel = [(world[a] - centre[a]).astype(np.float32) for a in range(3)]
-    rho = np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2) + 1e-6
-    unit = [r / rho for r in rel]
-    lumps = _smooth_field(rng, unit, n_terms=6, max_freq=1.5)
-    d = rho / (radius * (1.0 + lump_amp * lumps))
 
-    # --- mass effect: output point at radius rho samples the template at rho * (1 - k exp(-(rho / 2r)^2)),
-    # monotone in rho because k < 1, so anatomy is pushed outwards around the tumour
-    shrink = 1.0 - warp_k * np.exp(-((rho / (2.0 * radius)) ** 2))
-    src_world = [centre[a] + rel[a] * shrink for a in range(3)]
+def _mass_effect_coords(
+    tumour: _Tumour, rel: list[np.ndarray], rho: np.ndarray, aff0: np.ndarray, shape: tuple[int, int, int]
+) -> list[np.ndarray]:
+    """Template voxel coordinates sampled by each output voxel: the point at radius rho from the centre samples the
+    template at rho * (1 - k exp(-(rho / 2r)^2)), monotone in rho because k < 1, so the anatomy is pushed
+    outwards around the tumour."""
+    shrink = 1.0 - tumour.warp_k * np.exp(-((rho / (2.0 * tumour.radius)) ** 2))
+    src_world = [tumour.centre[a] + rel[a] * shrink for a in range(3)]
     inv0 = np.linalg.inv(aff0)
     src_vox = [sum(inv0[a, b] * src_world[b] for b in range(3)) + inv0[a, 3] for a in range(3)]
-    src_vox = [np.broadcast_to(v, shape) for v in src_vox]
+    return [np.broadcast_to(v, shape) for v in src_vox]
+
+
+@dataclass
+class _Anatomy:
+    """Warped anatomy on the output grid: brain mask and GM/WM/CSF fractions (GM + WM <= 1)."""
+
+    brain: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+
+
+def _sample_anatomy(
+    templates: tuple[np.ndarray, np.ndarray, np.ndarray], src_vox: list[np.ndarray], sp: np.ndarray
+) -> _Anatomy:
+    """Resample the template T1, GM and WM at ``src_vox`` (anti-aliased when subsampling) into brain and tissues."""
 
     def sample(vol: np.ndarray) -> np.ndarray:
         if np.all(sp > 1.0):  # anti-alias before subsampling
             vol = ndimage.uniform_filter(vol, size=tuple(int(max(1, round(s))) for s in sp), mode="nearest")
         return ndimage.map_coordinates(vol, src_vox, order=1, mode="constant", cval=0.0).astype(np.float32)
 
-    t1_s, gm_s, wm_s = sample(t1), sample(gm), sample(wm)
-    brain = t1_s > 0.1
-    brain = ndimage.binary_fill_holes(ndimage.binary_opening(brain, iterations=1))
+    t1_s, gm_s, wm_s = (sample(v) for v in templates)
+    brain = ndimage.binary_fill_holes(ndimage.binary_opening(t1_s > 0.1, iterations=1))
     gm_s, wm_s = np.clip(gm_s, 0, 1), np.clip(wm_s, 0, 1)
     tot = gm_s + wm_s
     over = tot > 1
     gm_s[over] /= tot[over]
     wm_s[over] /= tot[over]
     csf_s = np.where(brain, np.clip(1.0 - gm_s - wm_s, 0, 1), 0).astype(np.float32)
+    return _Anatomy(brain, gm_s, wm_s, csf_s)
 
-    # --- tumour labels
-    wm_smooth = ndimage.gaussian_filter(wm_s, sigma=3.0 / sp)
+
+def _tumour_labels(d: np.ndarray, lumps: np.ndarray, anatomy: _Anatomy, sp: np.ndarray) -> np.ndarray:
+    """BraTS labels from the normalised distance d: NCR d < 0.6, ET 0.6 <= d < 1, oedema following white matter
+    out to about d = 2.1; only inside the brain."""
+    brain = anatomy.brain
+    wm_smooth = ndimage.gaussian_filter(anatomy.wm, sigma=3.0 / sp)
     ed_extent = 1.15 + 0.95 * np.clip(wm_smooth * 1.2, 0, 1) + 0.1 * lumps
-    label = np.zeros(shape, dtype=np.int16)
+    label = np.zeros(brain.shape, dtype=np.int16)
     label[(d < ed_extent) & brain] = LABEL_ED
     label[(d < 1.0) & brain] = LABEL_ET
     label[(d < 0.6) & brain] = LABEL_NCR
+    return label
 
-    # --- tissue fractions: normal tissue outside the tumour, tumour tissue inside (soft edges)
+
+def _render_images(
+    rng: np.random.Generator,
+    label: np.ndarray,
+    anatomy: _Anatomy,
+    world: list[np.ndarray],
+    sp: np.ndarray,
+    *,
+    noise: float,
+    bias: float,
+) -> np.ndarray:
+    """The 4 modalities float32 [4, X, Y, Z]: tissue intensities mixed by fraction, texture, bias field, Rician
+    noise, skull-stripped."""
+    shape = label.shape
+    # tissue fractions: normal tissue outside the tumour, tumour tissue inside (soft edges)
     sig = 0.6 / sp
     fr = {
         t: ndimage.gaussian_filter((label == v).astype(np.float32), sig)
@@ -215,7 +312,7 @@ def generate_phantom(
     tumour = np.clip(fr["NCR"] + fr["ED"] + fr["ET"], 0, 1)
     # oedema keeps some underlying anatomy (it infiltrates), the core replaces it
     normal_w = 1.0 - tumour
-    frac = {"WM": wm_s * normal_w, "GM": gm_s * normal_w, "CSF": csf_s * normal_w, **fr}
+    frac = {"WM": anatomy.wm * normal_w, "GM": anatomy.gm * normal_w, "CSF": anatomy.csf * normal_w, **fr}
     texture = 1.0 + 0.04 * _smooth_field(rng, [w / 40.0 for w in world], n_terms=8, max_freq=6.0)
     norm = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
     ncoords = np.meshgrid(*norm, indexing="ij", sparse=True)
@@ -227,23 +324,8 @@ def generate_phantom(
         sigma = noise * BRAIN_LEVEL[mod]
         n1 = rng.normal(0.0, sigma, shape).astype(np.float32)
         n2 = rng.normal(0.0, sigma, shape).astype(np.float32)
-        image[c] = np.sqrt((clean + n1) ** 2 + n2**2) * brain  # Rician magnitude, skull-stripped
-    label[~brain] = 0
-
-    if orientation == "LPS":
-        image = image[:, ::-1, ::-1, :]
-        label, brain = label[::-1, ::-1, :], brain[::-1, ::-1, :]
-        flip = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
-        affine = affine @ flip
-    return Phantom(
-        image=np.ascontiguousarray(image, dtype=np.float32),
-        label=np.ascontiguousarray(label),
-        affine=affine,
-        brain_mask=np.ascontiguousarray(brain),
-        centre_mm=np.asarray(centre, float),
-        radius_mm=radius,
-        seed=int(seed),
-    )
+        image[c] = np.sqrt((clean + n1) ** 2 + n2**2) * anatomy.brain  # Rician magnitude, skull-stripped
+    return image
 
 
 #: file suffix per channel / label for each layout

@@ -26,10 +26,13 @@ from monai.transforms import (
     CropForegroundd,
     DivisiblePadd,
     EnsureChannelFirstd,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     Spacingd,
 )
+
+from ..errors import MedcamDataError
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +73,15 @@ def build_preprocessing(
     """
     keys = tuple(keys)
     if image_key not in keys:
-        raise ValueError(f"image_key {image_key!r} must be one of keys {keys}")
+        raise MedcamDataError(f"image_key {image_key!r} must be one of keys {keys}")
     modes: tuple[str, ...] = tuple("bilinear" if k == image_key else "nearest" for k in keys)
-    steps = [EnsureChannelFirstd(keys=keys, channel_dim=0, allow_missing_keys=True)]
+    steps: list[MapTransform] = [EnsureChannelFirstd(keys=keys, channel_dim=0, allow_missing_keys=True)]
     if orientation is not None:
         steps.append(Orientationd(keys=keys, axcodes=orientation, labels=_RAS_LABELS, allow_missing_keys=True))
     if spacing is not None:
         pix = (float(spacing),) * 3 if isinstance(spacing, (int, float)) else tuple(float(s) for s in spacing)
         if len(pix) != 3 or min(pix) <= 0:
-            raise ValueError(f"spacing must be a positive number or 3 positive numbers (mm), got {spacing!r}")
+            raise MedcamDataError(f"spacing must be a positive number or 3 positive numbers (mm), got {spacing!r}")
         steps.append(Spacingd(keys=keys, pixdim=pix, mode=modes, padding_mode="zeros", allow_missing_keys=True))
     if crop_foreground:
         steps.append(
@@ -95,7 +98,7 @@ def build_preprocessing(
         steps.append(NormalizeIntensityd(keys=image_key, nonzero=True, channel_wise=True))
     if divisible_by is not None:
         if int(divisible_by) < 1:
-            raise ValueError(f"divisible_by must be a positive integer, got {divisible_by!r}")
+            raise MedcamDataError(f"divisible_by must be a positive integer, got {divisible_by!r}")
         steps.append(DivisiblePadd(keys=keys, k=int(divisible_by), allow_missing_keys=True))
     logger.debug("preprocessing: %s", [type(s).__name__ for s in steps])
     return Compose(steps)

@@ -76,6 +76,122 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+@dataclass
+class _RasCase:
+    """A case's pictures' inputs on the RAS grid: backgrounds and their grey windows, maps (entry order), ROIs,
+    the slice centre of each target and the colour scale of all maps."""
+
+    backgrounds: dict[str, RasVolume]
+    windows: dict[str, tuple[float, float]]
+    maps: list[np.ndarray]
+    rois: dict[str, np.ndarray | None]
+    centres: dict[str, tuple[int, int, int]]
+    scale: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """What the pictures' titles name: the case, the layer, each target's background channel and ROI volume (ml)."""
+
+    case_id: str
+    layer: str
+    target_background: Mapping[str, str]
+    roi_ml: Mapping[str, float]
+
+
+def _ras_case(
+    entries: Sequence[MapEntry],
+    affine: np.ndarray,
+    backgrounds: Mapping[str, np.ndarray],
+    target_background: Mapping[str, str],
+    rois: Mapping[str, np.ndarray | None],
+    slice_at: str,
+) -> _RasCase:
+    """Reorient everything to RAS and place one slice position per target (all methods of a target are cut at the
+    same place, so they compare)."""
+    ras_bg = {name: RasVolume.from_array(arr, affine) for name, arr in backgrounds.items()}
+    for t, ch in target_background.items():
+        if ch not in ras_bg:
+            raise MedcamDataError(f"background {ch!r} of target {t!r} is not among {sorted(ras_bg)}")
+    windows = {name: foreground_window(arr) for name, arr in backgrounds.items()}
+    ras_maps = [RasVolume.from_array(e.heatmap, affine).data for e in entries]
+    ras_rois = {t: None if r is None else RasVolume.from_array(r, affine).data.astype(bool) for t, r in rois.items()}
+    centres = {}
+    for t in dict.fromkeys(e.target for e in entries):
+        t_maps = [m for e, m in zip(entries, ras_maps) if e.target == t]
+        bg_t = ras_bg[target_background[t]].data
+        centres[t] = slice_centre(np.maximum.reduce(t_maps), ras_rois.get(t), slice_at, bg_t)
+    return _RasCase(ras_bg, windows, ras_maps, ras_rois, centres, map_scale(ras_maps))
+
+
+def _save_png(fig: Any, path: Path, dpi: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        fig.savefig(str(tmp), format="png", dpi=dpi, facecolor="white")
+
+
+def _write_overlays(
+    out_dir: Path,
+    entries: Sequence[MapEntry],
+    ras: _RasCase,
+    labels: _Labels,
+    *,
+    shared_scale: bool,
+    dpi: int,
+) -> None:
+    """One overlay PNG per entry, on the case's scale or (``shared_scale=False``) 0 .. the map's own maximum."""
+    lo, hi = ras.scale
+    for e, m in zip(entries, ras.maps):
+        ch = labels.target_background[e.target]
+        mmax = float(np.max(m))
+        title = (
+            f"{labels.case_id} | {e.method_label} | target {e.target} | layer {labels.layer} | map max {_fmt(mmax)}"
+            f"{' (map is zero)' if mmax <= 0 else ''} | ROI {labels.roi_ml.get(e.target, float('nan')):.2f} ml"
+            f" | background {ch}" + (" | shared scale" if shared_scale else "")
+        )
+        vmax = hi if shared_scale else (mmax if mmax > 0 else 1.0)
+        bg, roi, centre = ras.backgrounds[ch], ras.rois.get(e.target), ras.centres[e.target]
+        fig = _figure_on_ras(bg, m, roi, centre, ras.windows[ch], title, lo, vmax)
+        _save_png(fig, out_dir / e.png, dpi)
+
+
+def _write_montage(
+    out_dir: Path,
+    entries: Sequence[MapEntry],
+    ras: _RasCase,
+    labels: _Labels,
+    *,
+    cmap: str,
+    dpi: int,
+) -> str:
+    """``montage.png`` (rows = targets, columns = methods, one colour scale); returns its relative path."""
+    lo, hi = ras.scale
+    rows = []
+    for t in ras.centres:
+        ch = labels.target_background[t]
+        cells = {
+            e.method: MontageCell(m, f"{e.method_label}\nmax {_fmt(float(np.max(m)))}")
+            for e, m in zip(entries, ras.maps)
+            if e.target == t
+        }
+        layer_t = OverlayLayer(ras.backgrounds[ch], None, ras.rois.get(t), ras.windows[ch])
+        rows.append(
+            MontageRow(layer_t, ras.centres[t], f"{t} ({labels.roi_ml.get(t, float('nan')):.1f} ml)\non {ch}", cells)
+        )
+    fig = montage_figure(
+        rows,
+        list(dict.fromkeys(e.method for e in entries)),
+        title=f"{labels.case_id} | layer {labels.layer} | rows: targets, columns: methods (axial, coronal, sagittal) | "
+        f"one scale 0..{_fmt(hi)} | ROI contour cyan",
+        vmin=lo,
+        vmax=hi,
+        cmap=cmap,
+        dpi=dpi,
+    )
+    _save_png(fig, out_dir / MONTAGE_NAME, dpi)
+    return MONTAGE_NAME
+
+
 def write_case_figures(
     out_dir: Path,
     entries: Sequence[MapEntry],
@@ -117,61 +233,12 @@ def write_case_figures(
     """
     if not entries:
         raise MedcamDataError("write_case_figures needs at least one map")
-    ras_bg = {name: RasVolume.from_array(arr, affine) for name, arr in backgrounds.items()}
-    windows = {name: foreground_window(arr) for name, arr in backgrounds.items()}
-    for t, ch in target_background.items():
-        if ch not in ras_bg:
-            raise MedcamDataError(f"background {ch!r} of target {t!r} is not among {sorted(ras_bg)}")
-    ras_maps = [RasVolume.from_array(e.heatmap, affine).data for e in entries]
-    ras_rois = {t: None if r is None else RasVolume.from_array(r, affine).data.astype(bool) for t, r in rois.items()}
-    lo, hi = map_scale(ras_maps)
-    targets = list(dict.fromkeys(e.target for e in entries))
-    methods = list(dict.fromkeys(e.method for e in entries))
-    # one slice position per target (all methods of a target are cut at the same place, so they compare)
-    centres = {}
-    for t in targets:
-        t_maps = [m for e, m in zip(entries, ras_maps) if e.target == t]
-        bg_t = ras_bg[target_background[t]].data
-        centres[t] = slice_centre(np.maximum.reduce(t_maps), ras_rois.get(t), slice_at, bg_t)
-    for e, m in zip(entries, ras_maps):
-        ch = target_background[e.target]
-        mmax = float(np.max(m))
-        title = (
-            f"{case_id} | {e.method_label} | target {e.target} | layer {layer} | map max {_fmt(mmax)}"
-            f"{' (map is zero)' if mmax <= 0 else ''} | ROI {roi_ml.get(e.target, float('nan')):.2f} ml"
-            f" | background {ch}" + (" | shared scale" if shared_scale else "")
-        )
-        vmax = hi if shared_scale else (mmax if mmax > 0 else 1.0)
-        fig = _figure_on_ras(ras_bg[ch], m, ras_rois.get(e.target), centres[e.target], windows[ch], title, lo, vmax)
-        fig_path = out_dir / e.png
-        fig_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(fig_path) as tmp:
-            fig.savefig(str(tmp), format="png", dpi=dpi, facecolor="white")
-    montage_rel = None
-    if montage:
-        rows = []
-        for t in targets:
-            ch = target_background[t]
-            cells = {
-                e.method: MontageCell(m, f"{e.method_label}\nmax {_fmt(float(np.max(m)))}")
-                for e, m in zip(entries, ras_maps)
-                if e.target == t
-            }
-            layer_t = OverlayLayer(ras_bg[ch], None, ras_rois.get(t), windows[ch])
-            rows.append(MontageRow(layer_t, centres[t], f"{t} ({roi_ml.get(t, float('nan')):.1f} ml)\non {ch}", cells))
-        fig = montage_figure(
-            rows,
-            methods,
-            title=f"{case_id} | layer {layer} | rows: targets, columns: methods (axial, coronal, sagittal) | "
-            f"one scale 0..{_fmt(hi)} | ROI contour cyan",
-            vmin=lo,
-            vmax=hi,
-            cmap=cmap,
-            dpi=dpi,
-        )
-        with atomic_write(out_dir / MONTAGE_NAME) as tmp:
-            fig.savefig(str(tmp), format="png", dpi=dpi, facecolor="white")
-        montage_rel = MONTAGE_NAME
+    ras = _ras_case(entries, affine, backgrounds, target_background, rois, slice_at)
+    labels = _Labels(case_id, layer, target_background, roi_ml)
+    _write_overlays(out_dir, entries, ras, labels, shared_scale=shared_scale, dpi=dpi)
+    montage_rel = _write_montage(out_dir, entries, ras, labels, cmap=cmap, dpi=dpi) if montage else None
+    lo, hi = ras.scale
+    first_bg = next(iter(ras.backgrounds.values()))
     return {
         "scale": [lo, hi] if hi > 0 else None,
         "shared_scale": bool(shared_scale),
@@ -179,9 +246,7 @@ def write_case_figures(
         "montage": montage_rel,
         "background": dict(target_background),
         "images": {k: str(v) for k, v in (images or {}).items()},
-        "centres_mm": {
-            t: [round(float(v), 3) for v in next(iter(ras_bg.values())).world(c)] for t, c in centres.items()
-        },
+        "centres_mm": {t: [round(float(v), 3) for v in first_bg.world(c)] for t, c in ras.centres.items()},
     }
 
 

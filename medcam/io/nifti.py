@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medcam.data.loading import MedcamDataError, is_nifti, read_header
+from medcam.data.loading import MedcamDataError, is_nifti, load_nifti, read_header
 from medcam.io.atomic import atomic_write, check_output_path
 
 from ..types import PathLike
@@ -60,14 +60,14 @@ def reference_geometry(reference: PathLike) -> ReferenceGeometry:
     sform_code = qform_code = 1
     unit = "mm"
     if is_nifti(hdr.path):
-        h = nib.load(str(hdr.path)).header
+        h = load_nifti(hdr.path).header
         sform_code, qform_code = int(h["sform_code"]), int(h["qform_code"])
         sform_code = sform_code or qform_code or 1
         qform_code = qform_code or sform_code
         unit = h.get_xyzt_units()[0] or "mm"
         if unit == "unknown":
             unit = "mm"
-    return ReferenceGeometry(tuple(hdr.shape), hdr.affine, sform_code, qform_code, unit)
+    return ReferenceGeometry(hdr.shape, hdr.affine, sform_code, qform_code, unit)
 
 
 def _as_3d(volume: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:

@@ -19,7 +19,7 @@ Drawn with matplotlib's object API on an Agg canvas (no pyplot global state, wor
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,8 @@ class RasVolume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along x, y, z."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        sx, sy, sz = (float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return sx, sy, sz
 
     def axis_mm(self, axis: int) -> np.ndarray:
         """World coordinate (mm, RAS) of the voxel centres along ``axis`` (the dominant component; exact when the
@@ -145,17 +146,23 @@ def plane(vol: RasVolume, view: str, index: int, data: np.ndarray | None = None)
     return Plane(view, img, extent, float(vol.axis_mm(ax)[idx]), (_AXIS_NAME[h], _AXIS_NAME[v]))
 
 
+def _ijk(values: Iterable[Any]) -> tuple[int, int, int]:
+    """A 3D voxel index (i, j, k) as Python ints."""
+    i, j, k = (int(v) for v in values)
+    return i, j, k
+
+
 def roi_centre(heatmap: np.ndarray, roi_mask: np.ndarray | None = None) -> tuple[int, int, int]:
     """Voxel index (i, j, k) the slices go through: the ROI's centre of mass (rounded; the nearest ROI voxel if the
     ROI is not convex) if the ROI is not empty, else the heatmap's maximum."""
     if roi_mask is not None and np.any(roi_mask):
         c = ndimage.center_of_mass(np.asarray(roi_mask).astype(bool))
-        idx = tuple(int(round(v)) for v in c)
+        idx = _ijk(round(v) for v in c)
         if roi_mask[idx]:
             return idx
         pts = np.argwhere(roi_mask)  # non-convex ROI: nearest ROI voxel to the centre of mass
-        return tuple(int(v) for v in pts[np.argmin(((pts - np.array(c)) ** 2).sum(1))])
-    return tuple(int(v) for v in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+        return _ijk(pts[np.argmin(((pts - np.array(c)) ** 2).sum(1))])
+    return _ijk(np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
 
 
 def slice_centre(
@@ -168,12 +175,12 @@ def slice_centre(
     if at not in ("roi", "max"):
         raise MedcamDataError(f"slice position must be 'roi' or 'max', got {at!r}")
     if at == "max" and np.max(heatmap) > 0:
-        return tuple(int(v) for v in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+        return _ijk(np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
     if np.max(heatmap) <= 0 and (roi_mask is None or not np.any(roi_mask)):
         fg = None if background is None else np.asarray(background) != 0
         if fg is not None and fg.any():
-            return tuple(int(round(v)) for v in ndimage.center_of_mass(fg))
-        return tuple(int(n) // 2 for n in np.shape(heatmap))
+            return _ijk(round(v) for v in ndimage.center_of_mass(fg))
+        return _ijk(int(n) // 2 for n in np.shape(heatmap))
     return roi_centre(heatmap, roi_mask)
 
 
@@ -249,7 +256,7 @@ def _letters(ax: Any, view: str, fontsize: float) -> None:
 
 
 def draw_views(
-    axes: Sequence[Any],
+    axes: Iterable[Any],
     layer: OverlayLayer,
     centre: Sequence[int],
     *,
@@ -300,36 +307,55 @@ def draw_views(
             if r.any():
                 ax.contour(r, levels=[0.5], colors="cyan", linewidths=0.9, extent=bg.extent, origin="upper")
         if zero:
-            ax.text(
-                0.5,
-                0.12,
-                ZERO_NOTE,
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color="red",
-                fontsize=fontsize + 1,
-                fontweight="bold",
-                bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "red"},
-            )
+            _zero_note(ax, fontsize)
         _letters(ax, view, fontsize)
-        h_ax, v_ax = [a for a in range(3) if a != _VIEW_AXIS[view]]
-        ax.set_xlim(box[h_ax][1], box[h_ax][0])  # descending: patient's right (or anterior) on the left
-        ax.set_ylim(box[v_ax][0], box[v_ax][1])
-        ax.set_facecolor("black")
-        where = f"{view} {'xyz'[_VIEW_AXIS[view]]} = {bg.position_mm:.1f} mm"
-        if vol.oblique > 0.5:
-            where += f" (grid oblique {vol.oblique:.0f} deg)"
-        if mm_axes:
-            ax.set_title(where, fontsize=fontsize)
-            ax.set_xlabel(f"{bg.axes_names[0]} mm", fontsize=fontsize - 1)
-            ax.set_ylabel(f"{bg.axes_names[1]} mm", fontsize=fontsize - 1)
-            ax.tick_params(labelsize=fontsize - 2)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlabel(where, fontsize=fontsize - 2)
+        _frame_view(ax, view, bg, vol, box, mm_axes=mm_axes, fontsize=fontsize)
     return im_h
+
+
+def _zero_note(ax: Any, fontsize: float) -> None:
+    """The red "map is zero" note across a view whose map has no positive voxel."""
+    ax.text(
+        0.5,
+        0.12,
+        ZERO_NOTE,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        color="red",
+        fontsize=fontsize + 1,
+        fontweight="bold",
+        bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "red"},
+    )
+
+
+def _frame_view(
+    ax: Any,
+    view: str,
+    bg: Plane,
+    vol: RasVolume,
+    box: Sequence[tuple[float, float]],
+    *,
+    mm_axes: bool,
+    fontsize: float,
+) -> None:
+    """Crop a view to the foreground box (radiological: patient's right on the left) and title/label it."""
+    h_ax, v_ax = [a for a in range(3) if a != _VIEW_AXIS[view]]
+    ax.set_xlim(box[h_ax][1], box[h_ax][0])  # descending: patient's right (or anterior) on the left
+    ax.set_ylim(box[v_ax][0], box[v_ax][1])
+    ax.set_facecolor("black")
+    where = f"{view} {'xyz'[_VIEW_AXIS[view]]} = {bg.position_mm:.1f} mm"
+    if vol.oblique > 0.5:
+        where += f" (grid oblique {vol.oblique:.0f} deg)"
+    if mm_axes:
+        ax.set_title(where, fontsize=fontsize)
+        ax.set_xlabel(f"{bg.axes_names[0]} mm", fontsize=fontsize - 1)
+        ax.set_ylabel(f"{bg.axes_names[1]} mm", fontsize=fontsize - 1)
+        ax.tick_params(labelsize=fontsize - 2)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(where, fontsize=fontsize - 2)
 
 
 def _colorbar(fig: Figure, im_h: Any, axes: Any, vmin: float, vmax: float, cmap: str, label: str) -> None:
@@ -451,7 +477,7 @@ def overlay_figure(
     if centre is None:
         c = slice_centre(hm, roi, slice_at, bg.data)
     else:  # a voxel index of the given arrays -> RAS grid index
-        c = tuple(int(v) for v in np.argwhere(ras(_index_volume(np.shape(image), centre), affine).data)[0])
+        c = _ijk(np.argwhere(ras(_index_volume(np.shape(image), centre), affine).data)[0])
     lo, hi = map_scale([hm])
     lo = lo if vmin is None else float(vmin)
     hi = hi if vmax is None else float(vmax)

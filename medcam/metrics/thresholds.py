@@ -77,8 +77,7 @@ def normalize_maps(
         return maps.float()
     if mode not in ("minmax", "max"):
         raise MedcamError(f"normalisation mode must be 'minmax', 'max' or None, got {mode!r}")
-    flat = _flat(maps.float(), spatial_dims)  # [N, prod(S)]: one row per map
-    return normalize(flat[:, None], mode, eps).reshape(maps.shape)
+    return normalize(maps.float(), mode, eps, dims=tuple(range(maps.ndim - spatial_dims, maps.ndim)))
 
 
 def percentile_threshold(maps: torch.Tensor, q: float, spatial_dims: int = 3) -> torch.Tensor:
