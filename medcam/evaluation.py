@@ -250,33 +250,48 @@ class _MetricOptions:
         }
 
 
-def _metric_options(metrics: Sequence[str], **kw: Any) -> _MetricOptions:
+def _metric_options(
+    metrics: Sequence[str],
+    *,
+    threshold: tuple[str, float | None],
+    spacing: Sequence[float] | float | None,
+    tolerance_mm: float,
+    steps: int,
+    baseline: str | float,
+    batch_size: int,
+    road_percentiles: Sequence[float],
+    output_activation: str,
+    sanity_max_steps: int | None,
+    insertion_protocol: str,
+    hd95_convention: str,
+    tie_draws: int,
+) -> _MetricOptions:
     """Check the metric keywords of :func:`evaluate` (before any work) and narrow them to their literal types."""
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
         raise MedcamError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
-    activation = _activation(kw["output_activation"])
-    if kw["insertion_protocol"] not in ("rise", "baseline"):
-        raise MedcamError(f"insertion_protocol must be 'rise' or 'baseline', got {kw['insertion_protocol']!r}")
-    hd95_convention = _hd95_convention(kw["hd95_convention"])
-    if int(kw["tie_draws"]) < 1:
-        raise MedcamError(f"tie_draws must be >= 1, got {kw['tie_draws']}")
-    thr_method, thr_value = kw.pop("threshold")
+    activation = _activation(output_activation)
+    if insertion_protocol not in ("rise", "baseline"):
+        raise MedcamError(f"insertion_protocol must be 'rise' or 'baseline', got {insertion_protocol!r}")
+    convention = _hd95_convention(hd95_convention)
+    if int(tie_draws) < 1:
+        raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
+    thr_method, thr_value = threshold
     return _MetricOptions(
         metrics=tuple(metrics),
         threshold_method=_threshold_method(thr_method),
         threshold_value=thr_value,
-        spacing=kw["spacing"],
-        tolerance_mm=kw["tolerance_mm"],
-        steps=kw["steps"],
-        baseline=_baseline(kw["baseline"]),
-        batch_size=kw["batch_size"],
-        road_percentiles=tuple(float(p) for p in kw["road_percentiles"]),
+        spacing=spacing,
+        tolerance_mm=tolerance_mm,
+        steps=steps,
+        baseline=_baseline(baseline),
+        batch_size=batch_size,
+        road_percentiles=tuple(float(p) for p in road_percentiles),
         output_activation=activation,
-        sanity_max_steps=kw["sanity_max_steps"],
-        insertion_protocol=kw["insertion_protocol"],
-        hd95_convention=hd95_convention,
-        tie_draws=int(kw["tie_draws"]),
+        sanity_max_steps=sanity_max_steps,
+        insertion_protocol=insertion_protocol,
+        hd95_convention=convention,
+        tie_draws=int(tie_draws),
     )
 
 
@@ -356,18 +371,30 @@ class _CaseScorer:
     frozen: list[Target]
 
     @classmethod
-    def build(cls, model: nn.Module, image: torch.Tensor, tl: list[Target], inferer: Any, **kw: Any) -> _CaseScorer:
+    def build(
+        cls,
+        model: nn.Module,
+        image: torch.Tensor,
+        tl: list[Target],
+        inferer: Any,
+        *,
+        names: list[str],
+        refs: list[torch.Tensor | None],
+        opts: _MetricOptions,
+        case_id: str,
+        result: EvaluationResult,
+    ) -> _CaseScorer:
         """Run the trained model once on ``image`` and make the score functions (no gradients)."""
         from .metrics import freeze_targets, make_score_fn
 
-        opts: _MetricOptions = kw["opts"]
         net = _Predict(model, inferer)
         with torch.no_grad():
             out = net(image)
         weights = [t.score_weights(out) for t in tl]
         bs, act = opts.batch_size, opts.output_activation
         return cls(
-            model=model, image=image, inferer=inferer, **kw,
+            model=model, image=image, inferer=inferer, names=names, refs=refs, opts=opts, case_id=case_id,
+            result=result,
             logit_fns=[make_score_fn(net, w, bs) for w in weights],
             prob_fns=[make_score_fn(net, w, bs, activation=act) for w in weights],
             mean_prob_fns=[make_score_fn(net, w, bs, activation=act, reduction="mean") for w in weights],
