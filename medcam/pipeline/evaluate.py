@@ -8,7 +8,9 @@ windows), the same checks before the first case (:func:`~medcam.pipeline.prepare
 written by :func:`medcam.evaluation.write_results` (atomic; existing files are refused unless ``overwrite``) and the
 journal removed. A run interrupted before the tables resumes from the journal. The cases can run on another executor
 (``executor="ray"``: Ray workers, see :mod:`medcam.pipeline.executors`); the tables are gathered in cohort order
-either way.
+either way. One part of a split run (``num_parts``/``part_id``, as ``medcam explain``) names its tables and its
+journal with the suffix :func:`part_suffix` (``metrics.part0-of-2.csv``, ``.medcam-journal.part0-of-2/``), so the
+parts can run at once into one output folder.
 """
 
 from __future__ import annotations
