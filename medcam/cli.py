@@ -1,7 +1,7 @@
 """The ``medcam`` command line, one click group: ``layers``, ``explain``, ``evaluate``, ``report``, ``demo``.
 
 Options shared by ``explain`` and ``evaluate`` are declared once (:func:`model_options`, :func:`case_options`,
-:func:`window_options`, :func:`ray_options`) and mapped onto one :class:`~medcam.pipeline.RunSettings` (and an
+:func:`window_options`, :func:`part_options`, :func:`ray_options`) and mapped onto one :class:`~medcam.pipeline.RunSettings` (and an
 executor); the work is done by
 :mod:`medcam.pipeline` (which never imports this module). Every command reports bad input (missing file, unknown
 layer or target, corrupt NIfTI, TorchScript model, ...) as ONE line ``medcam: error: ...`` on stderr with exit code 1
@@ -80,6 +80,10 @@ Examples:
   # your own mask as the localisation reference (on the original image grid), fewer deletion steps
   medcam evaluate case/ -o eval --reference mask:lesion.nii.gz --steps 10
 \b
+  # a cohort split over 2 GPUs: each part writes OUT/metrics.part<i>-of-2.csv (every case in exactly one)
+  medcam evaluate cases/ -o eval --device cuda:0 --num-parts 2 --part-id 0
+  medcam evaluate cases/ -o eval --device cuda:1 --num-parts 2 --part-id 1
+\b
 --reference (the mask G of the localisation metrics):
   auto       the case's own label region named like each target's region (BraTS: TC, WT, ET); no
              localisation for cases without a label file [default]
@@ -88,8 +92,9 @@ Examples:
   none       no reference (localisation is skipped)
 \b
 Output: OUT/metrics.csv (columns case, method, layer, target, metric, value), OUT/metrics.json,
-OUT/deletion_insertion.png, OUT/threshold_sweep.png. While it runs, each finished case is kept in
-OUT/.medcam-journal/ (removed when the tables are written): a rerun after an interruption resumes from it."""
+OUT/deletion_insertion.png, OUT/threshold_sweep.png (a part of a split run: metrics.part<i>-of-<N>.csv, ...).
+While it runs, each finished case is kept in OUT/.medcam-journal/ (.medcam-journal.part<i>-of-<N>/; removed when
+the tables are written): a rerun after an interruption resumes from it."""
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
@@ -289,6 +294,20 @@ def window_options(fn: F) -> F:
             ),
             click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
             click.option("--amp", is_flag=True, help="Mixed precision (autocast; bf16 on CPU). Maps are formed in fp32."),
+        ],
+        fn,
+    )  # fmt: skip
+
+
+def part_options(fn: F) -> F:
+    """--num-parts, --part-id: this run's share of a cohort (explain and evaluate)."""
+    return _apply(
+        [
+            click.option(
+                "--num-parts", type=int, default=1, show_default=True,
+                help="Split the cohort into this many parts (one per machine/GPU).",
+            ),
+            click.option("--part-id", type=int, default=0, show_default=True, help="Which part this run does (0-based)."),
         ],
         fn,
     )  # fmt: skip
@@ -560,14 +579,7 @@ def _report(run: dict[str, Any], output: str) -> None:
 )
 @case_options
 @window_options
-@click.option(
-    "--num-parts",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Split the cohort into this many parts (one per machine/GPU).",
-)
-@click.option("--part-id", type=int, default=0, show_default=True, help="Which part this run does (0-based).")
+@part_options
 @click.option("--slicer/--no-slicer", default=True, show_default=True, help="Write the 3D Slicer folder.")
 @click.option("--png/--no-png", default=True, show_default=True, help="Write PNG overlays and the montage.")
 @click.option(
@@ -655,7 +667,7 @@ _METRIC_GROUPS = "localisation, deletion, insertion, average_drop, road, sanity"
     show_default=True,
     help="Output folder for metrics.csv, metrics.json and the plots.",
 )
-@method_option("gradcam,hirescam")
+@method_option("gradcam,hirescam", synth=True)
 @click.option(
     "--layer",
     "-l",
@@ -666,6 +678,7 @@ _METRIC_GROUPS = "localisation, deletion, insertion, average_drop, road, sanity"
 )
 @case_options
 @window_options
+@part_options
 @click.option(
     "--reference",
     "-r",
@@ -761,7 +774,8 @@ def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> 
     })  # fmt: skip
     executor = run_executor(kw)  # checked before the inputs and the model
     settings = run_settings(kw, quiet)
-    run = evaluate_files(inputs, settings, options, output, executor=executor)
+    parts = {k: kw.pop(k) for k in ("num_parts", "part_id")}
+    run = evaluate_files(inputs, settings, options, output, executor=executor, **parts)
     click.echo(
         f"medcam: evaluated {run['cases'] - len(run['failed'])} case(s), {len(run['result'].rows)} rows -> {run['paths']['csv']}"
     )

@@ -40,10 +40,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -52,6 +52,11 @@ from .errors import MedcamError
 from .hooks import preserved_model_state
 from .runner import ModelRunner
 from .targets import Target, as_target_list
+
+if TYPE_CHECKING:
+    from .metrics.faithfulness import Activation, Baseline, ScoreFunction
+    from .metrics.localisation import HD95Convention
+    from .metrics.thresholds import ThresholdMethod
 
 __all__ = [
     "EvaluationResult", "evaluate", "evaluate_cohort", "write_results", "check_outputs", "DEFAULT_METRICS",
@@ -62,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 ALL_METRICS = ("localisation", "deletion", "insertion", "average_drop", "road", "sanity")
 DEFAULT_METRICS = ("localisation", "deletion", "insertion", "average_drop")
+_CURVE_MODES: tuple[Literal["deletion", "insertion"], ...] = ("deletion", "insertion")
 
 
 @dataclass
@@ -104,16 +110,37 @@ class EvaluationResult:
 
 
 def _method_class(m: str | type) -> tuple[str, type]:
-    from .methods import METHODS
+    """``(row label, explainer class)``: a class, a name of ``medcam.METHODS`` or ``synth:FILE`` (a SyCAM expression
+    saved by :meth:`medcam.SynthesizedCAM.save`, labelled ``synth-<file stem>``)."""
+    from .methods import METHODS, resolve_method
 
     if isinstance(m, type):
         return m.__name__, m
+    if m.startswith("synth:"):
+        return resolve_method(m)
     if m not in METHODS:
         raise MedcamError(f"unknown method {m!r}; choose from {sorted(METHODS)} or pass a BaseSegCAM subclass")
     return m, METHODS[m]
 
 
-def _reference_for(reference: Any, tl: list[Target], spatial: tuple[int, ...]) -> list[torch.Tensor | None]:
+def _method_classes(methods: Sequence[str | type], layers: Sequence[str]) -> list[tuple[str, type]]:
+    """``(name, explainer class)`` of every method (at least one method and one layer are needed)."""
+    if not methods or not layers:
+        raise MedcamError("give at least one method and one layer")
+    return [_method_class(m) for m in methods]
+
+
+def _reference_for(
+    reference: Any, tl: list[Target], spatial: tuple[int, ...], needed: bool = False
+) -> list[torch.Tensor | None]:
+    """One boolean reference mask ``[*S]`` (or None) per target; ``needed``: at least one is required."""
+    refs = _reference_masks(reference, tl, spatial)
+    if needed and all(r is None for r in refs):
+        raise MedcamError("metric 'localisation' needs reference=<mask on the image grid>; or drop it from metrics")
+    return refs
+
+
+def _reference_masks(reference: Any, tl: list[Target], spatial: tuple[int, ...]) -> list[torch.Tensor | None]:
     if reference is None:
         return [None] * len(tl)
     if isinstance(reference, Mapping):
@@ -124,7 +151,7 @@ def _reference_for(reference: Any, tl: list[Target], spatial: tuple[int, ...]) -
         refs = list(reference)
     else:
         refs = [reference] * len(tl)
-    out = []
+    out: list[torch.Tensor | None] = []
     for r in refs:
         if r is None:
             out.append(None)
@@ -139,6 +166,360 @@ def _reference_for(reference: Any, tl: list[Target], spatial: tuple[int, ...]) -
 
 def _f(x: torch.Tensor | float) -> float:
     return float(x) if not isinstance(x, torch.Tensor) else float(x.detach().cpu().reshape(-1)[0])
+
+
+def _threshold_method(name: str) -> ThresholdMethod:
+    """The ``threshold=`` method narrowed to its literal type (MedcamError for another name)."""
+    if name == "otsu":
+        return "otsu"
+    if name == "percentile":
+        return "percentile"
+    if name == "value":
+        return "value"
+    raise MedcamError(f"threshold method must be 'otsu', 'percentile' or 'value', got {name!r}")
+
+
+def _hd95_convention(name: str) -> HD95Convention:
+    if name == "monai":
+        return "monai"
+    if name == "pooled":
+        return "pooled"
+    raise MedcamError(f"hd95_convention must be 'monai' or 'pooled', got {name!r}")
+
+
+def _activation(name: str) -> Activation:
+    if name == "sigmoid":
+        return "sigmoid"
+    if name == "softmax":
+        return "softmax"
+    if name == "none":
+        return "none"
+    raise MedcamError(f"output_activation must be 'sigmoid', 'softmax' or 'none', got {name!r}")
+
+
+def _baseline(value: str | float) -> Baseline:
+    """The deletion substrate: ``"zero"``, ``"mean"``, ``"blur"`` or a number (MedcamError otherwise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if value == "zero":
+        return "zero"
+    if value == "mean":
+        return "mean"
+    if value == "blur":
+        return "blur"
+    raise MedcamError(f"baseline must be 'zero', 'mean', 'blur' or a number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _MetricOptions:
+    """The metric settings of one :func:`evaluate` call, checked and narrowed (see its arguments)."""
+
+    metrics: tuple[str, ...]
+    threshold_method: ThresholdMethod
+    threshold_value: float | None
+    spacing: Sequence[float] | float | None
+    tolerance_mm: float
+    steps: int
+    baseline: Baseline
+    batch_size: int
+    road_percentiles: tuple[float, ...]
+    output_activation: Activation
+    sanity_max_steps: int | None
+    insertion_protocol: str
+    hd95_convention: HD95Convention
+    tie_draws: int
+
+    def wants(self, *groups: str) -> bool:
+        """True if any of the metric groups is asked for."""
+        return any(g in self.metrics for g in groups)
+
+    def curve_kw(self) -> dict[str, Any]:
+        """Keywords shared by the deletion and insertion curves."""
+        return dict(steps=self.steps, batch_size=self.batch_size, tie_draws=self.tie_draws)
+
+    def settings(self) -> dict[str, Any]:
+        """The conventions recorded in :attr:`EvaluationResult.settings` (and ``metrics.json``)."""
+        return {
+            "hd95_convention": self.hd95_convention,
+            "insertion_protocol": self.insertion_protocol,
+            "deletion": f"substrate {self.baseline}, logit ROI score",
+            "ties": f"random, mean of {self.tie_draws} draws",
+            "road_percentiles": list(self.road_percentiles),
+            "road_stencil": "rong",
+            "sanity_targets": "frozen to the trained model's region (MaskROI)",
+        }
+
+
+def _metric_options(
+    metrics: Sequence[str],
+    *,
+    threshold: tuple[str, float | None],
+    spacing: Sequence[float] | float | None,
+    tolerance_mm: float,
+    steps: int,
+    baseline: str | float,
+    batch_size: int,
+    road_percentiles: Sequence[float],
+    output_activation: str,
+    sanity_max_steps: int | None,
+    insertion_protocol: str,
+    hd95_convention: str,
+    tie_draws: int,
+) -> _MetricOptions:
+    """Check the metric keywords of :func:`evaluate` (before any work) and narrow them to their literal types."""
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise MedcamError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+    activation = _activation(output_activation)
+    if insertion_protocol not in ("rise", "baseline"):
+        raise MedcamError(f"insertion_protocol must be 'rise' or 'baseline', got {insertion_protocol!r}")
+    convention = _hd95_convention(hd95_convention)
+    if int(tie_draws) < 1:
+        raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
+    thr_method, thr_value = threshold
+    return _MetricOptions(
+        metrics=tuple(metrics),
+        threshold_method=_threshold_method(thr_method),
+        threshold_value=thr_value,
+        spacing=spacing,
+        tolerance_mm=tolerance_mm,
+        steps=steps,
+        baseline=_baseline(baseline),
+        batch_size=batch_size,
+        road_percentiles=tuple(float(p) for p in road_percentiles),
+        output_activation=activation,
+        sanity_max_steps=sanity_max_steps,
+        insertion_protocol=insertion_protocol,
+        hd95_convention=convention,
+        tie_draws=int(tie_draws),
+    )
+
+
+def _target_names(tl: list[Target], target_names: Sequence[str] | None) -> list[str]:
+    """The ``target`` column: one distinct label per target (default each target's ``name``)."""
+    if target_names is None:
+        names = [t.name for t in tl]
+    else:
+        names = [str(n) for n in target_names]
+        if len(names) != len(tl):
+            raise MedcamError(f"target_names has {len(names)} names for {len(tl)} targets; give one per target")
+    if len(set(names)) != len(names):
+        raise MedcamError(f"target names {names} are not distinct; pass distinct target_names=")
+    return names
+
+
+def _one_case_image(image: Any) -> torch.Tensor:
+    """``[1, Cin, D, H, W]`` (a ``[Cin, D, H, W]`` image gets its batch dim)."""
+    if not isinstance(image, torch.Tensor):
+        raise MedcamError(f"image must be a torch tensor [1, Cin, *S], got {type(image).__name__}")
+    if image.ndim == 4:
+        image = image[None]
+    if image.ndim != 5 or image.shape[0] != 1:
+        raise MedcamError(
+            f"evaluate takes one 3D case [1, Cin, D, H, W], got {tuple(image.shape)}; loop with evaluate_cohort"
+        )
+    return image
+
+
+class _Predict:
+    """The trained model's forward ``[N, Cin, *S] -> [N, C, *S]`` (through the inferer if any), with the
+    explainers' output selection (a deep-supervision tuple gives element 0)."""
+
+    def __init__(self, model: nn.Module, inferer: Any):
+        self.runner = ModelRunner(model)
+        self.inferer = inferer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inferer is None:
+            return self.runner.predictor(x)
+        return self.inferer(x, self.runner.predictor)
+
+
+@dataclass
+class _FrozenTargetMap:
+    """``map_fn(model) -> [*S]`` of the sanity check: one method's map of ``target`` (frozen to the trained model's
+    region) on ``model``, a randomised copy of the trained one."""
+
+    cls: type
+    layer: str
+    inferer: Any
+    image: torch.Tensor
+    target: Target
+
+    def __call__(self, m: nn.Module) -> torch.Tensor:
+        return self.cls(m, self.layer, inferer=self.inferer)(self.image, [self.target])[0, 0].to(self.image.device)
+
+
+@dataclass
+class _CaseScorer:
+    """Scores the maps of one case with the selected metrics and appends the rows, curves and sweeps to ``result``.
+
+    The score functions (logit sum, probability sum, mean probability over each target's ROI) and the frozen
+    targets of the sanity check are built once from the trained model's output (:meth:`build`)."""
+
+    model: nn.Module
+    image: torch.Tensor
+    names: list[str]
+    refs: list[torch.Tensor | None]
+    opts: _MetricOptions
+    case_id: str
+    inferer: Any
+    result: EvaluationResult
+    logit_fns: list[ScoreFunction]
+    prob_fns: list[ScoreFunction]
+    mean_prob_fns: list[ScoreFunction]
+    frozen: list[Target]
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        image: torch.Tensor,
+        tl: list[Target],
+        inferer: Any,
+        *,
+        names: list[str],
+        refs: list[torch.Tensor | None],
+        opts: _MetricOptions,
+        case_id: str,
+        result: EvaluationResult,
+    ) -> _CaseScorer:
+        """Run the trained model once on ``image`` and make the score functions (no gradients)."""
+        from .metrics import freeze_targets, make_score_fn
+
+        net = _Predict(model, inferer)
+        with torch.no_grad():
+            out = net(image)
+        weights = [t.score_weights(out) for t in tl]
+        bs, act = opts.batch_size, opts.output_activation
+        return cls(
+            model=model, image=image, inferer=inferer, names=names, refs=refs, opts=opts, case_id=case_id,
+            result=result,
+            logit_fns=[make_score_fn(net, w, bs) for w in weights],
+            prob_fns=[make_score_fn(net, w, bs, activation=act) for w in weights],
+            mean_prob_fns=[make_score_fn(net, w, bs, activation=act, reduction="mean") for w in weights],
+            frozen=freeze_targets(tl, out),  # sanity check: the trained model's regions, fixed for the cascade
+        )  # fmt: skip
+
+    def add(self, key: tuple[str, str, str], metric: str, value: float) -> None:
+        method, layer, target = key
+        self.result.rows.append(
+            dict(case=self.case_id, method=method, layer=layer, target=target, metric=metric, value=value)
+        )
+
+    def score(self, method: str, layer: str, k: int, smap: torch.Tensor, map_fn: _FrozenTargetMap | None) -> None:
+        """All rows of target ``k``'s map ``smap [*S]`` (``map_fn``: its sanity-check map, None to skip it)."""
+        key = (method, layer, self.names[k])
+        if self.opts.wants("localisation") and self.refs[k] is not None:
+            self.localisation(key, k, smap)
+        if self.opts.wants("deletion", "insertion", "road"):
+            from .metrics import tied_fraction
+
+            self.add(key, "tied_fraction", _f(tied_fraction(smap[None])))
+        for mode in _CURVE_MODES:
+            if self.opts.wants(mode):
+                self.curve(key, k, smap, mode)
+        if self.opts.wants("average_drop"):
+            self.average_drop(key, k, smap)
+        if self.opts.wants("road"):
+            self.road(key, k, smap)
+        if self.opts.wants("sanity") and map_fn is not None:
+            self.sanity(key, map_fn)
+
+    def localisation(self, key: tuple[str, str, str], k: int, smap: torch.Tensor) -> None:
+        """Pointing games, Dice / IoU / HD95 after the threshold, and the threshold sweep against ``refs[k]``."""
+        from .metrics import localisation_scores, threshold_sweep
+
+        ref = self.refs[k]
+        assert ref is not None  # checked by the caller
+        o = self.opts
+        ref = ref.to(smap.device)[None]
+        loc = localisation_scores(
+            smap[None], ref, o.threshold_method, o.threshold_value, "minmax", o.spacing, o.tolerance_mm,
+            hd95_convention=o.hd95_convention,
+        )  # fmt: skip
+        for name, v in loc.items():
+            self.add(key, name, _f(v))
+        sw = threshold_sweep(smap[None], ref)
+        self.result.sweeps[(self.case_id, *key)] = (sw["thresholds"].tolist(), sw["dice"].reshape(-1).tolist())
+
+    def curve(
+        self, key: tuple[str, str, str], k: int, smap: torch.Tensor, mode: Literal["deletion", "insertion"]
+    ) -> None:
+        """The deletion or insertion AUC row and its curve."""
+        from .metrics import insertion_curve, perturbation_curve
+
+        image = self.image[0]
+        if mode == "insertion" and self.opts.insertion_protocol == "rise":
+            c = insertion_curve(image, smap, self.mean_prob_fns[k], protocol="rise", **self.opts.curve_kw())
+            metric = "insertion_rise_auc"
+        else:
+            c = perturbation_curve(
+                image, smap, self.logit_fns[k], mode, baseline=self.opts.baseline, protocol="baseline",
+                **self.opts.curve_kw(),
+            )  # fmt: skip
+            metric = "deletion_auc" if mode == "deletion" else "insertion_baseline_auc"
+        self.add(key, metric, _f(c.auc))
+        self.result.curves[(self.case_id, *key, mode)] = (c.fractions.tolist(), c.scores[0].tolist())
+
+    def average_drop(self, key: tuple[str, str, str], k: int, smap: torch.Tensor) -> None:
+        from .metrics import average_drop_increase
+
+        ad = average_drop_increase(self.image[0], smap, self.prob_fns[k])
+        self.add(key, "average_drop_percent", _f(ad["drop_percent"]))
+        self.add(key, "increase_in_confidence", _f(ad["increase"]))
+
+    def road(self, key: tuple[str, str, str], k: int, smap: torch.Tensor) -> None:
+        from .metrics import road
+
+        o = self.opts
+        r = road(self.image[0], smap, self.logit_fns[k], o.road_percentiles, batch_size=o.batch_size,
+                 tie_draws=o.tie_draws)  # fmt: skip
+        self.add(key, "road_morf", float(r.morf.mean()))
+        self.add(key, "road_lerf", float(r.lerf.mean()))
+        self.add(key, "road_combined", _f(r.combined))
+
+    def sanity(self, key: tuple[str, str, str], map_fn: _FrozenTargetMap) -> None:
+        """Cascading randomisation: similarity after the last step and over all steps, constant-map counts."""
+        from .metrics import cascading_randomization
+
+        s = cascading_randomization(self.model, map_fn, max_steps=self.opts.sanity_max_steps)
+        for meas, v in s.similarity.items():
+            self.add(key, f"sanity_{meas}_final", _f(v[-1]))
+            self.add(key, f"sanity_{meas}_mean", float(v[1:].float().nanmean()))
+        if s.constant is not None:  # always set by cascading_randomization
+            dead = s.constant.reshape(s.constant.shape[0], -1).any(1)
+            self.add(key, "sanity_original_constant", float(dead[0]))
+            self.add(key, "sanity_constant_steps", float(dead[1:].sum()))
+
+
+def _evaluate_layer(
+    scorer: _CaseScorer,
+    layer: str,
+    method_classes: list[tuple[str, type]],
+    targets: list[Target],
+    consensus_top_percent: float | None,
+) -> None:
+    """Explain the case with every method at ``layer`` and score each target's map (and the consensus map of the
+    methods when ``consensus_top_percent`` is given and there are two methods or more)."""
+    image, inferer = scorer.image, scorer.inferer
+    per_method: list[torch.Tensor] = []
+    lname = str(layer)
+    for mname, cls in method_classes:
+        cam = cls(scorer.model, layer, inferer=inferer)
+        maps = cam(image, targets)[0].detach().to(image.device)  # [K, *S] (an inferer may stitch elsewhere)
+        lname = cam.layer_name or str(layer)
+        per_method.append(maps)
+        logger.info("evaluate: %s %s layer %s", scorer.case_id, mname, lname)
+        for k in range(len(targets)):
+            map_fn = _FrozenTargetMap(cls, lname, inferer, image, scorer.frozen[k])
+            scorer.score(mname, lname, k, maps[k], map_fn)
+    if consensus_top_percent is not None and len(per_method) >= 2:
+        from .metrics import consensus
+
+        cons = consensus(torch.stack(per_method), consensus_top_percent)
+        for k in range(len(targets)):
+            scorer.score("metacam", lname, k, cons.meta_map[k], None)
 
 
 def evaluate(
@@ -173,8 +554,8 @@ def evaluate(
         model: segmentation network ``[1, Cin, *S] -> [1, C, *S]`` (never modified).
         image: ``[1, Cin, *S]`` (or ``[Cin, *S]``).
         targets: :mod:`medcam.targets` objects (their ``name`` labels the rows).
-        methods: names in ``medcam.METHODS`` (``gradcam``, ``hirescam``, ``xgradcam``, ``gradcam++``, ``layercam``)
-            or explainer classes.
+        methods: names in ``medcam.METHODS`` (``gradcam``, ``hirescam``, ``xgradcam``, ``gradcam++``, ``layercam``),
+            ``synth:FILE`` (a saved SyCAM expression; rows labelled ``synth-<file stem>``) or explainer classes.
         layers: dotted layer names or ``"auto"``.
         reference: reference mask(s) ``G`` on the image grid: one tensor ``[*S]`` for all targets, a list (one per
             target) or a dict ``target.name -> mask``; needed for ``"localisation"``.
@@ -185,7 +566,8 @@ def evaluate(
         steps, baseline, batch_size: deletion / insertion settings (see :func:`medcam.metrics.perturbation_curve`);
             ``baseline`` is the deletion substrate (and the insertion start with ``insertion_protocol="baseline"``).
         road_percentiles: ROAD removal percentages (default the paper's 10, 20, ..., 90).
-        output_activation: ``"sigmoid"`` or ``"softmax"``: the probability score of the average drop.
+        output_activation: ``"sigmoid"`` or ``"softmax"``: the probability of average drop and RISE's insertion;
+            ``"none"``: the network ends in its own sigmoid/softmax, outputs are scored as they are (logit rows too).
         inferer: optional MONAI ``SlidingWindowInferer`` for explanation and scoring of whole volumes.
         consensus: also score a MetaCAM-style consensus of the methods (per layer and target).
         consensus_top_percent: top percentage of each method's map that votes in the consensus.
@@ -201,137 +583,25 @@ def evaluate(
     Returns:
         :class:`EvaluationResult`.
     """
-    from . import metrics as M
-
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise MedcamError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
-    if not methods or not layers:
-        raise MedcamError("give at least one method and one layer")
-    mcls = [_method_class(m) for m in methods]
+    opts = _metric_options(
+        metrics, threshold=threshold, spacing=spacing, tolerance_mm=tolerance_mm, steps=steps, baseline=baseline,
+        batch_size=batch_size, road_percentiles=road_percentiles, output_activation=output_activation,
+        sanity_max_steps=sanity_max_steps, insertion_protocol=insertion_protocol, hd95_convention=hd95_convention,
+        tie_draws=tie_draws,
+    )  # fmt: skip
+    method_classes = _method_classes(methods, layers)
     tl = as_target_list(targets)
-    if target_names is None:
-        tnames = [t.name for t in tl]
-    else:
-        tnames = [str(n) for n in target_names]
-        if len(tnames) != len(tl):
-            raise MedcamError(f"target_names has {len(tnames)} names for {len(tl)} targets; give one per target")
-    if len(set(tnames)) != len(tnames):
-        raise MedcamError(f"target names {tnames} are not distinct; pass distinct target_names=")
-    if not isinstance(image, torch.Tensor):
-        raise MedcamError(f"image must be a torch tensor [1, Cin, *S], got {type(image).__name__}")
-    if image.ndim == 4:
-        image = image[None]
-    if image.ndim != 5 or image.shape[0] != 1:
-        raise MedcamError(
-            f"evaluate takes one 3D case [1, Cin, D, H, W], got {tuple(image.shape)}; loop with evaluate_cohort"
-        )
-    spatial = tuple(image.shape[2:])
-    refs = _reference_for(reference, tl, spatial)
-    if "localisation" in metrics and all(r is None for r in refs):
-        raise MedcamError("metric 'localisation' needs reference=<mask on the image grid>; or drop it from metrics")
-    if output_activation not in ("sigmoid", "softmax"):
-        raise MedcamError(f"output_activation must be 'sigmoid' or 'softmax', got {output_activation!r}")
-    thr_method, thr_value = threshold
-    if insertion_protocol not in ("rise", "baseline"):
-        raise MedcamError(f"insertion_protocol must be 'rise' or 'baseline', got {insertion_protocol!r}")
-    M.hd95_key(hd95_convention)  # validates the convention before any work
-    if int(tie_draws) < 1:
-        raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
-    curve_kw: dict[str, Any] = dict(steps=steps, batch_size=batch_size, tie_draws=tie_draws)
-
-    res = EvaluationResult()
-    res.settings = {
-        "hd95_convention": hd95_convention,
-        "insertion_protocol": insertion_protocol,
-        "deletion": f"substrate {baseline}, logit ROI score",
-        "ties": f"random, mean of {int(tie_draws)} draws",
-        "road_percentiles": [float(p) for p in road_percentiles],
-        "road_stencil": "rong",
-        "sanity_targets": "frozen to the trained model's region (MaskROI)",
-    }
-    runner = ModelRunner(model)  # output selection as the explainers (a deep-supervision tuple gives element 0)
-
-    def net(x: torch.Tensor) -> torch.Tensor:
-        return runner.predictor(x) if inferer is None else inferer(x, runner.predictor)
-
+    names = _target_names(tl, target_names)
+    image = _one_case_image(image)
+    refs = _reference_for(reference, tl, tuple(image.shape[2:]), needed="localisation" in opts.metrics)
+    result = EvaluationResult(settings=opts.settings())
     with preserved_model_state(model):
-        with torch.no_grad():
-            out = net(image)
-        weights = [t.score_weights(out) for t in tl]
-        logit_fns = [M.make_score_fn(net, w, batch_size) for w in weights]
-        prob_fns = [M.make_score_fn(net, w, batch_size, activation=output_activation) for w in weights]
-        mean_prob_fns = [
-            M.make_score_fn(net, w, batch_size, activation=output_activation, reduction="mean") for w in weights
-        ]
-        frozen = M.freeze_targets(tl, out)  # sanity check: the trained model's regions, fixed for the cascade
-
-        def add(method: str, layer: str, target: str, metric: str, v: float) -> None:
-            res.rows.append(dict(case=case_id, method=method, layer=layer, target=target, metric=metric, value=v))
-
-        def score_map(method: str, layer: str, k: int, smap: torch.Tensor, map_fn: Callable | None) -> None:
-            tname = tnames[k]
-            key = (case_id, method, layer, tname)
-            if "localisation" in metrics and refs[k] is not None:
-                loc = M.localisation_scores(
-                    smap[None], refs[k].to(smap.device)[None], thr_method, thr_value, "minmax", spacing, tolerance_mm,
-                    hd95_convention=hd95_convention,  # type: ignore[arg-type]
-                )  # fmt: skip
-                for name, v in loc.items():
-                    add(method, layer, tname, name, _f(v))
-                sw = M.threshold_sweep(smap[None], refs[k].to(smap.device)[None])
-                res.sweeps[key] = (sw["thresholds"].tolist(), sw["dice"].reshape(-1).tolist())
-            if any(m in metrics for m in ("deletion", "insertion", "road")):
-                add(method, layer, tname, "tied_fraction", _f(M.tied_fraction(smap[None])))
-            for mode in ("deletion", "insertion"):
-                if mode in metrics:
-                    if mode == "insertion" and insertion_protocol == "rise":
-                        c = M.insertion_curve(image[0], smap, mean_prob_fns[k], protocol="rise", **curve_kw)
-                        metric = "insertion_rise_auc"
-                    else:
-                        c = M.perturbation_curve(
-                            image[0], smap, logit_fns[k], mode, baseline=baseline, protocol="baseline", **curve_kw
-                        )  # type: ignore[arg-type]
-                        metric = "deletion_auc" if mode == "deletion" else "insertion_baseline_auc"
-                    add(method, layer, tname, metric, _f(c.auc))
-                    res.curves[key + (mode,)] = (c.fractions.tolist(), c.scores[0].tolist())
-            if "average_drop" in metrics:
-                ad = M.average_drop_increase(image[0], smap, prob_fns[k])
-                add(method, layer, tname, "average_drop_percent", _f(ad["drop_percent"]))
-                add(method, layer, tname, "increase_in_confidence", _f(ad["increase"]))
-            if "road" in metrics:
-                r = M.road(image[0], smap, logit_fns[k], road_percentiles, batch_size=batch_size, tie_draws=tie_draws)
-                add(method, layer, tname, "road_morf", float(r.morf.mean()))
-                add(method, layer, tname, "road_lerf", float(r.lerf.mean()))
-                add(method, layer, tname, "road_combined", _f(r.combined))
-            if "sanity" in metrics and map_fn is not None:
-                s = M.cascading_randomization(model, map_fn, max_steps=sanity_max_steps)  # map_fn uses frozen[k]
-                for meas, v in s.similarity.items():
-                    add(method, layer, tname, f"sanity_{meas}_final", _f(v[-1]))
-                    add(method, layer, tname, f"sanity_{meas}_mean", float(v[1:].float().nanmean()))
-                dead = s.constant.reshape(s.constant.shape[0], -1).any(1)
-                add(method, layer, tname, "sanity_original_constant", float(dead[0]))
-                add(method, layer, tname, "sanity_constant_steps", float(dead[1:].sum()))
-
+        scorer = _CaseScorer.build(
+            model, image, tl, inferer, names=names, refs=refs, opts=opts, case_id=case_id, result=result
+        )
         for layer in layers:
-            per_method: list[torch.Tensor] = []
-            for mname, cls in mcls:
-                cam = cls(model, layer, inferer=inferer)
-                maps = cam(image, tl)[0].detach().to(image.device)  # [K, *S] (an inferer may stitch elsewhere)
-                lname = cam.layer_name or str(layer)
-                per_method.append(maps)
-                logger.info("evaluate: %s %s layer %s", case_id, mname, lname)
-                for k in range(len(tl)):
-
-                    def map_fn(m: nn.Module, cls=cls, lname=lname, k=k) -> torch.Tensor:
-                        return cls(m, lname, inferer=inferer)(image, [frozen[k]])[0, 0].to(image.device)
-
-                    score_map(mname, lname, k, maps[k], map_fn)
-            if consensus and len(per_method) >= 2:
-                cons = M.consensus(torch.stack(per_method), consensus_top_percent)
-                for k in range(len(tl)):
-                    score_map("metacam", lname, k, cons.meta_map[k], None)
-    return res
+            _evaluate_layer(scorer, layer, method_classes, tl, consensus_top_percent if consensus else None)
+    return result
 
 
 def evaluate_cohort(
@@ -350,28 +620,34 @@ def evaluate_cohort(
     return total
 
 
-def _output_paths(out_dir: Path, plots: bool) -> dict[str, Path]:
-    p = {"csv": out_dir / "metrics.csv", "json": out_dir / "metrics.json"}
+def _output_paths(out_dir: Path, plots: bool, suffix: str = "") -> dict[str, Path]:
+    p = {"csv": out_dir / f"metrics{suffix}.csv", "json": out_dir / f"metrics{suffix}.json"}
     if plots:
-        p["curves"] = out_dir / "deletion_insertion.png"
-        p["sweep"] = out_dir / "threshold_sweep.png"
+        p["curves"] = out_dir / f"deletion_insertion{suffix}.png"
+        p["sweep"] = out_dir / f"threshold_sweep{suffix}.png"
     return p
 
 
-def check_outputs(out_dir: str | Path, overwrite: bool = False, plots: bool = True) -> dict[str, Path]:
-    """Refuse existing outputs unless ``overwrite`` (call before the expensive evaluation)."""
+def check_outputs(
+    out_dir: str | Path, overwrite: bool = False, plots: bool = True, *, suffix: str = ""
+) -> dict[str, Path]:
+    """Refuse existing outputs unless ``overwrite`` (call before the expensive evaluation).
+
+    ``suffix``: added to every file name's stem, e.g. ``".part0-of-2"`` for one part of a split run."""
     from .io.atomic import check_output_path
 
-    paths = _output_paths(Path(out_dir), plots)
+    paths = _output_paths(Path(out_dir), plots, suffix)
     for p in paths.values():
         check_output_path(p, overwrite)
     return paths
 
 
 def write_results(
-    result: EvaluationResult, out_dir: str | Path, overwrite: bool = False, plots: bool = True
+    result: EvaluationResult, out_dir: str | Path, overwrite: bool = False, plots: bool = True, *, suffix: str = ""
 ) -> dict[str, Path]:
     """Write ``metrics.csv`` / ``metrics.json`` (+ ``deletion_insertion.png``, ``threshold_sweep.png``) atomically.
+
+    ``suffix``: added to every file name's stem (``metrics.part0-of-2.csv`` for ``".part0-of-2"``).
 
     Returns:
         the written paths by kind. Raises ``OutputExistsError`` (a ``FileExistsError``) if a file exists and
@@ -381,7 +657,7 @@ def write_results(
 
     from .io.atomic import atomic_write
 
-    paths = check_outputs(out_dir, overwrite, plots)
+    paths = check_outputs(out_dir, overwrite, plots, suffix=suffix)
     cols = ["case", "method", "layer", "target", "metric", "value"]
     with atomic_write(paths["csv"], overwrite) as tmp:
         with open(tmp, "w", newline="") as fh:

@@ -269,6 +269,54 @@ def synthesize(
         A :class:`SynthesizedCAM` with ``.report`` (:class:`SynthesisReport`); ``.save(path)`` writes the expression.
     """
     cases = list(cases)
+    fn, metric_name, hib = _checked_metric(cases, metric, model, deletion_steps, higher_is_better, kinds)
+    for i, c in enumerate(cases):
+        if not c.name:
+            c.name = f"case{i}"
+    val_idx, train_idx = _split_pairs(len(cases), validation_fraction, seed)
+    probe = SynthesizedCAM(model, layer, expression="g*A")
+    cached = [_cache_case(probe, c) for c in cases]
+    train = [cached[i] for i in train_idx]
+    val = [cached[i] for i in val_idx]
+    search = _search(fn, train, hib, max_size=max_size, kinds=kinds, seed=seed, time_limit=time_limit,
+                     progress=progress)  # fmt: skip
+    best = search.best
+    if best is None or math.isnan(best[1]):
+        raise MedcamError(f"no expression gave a finite {metric_name} on the training pairs (all maps empty?)")
+    expr = best[0]
+    search.scores.sort(key=lambda t: (math.isnan(t[1]), -t[1] if hib else t[1]))
+    report = SynthesisReport(
+        expression=expr.text(),
+        kind=expr.kind,
+        metric=metric_name,
+        higher_is_better=hib,
+        train_cases=[cached[i].case.name for i in train_idx],
+        validation_cases=[cached[i].case.name for i in val_idx],
+        train_score=best[1],
+        validation_score=_mean([fn(_candidate_map(expr, c), c) for c in val]),
+        builtin_validation=_builtin_scores(model, layer, builtins, val, fn),
+        candidates=search.enum_stats.get("generated", 0),
+        unique=search.n_cand,
+        scored=search.n_scored,
+        search_s=search.seconds,
+        timed_out=search.timed_out,
+        top=search.scores[:10],
+    )
+    logger.info("%s", report.summary())
+    cam = SynthesizedCAM(model, layer, expression=expr, **cam_kwargs)
+    cam.report = report
+    return cam
+
+
+def _checked_metric(
+    cases: list[SynthesisCase],
+    metric: str | Callable[[torch.Tensor, SynthesisCase], float],
+    model: torch.nn.Module,
+    deletion_steps: int,
+    higher_is_better: bool | None,
+    kinds: Sequence[str],
+) -> tuple[Callable[[torch.Tensor, Any], float], str, bool]:
+    """Check the cases and the search settings (before any work): ``(metric function, its name, higher is better)``."""
     if not cases:
         raise MedcamError("synthesize needs at least one (case, target) pair")
     for c in cases:
@@ -288,76 +336,80 @@ def synthesize(
             )
     if not kinds or any(k not in ("pooled", "elementwise") for k in kinds):
         raise MedcamError(f"kinds must be a non-empty subset of ('pooled', 'elementwise'), got {kinds!r}")
-    for i, c in enumerate(cases):
-        if not c.name:
-            c.name = f"case{i}"
+    return fn, metric_name, hib
 
-    order = list(range(len(cases)))
+
+def _split_pairs(n: int, validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``n`` pairs: ``(validation indices, training indices)``, at least one held out when
+    there are two pairs or more."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = 0 if len(cases) < 2 else max(1, round(validation_fraction * len(cases)))
+    n_val = 0 if n < 2 else max(1, round(validation_fraction * n))
     if n_val == 0:
         logger.warning("one (case, target) pair: no validation pairs; the validation score is NaN")
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    return order[:n_val], order[n_val:]
 
-    probe = SynthesizedCAM(model, layer, expression="g*A")
-    cached = [_cache_case(probe, c) for c in cases]
-    train = [cached[i] for i in train_idx]
-    val = [cached[i] for i in val_idx]
 
-    t0 = time.perf_counter()
+@dataclass
+class _Search:
+    """What the enumeration found: the best ``(expression, training score)``, every scored ``(text, score)``."""
+
     best: tuple[Expr, float] | None = None
-    scores: list[tuple[str, float]] = []
-    n_cand = n_scored = 0
-    timed_out = False
+    scores: list[tuple[str, float]] = field(default_factory=list)
+    n_cand: int = 0
+    n_scored: int = 0
+    timed_out: bool = False
+    seconds: float = 0.0
+    enum_stats: dict[str, int] = field(default_factory=dict)
+
+
+def _search(
+    fn: Callable[[torch.Tensor, Any], float],
+    train: list[_Cached],
+    hib: bool,
+    *,
+    max_size: int,
+    kinds: Sequence[str],
+    seed: int,
+    time_limit: float,
+    progress: bool,
+) -> _Search:
+    """Score every distinct expression (smallest first) on the training pairs until done or ``time_limit`` s."""
+    out = _Search()
+    t0 = time.perf_counter()
     bar = tqdm(desc="SyCAM search", disable=not progress, unit="expr")
-    enum_stats: dict[str, int] = {}
-    for expr, _fp in enumerate_expressions(max_size, kinds, seed, enum_stats):
-        n_cand += 1
+    for expr, _fp in enumerate_expressions(max_size, kinds, seed, out.enum_stats):
+        out.n_cand += 1
         if time.perf_counter() - t0 > time_limit:
-            timed_out = True
+            out.timed_out = True
             break
         s = _mean([fn(_candidate_map(expr, c), c) for c in train])
-        n_scored += 1
+        out.n_scored += 1
         bar.update(1)
-        scores.append((expr.text(), s))
-        if best is None or _better(s, best[1], hib):
-            best = (expr, s)
+        out.scores.append((expr.text(), s))
+        if out.best is None or _better(s, out.best[1], hib):
+            out.best = (expr, s)
     bar.close()
-    search_s = time.perf_counter() - t0
-    if best is None or math.isnan(best[1]):
-        raise MedcamError(f"no expression gave a finite {metric_name} on the training pairs (all maps empty?)")
-    expr = best[0]
-    val_score = _mean([fn(_candidate_map(expr, c), c) for c in val])
+    out.seconds = time.perf_counter() - t0
+    return out
 
+
+def _builtin_scores(
+    model: torch.nn.Module,
+    layer: str | torch.nn.Module,
+    builtins: Sequence[str],
+    val: list[_Cached],
+    fn: Callable[[torch.Tensor, Any], float],
+) -> dict[str, float]:
+    """The mean validation score of each built-in method, for the report."""
     from .methods import METHODS
 
-    builtin_val: dict[str, float] = {}
+    out: dict[str, float] = {}
     for name in builtins:
         cls = METHODS[name]
         vals = []
         for cv in val:
             m = cls(model, layer).explain(cv.image, [cv.case.target]).maps[0, 0]
             vals.append(fn(m, cv))
-        builtin_val[name] = _mean(vals)
-    scores.sort(key=lambda t: (math.isnan(t[1]), -t[1] if hib else t[1]))
-    report = SynthesisReport(
-        expression=expr.text(),
-        kind=expr.kind,
-        metric=metric_name,
-        higher_is_better=hib,
-        train_cases=[cached[i].case.name for i in train_idx],
-        validation_cases=[cached[i].case.name for i in val_idx],
-        train_score=best[1],
-        validation_score=val_score,
-        builtin_validation=builtin_val,
-        candidates=enum_stats.get("generated", 0),
-        unique=n_cand,
-        scored=n_scored,
-        search_s=search_s,
-        timed_out=timed_out,
-        top=scores[:10],
-    )
-    logger.info("%s", report.summary())
-    cam = SynthesizedCAM(model, layer, expression=expr, **cam_kwargs)
-    cam.report = report
-    return cam
+        out[name] = _mean(vals)
+    return out

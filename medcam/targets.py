@@ -344,7 +344,8 @@ class VoxelROI(Target):
         if len(self.index) != len(spatial) or any(not 0 <= i < s for i, s in zip(self.index, spatial)):
             raise TargetError(f"VoxelROI index {self.index} is outside the output spatial shape {spatial}")
         m = torch.zeros((output.shape[0], *spatial), dtype=torch.float32, device=output.device)
-        m[(slice(None), *self.index)] = 1.0
+        where: tuple[slice | int, ...] = (slice(None), *self.index)
+        m[where] = 1.0
         return m
 
     def __repr__(self) -> str:

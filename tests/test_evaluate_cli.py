@@ -165,6 +165,69 @@ def test_evaluate_cohort_with_a_broken_case(tiny_demo, case_dir, tmp_path):
     assert {r_["case"] for r_ in read_rows(out / "metrics.csv")[1]} == {"Phantom_00000"}  # the good case is kept
 
 
+def test_evaluate_parts_cover_every_case_once_with_the_rows_of_one_run(tiny_demo, tmp_path):
+    from medcam.data.phantoms import write_phantom_case
+
+    root = tmp_path / "cohort"
+    ids = [write_phantom_case(root, seed=s, spacing_mm=3.0, case_id=f"Phantom_{s:05d}").name for s in range(3)]
+    common = ["-M", "gradcam", "-t", "WT", "--metrics", "localisation,deletion", "--no-plots", *FAST]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    r = run([root, "-o", whole, *common])
+    assert r.exit_code == 0, r.stderr
+    for part in (0, 1):
+        r = run([root, "-o", split, "--num-parts", 2, "--part-id", part, *common])
+        assert r.exit_code == 0, r.stderr
+    # the parts share one folder: each writes its own tables, and no journal is left behind
+    assert sorted(p.name for p in split.iterdir()) == [
+        "metrics.part0-of-2.csv", "metrics.part0-of-2.json", "metrics.part1-of-2.csv", "metrics.part1-of-2.json"]  # fmt: skip
+    cols, rows0 = read_rows(split / "metrics.part0-of-2.csv")
+    _, rows1 = read_rows(split / "metrics.part1-of-2.csv")
+    cases0, cases1 = {r_["case"] for r_ in rows0}, {r_["case"] for r_ in rows1}
+    assert cases0 and cases1 and not cases0 & cases1 and cases0 | cases1 == set(ids)  # each case in exactly one part
+    _, rows = read_rows(whole / "metrics.csv")
+    assert len(rows) == len(rows0) + len(rows1)
+    as_tuples = lambda rs: sorted(tuple(r_[c] for c in cols) for r_ in rs)  # noqa: E731
+    assert as_tuples(rows0 + rows1) == as_tuples(rows)  # the same rows, value for value
+    assert {r_["metric"] for r_ in rows} >= {"dice", "deletion_auc"}
+
+
+def test_evaluate_part_options_checked_before_any_work(tiny_demo, case_dir, tmp_path):
+    r = run([case_dir, "-o", tmp_path / "e", "--num-parts", 2, "--part-id", 2, *FAST])
+    assert_one_line_error(r, "--part-id must be in 0..1")
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_synth_method_and_activation_none(case_dir, tmp_path):
+    fac = tmp_path / "sig.py"
+    fac.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.feat = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.ReLU())\n"
+        "        self.head = torch.nn.Conv3d(4, 1, 1)\n"
+        "    def forward(self, x):\n"
+        "        return torch.sigmoid(self.head(self.feat(x)) + 3 * x[:, 3:4] - 1)\n"
+        "def build():\n    return Net()\n"
+    )
+    expr = tmp_path / "gc.sycam"
+    expr.write_text("sum(g) / N\n")
+    out = tmp_path / "eval"
+    args = [case_dir, "-o", out, "--model", f"{fac}:build", "--regions", "lesion", "--spacing", "8", "-l", "feat",
+            "-M", f"gradcam,synth:{expr}", "--activation", "none", "--metrics", "insertion,average_drop",
+            "--no-plots", *FAST]  # fmt: skip
+    r = run(args)
+    assert r.exit_code == 0, r.stderr
+    rows = read_rows(out / "metrics.csv")[1]
+    assert {r_["method"] for r_ in rows} == {"gradcam", "synth-gc"}
+    vals = {(r_["method"], r_["metric"]): float(r_["value"]) for r_ in rows}
+    for metric in ("insertion_rise_auc", "average_drop_percent"):
+        assert vals[("synth-gc", metric)] == pytest.approx(vals[("gradcam", metric)], rel=1e-4, abs=1e-6)
+    assert 0 <= vals[("gradcam", "insertion_rise_auc")] <= 1  # mean probability of the outputs as they are
+    assert json.loads((out / "metrics.json").read_text())["rows"]
+
+
 def test_evaluate_is_registered_in_the_medcam_group():
     from medcam.cli import main
 

@@ -217,3 +217,48 @@ def test_evaluate_sanity_freezes_predicted_roi_literal_adebayo_reference(case):
     assert got == pytest.approx(sp(m0, frozen_map), abs=1e-5)
     assert abs(sp(m0, moved_map) - sp(m0, frozen_map)) > 1e-3  # the reference can tell the two protocols apart
     assert res.value("hirescam", "mid", "predicted1", "sanity_original_constant") == 0.0
+
+
+def test_evaluate_activation_none_scores_the_outputs_as_probabilities(case):
+    """A network ending in its own sigmoid: its outputs are the probabilities of average drop and RISE insertion."""
+    from medcam.metrics import average_drop_increase
+
+    model, img, _ = case
+    prob_model = nn.Sequential(model, nn.Sigmoid()).eval()
+    tl = [targets.BoxROI(1, (2, 2, 2), (8, 8, 8))]
+    kw = dict(methods=("hirescam",), layers=("0.mid",), metrics=("insertion", "average_drop"), steps=5)
+    res = evaluate(prob_model, img, tl, output_activation="none", **kw)
+    m = medcam.SegHiResGradCAM(prob_model, "0.mid")(img, tl)[0, 0]
+    with torch.no_grad():
+        w = tl[0].score_weights(prob_model(img))
+
+    def prob_sum(x):  # literal score: sum of the outputs as they are over the ROI
+        with torch.no_grad():
+            return (prob_model(x) * w).flatten(1).sum(1)
+
+    ins = insertion_curve(img, m, lambda x: prob_sum(x) / w.sum(), steps=5, protocol="rise")
+    ad = average_drop_increase(img, m, prob_sum)
+    name = tl[0].name
+    assert res.value("hirescam", "0.mid", name, "insertion_rise_auc") == pytest.approx(ins.auc.item(), rel=1e-5)
+    assert res.value("hirescam", "0.mid", name, "average_drop_percent") == pytest.approx(
+        ad["drop_percent"].item(), rel=1e-5, abs=1e-6
+    )
+    twice = evaluate(prob_model, img, tl, output_activation="sigmoid", **kw)  # a second sigmoid: other numbers
+    assert abs(twice.value("hirescam", "0.mid", name, "insertion_rise_auc") - ins.auc.item()) > 1e-3
+    with pytest.raises(MedcamError, match="'sigmoid', 'softmax' or 'none'"):
+        evaluate(prob_model, img, tl, output_activation="identity", **kw)
+
+
+def test_evaluate_synth_file_method_equals_its_builtin(case, tmp_path):
+    model, img, ref = case
+    expr = tmp_path / "gc.sycam"
+    expr.write_text("# Seg-Grad-CAM as an expression\nsum(g) / N\n")
+    tl = [targets.ClassROI(1)]
+    res = evaluate(
+        model, img, tl, methods=("gradcam", f"synth:{expr}"), layers=("mid",), reference=ref,
+        metrics=("localisation", "average_drop"),
+    )  # fmt: skip
+    assert {r["method"] for r in res.rows} == {"gradcam", "synth-gc"}
+    for metric in ("energy_pointing_game", "average_drop_percent"):
+        want = res.value("gradcam", "mid", tl[0].name, metric)
+        assert res.value("synth-gc", "mid", tl[0].name, metric) == pytest.approx(want, rel=1e-4, abs=1e-6)

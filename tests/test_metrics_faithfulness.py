@@ -68,6 +68,14 @@ def test_make_score_fn_matches_direct_computation():
     assert torch.allclose(fs(x), ref, atol=1e-5)
     with pytest.raises(MedcamError, match="does not match"):
         make_score_fn(model, torch.rand(2, 4, 5, 6))(x)
+    # "none": a network ending in its own sigmoid outputs probabilities, scored as they are (RISE accepts it)
+    prob_net = nn.Sequential(model, nn.Sigmoid()).eval()
+    fp = make_score_fn(prob_net, w[0], activation="none", reduction="mean")
+    with torch.no_grad():
+        ref = (prob_net(x) * w).flatten(1).sum(1) / w.sum()
+    assert torch.allclose(fp(x), ref, atol=1e-6) and fp.kind == "probability mean"
+    assert torch.allclose(fp(x), make_score_fn(model, w[0], activation="sigmoid", reduction="mean")(x), atol=1e-6)
+    insertion_curve(x[0], torch.rand(4, 5, 6), fp, steps=2)  # a probability score: no error
 
 
 def test_linear_model_true_contribution_beats_random_maps():

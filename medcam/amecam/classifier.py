@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -280,6 +281,67 @@ def _predict(model: ResNet18IN, images: torch.Tensor, batch_size: int) -> torch.
     )
 
 
+@dataclass
+class _StepBudget:
+    """The losses of all steps so far, the optional step limit and the logging cadence of one epoch."""
+
+    losses: list[float]
+    max_steps: int | None
+    log_every: int
+    epoch: int
+
+    def exhausted(self) -> bool:
+        return self.max_steps is not None and len(self.losses) >= self.max_steps
+
+    def record(self, loss: float) -> None:
+        self.losses.append(loss)
+        if self.log_every and len(self.losses) % self.log_every == 0:
+            logger.info("classifier epoch %d step %d loss %.4f", self.epoch, len(self.losses), loss)
+
+
+def _train_epoch(
+    model: ResNet18IN,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    g: torch.Generator,
+    batch_size: int,
+    augment: bool,
+    steps: _StepBudget,
+) -> None:
+    """One shuffled pass over the slices (batches of one slice are skipped: InstanceNorm needs two)."""
+    dev = next(model.parameters()).device
+    model.train()
+    perm = torch.randperm(images.shape[0], generator=g)
+    for s in range(0, len(perm), batch_size):
+        if steps.exhausted():
+            break
+        idx = perm[s : s + batch_size]
+        if len(idx) < 2:
+            continue
+        x, y = images[idx].to(dev), labels[idx].to(dev).float()
+        if augment:
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip.to(dev)[:, None, None, None], x.flip(-1), x)
+            x = x * (0.9 + 0.2 * torch.rand((len(idx), 1, 1, 1), generator=g)).to(x)
+        loss = model.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps.record(float(loss.detach()))
+
+
+def _validation_auc(
+    model: ResNet18IN, val_images: torch.Tensor, val_labels: torch.Tensor, hist: dict, epoch: int
+) -> float:
+    """The deepest exit's validation AUC after an epoch (appended to ``hist["val_auc"]``)."""
+    model.eval()
+    auc = roc_auc(_predict(model, val_images, 64), val_labels)
+    hist["val_auc"].append(auc)
+    logger.info("classifier epoch %d: validation AUC %.4f", epoch, auc)
+    return auc
+
+
 def train_classifier(
     model: ResNet18IN,
     images: torch.Tensor,
@@ -317,7 +379,6 @@ def train_classifier(
         raise MedcamError(f"need images [N, C, H, W] and labels [N], got {tuple(images.shape)}, {tuple(labels.shape)}")
     if (val_images is None) != (val_labels is None):
         raise MedcamError("pass both val_images and val_labels, or neither")
-    dev = next(model.parameters()).device
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     n_pos = int((labels == 1).sum())
     if n_pos == 0 or n_pos == len(labels):
@@ -328,35 +389,14 @@ def train_classifier(
     best: tuple[float, int, dict] | None = None
     hist: dict = {"val_auc": [], "best_epoch": None, "best_val_auc": None}
     for ep in tqdm(range(epochs), desc="AME-CAM classifier", disable=not progress):
-        model.train()
-        perm = torch.randperm(images.shape[0], generator=g)
-        for s in range(0, len(perm), batch_size):
-            if max_steps is not None and len(losses) >= max_steps:
-                break
-            idx = perm[s : s + batch_size]
-            if len(idx) < 2:
-                continue
-            x, y = images[idx].to(dev), labels[idx].to(dev).float()
-            if augment:
-                flip = torch.rand(len(idx), generator=g) < 0.5
-                x = torch.where(flip.to(dev)[:, None, None, None], x.flip(-1), x)
-                x = x * (0.9 + 0.2 * torch.rand((len(idx), 1, 1, 1), generator=g)).to(x)
-            loss = model.loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if log_every and len(losses) % log_every == 0:
-                logger.info("classifier epoch %d step %d loss %.4f", ep, len(losses), losses[-1])
+        steps = _StepBudget(losses, max_steps, log_every, ep)
+        _train_epoch(model, images, labels, opt, g, batch_size, augment, steps)
         sched.step()
         if val_images is not None and val_labels is not None:  # both or neither (checked above)
-            model.eval()
-            auc = roc_auc(_predict(model, val_images, 64), val_labels)
-            hist["val_auc"].append(auc)
-            logger.info("classifier epoch %d: validation AUC %.4f", ep, auc)
+            auc = _validation_auc(model, val_images, val_labels, hist, ep)
             if best is None or (auc == auc and (best[0] != best[0] or auc > best[0])):
                 best = (auc, ep, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        if max_steps is not None and len(losses) >= max_steps:
+        if steps.exhausted():
             break
     if best is not None:
         model.load_state_dict(best[2])

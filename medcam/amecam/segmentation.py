@@ -283,13 +283,37 @@ class AMECAM:
             raise MedcamError(f"embedding must be 'pixels' or 'features', got {embedding!r}")
         tl = as_target_list(targets)
         dev = torch.device(device) if device is not None else next(self.model.parameters()).device
-        images, maps = [], []
         volumes = list(volumes)
         if layer_maps is not None and len(layer_maps) != len(volumes):
             raise MedcamError(f"{len(layer_maps)} layer-map tensors for {len(volumes)} volumes")
+        prepared = self._fit_volumes(volumes, batch_size)
+        x, m = self._training_samples(prepared, tl, dev, layer_maps)
+        aggregator = self._ensure_aggregator(spatial_dims=x.ndim - 2).to(dev)
+        embed: Callable[[torch.Tensor], torch.Tensor] | Literal["pixels"] = "pixels"
+        if embedding == "features":
+            embed = self._embed_fn(x[:1].to(dev))
+        # freeze the network for any embedding passes (modes and flags restored afterwards)
+        with preserved_model_state(self.model):
+            losses = fit_attention(
+                aggregator,
+                x,
+                m,
+                embed,
+                epochs=epochs,
+                lr=lr,
+                weight_decay=weight_decay,
+                batch_size=batch_size,
+                generator=torch.Generator().manual_seed(seed),
+                attend=self._attend,
+                progress=progress,
+            )
+        return losses
+
+    def _fit_volumes(self, volumes: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+        """Every volume as ``[B, Cin, *S]``, checked before any expensive work (shapes must agree to batch them)."""
         nd = self._model_spatial_dims()
         prepared = []
-        for v in volumes:  # validate every volume before any expensive work
+        for v in volumes:
             if not isinstance(v, torch.Tensor):
                 raise MedcamError(f"volumes must be tensors [Cin, *S] or [B, Cin, *S], got {type(v).__name__}")
             if nd is None:
@@ -307,6 +331,17 @@ class AMECAM:
         shapes = {tuple(v.shape[1:]) for v in prepared}
         if len(shapes) > 1 and batch_size > 1:
             raise MedcamError(f"volumes have different shapes {sorted(shapes)}: crop/resample them or use batch_size=1")
+        return prepared
+
+    def _training_samples(
+        self,
+        prepared: list[torch.Tensor],
+        tl: list[Target],
+        dev: torch.device,
+        layer_maps: Sequence[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample per (volume, target): images ``[N, Cin, *S]`` and their layer maps ``[N, L, *S]`` (CPU)."""
+        images, maps = [], []
         for j, v in enumerate(prepared):
             lm = (self.layer_maps(v.to(dev), tl) if layer_maps is None else layer_maps[j]).cpu()  # [B, K, L, *S]
             if lm.shape[:3] != (v.shape[0], len(tl), self.n_layers) or lm.shape[3:] != v.shape[2:]:
@@ -315,31 +350,15 @@ class AMECAM:
                 for k in range(len(tl)):
                     images.append(v[b].float().cpu())
                     maps.append(lm[b, k])
-        x, m = torch.stack(images), torch.stack(maps)
+        return torch.stack(images), torch.stack(maps)
+
+    def _ensure_aggregator(self, spatial_dims: int) -> AttentionAggregator:
+        """The attention aggregator, built on first use; an existing one must match the images' spatial dims."""
         if self.aggregator is None:
-            self.aggregator = AttentionAggregator(n_maps=self.n_layers, spatial_dims=x.ndim - 2, hidden=self.hidden)
-        elif self.aggregator.spatial_dims != x.ndim - 2:
+            self.aggregator = AttentionAggregator(n_maps=self.n_layers, spatial_dims=spatial_dims, hidden=self.hidden)
+        elif self.aggregator.spatial_dims != spatial_dims:
             raise MedcamError("the existing aggregator was built for images with other spatial dims")
-        self.aggregator.to(dev)
-        embed: Callable[[torch.Tensor], torch.Tensor] | Literal["pixels"] = "pixels"
-        if embedding == "features":
-            embed = self._embed_fn(x[:1].to(dev))
-        # freeze the network for any embedding passes (modes and flags restored afterwards)
-        with preserved_model_state(self.model):
-            losses = fit_attention(
-                self.aggregator,
-                x,
-                m,
-                embed,
-                epochs=epochs,
-                lr=lr,
-                weight_decay=weight_decay,
-                batch_size=batch_size,
-                generator=torch.Generator().manual_seed(seed),
-                attend=self._attend,
-                progress=progress,
-            )
-        return losses
+        return self.aggregator
 
     def _model_spatial_dims(self) -> int | None:
         """Spatial dims of the model's inputs, from its first convolution (None if it has none)."""

@@ -43,6 +43,7 @@ from ..errors import MedcamError
 from .thresholds import normalize_maps
 
 __all__ = [
+    "Activation",
     "ScoreFn",
     "ScoreFunction",
     "make_score_fn",
@@ -62,6 +63,9 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 Baseline = Literal["zero", "mean", "blur"] | float | torch.Tensor
 Protocol = Literal["rise", "baseline"]
 Ties = Literal["random", "index"]
+#: the probability a score takes from the model's output: ``"none"`` = the output is a probability already (the
+#: network ends in its own sigmoid/softmax) and is scored as it is
+Activation = Literal["sigmoid", "softmax", "none"]
 
 
 class ScoreFunction:
@@ -69,7 +73,7 @@ class ScoreFunction:
 
     Attributes:
         weights: ``W`` ``[C, *S]`` float32.
-        activation: None (logits), ``"sigmoid"`` or ``"softmax"``.
+        activation: None (logits), ``"sigmoid"``, ``"softmax"`` or ``"none"`` (outputs already probabilities).
         reduction: ``"sum"`` or ``"mean"`` (divided by ``sum max(W, 0)``, the ROI's size for a 0/1 mask).
     """
 
@@ -78,7 +82,7 @@ class ScoreFunction:
         model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
         weights: torch.Tensor,
         batch_size: int,
-        activation: Literal["sigmoid", "softmax"] | None,
+        activation: Activation | None,
         reduction: Literal["sum", "mean"],
         device: torch.device | None,
     ):
@@ -131,7 +135,7 @@ def make_score_fn(
     model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     weights: torch.Tensor,
     batch_size: int = 8,
-    activation: Literal["sigmoid", "softmax"] | None = None,
+    activation: Activation | None = None,
     reduction: Literal["sum", "mean"] = "sum",
 ) -> ScoreFunction:
     """Batched ROI score of a segmentation model: ``S(x_n) = sum_{c,u} W[c,u] act(model(x))[n,c,u]``.
@@ -145,7 +149,8 @@ def make_score_fn(
         weights: ``W`` ``[C, *S]`` or ``[1, C, *S]``, e.g. ``target.score_weights(output)`` of the unperturbed image.
         batch_size: volumes per forward pass.
         activation: None (score the logits), ``"sigmoid"`` or ``"softmax"`` (over dim 1), e.g. for average drop,
-            which needs a positive score, and RISE's protocol, which scores the probability.
+            which needs a positive score, and RISE's protocol, which scores the probability; ``"none"``: the model
+            outputs probabilities already (it ends in its own sigmoid/softmax), scored as they are.
         reduction: ``"sum"`` (default) or ``"mean"``: divided by ``sum max(W, 0)`` (the ROI's voxel count for a 0/1
             mask), so a probability score is the mean probability over the ROI, in [0, 1]. NaN for an empty ROI.
     Returns:
@@ -153,8 +158,8 @@ def make_score_fn(
     """
     if batch_size < 1:
         raise MedcamError(f"batch_size must be >= 1, got {batch_size}")
-    if activation not in (None, "sigmoid", "softmax"):
-        raise MedcamError(f"activation must be None, 'sigmoid' or 'softmax', got {activation!r}")
+    if activation not in (None, "sigmoid", "softmax", "none"):
+        raise MedcamError(f"activation must be None, 'sigmoid', 'softmax' or 'none', got {activation!r}")
     if reduction not in ("sum", "mean"):
         raise MedcamError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if not isinstance(weights, torch.Tensor):
@@ -409,55 +414,88 @@ def perturbation_curve(
         raise MedcamError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1 or batch_size < 1:
         raise MedcamError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    if protocol is None:
-        protocol = "rise" if mode == "insertion" else "baseline"
-    if protocol not in ("rise", "baseline"):
-        raise MedcamError(f"protocol must be 'rise' or 'baseline', got {protocol!r}")
     _check_ties(ties, tie_draws)
-    if protocol == "rise":
-        if baseline is not None:
-            raise MedcamError(
-                f"protocol='rise' fixes the substrate (0 for deletion, a blur for insertion); to use baseline="
-                f"{_substrate_name(baseline, blur_sigma)!r} pass protocol='baseline'"
-            )
-        if isinstance(score_fn, ScoreFunction) and score_fn.activation is None:
-            raise MedcamError(
-                "RISE's protocol scores the probability, but this score_fn scores logits: build it with "
-                "make_score_fn(model, W, activation='sigmoid' or 'softmax', reduction='mean'), or pass "
-                "protocol='baseline'"
-            )
-        baseline = "blur" if mode == "insertion" else "zero"
-    elif baseline is None:
-        baseline = "zero"
+    protocol, substrate = _curve_protocol(mode, protocol, baseline, score_fn, blur_sigma)
     image, sal = _prepare(image, saliency, spatial_dims)
-    base = make_baseline(image, baseline, blur_sigma).flatten(1)
-    img = image.float().flatten(1)
-    m, v = sal.shape[0], img.shape[1]
+    base = make_baseline(image, substrate, blur_sigma).flatten(1)
+    m, v = sal.shape[0], image[0].numel()
     n_k = torch.round(torch.arange(steps + 1, dtype=torch.float64) * v / steps).long()
     fr = (n_k.double() / v).to(image.device).float()
-    tf = tied_fraction(sal)
-    kind = score_fn.kind if isinstance(score_fn, ScoreFunction) else "user"
     draws = int(tie_draws) if ties == "random" else 1
     meta: dict[str, Any] = dict(
-        protocol=protocol, substrate=_substrate_name(baseline, blur_sigma), score=kind, tied_fraction=tf
+        protocol=protocol,
+        substrate=_substrate_name(substrate, blur_sigma),
+        score=score_fn.kind if isinstance(score_fn, ScoreFunction) else "user",
+        tied_fraction=tied_fraction(sal),
+        ties=ties,
+        tie_draws=draws,
     )
-    meta.update(ties=ties, tie_draws=draws)
     const = _check_orderable(sal, f"{mode} curve")
     nan = torch.full((m, steps + 1), math.nan, device=image.device)
     if _empty_roi(score_fn, f"{mode} curve"):
         return CurveResult(fractions=fr, scores=nan, auc=nan[:, 0].clone(), mode=mode, **meta)
     gen = torch.Generator().manual_seed(int(seed))
     ranks = [voxel_ranks(sal, ties, gen) for _ in range(draws)]  # draws x [M, V]
-    split = _cuts_in_ties(sal, n_k) if draws > 1 else torch.zeros(m, steps + 1, dtype=torch.bool)
-    jobs = [
+    jobs = _curve_jobs(sal, const, n_k, draws)
+    total, count = _score_curve_jobs(jobs, ranks, n_k, image, base, score_fn, mode, batch_size, m)
+    scores = torch.where(count > 0, total / count.clamp_min(1), nan)
+    auc = torch.trapezoid(scores, fr, dim=1)
+    return CurveResult(fractions=fr, scores=scores, auc=auc, mode=mode, **meta)
+
+
+def _curve_protocol(
+    mode: str, protocol: Protocol | None, baseline: Baseline | None, score_fn: ScoreFn, blur_sigma: float
+) -> tuple[Protocol, Baseline]:
+    """The protocol (default by mode) and the substrate it implies; RISE's needs a probability score."""
+    if protocol is None:
+        protocol = "rise" if mode == "insertion" else "baseline"
+    if protocol not in ("rise", "baseline"):
+        raise MedcamError(f"protocol must be 'rise' or 'baseline', got {protocol!r}")
+    if protocol == "baseline":
+        return protocol, "zero" if baseline is None else baseline
+    if baseline is not None:
+        raise MedcamError(
+            f"protocol='rise' fixes the substrate (0 for deletion, a blur for insertion); to use baseline="
+            f"{_substrate_name(baseline, blur_sigma)!r} pass protocol='baseline'"
+        )
+    if isinstance(score_fn, ScoreFunction) and score_fn.activation is None:
+        raise MedcamError(
+            "RISE's protocol scores the probability, but this score_fn scores logits: build it with "
+            "make_score_fn(model, W, activation='sigmoid' or 'softmax', reduction='mean'), or pass "
+            "protocol='baseline'"
+        )
+    return protocol, "blur" if mode == "insertion" else "zero"
+
+
+def _curve_jobs(sal: torch.Tensor, const: torch.Tensor, n_k: torch.Tensor, draws: int) -> list[tuple[int, int, int]]:
+    """``(map, step, draw)`` of every perturbed volume to score: constant maps are skipped, and a step gets all
+    ``draws`` tie orders only where its removed set cuts a group of tied voxels (else every order is the same)."""
+    m, n_steps = sal.shape[0], n_k.numel()
+    split = _cuts_in_ties(sal, n_k) if draws > 1 else torch.zeros(m, n_steps, dtype=torch.bool)
+    return [
         (i, k, d)
         for i in range(m)
         if not bool(const[i])
-        for k in range(steps + 1)
+        for k in range(n_steps)
         for d in range(draws if bool(split[i, k]) else 1)
     ]
-    total = torch.zeros(m, steps + 1, device=image.device)
-    count = torch.zeros(m, steps + 1, device=image.device)
+
+
+def _score_curve_jobs(
+    jobs: list[tuple[int, int, int]],
+    ranks: list[torch.Tensor],
+    n_k: torch.Tensor,
+    image: torch.Tensor,
+    base: torch.Tensor,
+    score_fn: ScoreFn,
+    mode: str,
+    batch_size: int,
+    m: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the perturbed volumes in batches: ``(sum of scores, number of draws)``, both ``[M, T+1]``."""
+    img = image.float().flatten(1)
+    total = torch.zeros(m, n_k.numel(), device=image.device)
+    count = torch.zeros(m, n_k.numel(), device=image.device)
     for j in range(0, len(jobs), batch_size):
         chunk = jobs[j : j + batch_size]
         vols = []
@@ -471,9 +509,7 @@ def perturbation_curve(
         for (i, k, _), sv in zip(chunk, s.to(image.device)):
             total[i, k] += sv
             count[i, k] += 1
-    scores = torch.where(count > 0, total / count.clamp_min(1), nan)
-    auc = torch.trapezoid(scores, fr, dim=1)
-    return CurveResult(fractions=fr, scores=scores, auc=auc, mode=mode, **meta)
+    return total, count
 
 
 def deletion_curve(image: torch.Tensor, saliency: torch.Tensor, score_fn: ScoreFn, **kwargs) -> CurveResult:

@@ -166,7 +166,10 @@ def pointing_game(
     return hit.reshape(_lead(maps, spatial_dims))
 
 
-def _overlap(pred: torch.Tensor, ref: torch.Tensor, spatial_dims: int) -> tuple[torch.Tensor, ...]:
+def _overlap(
+    pred: torch.Tensor, ref: torch.Tensor, spatial_dims: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """``(|P n G|, |P|, |G|)`` per map (float64 ``[M]``) and the leading shape of the maps."""
     pred, ref = _pair(pred, ref, spatial_dims)
     p = _flat(pred, spatial_dims) > 0
     g = _flat(ref, spatial_dims) > 0
@@ -274,7 +277,7 @@ def localisation_scores(
     masks: torch.Tensor,
     method: ThresholdMethod = "otsu",
     value: float | None = None,
-    normalize: str | None = "minmax",
+    normalize: Literal["minmax", "max"] | None = "minmax",
     spacing: float | Sequence[float] | None = None,
     tolerance_mm: float = 0.0,
     hd95: bool = True,
@@ -311,7 +314,7 @@ def threshold_sweep(
     maps: torch.Tensor,
     masks: torch.Tensor,
     thresholds: Sequence[float] | torch.Tensor | None = None,
-    normalize: str | None = "minmax",
+    normalize: Literal["minmax", "max"] | None = "minmax",
     spacing: float | Sequence[float] | None = None,
     hd95: bool = False,
     spatial_dims: int = 3,

@@ -45,7 +45,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -135,8 +135,39 @@ def noisy_linear_imputation(
     Returns:
         ``[Cin, *S]`` float32 on ``image.device``; kept voxels are bit-identical to ``image``.
     """
-    from scipy import ndimage, sparse
+    _check_imputation(image, removed, noise, noise_scale, solver)
+    nd = removed.ndim
+    weights = stencil_weights(nd, stencil)
+    out = image.detach().float().clone()
+    rem = removed.detach().cpu().numpy().astype(bool)
+    if not rem.any():
+        return out
+    x = image.detach().cpu().double().numpy().reshape(image.shape[0], -1)  # [Cin, V]
+    remf = rem.ravel()
+    solv, isolated = _solvable(rem, stencil)
+    filled = np.zeros((x.shape[0], remf.size))
+    if isolated.any():
+        keptf = ~remf
+        fill = x[:, keptf].mean(1) if keptf.any() else np.zeros(x.shape[0])
+        filled[:, isolated] = fill[:, None]
+        logger.debug("ROAD imputation: %d removed voxels have no kept neighbour; set to the kept mean", isolated.sum())
+    u_idx = np.flatnonzero(solv)
+    if u_idx.size:
+        a_mat, b = _imputation_system(x, rem.shape, u_idx, weights)
+        sol = _solve(a_mat, b, solver, direct_max, rtol)  # [n, Cin]
+        filled[:, u_idx] = sol.T
+    vals_t = torch.from_numpy(filled[:, remf]).float()
+    if noise > 0:
+        scale = torch.from_numpy(x.std(1)).float() if noise_scale == "std" else torch.ones(x.shape[0])
+        eps = torch.randn(vals_t.shape, generator=generator, dtype=torch.float32)
+        vals_t = vals_t + noise * scale[:, None] * eps
+    mask_t = torch.from_numpy(remf).to(out.device)
+    flat = out.reshape(out.shape[0], -1)
+    flat[:, mask_t] = vals_t.to(out.device)
+    return flat.reshape(out.shape)
 
+
+def _check_imputation(image: Any, removed: Any, noise: float, noise_scale: str, solver: str) -> None:
     if not isinstance(image, torch.Tensor) or not isinstance(removed, torch.Tensor):
         raise MedcamError("image and removed must be torch tensors")
     if removed.ndim != image.ndim - 1 or tuple(removed.shape) != tuple(image.shape[1:]):
@@ -149,67 +180,57 @@ def noisy_linear_imputation(
         raise MedcamError(f"noise_scale must be 'std' or 'absolute', got {noise_scale!r}")
     if solver not in ("auto", "direct", "cg"):
         raise MedcamError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
-    nd = removed.ndim
-    weights = stencil_weights(nd, stencil)
-    out = image.detach().float().clone()
-    rem = removed.detach().cpu().numpy().astype(bool)
-    if not rem.any():
-        return out
-    shape = rem.shape
-    x = image.detach().cpu().double().numpy().reshape(image.shape[0], -1)  # [Cin, V]
+
+
+def _solvable(rem: np.ndarray, stencil: Stencil) -> tuple[np.ndarray, np.ndarray]:
+    """Flat masks ``[V]`` of the removed voxels in a connected group (stencil connectivity) that touches a kept
+    voxel (solved for) and of the others (isolated: no kept value reaches them)."""
+    from scipy import ndimage
+
+    nd = rem.ndim
     remf = rem.ravel()
-    keptf = ~remf
     struct = ndimage.generate_binary_structure(nd, nd if stencil == "rong" else 1)
     labels, _ = ndimage.label(rem, structure=struct)
     touching = ndimage.binary_dilation(~rem, structure=struct) & rem
     ok_labels = np.unique(labels[touching])
     solv = np.isin(labels.ravel(), ok_labels) & remf
-    isolated = remf & ~solv
-    filled = np.zeros((x.shape[0], remf.size))
-    if isolated.any():
-        fill = x[:, keptf].mean(1) if keptf.any() else np.zeros(x.shape[0])
-        filled[:, isolated] = fill[:, None]
-        logger.debug("ROAD imputation: %d removed voxels have no kept neighbour; set to the kept mean", isolated.sum())
-    u_idx = np.flatnonzero(solv)
-    n = u_idx.size
-    if n:
-        pos = np.full(remf.size, -1, dtype=np.int64)
-        pos[u_idx] = np.arange(n)
-        coords = np.unravel_index(u_idx, shape)
-        strides = [int(np.prod(shape[a + 1 :])) for a in range(nd)]
-        deg = np.zeros(n)
-        rows, cols, vals = [], [], []
-        b = np.zeros((n, x.shape[0]))
-        for off, w in weights:
-            valid = np.ones(n, dtype=bool)
-            for a, d in enumerate(off):
-                if d:
-                    c = coords[a] + d
-                    valid &= (c >= 0) & (c < shape[a])
-            vi = np.flatnonzero(valid)
-            nb = u_idx[vi] + sum(d * st for d, st in zip(off, strides))
-            deg[vi] += w
-            p = pos[nb]
-            unk = p >= 0
-            rows.append(vi[unk])
-            cols.append(p[unk])
-            vals.append(np.full(int(unk.sum()), -w))
-            np.add.at(b, vi[~unk], w * x[:, nb[~unk]].T)
-        r = np.concatenate(rows + [np.arange(n)])
-        cc = np.concatenate(cols + [np.arange(n)])
-        vv = np.concatenate(vals + [deg])
-        a_mat = sparse.csr_matrix((vv, (r, cc)), shape=(n, n))
-        sol = _solve(a_mat, b, solver, direct_max, rtol)  # [n, Cin]
-        filled[:, u_idx] = sol.T
-    vals_t = torch.from_numpy(filled[:, remf]).float()
-    if noise > 0:
-        scale = torch.from_numpy(x.std(1)).float() if noise_scale == "std" else torch.ones(x.shape[0])
-        eps = torch.randn(vals_t.shape, generator=generator, dtype=torch.float32)
-        vals_t = vals_t + noise * scale[:, None] * eps
-    mask_t = torch.from_numpy(remf).to(out.device)
-    flat = out.reshape(out.shape[0], -1)
-    flat[:, mask_t] = vals_t.to(out.device)
-    return flat.reshape(out.shape)
+    return solv, remf & ~solv
+
+
+def _imputation_system(
+    x: np.ndarray, shape: tuple[int, ...], u_idx: np.ndarray, weights: Sequence[tuple[tuple[int, ...], float]]
+) -> tuple[Any, np.ndarray]:
+    """The sparse system ``A u = b`` of the unknown voxels ``u_idx`` (flat indices): each unknown equals the
+    weighted mean of its stencil neighbours; kept neighbours (values from ``x [Cin, V]``) move to ``b [n, Cin]``."""
+    from scipy import sparse
+
+    nd, n = len(shape), u_idx.size
+    pos = np.full(x.shape[1], -1, dtype=np.int64)
+    pos[u_idx] = np.arange(n)
+    coords = np.unravel_index(u_idx, shape)
+    strides = [int(np.prod(shape[a + 1 :])) for a in range(nd)]
+    deg = np.zeros(n)
+    rows, cols, vals = [], [], []
+    b = np.zeros((n, x.shape[0]))
+    for off, w in weights:
+        valid = np.ones(n, dtype=bool)
+        for a, d in enumerate(off):
+            if d:
+                c = coords[a] + d
+                valid &= (c >= 0) & (c < shape[a])
+        vi = np.flatnonzero(valid)
+        nb = u_idx[vi] + sum(d * st for d, st in zip(off, strides))
+        deg[vi] += w
+        p = pos[nb]
+        unk = p >= 0
+        rows.append(vi[unk])
+        cols.append(p[unk])
+        vals.append(np.full(int(unk.sum()), -w))
+        np.add.at(b, vi[~unk], w * x[:, nb[~unk]].T)
+    r = np.concatenate(rows + [np.arange(n)])
+    cc = np.concatenate(cols + [np.arange(n)])
+    vv = np.concatenate(vals + [deg])
+    return sparse.csr_matrix((vv, (r, cc)), shape=(n, n)), b
 
 
 @dataclass

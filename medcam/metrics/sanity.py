@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -188,7 +188,7 @@ def map_similarity(
     constant: ConstantPolicy = "convention",
 ) -> torch.Tensor:
     """Dispatch to :func:`spearman`, :func:`pearson` or :func:`ssim` (same constant-map convention)."""
-    fns = {"spearman": spearman, "pearson": pearson, "ssim": ssim}
+    fns: dict[str, Callable[..., torch.Tensor]] = {"spearman": spearman, "pearson": pearson, "ssim": ssim}
     if measure not in fns:
         raise MedcamError(f"similarity must be one of {sorted(fns)}, got {measure!r}")
     return fns[measure](a, b, spatial_dims=spatial_dims, constant=constant)
@@ -273,8 +273,9 @@ def freeze_targets(targets: Target | Sequence[Target], output: torch.Tensor) -> 
 
 
 def _reinit(module: nn.Module) -> None:
-    if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
         return
     for _, p in module.named_parameters(recurse=False):
         with torch.no_grad():
@@ -378,6 +379,46 @@ def cascading_randomization(
         :class:`SanityResult`; ``similarity[m][0]`` compares the trained model with itself (1 unless ``map_fn`` is
         random); ``steps`` says how many layers were randomised at each row.
     """
+    _check_cascade_args(max_steps, measures, targets, image)
+    net = copy.deepcopy(model)
+    frozen: list[Target] = []
+    fn: Callable[[nn.Module], torch.Tensor] = map_fn
+    if targets is not None and image is not None:
+        fn, frozen = _freeze_map_fn(net, map_fn, targets, image, forward)
+    layer_list, m0 = _cascade_layers(net, fn, model, layers)
+    check_maps(m0, spatial_dims, "map_fn(model)")
+    sims: dict[str, list[torch.Tensor]] = {m: [map_similarity(m0, m0, m, spatial_dims)] for m in measures}
+    dead = [is_constant(m0, spatial_dims)]
+    if bool(dead[0].any()):
+        logger.warning(
+            "cascading_randomization: the trained model's map is constant (dead) for %d of %d maps; the test is "
+            "uninformative for them (similarity 0 against any non-constant randomised map)",
+            int(dead[0].sum()),
+            dead[0].numel(),
+        )
+    maps = [m0] if keep_maps else []
+    steps = [0]
+    checkpoints = _checkpoint_steps(len(layer_list), max_steps)
+    for i, mi in _randomise_in_cascade(net, layer_list, fn, checkpoints, seed):
+        steps.append(i)
+        for m in measures:
+            sims[m].append(map_similarity(m0, mi, m, spatial_dims))
+        dead.append(is_constant(mi, spatial_dims))
+        if keep_maps:
+            maps.append(mi)
+    return SanityResult(
+        layers=layer_list,
+        similarity={k: torch.stack(v) for k, v in sims.items()},
+        constant=torch.stack(dead),
+        maps=maps,
+        steps=steps,
+        frozen_targets=frozen,
+    )
+
+
+def _check_cascade_args(
+    max_steps: int | None, measures: Sequence[str], targets: object, image: torch.Tensor | None
+) -> None:
     if max_steps is not None and int(max_steps) < 1:
         raise MedcamError(f"max_steps must be >= 1 (or None for every layer), got {max_steps}")
     for m in measures:
@@ -385,28 +426,39 @@ def cascading_randomization(
             raise MedcamError(f"unknown similarity measure {m!r}; use 'spearman', 'pearson' or 'ssim'")
     if (targets is None) != (image is None):
         raise MedcamError("freezing the targets needs both targets= and image= (the explained image [1, Cin, *S])")
-    net = copy.deepcopy(model)
+
+
+def _freeze_map_fn(
+    net: nn.Module,
+    map_fn: Callable[..., torch.Tensor],
+    targets: Target | Sequence[Target],
+    image: torch.Tensor,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None,
+) -> tuple[Callable[[nn.Module], torch.Tensor], list[Target]]:
+    """The trained model's regions of ``targets`` on ``image`` (frozen), and ``map_fn`` bound to them."""
+    with torch.no_grad():
+        out = forward(net, image) if forward is not None else net(image)
+    if not isinstance(out, torch.Tensor):
+        raise MedcamError(f"the model returned {type(out).__name__}; pass forward= returning the output tensor")
+    frozen = freeze_targets(targets, out)
+    try:
+        inspect.signature(map_fn).bind(net, frozen)
+    except TypeError:
+        raise MedcamError(
+            "with targets= the map_fn is called as map_fn(model, frozen_targets): give it two arguments, e.g. "
+            "lambda m, t: SegGradCAM(m, layer)(image, t)"
+        ) from None
+    except ValueError:  # no signature available (some builtins): call it and see
+        pass
+    return _bind_targets(map_fn, frozen), frozen
+
+
+def _cascade_layers(
+    net: nn.Module, fn: Callable[[nn.Module], torch.Tensor], model: nn.Module, layers: Sequence[str] | None
+) -> tuple[list[str], torch.Tensor]:
+    """The layers to randomise, output first (``layers`` checked, or every parametrised module map_fn runs, in
+    reverse execution order), and the trained model's map (detached)."""
     names = dict(net.named_modules())
-    frozen: list[Target] = []
-    fn: Callable[[nn.Module], torch.Tensor] = map_fn
-    if targets is not None and image is not None:
-        with torch.no_grad():
-            out = forward(net, image) if forward is not None else net(image)
-        if not isinstance(out, torch.Tensor):
-            raise MedcamError(f"the model returned {type(out).__name__}; pass forward= returning the output tensor")
-        frozen = freeze_targets(targets, out)
-        try:
-            inspect.signature(map_fn).bind(net, frozen)
-        except TypeError:
-            raise MedcamError(
-                "with targets= the map_fn is called as map_fn(model, frozen_targets): give it two arguments, e.g. "
-                "lambda m, t: SegGradCAM(m, layer)(image, t)"
-            ) from None
-        except ValueError:  # no signature available (some builtins): call it and see
-            pass
-
-        fn = _bind_targets(map_fn, frozen)
-
     if layers is not None:
         missing = [n for n in layers if n not in names]
         if missing:
@@ -427,24 +479,22 @@ def cascading_randomization(
             raise MedcamError(_no_model_run_message(net, ran_original))
     if not isinstance(m0, torch.Tensor):
         raise MedcamError(f"map_fn must return a tensor, got {type(m0).__name__}")
-    m0 = m0.detach()
-    check_maps(m0, spatial_dims, "map_fn(model)")
-    sims: dict[str, list[torch.Tensor]] = {m: [map_similarity(m0, m0, m, spatial_dims)] for m in measures}
-    dead = [is_constant(m0, spatial_dims)]
-    if bool(dead[0].any()):
-        logger.warning(
-            "cascading_randomization: the trained model's map is constant (dead) for %d of %d maps; the test is "
-            "uninformative for them (similarity 0 against any non-constant randomised map)",
-            int(dead[0].sum()),
-            dead[0].numel(),
-        )
-    maps = [m0] if keep_maps else []
-    n = len(layer_list)
+    return layer_list, m0.detach()
+
+
+def _checkpoint_steps(n: int, max_steps: int | None) -> set[int]:
+    """The cascade steps (1..n) after which the map is computed: all, or ``max_steps`` evenly spaced with the last."""
     if max_steps is None or int(max_steps) >= n:
-        checkpoints = set(range(1, n + 1))
-    else:
-        checkpoints = {max(1, round(j * n / int(max_steps))) for j in range(1, int(max_steps) + 1)}
-    steps = [0]
+        return set(range(1, n + 1))
+    return {max(1, round(j * n / int(max_steps))) for j in range(1, int(max_steps) + 1)}
+
+
+def _randomise_in_cascade(
+    net: nn.Module, layer_list: list[str], fn: Callable[[nn.Module], torch.Tensor], checkpoints: set[int], seed: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Re-initialise ``layer_list`` one after the other in ``net`` (kept: cascading), seeded, with the global RNG
+    state restored afterwards; yields ``(step, map of the randomised net)`` at every checkpoint step."""
+    names = dict(net.named_modules())
     cuda_devs = sorted({p.device.index or 0 for p in net.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devs):
         torch.manual_seed(seed)
@@ -453,20 +503,5 @@ def cascading_randomization(
                 if any(True for _ in sub.parameters(recurse=False)):
                     _reinit(sub)
             logger.debug("randomised %s", name)
-            if i not in checkpoints:
-                continue
-            steps.append(i)
-            mi = fn(net).detach()
-            for m in measures:
-                sims[m].append(map_similarity(m0, mi, m, spatial_dims))
-            dead.append(is_constant(mi, spatial_dims))
-            if keep_maps:
-                maps.append(mi)
-    return SanityResult(
-        layers=layer_list,
-        similarity={k: torch.stack(v) for k, v in sims.items()},
-        constant=torch.stack(dead),
-        maps=maps,
-        steps=steps,
-        frozen_targets=frozen,
-    )
+            if i in checkpoints:
+                yield i, fn(net).detach()

@@ -339,17 +339,12 @@ def run_cohort(
         The run summary (also written to ``out_dir/cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``
         for a split run; ``path`` added): ``cases`` [records], counts ``ok``/``skipped``/``failed``.
     """
-    from tqdm.auto import tqdm
-
     from ..io import write_text_atomic
 
     out_dir = Path(out_dir)
     root = Path(case_root) if case_root is not None else out_dir
     mine = split_parts(cases, num_parts, part_id)
-    run_name = "cohort_summary.json" if num_parts == 1 else f"cohort_summary.part{part_id}-of-{num_parts}.json"
-    run_path = out_dir / run_name
-    if run_path.exists() and json_key(run_path, "medcam_version") is None:
-        raise PipelineError(f"'{run_path}' exists and was not written by medcam; refusing to overwrite it")
+    run_path = _run_summary_path(out_dir, num_parts, part_id)
     # everything decided before anything is written: a refused run touches nothing
     fps = {src.case_id: (inputs or {}).get(src.case_id) or source_inputs(src) for src in mine}
     plan = plan_cohort(mine, root, fps, settings_signature(settings), overwrite)
@@ -361,52 +356,95 @@ def run_cohort(
     job = CohortJob(
         work, root, dict(settings), overwrite, Path(log_dir) if log_dir is not None else out_dir / "logs", plan, fps
     )
-    by_id: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(mine), desc="medcam cases", unit="case", disable=not progress or len(mine) == 1)
-
-    def record(rec: dict[str, Any]) -> None:
-        by_id[rec["case_id"]] = rec
-        bar.update(1)
-        bar.set_postfix_str(rec["case_id"])
-        if on_case is not None:
-            on_case(rec)
-
-    todo = []
-    for src in mine:  # resume is decided here, on the driver: an executor only gets the cases still to do
-        if plan[src.case_id] == "done":
-            logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
-            record(
-                {
-                    "case_id": src.case_id,
-                    "source": src.describe(),
-                    "status": "skipped",
-                    "summary": f"{src.case_id}/{SUMMARY_NAME}",
-                    "seconds": 0.0,
-                }
-            )
-        else:
-            todo.append(src)
+    recorder = _Recorder(len(mine), progress, on_case)
+    todo = _record_done_cases(mine, plan, recorder)
     try:
         if todo:
-            runner.run(job, todo, record)
+            runner.run(job, todo, recorder)
     finally:
-        bar.close()
-    records = [by_id[src.case_id] for src in mine]
+        recorder.close()
+    records = [recorder.by_id[src.case_id] for src in mine]
+    run = _run_summary(out_dir, num_parts, part_id, len(cases), records, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
+    run["path"] = str(run_path)
+    return run
+
+
+def _run_summary_path(out_dir: Path, num_parts: int, part_id: int) -> Path:
+    """``cohort_summary.json`` (``cohort_summary.part<i>-of-<N>.json`` for a split run); one that medcam did not
+    write is refused."""
+    name = "cohort_summary.json" if num_parts == 1 else f"cohort_summary.part{part_id}-of-{num_parts}.json"
+    path = out_dir / name
+    if path.exists() and json_key(path, "medcam_version") is None:
+        raise PipelineError(f"'{path}' exists and was not written by medcam; refusing to overwrite it")
+    return path
+
+
+class _Recorder:
+    """Collects the case records as the executor reports them (any order), with a progress bar over cases."""
+
+    def __init__(self, total: int, progress: bool, on_case: Callable[[dict[str, Any]], None] | None):
+        from tqdm.auto import tqdm
+
+        self.by_id: dict[str, dict[str, Any]] = {}
+        self.on_case = on_case
+        self.bar = tqdm(total=total, desc="medcam cases", unit="case", disable=not progress or total == 1)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        self.by_id[rec["case_id"]] = rec
+        self.bar.update(1)
+        self.bar.set_postfix_str(rec["case_id"])
+        if self.on_case is not None:
+            self.on_case(rec)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _record_done_cases(
+    mine: Sequence[CaseSource], plan: Mapping[str, str], record: Callable[[dict[str, Any]], None]
+) -> list[CaseSource]:
+    """Record the cases already done as skipped; the others, still to do, in cohort order. Resume is decided here,
+    on the driver: an executor only gets the cases still to do."""
+    todo = []
+    for src in mine:
+        if plan[src.case_id] != "done":
+            todo.append(src)
+            continue
+        logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
+        record(
+            {
+                "case_id": src.case_id,
+                "source": src.describe(),
+                "status": "skipped",
+                "summary": f"{src.case_id}/{SUMMARY_NAME}",
+                "seconds": 0.0,
+            }
+        )
+    return todo
+
+
+def _run_summary(
+    out_dir: Path,
+    num_parts: int,
+    part_id: int,
+    cases_total: int,
+    records: list[dict[str, Any]],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The run summary: this part's records in cohort order, their counts, the settings and the versions."""
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
-    run = {
+    return {
         "medcam_version": __version__,
         "output": str(out_dir),
         "num_parts": num_parts,
         "part_id": part_id,
-        "cases_total": len(cases),
-        "cases_in_part": len(mine),
+        "cases_total": cases_total,
+        "cases_in_part": len(records),
         **counts,
         "cases": records,
         "settings": _jsonable(dict(settings)),
         "settings_signature": settings_signature(settings),
         "versions": versions(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
-    run["path"] = str(run_path)
-    return run

@@ -8,7 +8,9 @@ windows), the same checks before the first case (:func:`~medcam.pipeline.prepare
 written by :func:`medcam.evaluation.write_results` (atomic; existing files are refused unless ``overwrite``) and the
 journal removed. A run interrupted before the tables resumes from the journal. The cases can run on another executor
 (``executor="ray"``: Ray workers, see :mod:`medcam.pipeline.executors`); the tables are gathered in cohort order
-either way.
+either way. One part of a split run (``num_parts``/``part_id``, as ``medcam explain``) names its tables and its
+journal with the suffix :func:`part_suffix` (``metrics.part0-of-2.csv``, ``.medcam-journal.part0-of-2/``), so the
+parts can run at once into one output folder.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "parse_metrics",
     "parse_map_threshold",
     "parse_baseline",
+    "part_suffix",
 ]
 
 logger = logging.getLogger(__package__)
@@ -275,6 +278,12 @@ class EvaluateWork:
         return _serialise(res)
 
 
+def part_suffix(num_parts: int, part_id: int) -> str:
+    """``""`` for a whole run, ``".part<i>-of-<N>"`` for one part of a split run (added to the names of its tables
+    and of its journal, so that the parts can share one output folder)."""
+    return "" if num_parts == 1 else f".part{part_id}-of-{num_parts}"
+
+
 def evaluate_files(
     inputs: Sequence[str],
     settings: RunSettings,
@@ -282,11 +291,18 @@ def evaluate_files(
     output: PathLike = "medcam-eval",
     *,
     executor: str | Executor | None = None,
+    num_parts: int = 1,
+    part_id: int = 0,
 ) -> dict[str, Any]:
     """The body of ``medcam evaluate``. Returns ``{"paths", "result", "cases", "failed", "run"}``.
 
     ``executor``: who evaluates the cases (see :func:`medcam.pipeline.explain_cohort`): None/``"local"`` this
     process, ``"ray"`` or a ``RayExecutor`` Ray workers; the results are gathered in cohort order either way.
+
+    ``num_parts``/``part_id``: evaluate only this part's share of the cases (:func:`~medcam.pipeline.split_parts`,
+    as ``medcam explain``); its tables are ``metrics.part<i>-of-<N>.csv`` (``.json``, plots likewise), so that
+    the parts can write to one folder; together they hold every case's rows exactly once. ``cases`` counts this
+    part's cases.
 
     Every argument is validated (inputs, model, methods, layers, targets, metrics, reference, output files) before
     the first case is explained. Raises :class:`~medcam.MedcamError` for bad input, and when every case failed.
@@ -302,24 +318,35 @@ def evaluate_files(
         metrics = tuple(m for m in metrics if m != "localisation")
     if not metrics:
         raise PipelineError("no metrics left to compute; choose --metrics")
-    p = prepare(inputs, settings, default_methods=("gradcam", "hirescam"))
-    out_dir = Path(output)
-    check_outputs(out_dir, settings.overwrite, options.plots)  # before the expensive part
+    p = prepare(
+        inputs,
+        settings,
+        default_methods=("gradcam", "hirescam"),
+        num_parts=num_parts,
+        part_id=part_id,
+        allow_synth=True,
+    )
+    out_dir, suffix = Path(output), part_suffix(num_parts, part_id)
+    check_outputs(out_dir, settings.overwrite, options.plots, suffix=suffix)  # before the expensive part
     record = {**p.record(settings), "layers": p.layers, "metrics": list(metrics), "reference": mode, **kw}
-    journal = out_dir / JOURNAL
+    journal = out_dir / f"{JOURNAL}{suffix}"
     work = EvaluateWork(p, settings.threshold, metrics, explicit, mode, kw)
     run = run_cohort(
         p.cases, work, journal, settings=record, case_root=journal / "cases", overwrite=settings.overwrite,
-        progress=settings.progress, executor=executor, log_dir=out_dir / "logs",
+        progress=settings.progress, executor=executor, log_dir=out_dir / "logs", num_parts=num_parts,
+        part_id=part_id,
     )  # fmt: skip
     total = EvaluationResult()
     for rec in run["cases"]:
         if rec["status"] != "failed":
             total.extend(_deserialise(read_summary(journal / "cases" / rec["case_id"]) or {}))
     failed = [(r["case_id"], r["error"]) for r in run["cases"] if r["status"] == "failed"]
-    if not total.rows:
+    n_cases = run["cases_in_part"]
+    if not total.rows and n_cases:
         first = failed[0] if failed else ("-", "no rows")
-        raise PipelineError(f"all {len(p.cases)} case(s) failed; first: {first[0]}: {first[1]}")
-    paths = write_results(total, out_dir, overwrite=settings.overwrite, plots=options.plots)
+        raise PipelineError(f"all {n_cases} case(s) failed; first: {first[0]}: {first[1]}")
+    if not n_cases:
+        logger.warning("part %d of %d has no cases (%d in the cohort): empty tables", part_id, num_parts, len(p.cases))
+    paths = write_results(total, out_dir, overwrite=settings.overwrite, plots=options.plots, suffix=suffix)
     shutil.rmtree(journal, ignore_errors=True)  # the tables are written: the journal has served
-    return {"paths": paths, "result": total, "cases": len(p.cases), "failed": failed, "run": run}
+    return {"paths": paths, "result": total, "cases": n_cases, "failed": failed, "run": run}

@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -158,8 +158,9 @@ def _import_factory(spec: str) -> Callable[[], Any]:
             if not path.is_file():
                 raise PipelineError(f"--model {spec!r}: file '{path}' does not exist")
             mspec = importlib.util.spec_from_file_location(f"medcam_factory_{path.stem}", path)
+            if mspec is None or mspec.loader is None:
+                raise PipelineError(f"--model {spec!r}: '{path}' cannot be imported as a Python module")
             module = importlib.util.module_from_spec(mspec)
-            assert mspec.loader is not None
             mspec.loader.exec_module(module)
         else:
             cwd = str(Path.cwd())
@@ -221,7 +222,9 @@ def _bundle_inferer(parser: Any, cfg: Path) -> tuple[tuple[int, ...] | None, dic
     overlap = inferer.overlap if isinstance(inferer.overlap, (int, float)) else inferer.overlap[0]
     if not isinstance(inferer.overlap, (int, float)) and len(set(inferer.overlap)) > 1:
         logger.warning("bundle '%s': per-axis overlap %s; medcam uses %s", cfg, inferer.overlap, overlap)
-    roi = tuple(int(r) for r in inferer.roi_size) if all(int(r) > 0 for r in inferer.roi_size) else None
+    # an int roi_size is the same on every axis (MONAI's convention; bundles explained here are 3D)
+    sizes = [inferer.roi_size] * 3 if isinstance(inferer.roi_size, int) else list(inferer.roi_size)
+    roi = tuple(int(r) for r in sizes) if all(int(r) > 0 for r in sizes) else None
     return roi, {"overlap": float(overlap), "sw_batch_size": int(inferer.sw_batch_size), "mode": str(mode)}
 
 
@@ -354,90 +357,144 @@ def load_model(
         raise PipelineError(
             f"activation must be 'sigmoid', 'softmax' or 'none' (the model outputs probabilities), got {activation!r}"
         )
-    pre: dict[str, Any] = {
-        "orientation": "RAS",
-        "spacing": None,
-        "normalize": True,
-        "crop_foreground": False,
-        "divisible_by": None,
-    }
-    spec = str(spec)
-    if spec == "demo":
-        from ..models import demo
+    loaded = _load_by_kind(str(spec), checkpoint, weights, preprocessing)
+    _apply_overrides(
+        loaded, preprocessing=preprocessing, regions=regions, activation=activation, channel_order=channel_order,
+        roi_size=roi_size, layer=layer,
+    )  # fmt: skip
+    if loaded.in_channels is None:
+        loaded.in_channels = _first_conv_channels(loaded.net)
+    loaded.net = loaded.net.to(device).eval()
+    return loaded
 
-        if checkpoint is not None:
-            net = _check_eager(demo.demo_network(), "demo")
-            _load_weights(net, load_state_dict_file(checkpoint), str(checkpoint))
-            ckpt = str(checkpoint)
-        elif weights:
-            try:
-                net = demo.load_demo_model("cpu")
-            except FileNotFoundError as e:
-                raise ModelError(str(e)) from e
-            ckpt = f"medcam.models.weights/{demo.DEMO_WEIGHTS}"
-        else:
-            net, ckpt = demo.demo_network(), None
-        pre.update(demo.demo_preprocessing_kwargs())  # the one definition, shared with the Python recipe
-        loaded = LoadedModel(
-            net=net,
-            kind="demo",
-            spec=spec,
-            checkpoint=ckpt,
-            regions=tuple(demo.DEMO_REGIONS),
-            activation="sigmoid",
-            channel_order=tuple(demo.DEMO_CHANNELS),
-            default_layer=demo.DEMO_LAYER,
-            roi_size=tuple(demo.DEMO_ROI_SIZE),
-            in_channels=len(demo.DEMO_CHANNELS),
-        )
+
+#: ``load_brats_case`` / ``load_volumes`` keywords of every model, before its own defaults and the user's overrides
+_DEFAULT_PREPROCESSING: dict[str, Any] = {
+    "orientation": "RAS",
+    "spacing": None,
+    "normalize": True,
+    "crop_foreground": False,
+    "divisible_by": None,
+}
+
+
+def _load_by_kind(
+    spec: str, checkpoint: PathLike | None, weights: bool, preprocessing: Mapping[str, Any] | None
+) -> LoadedModel:
+    """Dispatch ``--model`` to the loader of its kind: demo, bundle folder, factory (a model file is refused)."""
+    if spec == "demo":
+        loaded = _load_demo(checkpoint, weights)
     elif Path(spec).is_dir():
-        if checkpoint is not None:
-            raise PipelineError("--checkpoint is for factory models; a bundle's weights are its models/model.pt")
-        net, ckpt, bundle_roi, sliding, own = _load_bundle(Path(spec))
-        loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt, roi_size=bundle_roi, sliding=sliding)
-        if own["preprocessing"] is not None and not preprocessing:
-            loaded.bundle_preprocessing = own["preprocessing"]
-            loaded.pipeline = {
-                "preprocessing": "bundle",
-                "inverse": "bundle Invertd" if own["invertd"] else "MONAI Invertd of the bundle's preprocessing",
-            }
-            if own["activation"] is not None:
-                loaded.activation = own["activation"]
-        elif own["preprocessing"] is not None:
-            loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": "preprocessing options given"}
-        else:
-            loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": own["reason"]}
+        loaded = _load_bundle_model(spec, checkpoint, use_own_preprocessing=not preprocessing)
     elif Path(spec).is_file():
-        if _is_torchscript_archive(Path(spec)):
-            raise ModelError(f"--model '{spec}' {_TORCHSCRIPT_HINT}")
-        raise PipelineError(
-            f"--model '{spec}' is a file; give the network as 'package.module:function' (or 'file.py:function') and "
-            "the weights with --checkpoint, or a MONAI bundle folder"
-        )
+        _refuse_model_file(spec)
     elif ":" in spec:
-        factory = _import_factory(spec)
-        try:
-            net = factory()
-        except Exception as e:  # noqa: BLE001 - the user's factory failed
-            raise PipelineError(f"--model {spec!r}: calling the factory failed ({type(e).__name__}: {e})") from e
-        net = _check_eager(net, f"--model {spec!r}")
-        ckpt = None
-        if checkpoint is not None:
-            _load_weights(net, load_state_dict_file(checkpoint), str(checkpoint))
-            ckpt = str(checkpoint)
-        else:
-            logger.warning("no --checkpoint given: explaining %s with the weights its factory returned", spec)
-        loaded = LoadedModel(net=net, kind="factory", spec=spec, checkpoint=ckpt)
+        loaded = _load_factory(spec, checkpoint)
     else:
         raise PipelineError(
             f"--model {spec!r} not found: expected 'demo', 'package.module:function', 'file.py:function' or a MONAI "
             "bundle folder (configs/inference.json + models/model.pt)"
         )
-    loaded.preprocessing = pre
+    loaded.preprocessing = {**_DEFAULT_PREPROCESSING, **loaded.preprocessing}
+    return loaded
+
+
+def _load_demo(checkpoint: PathLike | None, weights: bool) -> LoadedModel:
+    """The shipped SegResNet (its weights, ``checkpoint``'s, or none) with its regions, layer and preprocessing."""
+    from ..models import demo
+
+    ckpt: str | None
+    if checkpoint is not None:
+        net = _check_eager(demo.demo_network(), "demo")
+        _load_weights(net, load_state_dict_file(checkpoint), str(checkpoint))
+        ckpt = str(checkpoint)
+    elif weights:
+        try:
+            net = demo.load_demo_model("cpu")
+        except FileNotFoundError as e:
+            raise ModelError(str(e)) from e
+        ckpt = f"medcam.models.weights/{demo.DEMO_WEIGHTS}"
+    else:
+        net, ckpt = demo.demo_network(), None
+    return LoadedModel(
+        net=net,
+        kind="demo",
+        spec="demo",
+        checkpoint=ckpt,
+        regions=tuple(demo.DEMO_REGIONS),
+        activation="sigmoid",
+        channel_order=tuple(demo.DEMO_CHANNELS),
+        preprocessing=dict(demo.demo_preprocessing_kwargs()),  # the one definition, shared with the Python recipe
+        default_layer=demo.DEMO_LAYER,
+        roi_size=tuple(demo.DEMO_ROI_SIZE),
+        in_channels=len(demo.DEMO_CHANNELS),
+    )
+
+
+def _load_bundle_model(spec: str, checkpoint: PathLike | None, use_own_preprocessing: bool) -> LoadedModel:
+    """A MONAI bundle folder, with its own preprocessing and activation when they can be used (no preprocessing
+    options given) - else medcam's pipeline, the reason recorded in ``pipeline``."""
+    if checkpoint is not None:
+        raise PipelineError("--checkpoint is for factory models; a bundle's weights are its models/model.pt")
+    net, ckpt, bundle_roi, sliding, own = _load_bundle(Path(spec))
+    loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt, roi_size=bundle_roi, sliding=sliding)
+    if own["preprocessing"] is not None and use_own_preprocessing:
+        loaded.bundle_preprocessing = own["preprocessing"]
+        loaded.pipeline = {
+            "preprocessing": "bundle",
+            "inverse": "bundle Invertd" if own["invertd"] else "MONAI Invertd of the bundle's preprocessing",
+        }
+        if own["activation"] is not None:
+            loaded.activation = own["activation"]
+    elif own["preprocessing"] is not None:
+        loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": "preprocessing options given"}
+    else:
+        loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": own["reason"]}
+    return loaded
+
+
+def _refuse_model_file(spec: str) -> NoReturn:
+    """A single file is not a model spec: say what to give instead (TorchScript archives get their own hint)."""
+    if _is_torchscript_archive(Path(spec)):
+        raise ModelError(f"--model '{spec}' {_TORCHSCRIPT_HINT}")
+    raise PipelineError(
+        f"--model '{spec}' is a file; give the network as 'package.module:function' (or 'file.py:function') and "
+        "the weights with --checkpoint, or a MONAI bundle folder"
+    )
+
+
+def _load_factory(spec: str, checkpoint: PathLike | None) -> LoadedModel:
+    """``module:function`` / ``file.py:function`` called without arguments, then ``checkpoint``'s weights."""
+    factory = _import_factory(spec)
+    try:
+        net = factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory failed
+        raise PipelineError(f"--model {spec!r}: calling the factory failed ({type(e).__name__}: {e})") from e
+    net = _check_eager(net, f"--model {spec!r}")
+    ckpt = None
+    if checkpoint is not None:
+        _load_weights(net, load_state_dict_file(checkpoint), str(checkpoint))
+        ckpt = str(checkpoint)
+    else:
+        logger.warning("no --checkpoint given: explaining %s with the weights its factory returned", spec)
+    return LoadedModel(net=net, kind="factory", spec=spec, checkpoint=ckpt)
+
+
+def _apply_overrides(
+    loaded: LoadedModel,
+    *,
+    preprocessing: Mapping[str, Any] | None,
+    regions: Sequence[str] | None,
+    activation: str | None,
+    channel_order: Sequence[str] | None,
+    roi_size: Sequence[int] | None,
+    layer: str | None,
+) -> None:
+    """The caller's settings over the model's own defaults (unknown preprocessing keys refused)."""
     if preprocessing:
-        unknown = set(preprocessing) - set(pre)
+        unknown = set(preprocessing) - set(loaded.preprocessing)
         if unknown:
-            raise PipelineError(f"unknown preprocessing options {sorted(unknown)}; use {sorted(pre)}")
+            raise PipelineError(f"unknown preprocessing options {sorted(unknown)}; use {sorted(loaded.preprocessing)}")
         loaded.preprocessing.update({k: v for k, v in preprocessing.items()})
     if regions is not None:
         loaded.regions = tuple(str(r) for r in regions)
@@ -449,7 +506,3 @@ def load_model(
         loaded.roi_size = tuple(int(s) for s in roi_size) or None
     if layer is not None:
         loaded.default_layer = layer
-    if loaded.in_channels is None:
-        loaded.in_channels = _first_conv_channels(loaded.net)
-    loaded.net = loaded.net.to(device).eval()
-    return loaded

@@ -209,7 +209,7 @@ def prepare(
 ) -> Prepared:
     """Check everything that can be checked before the first case; load the model once.
 
-    ``allow_synth``: also accept ``synth:FILE`` methods (SyCAM expressions; ``explain`` only)."""
+    ``allow_synth``: also accept ``synth:FILE`` methods (SyCAM expressions; ``explain`` and ``evaluate``)."""
     s = settings
     methods = _methods(s.methods, default_methods, allow_synth)
     if s.threshold is not None and not 0 < s.threshold < 1:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import TargetError
+from ..runner import OutputActivation
 from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
 
 
@@ -114,57 +115,81 @@ def parse_target(spec: str, regions: Sequence[str] = ()) -> TargetSpec:
     regions = tuple(regions)
     head = text.split(":", 1)[0].lower()
     if head == "mask":
-        rest = text[5:]
-        region_token = None
-        if ":" in rest:
-            path_part, last = rest.rsplit(":", 1)
-            if last and not last.lower().endswith((".nii", ".gz", ".nrrd", ".mha", ".mhd")):
-                rest, region_token = path_part, last
-        if not rest:
-            raise TargetError(f"--target {spec!r}: give the mask file, e.g. mask:lesion.nii.gz:WT")
-        if "{" in rest:  # a per-case template, filled in by case_specs
-            bad = [f for f in re.findall(r"\{([^}]*)\}", rest) if not f.isidentifier()]
-            if bad or rest.count("{") != rest.count("}"):
-                raise TargetError(
-                    f"--target {spec!r}: placeholders are {{case}}, {{folder}} or a manifest column like {{mask}}"
-                )
-            ch, reg = _channel_of(region_token, regions, spec) if region_token else _default_region(regions, spec)
-            return TargetSpec(text, "mask", ch, reg, path=str(rest), template=str(rest))
-        if not Path(rest).exists():
-            raise TargetError(f"--target {spec!r}: mask file '{rest}' does not exist")
-        ch, reg = _channel_of(region_token, regions, spec) if region_token else _default_region(regions, spec)
-        return TargetSpec(text, "mask", ch, reg, path=str(rest))
+        return _parse_mask(spec, text, regions)
     if head == "label":
-        parts = text.split(":")
-        from ..data.brats import REGIONS as LABEL_REGIONS
-
-        if len(parts) not in (2, 3) or parts[1].upper() not in LABEL_REGIONS:
-            raise TargetError(
-                f"--target {spec!r}: expected label:REGION[:OUTPUT] with REGION one of {', '.join(LABEL_REGIONS)} "
-                "(from the case's seg file)"
-            )
-        lab = parts[1].upper()
-        if len(parts) == 3:
-            ch, reg = _channel_of(parts[2], regions, spec)
-        elif lab.lower() in [r.lower() for r in regions]:
-            ch, reg = _channel_of(lab, regions, spec)
-        else:
-            ch, reg = _default_region(regions, spec)
-        return TargetSpec(text, "label", ch, reg, label=lab)
+        return _parse_label(spec, text, regions)
     if head == "box":
-        parts = text.split(":")
-        if len(parts) not in (3, 4):
-            raise TargetError(f"--target {spec!r}: expected box:x0,y0,z0:x1,y1,z1[:REGION]")
-        try:
-            start = tuple(int(v) for v in parts[1].split(","))
-            stop = tuple(int(v) for v in parts[2].split(","))
-        except ValueError as e:
-            raise TargetError(f"--target {spec!r}: box corners must be integers, e.g. box:10,20,30:40,50,60:WT") from e
-        if len(start) != 3 or len(stop) != 3 or any(a < 0 or a >= b for a, b in zip(start, stop)):
-            raise TargetError(f"--target {spec!r}: need 3 integers per corner with 0 <= x0 < x1 (half-open box)")
-        ch, reg = _channel_of(parts[3], regions, spec) if len(parts) == 4 else _default_region(regions, spec)
-        return TargetSpec(text, "box", ch, reg, box=(start, stop))
-    # REGION[:mode] or channel:N[:mode]
+        return _parse_box(spec, text, regions)
+    return _parse_region(spec, text, regions)
+
+
+def _output_channel(token: str | None, regions: Sequence[str], spec: str) -> tuple[int, str]:
+    """The output channel named by ``token``, or the default region (WT, or the only one) when it is None."""
+    return _channel_of(token, regions, spec) if token else _default_region(regions, spec)
+
+
+def _parse_mask(spec: str, text: str, regions: Sequence[str]) -> TargetSpec:
+    """``mask:FILE[:REGION]``; FILE may be a per-case template with ``{...}`` placeholders."""
+    rest = text[5:]
+    region_token = None
+    if ":" in rest:
+        path_part, last = rest.rsplit(":", 1)
+        if last and not last.lower().endswith((".nii", ".gz", ".nrrd", ".mha", ".mhd")):
+            rest, region_token = path_part, last
+    if not rest:
+        raise TargetError(f"--target {spec!r}: give the mask file, e.g. mask:lesion.nii.gz:WT")
+    if "{" in rest:  # a per-case template, filled in by case_specs
+        bad = [f for f in re.findall(r"\{([^}]*)\}", rest) if not f.isidentifier()]
+        if bad or rest.count("{") != rest.count("}"):
+            raise TargetError(
+                f"--target {spec!r}: placeholders are {{case}}, {{folder}} or a manifest column like {{mask}}"
+            )
+        ch, reg = _output_channel(region_token, regions, spec)
+        return TargetSpec(text, "mask", ch, reg, path=str(rest), template=str(rest))
+    if not Path(rest).exists():
+        raise TargetError(f"--target {spec!r}: mask file '{rest}' does not exist")
+    ch, reg = _output_channel(region_token, regions, spec)
+    return TargetSpec(text, "mask", ch, reg, path=str(rest))
+
+
+def _parse_label(spec: str, text: str, regions: Sequence[str]) -> TargetSpec:
+    """``label:REGION[:OUTPUT]``: the ROI from the case's own label file."""
+    from ..data.brats import REGIONS as LABEL_REGIONS
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[1].upper() not in LABEL_REGIONS:
+        raise TargetError(
+            f"--target {spec!r}: expected label:REGION[:OUTPUT] with REGION one of {', '.join(LABEL_REGIONS)} "
+            "(from the case's seg file)"
+        )
+    lab = parts[1].upper()
+    if len(parts) == 3:
+        ch, reg = _channel_of(parts[2], regions, spec)
+    elif lab.lower() in [r.lower() for r in regions]:
+        ch, reg = _channel_of(lab, regions, spec)
+    else:
+        ch, reg = _default_region(regions, spec)
+    return TargetSpec(text, "label", ch, reg, label=lab)
+
+
+def _parse_box(spec: str, text: str, regions: Sequence[str]) -> TargetSpec:
+    """``box:x0,y0,z0:x1,y1,z1[:REGION]`` (voxel indices of the original grid, half-open)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise TargetError(f"--target {spec!r}: expected box:x0,y0,z0:x1,y1,z1[:REGION]")
+    try:
+        start = tuple(int(v) for v in parts[1].split(","))
+        stop = tuple(int(v) for v in parts[2].split(","))
+    except ValueError as e:
+        raise TargetError(f"--target {spec!r}: box corners must be integers, e.g. box:10,20,30:40,50,60:WT") from e
+    if len(start) != 3 or len(stop) != 3 or any(a < 0 or a >= b for a, b in zip(start, stop)):
+        raise TargetError(f"--target {spec!r}: need 3 integers per corner with 0 <= x0 < x1 (half-open box)")
+    ch, reg = _output_channel(parts[3] if len(parts) == 4 else None, regions, spec)
+    return TargetSpec(text, "box", ch, reg, box=(start, stop))
+
+
+def _parse_region(spec: str, text: str, regions: Sequence[str]) -> TargetSpec:
+    """``REGION[:mode]`` or ``channel:N[:mode]`` with mode predicted (default), class or component[=largest|N]."""
     parts = text.split(":")
     if parts[0].lower() == "channel":
         if len(parts) < 2 or not parts[1].isdigit():
@@ -242,6 +267,8 @@ def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
 
     ref = read_header(case.reference_path)
     if spec.kind == "mask":
+        if spec.path is None:
+            raise TargetError(f"--target {spec.text!r}: the mask target has no file; e.g. mask:lesion.nii.gz:WT")
         hdr = read_header(spec.path)
         try:
             check_same_grid([ref, hdr])
@@ -256,6 +283,8 @@ def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
         if not bool(arr.any()):
             raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
     else:
+        if spec.box is None:
+            raise TargetError(f"--target {spec.text!r}: the box target has no corners; e.g. box:10,20,30:40,50,60:WT")
         start, stop = spec.box
         if any(b > s for b, s in zip(stop, ref.shape)):
             raise TargetError(f"--target {spec.text!r}: box stop {stop} lies outside the image grid {ref.shape}")
@@ -325,6 +354,17 @@ def check_masks_for_cohort(specs: Sequence[TargetSpec], n_cases: int) -> None:
         )
 
 
+def _activation(name: str) -> OutputActivation:
+    """The model's output activation narrowed to its literal type (TargetError for another name)."""
+    if name == "sigmoid":
+        return "sigmoid"
+    if name == "softmax":
+        return "softmax"
+    if name == "none":
+        return "none"
+    raise TargetError(f"activation must be 'sigmoid', 'softmax' or 'none', got {name!r}")
+
+
 def build_targets(
     specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid", threshold: float | None = None
 ) -> list[Target]:
@@ -333,14 +373,16 @@ def build_targets(
     Returns:
         one :class:`~medcam.targets.Target` per spec, in order.
     """
+    act = _activation(activation)
     out: list[Target] = []
     for s in specs:
         if s.kind == "predicted":
-            out.append(PredictedROI(s.channel, activation=activation, threshold=threshold))
+            out.append(PredictedROI(s.channel, activation=act, threshold=threshold))
         elif s.kind == "class":
             out.append(ClassROI(s.channel))
         elif s.kind == "component":
-            out.append(ComponentROI(s.channel, which=int(s.rank) - 1, activation=activation, threshold=threshold))
+            rank = s.rank if s.rank is not None else 1  # a spec made without a rank: the largest component
+            out.append(ComponentROI(s.channel, which=rank - 1, activation=act, threshold=threshold))
         elif s.kind == "label":
             out.append(MaskROI(label_on_case_grid(case, s), s.channel))
         else:
