@@ -496,7 +496,7 @@ def _run_nnunet(
     inputs: Sequence[str], output: str, quiet: bool, folds: str, checkpoint_name: str, kw: dict[str, Any]
 ) -> None:
     """``--model nnunet:FOLDER``: one case given as image files, run and explained as nnU-Net runs it."""
-    from .frameworks import nnunet
+    from .frameworks import nnunet, nnunet_cases
     from .pipeline import resolve_device
 
     unsupported = [
@@ -509,7 +509,7 @@ def _run_nnunet(
     fold_list = [f.strip() for f in folds.split(",") if f.strip()]
     spec = str(kw["model_spec"])[len("nnunet:") :]
     model = nnunet.load(spec, folds=fold_list, checkpoint=checkpoint_name, device=resolve_device(kw["device"]))
-    summary = nnunet.explain_files(
+    summary = nnunet_cases.explain_files(
         model,
         inputs,
         output,
