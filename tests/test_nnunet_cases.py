@@ -313,3 +313,36 @@ def test_cli_cohort_in_nnunet_layout(region_folder, layout, tmp_path):  # noqa: 
     assert r.exit_code == 0 and "0 case(s) explained, 1 skipped" in r.output, r.output
     assert_one_line_error(CliRunner().invoke(main, [*args, "--amp"]), "--amp do not apply to nnU-Net")
     assert_one_line_error(CliRunner().invoke(main, [*args, "-t", "mask:nope.nii.gz:tumor core"]), "does not exist")
+
+
+def test_ray_workers_give_the_local_cohort(model, layout, tmp_path):
+    """The Ray executor runs the same NnUNetWork: each worker loads the model folder once; same folders, same maps."""
+    ray = pytest.importorskip("ray")
+    from medcam.pipeline.ray_executor import RayExecutor
+
+    for c in range(4):
+        (layout / f"phantom_003_{c:04d}.nii.gz").unlink()
+    kw = {"targets": ["tumor core", "whole tumor:class"], "methods": ["gradcam"], "progress": False}
+    local = nnunet_cases.explain_cohort([layout], model, tmp_path / "local", **kw)
+    started = not ray.is_initialized()
+    if started:  # workers import this checkout's medcam
+        root = str(Path(__file__).resolve().parents[1])
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([old] if old else []))
+        try:
+            ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=2**27)
+        finally:
+            os.environ.pop("PYTHONPATH") if old is None else os.environ.update(PYTHONPATH=old)
+    try:
+        dist = nnunet_cases.explain_cohort([layout], model, tmp_path / "ray", executor=RayExecutor(workers=1), **kw)
+    finally:
+        if started:
+            ray.shutdown()
+    assert [(r["case_id"], r["status"]) for r in dist["cases"]] == [(r["case_id"], "ok") for r in local["cases"]]
+    assert len(dist["cases"]) == 2
+    for rec in local["cases"]:
+        for f in ("gradcam_tumor_core.nii.gz", "gradcam_whole_tumor-class.nii.gz", "segmentation.nii.gz"):
+            a, b = _read(tmp_path / "local" / rec["case_id"] / f), _read(tmp_path / "ray" / rec["case_id"] / f)
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()))
+    logs = "".join(p.read_text() for p in (tmp_path / "ray" / "logs").glob("worker-*.log"))
+    assert logs.count("ready on cpu") == 1 and "case phantom_002" in logs
