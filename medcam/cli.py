@@ -624,6 +624,10 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     Each case is preprocessed like the model expects (orientation, spacing, z-score), explained with every
     --method for every --target at --layer (with MONAI sliding windows if --roi-size), and the maps are mapped back
     onto the original image grid.
+
+    With --model nnunet:FOLDER (an nnU-Net v2 model folder) INPUTS may also be nnU-Net's input layout (a folder of
+    CASE_0000.nii.gz, CASE_0001.nii.gz, ... as nnUNetv2_predict -i takes it); cases are run and explained as
+    nnU-Net runs them (its preprocessing, tiles, mirroring, --folds), targets name dataset.json labels/regions.
     """  # fmt: skip
     _check_inputs_exist(inputs)
     from .pipeline import explain_files

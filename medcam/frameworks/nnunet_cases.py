@@ -45,6 +45,9 @@ import numpy as np
 import torch
 
 from ..errors import MedcamError, TargetError
+from ..pipeline.cases import CaseSource, _safe_id, discover_cases, id_from_files
+from ..pipeline.errors import PipelineError
+from ..pipeline.target_specs import TargetSpec
 from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
 from ..types import PathLike
 from .nnunet import NnUNetError, NnUNetModel, explain, load
@@ -84,15 +87,13 @@ def _ending_of(model: NnUNetModel, path: PathLike) -> str:
     )
 
 
-def _nnunet_layout(folder: Path, model: NnUNetModel) -> list[Any] | None:
+def _nnunet_layout(folder: Path, model: NnUNetModel) -> list[CaseSource] | None:
     """The cases of a folder in nnU-Net's input layout (``CASE_XXXX<ending>``), or None if it holds no such file.
 
     Cases are grouped with nnU-Net's own functions (``get_identifiers_from_splitted_dataset_folder``,
     ``create_paths_fn``); each must have exactly the channels ``0000 .. C-1`` of ``dataset.json``.
     """
     from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
-
-    from ..pipeline.cases import CaseSource
 
     ending = str(model.dataset_json.get("file_ending", ".nii.gz"))
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(ending))
@@ -116,10 +117,8 @@ def _nnunet_layout(folder: Path, model: NnUNetModel) -> list[Any] | None:
     return cases
 
 
-def _image_files_case(files: Sequence[Path], model: NnUNetModel, case_id: str | None) -> Any:
+def _image_files_case(files: Sequence[Path], model: NnUNetModel, case_id: str | None) -> CaseSource:
     """ONE case given as image files: ordered by their nnU-Net channel index when all carry one, else as given."""
-    from ..pipeline.cases import CaseSource, id_from_files
-
     n_ch = len(model.channel_names)
     if len(files) != n_ch:
         raise NnUNetError(
@@ -136,7 +135,9 @@ def _image_files_case(files: Sequence[Path], model: NnUNetModel, case_id: str | 
     return CaseSource(case_id or cid or id_from_files(ordered), "volumes", ordered)
 
 
-def discover_nnunet_cases(inputs: Sequence[PathLike], model: NnUNetModel, case_id: str | None = None) -> list[Any]:
+def discover_nnunet_cases(
+    inputs: Sequence[PathLike], model: NnUNetModel, case_id: str | None = None
+) -> list[CaseSource]:
     """The cases of ``inputs`` for an nnU-Net model (the module docstring lists what INPUTS may be).
 
     Returns:
@@ -147,14 +148,11 @@ def discover_nnunet_cases(inputs: Sequence[PathLike], model: NnUNetModel, case_i
         NnUNetError / PipelineError: missing input, a folder with no case, a case missing a channel, files the
             model's reader does not take, modalities that cannot be matched to ``dataset.json``'s channel names.
     """
-    from ..pipeline.cases import _safe_id, discover_cases
-    from ..pipeline.errors import PipelineError
-
     paths = [Path(p) for p in inputs]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise PipelineError(f"input '{missing[0]}' does not exist")
-    cases: list[Any] | None = None
+    cases: list[CaseSource] | None = None
     if len(paths) == 1 and paths[0].is_dir():
         cases = _nnunet_layout(paths[0], model)
         if cases is not None and case_id is not None and len(cases) != 1:
@@ -194,7 +192,7 @@ def _modality_order(model: NnUNetModel) -> list[str]:
     return order
 
 
-def channel_files(src: Any, model: NnUNetModel) -> list[Path]:
+def channel_files(src: CaseSource, model: NnUNetModel) -> list[Path]:
     """The image files of case ``src`` in the model's channel order (one per ``dataset.json`` channel)."""
     if src.kind == "volumes":
         files = [Path(p) for p in src.source]
@@ -217,7 +215,7 @@ def channel_files(src: Any, model: NnUNetModel) -> list[Path]:
     return files
 
 
-def _label_file(src: Any) -> Path | None:
+def _label_file(src: CaseSource) -> Path | None:
     """The BraTS label (``seg``) file of a case, if it has one."""
     if src.kind == "brats_folder":
         from ..data.brats import discover_brats_case
@@ -256,7 +254,7 @@ def to_preprocessed_grid(model: NnUNetModel, masks: np.ndarray, files: Sequence[
     return (np.asarray(seg) == 1).astype(np.float32)
 
 
-def _read_on_image_grid(model: NnUNetModel, path: Path, properties: Mapping[str, Any], spec: Any) -> np.ndarray:
+def _read_on_image_grid(model: NnUNetModel, path: Path, properties: Mapping[str, Any], spec: TargetSpec) -> np.ndarray:
     """A label/mask file read by the model's reader: ``[*original]`` (reader axis order), checked on the image grid."""
     rw = model.predictor.plans_manager.image_reader_writer_class()
     arr, props = rw.read_seg(str(path))
@@ -281,10 +279,10 @@ def _reader_shape(model: NnUNetModel, properties: Mapping[str, Any]) -> tuple[in
     return tuple(int(before[i]) for i in pm.transpose_backward)
 
 
-def _original_mask(model: NnUNetModel, spec: Any, src: Any, properties: Mapping[str, Any]) -> np.ndarray:
+def _original_mask(model: NnUNetModel, spec: TargetSpec, src: CaseSource, properties: Mapping[str, Any]) -> np.ndarray:
     """The ROI of a ``mask``/``box``/``label`` spec on the original grid (reader axis order), 0/1."""
     shape = _reader_shape(model, properties)
-    if spec.kind == "box":
+    if spec.kind == "box" and spec.box is not None:
         start, stop = spec.box
         ijk = tuple(reversed(shape))  # SimpleITK/nnU-Net arrays are [k, j, i]; boxes are given as i, j, k
         if len(start) != len(ijk) or any(b > s for b, s in zip(stop, ijk)):
@@ -292,7 +290,7 @@ def _original_mask(model: NnUNetModel, spec: Any, src: Any, properties: Mapping[
         box = np.zeros(shape, np.float32)
         box[tuple(slice(a, b) for a, b in zip(reversed(start), reversed(stop)))] = 1
         return box
-    if spec.kind == "mask":
+    if spec.kind == "mask" and spec.path is not None:
         arr = _read_on_image_grid(model, Path(spec.path), properties, spec)
         if not (arr != 0).any():
             raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
@@ -314,9 +312,9 @@ def _original_mask(model: NnUNetModel, spec: Any, src: Any, properties: Mapping[
 
 
 def build_targets(
-    specs: Sequence[Any],
+    specs: Sequence[TargetSpec],
     model: NnUNetModel,
-    src: Any,
+    src: CaseSource,
     files: Sequence[PathLike],
     data: torch.Tensor,
     properties: Mapping[str, Any],
@@ -351,13 +349,13 @@ def build_targets(
         elif s.kind == "class":
             out.append(ClassROI(s.channel))
         elif s.kind == "component":
-            out.append(ComponentROI(s.channel, which=int(s.rank) - 1, activation=act, threshold=threshold))
+            out.append(ComponentROI(s.channel, which=int(s.rank or 1) - 1, activation=act, threshold=threshold))
         else:
             out.append(MaskROI(mapped[id(s)], s.channel))
     return out
 
 
-def parse_specs(model: NnUNetModel, targets: Sequence[str]) -> list[Any]:
+def parse_specs(model: NnUNetModel, targets: Sequence[str]) -> list[TargetSpec]:
     """``--target`` strings with the model's ``dataset.json`` names as regions (default: every foreground one)."""
     from ..pipeline.target_specs import parse_targets
 
@@ -389,7 +387,7 @@ class NnUNetWork:
     folds: tuple[int | str, ...]
     checkpoint: str
     methods: Sequence[str]
-    specs: Sequence[Any]
+    specs: Sequence[TargetSpec]
     layer: str = "auto"
     threshold: float | None = None
     device: str = "cpu"
@@ -401,7 +399,7 @@ class NnUNetWork:
     model: NnUNetModel | None = None
 
     @classmethod
-    def of(cls, model: NnUNetModel, methods: Sequence[str], specs: Sequence[Any], **kw: Any) -> NnUNetWork:
+    def of(cls, model: NnUNetModel, methods: Sequence[str], specs: Sequence[TargetSpec], **kw: Any) -> NnUNetWork:
         """The work for a loaded model (its folder, folds, checkpoint, device and predictor options)."""
         p = model.predictor
         options = {"use_mirroring": bool(p.use_mirroring), "tile_step_size": p.tile_step_size}
@@ -422,7 +420,7 @@ class NnUNetWork:
         model = load(self.folder, self.folds, self.checkpoint, device=device, **dict(self.options))
         return replace(self, device=device, model=model)
 
-    def __call__(self, src: Any, staging: Path) -> dict[str, Any]:
+    def __call__(self, src: CaseSource, staging: Path) -> dict[str, Any]:
         from ..methods import METHODS
 
         t0 = time.perf_counter()
@@ -482,7 +480,7 @@ def _checkpoint_files(model: NnUNetModel) -> dict[str, Path]:
 
 
 def run_record(
-    model: NnUNetModel, methods: Sequence[str], specs: Sequence[Any], layer: str, threshold: Any
+    model: NnUNetModel, methods: Sequence[str], specs: Sequence[TargetSpec], layer: str, threshold: float | None
 ) -> dict[str, Any]:
     """The settings recorded in every summary and compared on resume: the model (folder, folds, checkpoint name,
     and size + time of its plans, dataset.json and checkpoint files), methods, targets, layer, threshold."""
