@@ -20,7 +20,7 @@ from medcam.pipeline.target_specs import parse_targets  # noqa: E402
 from medcam.targets import ClassROI, ComponentROI, MaskROI, PredictedROI  # noqa: E402
 
 from ._cli_helpers import assert_one_line_error  # noqa: E402
-from .test_nnunet import case_files, nnunet_root, region_folder  # noqa: E402, F401  (session fixtures)
+from .test_nnunet import case_files, label_folder, nnunet_root, region_folder  # noqa: E402, F401  (session fixtures)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the phantoms' channels, dataset.json channel_names T1, T1CE, T2, FLAIR
 
@@ -273,6 +273,27 @@ def test_target_kinds_give_their_numbers(model, case_files, tmp_path):  # noqa: 
     mask_row = rows[f"mask:{mask_file}:tumor core"]
     assert mask_row["roi_voxels"] == rows["tumor core"]["roi_voxels"] == int(pred.sum())
     np.testing.assert_array_equal(_read(case / mask_row["file"]), _read(case / rows["tumor core"]["file"]))
+
+
+def test_label_based_model_targets(label_folder, case_files, tmp_path):  # noqa: F811
+    """Softmax model: the predicted region is nnU-Net's argmax; a component and a box by dataset.json label names."""
+    lab = nnunet.load(label_folder, use_mirroring=False)
+    texts = ["edema", "necrosis:component=largest", "box:2,3,1:12,14,10:enhancing tumor"]
+    run = nnunet_cases.explain_cohort(case_files, lab, tmp_path / "out", targets=texts, progress=False)
+    assert run["ok"] == 1, run["cases"]
+    rows = {r["spec"]: r for r in json.loads((tmp_path / "out" / "phantom_001" / "summary.json").read_text())["maps"]}
+    data, props = lab.preprocess(case_files)
+    y = lab.predict_logits(data)
+    assert rows["edema"]["roi_voxels"] == int((y.argmax(0) == 2).sum()) > 0 and rows["edema"]["region"] == "edema"
+    comp = ComponentROI(1, "largest", "softmax").roi(y[None])
+    assert rows["necrosis:component=largest"]["roi_voxels"] == int(comp.sum())
+    lo = [b[0] for b in props["bbox_used_for_cropping"]]  # as built: no transpose, no resampling
+    box = np.zeros(data.shape[1:], np.float32)
+    box[tuple(slice(max(a - o, 0), b - o) for a, b, o in zip((1, 3, 2), (10, 14, 12), lo))] = 1
+    direct, res = _direct_map(lab, case_files, MaskROI(box, 3))
+    row = rows["box:2,3,1:12,14,10:enhancing tumor"]
+    assert row["roi_voxels"] == int(box.sum()) == int(res.roi_voxels[0, 0])
+    np.testing.assert_allclose(_read(tmp_path / "out" / "phantom_001" / row["file"]), direct, rtol=1e-5, atol=1e-7)
 
 
 def test_label_target_from_the_brats_seg_file(model, nnunet_root, tmp_path):  # noqa: F811

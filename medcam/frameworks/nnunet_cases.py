@@ -566,7 +566,9 @@ def explain_files(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Explain ONE case given as image files (one per channel) into ``output/<case_id>/`` (:func:`explain_cohort`).
+    """Explain ONE case given as image files (one per channel) into ``output/<case_id>/`` (:func:`explain_cohort`:
+    a case folder done with the same files and settings is kept and its summary returned; other settings are refused
+    unless ``overwrite``).
 
     Returns:
         The case's summary (``summary.json``); a failure of the case is raised as :class:`NnUNetError`.
