@@ -424,7 +424,9 @@ class NnUNetWork:
         from ..methods import METHODS
 
         t0 = time.perf_counter()
-        model = self.model if self.model is not None else self.setup().model
+        if self.model is None:  # not set up (a work unpickled and called directly): load once, keep it
+            self.model = self.setup().model
+        model = self.model
         assert model is not None
         specs = self.specs_of.get(src.case_id, self.specs)
         if isinstance(specs, Exception):
@@ -453,7 +455,7 @@ class NnUNetWork:
                         "method": method, "target": spec.name, "spec": spec.text, "kind": spec.kind,
                         "channel": spec.channel, "region": model.output_names[spec.channel], "layer": res.layer,
                         "file": fname, "score": float(res.scores[0, k]), "roi_voxels": int(res.roi_voxels[0, k]),
-                        "map_max": float(orig[k].max()), "passes": res.stats["passes"],
+                        "map_max": float(orig[k].max()), "passes": res.stats.get("passes"),
                     }
                 )  # fmt: skip
         timings["total_s"] = round(time.perf_counter() - t0, 3)
