@@ -513,32 +513,43 @@ def layers_cmd(
 # ---------------------------------------------------------------------------------------------------- explain
 def _run_nnunet(
     inputs: Sequence[str], output: str, quiet: bool, folds: str, checkpoint_name: str, kw: dict[str, Any]
-) -> None:
-    """``--model nnunet:FOLDER``: one case given as image files, run and explained as nnU-Net runs it."""
-    from .frameworks import nnunet
+) -> dict[str, Any]:
+    """``--model nnunet:FOLDER``: the cases of INPUTS (image files, nnU-Net's input layout, BraTS folders, a
+    manifest) run and explained as nnU-Net runs them, through the cohort loop; returns the run summary."""
+    from .frameworks import nnunet, nnunet_cases
     from .pipeline import resolve_device
 
     unsupported = [
         f"--{k.replace('_', '-')}"
-        for k in ("checkpoint", "regions", "activation", "channel_order", "spacing", "orientation", "roi_size")
+        for k in (
+            "checkpoint",
+            "regions",
+            "activation",
+            "channel_order",
+            "spacing",
+            "orientation",
+            "roi_size",
+            "overlap",
+            "sw_batch_size",
+            "blend",
+            "crop_foreground",
+            "normalize",
+            "divisible_by",
+        )  # fmt: skip
         if kw.get(k) is not None
-    ]
+    ] + (["--amp"] if kw.get("amp") else [])
     if unsupported:
         _fail(f"{', '.join(unsupported)} do not apply to nnU-Net models: the model folder's plans define them")
+    executor = run_executor(kw)  # checked before the model is loaded
     fold_list = [f.strip() for f in folds.split(",") if f.strip()]
     spec = str(kw["model_spec"])[len("nnunet:") :]
     model = nnunet.load(spec, folds=fold_list, checkpoint=checkpoint_name, device=resolve_device(kw["device"]))
-    summary = nnunet.explain_files(
-        model,
-        inputs,
-        output,
-        methods=_split_list(kw["methods"]) or ["hirescam"],
-        targets=list(kw["targets"]),
-        layer=kw.get("layers") or "auto",
-        overwrite=kw["overwrite"],
-        progress=not quiet,
-    )
-    click.echo(f"medcam: 1 case explained with nnU-Net -> {Path(output) / summary['case_id']}")
+    return nnunet_cases.explain_cohort(
+        inputs, model, output, methods=_split_list(kw["methods"]) or ["hirescam"], targets=list(kw["targets"]),
+        layer=kw.get("layers") or "auto", threshold=kw.get("threshold"), case_id=kw.get("case_id"),
+        num_parts=kw["num_parts"], part_id=kw["part_id"], overwrite=kw["overwrite"], progress=not quiet,
+        executor=executor,
+    )  # fmt: skip
 
 
 def _report(run: dict[str, Any], output: str) -> None:
@@ -625,6 +636,10 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     Each case is preprocessed like the model expects (orientation, spacing, z-score), explained with every
     --method for every --target at --layer (with MONAI sliding windows if --roi-size), and the maps are mapped back
     onto the original image grid.
+
+    With --model nnunet:FOLDER (an nnU-Net v2 model folder) INPUTS may also be nnU-Net's input layout (a folder of
+    CASE_0000.nii.gz, CASE_0001.nii.gz, ... as nnUNetv2_predict -i takes it); cases are run and explained as
+    nnU-Net runs them (its preprocessing, tiles, mirroring, --folds), targets name dataset.json labels/regions.
     """  # fmt: skip
     _check_inputs_exist(inputs)
     from .pipeline import explain_files
@@ -632,12 +647,14 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     want_report = kw.pop("report")
     folds, checkpoint_name = kw.pop("folds"), kw.pop("checkpoint_name")
     if str(kw["model_spec"]).startswith("nnunet:"):
-        _run_nnunet(inputs, output, quiet, folds, checkpoint_name, kw)
-        return
-    kw["layers"] = [kw["layers"]] if kw.get("layers") else []
-    executor = run_executor(kw)  # checked before the inputs and the model
-    settings = run_settings(kw, quiet)
-    run = explain_files(inputs, settings, output, executor=executor, **kw)
+        if want_report:
+            _fail("--report does not read nnU-Net case folders yet; open the maps in a viewer")
+        run = _run_nnunet(inputs, output, quiet, folds, checkpoint_name, kw)
+    else:
+        kw["layers"] = [kw["layers"]] if kw.get("layers") else []
+        executor = run_executor(kw)  # checked before the inputs and the model
+        settings = run_settings(kw, quiet)
+        run = explain_files(inputs, settings, output, executor=executor, **kw)
     _report(run, output)
     if want_report:
         _write_report(output)

@@ -346,5 +346,7 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
     r = runner.invoke(main, ["explain", *case_files[:3], "--model", f"nnunet:{region_folder}", "-o", str(bad_out)])
     assert_one_line_error(r, "takes 4 input channels")
     assert not bad_out.exists() or not any(bad_out.iterdir())
-    r = runner.invoke(main, [*args, "--target", "tumor core"])
-    assert_one_line_error(r, "exists")
+    # the same case again: done with the same inputs and settings, so it is skipped (resume); other settings refuse
+    r = runner.invoke(main, [*args, "-M", "gradcam,hirescam", "--target", "tumor core"])
+    assert r.exit_code == 0 and "0 case(s) explained, 1 skipped" in r.output, r.output
+    assert_one_line_error(runner.invoke(main, [*args, "--target", "tumor core"]), "other settings")
