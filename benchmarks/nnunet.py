@@ -76,7 +76,9 @@ def mask_targets(model, seg: np.ndarray, names: list[str]) -> list:
     return out
 
 
-def cases(model, data: torch.Tensor, names: list[str], masks: list | None, methods: list[str]) -> dict[str, Callable]:
+def cases(
+    model, data: torch.Tensor, names: list[str], masks: list | None, methods: list[str], layer: str
+) -> dict[str, Callable]:
     """Name -> call; ``inference`` first."""
     import medcam
     from medcam.frameworks import nnunet
@@ -86,7 +88,7 @@ def cases(model, data: torch.Tensor, names: list[str], masks: list | None, metho
 
     def explain(method: str, targets: list, given: torch.Tensor | None) -> Callable[[], Any]:
         # a new explainer per call, as `medcam explain` builds one per method (layer "auto" resolved each time)
-        return lambda: nnunet.explain(medcam.METHODS[method](model.network), model, data, targets, logits=given)
+        return lambda: nnunet.explain(medcam.METHODS[method](model.network, layer), model, data, targets, logits=given)
 
     for method in methods:
         for k in (1, 3):
@@ -99,20 +101,21 @@ def cases(model, data: torch.Tensor, names: list[str], masks: list | None, metho
 
 
 def measure(calls: dict[str, Callable], repeats: int, cuda: bool) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median seconds per call (interleaved repeats, after one warm-up each) and each explanation's stats."""
+    """Median seconds per call (interleaved repeats, after one warm-up call of inference and of one explanation)
+    and each explanation's stats (of its first call)."""
     times: dict[str, list[float]] = {n: [] for n in calls}
     info: dict[str, Any] = {}
-    for n, fn in calls.items():  # warm-up
-        res = fn()
-        if n != "inference":
-            info[n] = {**res.stats, "roi_voxels": res.roi_voxels[0].tolist()}
+    for n in list(calls)[:2]:  # warm-up
+        calls[n]()
     for _ in range(repeats):
         for n, fn in calls.items():
             t0 = time.perf_counter()
-            fn()
+            res = fn()
             if cuda:
                 torch.cuda.synchronize()
             times[n].append(time.perf_counter() - t0)
+            if n != "inference" and n not in info:
+                info[n] = {**res.stats, "roi_voxels": res.roi_voxels[0].tolist()}
     return {n: statistics.median(v) for n, v in times.items()}, info
 
 
@@ -121,13 +124,15 @@ def run(args: argparse.Namespace, files: list[str], label: str | None) -> list[d
 
     folds = [f.strip() for f in args.folds.split(",")]
     rows = []
-    for mirroring in (False, True):
+    for mirroring in args.mirroring:
         model = nnunet.load(args.folder, folds=folds, device=args.device, use_mirroring=mirroring)
         data, seg = case_data(model, files, label)
         names = [n for n in model.output_names if n.lower() != "background"][:3]
         masks = mask_targets(model, seg, names) if seg is not None else None
         n_tiles = len(model.predictor._internal_get_sliding_window_slicers(data.shape[1:]))
-        seconds, info = measure(cases(model, data, names, masks, args.methods), args.repeats, args.device != "cpu")
+        repeats = args.repeats_mirrored if mirroring and args.repeats_mirrored else args.repeats
+        calls = cases(model, data, names, masks, args.methods, args.layer)
+        seconds, info = measure(calls, repeats, args.device != "cpu")
         row: dict[str, Any] = {
             "mirroring": mirroring,
             "mirror_axes": list(model.mirror_axes),
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace, files: list[str], label: str | None) -> list[d
             "data_shape": list(data.shape),
             "patch_size": list(model.patch_size),
             "tiles": n_tiles,
+            "repeats": repeats,
             "targets": names,
             "seconds": seconds,
             "ratios": {n: round(s / seconds["inference"], 3) for n, s in seconds.items() if n != "inference"},
@@ -171,6 +177,14 @@ def main() -> None:
     ap.add_argument("--folds", default="0")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["hirescam", "gradcam"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats-mirrored", type=int, default=None, help="repeats with mirroring (default --repeats)")
+    ap.add_argument(
+        "--mirroring",
+        type=lambda s: [{"off": False, "on": True}[v] for v in s.split(",")],
+        default=[False, True],
+        help="off,on (default both)",
+    )
+    ap.add_argument("--layer", default="auto", help="the hooked layer (default: auto, the bottleneck)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/nnunet_<date>.json)")
@@ -201,7 +215,7 @@ def main() -> None:
         "nnunetv2": version("nnunetv2"),
         "threads": torch.get_num_threads(),
         "device": args.device,
-        "repeats": args.repeats,
+        "layer": args.layer,
         "rows": rows,
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"nnunet_{datetime.date.today().isoformat()}.json"

@@ -650,7 +650,7 @@ def explain(
     tl = as_target_list(targets)
     runner = cam.runner
     p0 = next(model.network.parameters())
-    runner.ensure_layer(torch.zeros((1, x.shape[1], *model.patch_size), dtype=p0.dtype, device=p0.device))
+    runner.ensure_layer(_layer_example(model, p0))
     fused = logits is None and _can_fuse(cam, tl, p0)
     y_vol: torch.Tensor | None = None
     if logits is not None:
@@ -712,6 +712,21 @@ def _check_explain_inputs(cam: BaseSegCAM, model: NnUNetModel, data: torch.Tenso
     if x.ndim - 2 != len(patch):
         raise NnUNetError(f"data {tuple(x.shape[1:])} does not have the {len(patch)} spatial dims of the patch {patch}")
     return x
+
+
+def _layer_example(model: NnUNetModel, p0: torch.Tensor) -> torch.Tensor:
+    """A zero input for resolving ``layer="auto"``: twice the network's total stride per axis (at most the patch),
+    so that the coarsest stage has 2 voxels a side; its forward costs a fraction of a tile's."""
+    patch = model.patch_size
+    try:
+        strides = [
+            math.prod(int(s[d]) for s in model.predictor.configuration_manager.pool_op_kernel_sizes)
+            for d in range(len(patch))
+        ]
+        size = [min(p, 2 * s) if p % s == 0 else p for p, s in zip(patch, strides)]
+    except (KeyError, TypeError, IndexError):  # plans without strides: a whole tile
+        size = list(patch)
+    return torch.zeros((1, len(model.channel_names), *size), dtype=p0.dtype, device=p0.device)
 
 
 def _check_logits(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
