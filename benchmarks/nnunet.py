@@ -187,10 +187,21 @@ def main() -> None:
     ap.add_argument("--layer", default="auto", help="the hooked layer (default: auto, the bottleneck)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse, for both sides (benchmarks/cpu_memory.py)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/nnunet_<date>.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import cpu_memory  # benchmarks/cpu_memory.py
+
+        if not cpu_memory.keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: this C library does not take mallopt settings")
     label = args.label
     if args.build:
         build(args.build, args.spacing, args.patch)
@@ -216,6 +227,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "device": args.device,
         "layer": args.layer,
+        "keep_freed_memory": args.keep_freed_memory,
         "rows": rows,
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"nnunet_{datetime.date.today().isoformat()}.json"
