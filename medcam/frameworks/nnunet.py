@@ -441,11 +441,14 @@ class _TileGrid:
     """nnU-Net's sliding-window geometry of one case.
 
     Attributes:
-        padded: ``[Cin, *P]`` the data padded as the predictor pads it (``pad_nd_image``), on the CPU.
+        padded: ``[Cin, *P]`` the data padded as the predictor pads it (``pad_nd_image``).
         inner: spatial slices of the data inside ``P``.
         slicers: spatial slices of every tile (``_internal_get_sliding_window_slicers``), in the predictor's order.
         gauss: ``[*patch]`` importance map ``G`` (the float16 values of ``compute_gaussian``; ones without Gaussian).
         count: ``[*P]`` ``n = sum_w G_w``; both in the weight dtype (float32, float64 for a float64 network).
+
+    All on the predictor's results device: the network's GPU with ``perform_everything_on_device`` (as
+    :func:`load` sets it on CUDA), else the CPU; so are the output gradients and maps built on it.
     """
 
     padded: torch.Tensor
@@ -454,17 +457,27 @@ class _TileGrid:
     gauss: torch.Tensor
     count: torch.Tensor
 
+    @property
+    def inner_shape(self) -> tuple[int, ...]:
+        """``S'``: the data's spatial shape."""
+        return tuple(len(range(*s.indices(n))) for s, n in zip(self.inner, self.padded.shape[1:]))
+
     @classmethod
-    def of(cls, model: NnUNetModel, data: torch.Tensor, wdtype: torch.dtype) -> _TileGrid:
-        """The grid of ``data`` ``[Cin, *S']`` for ``model``'s patch size, tile step and Gaussian setting."""
+    def of(cls, model: NnUNetModel, data: torch.Tensor, p0: torch.Tensor) -> _TileGrid:
+        """The grid of ``data`` ``[Cin, *S']`` for ``model``'s patch size, tile step and Gaussian setting; ``p0``:
+        a parameter of the network (its device and dtype)."""
         patch = model.patch_size
+        wdtype = torch.float64 if p0.dtype == torch.float64 else torch.float32
+        on_device = p0.device.type != "cpu" and bool(model.predictor.perform_everything_on_device)
+        device = p0.device if on_device else torch.device("cpu")
         padded, revert = _nn().pad_nd_image(data.cpu(), patch, "constant", {"value": 0}, True, None)
         slicers = [tuple(s[1:]) for s in model.predictor._internal_get_sliding_window_slicers(padded.shape[1:])]
-        gauss = _nnunet_gaussian(patch).to(wdtype) if model.predictor.use_gaussian else torch.ones(patch, dtype=wdtype)
-        count = torch.zeros(padded.shape[1:], dtype=wdtype)
+        gauss = _nnunet_gaussian(patch) if model.predictor.use_gaussian else torch.ones(patch)
+        gauss = gauss.to(device=device, dtype=wdtype)
+        count = torch.zeros(padded.shape[1:], dtype=wdtype, device=device)
         for s in slicers:
             count[s] += gauss
-        return cls(padded, tuple(revert[1:]), slicers, gauss, count)
+        return cls(padded.to(device), tuple(revert[1:]), slicers, gauss, count)
 
 
 @dataclass
@@ -657,21 +670,19 @@ def explain(
         y_vol = _check_logits(logits, x)
     elif not fused:
         y_vol = _check_logits(model.predict_logits(x[0].float() if p0.dtype == torch.float16 else x[0]), x)
-    grid = _TileGrid.of(model, x[0], torch.float64 if p0.dtype == torch.float64 else torch.float32)
+    grid = _TileGrid.of(model, x[0], p0)
     original = {k: v.detach().clone() for k, v in model.network.state_dict().items()}
     try:
         with runner.session("grad") as hook:
             mirrors = _mirror_combinations(model.mirror_axes, len(model.patch_size))
             st = _ExplainState(cam, model, hook, grid, mirrors, p0.device, p0.dtype, progress)
             st.stats = {"prediction": "fused" if fused else ("given" if logits is not None else "predictor")}
-            n_out = int(model.label_manager.num_segmentation_heads)
-            stand_in = torch.zeros(()).expand(1, n_out, *x.shape[2:])  # the shape of Y, for prediction-free targets
-            _output_gradients(st, tl, stand_in if y_vol is None else y_vol)
-            st.acc = torch.zeros((len(tl), *grid.padded.shape[1:]), dtype=torch.float32)
+            _output_gradients(st, tl, y_vol)
+            st.acc = torch.zeros((len(tl), *grid.padded.shape[1:]), dtype=torch.float32, device=grid.count.device)
             if isinstance(st.formula, ActivationPooledFormula) and st.stats["backward_windows"]:
                 _activation_statistics_pass(st)
             if fused:
-                y_vol = _fused_gradient_pass(st, n_out)[None]
+                y_vol = _fused_gradient_pass(st)[None]
             else:
                 _gradient_pass(st)
             if isinstance(st.formula, PooledFormula) and st.pooled:
@@ -682,7 +693,7 @@ def explain(
     scores, voxels = _scores(runner, tl, y_vol)
     maps = st.acc[(slice(None), *grid.inner)][None]
     return CAMResult(
-        maps=(torch.relu(maps) if relu else maps).contiguous(),
+        maps=(torch.relu(maps) if relu else maps).contiguous().cpu(),
         scores=scores,
         roi_voxels=voxels,
         targets=tl,
@@ -750,18 +761,20 @@ def _can_fuse(cam: BaseSegCAM, targets: list[Target], p0: torch.Tensor) -> bool:
     )
 
 
-def _output_gradients(st: _ExplainState, targets: list[Target], reference: torch.Tensor) -> None:
+def _output_gradients(st: _ExplainState, targets: list[Target], y: torch.Tensor | None) -> None:
     """``dS/dY`` per target on the padded grid and which targets have gradient in each tile (the others skip it).
 
-    ``reference``: ``Y[None]``, or a zero stand-in of its shape when no target depends on it (logits score)."""
+    ``y``: ``Y[None]``, or None when no target depends on it (logits score): a zero stand-in of its shape."""
+    n_out = int(st.model.label_manager.num_segmentation_heads)
+    reference = torch.zeros(()).expand(1, n_out, *st.grid.inner_shape) if y is None else y
     for t in targets:
         g, _ = st.runner.output_gradient(reference, t.score_weights(reference))
         if not bool((g != 0).any()):
             logger.warning("target %r has an empty ROI: its map is all zero", t)
             st.grads.append(None)
             continue
-        gp = torch.zeros((g.shape[1], *st.grid.padded.shape[1:]), dtype=st.wdtype)
-        gp[(slice(None), *st.grid.inner)] = g[0].to(st.wdtype)
+        gp = torch.zeros((g.shape[1], *st.grid.padded.shape[1:]), dtype=st.wdtype, device=st.grid.count.device)
+        gp[(slice(None), *st.grid.inner)] = g[0].to(device=gp.device, dtype=st.wdtype)
         st.grads.append(gp)
     st.active = [
         [k for k, g in enumerate(st.grads) if g is not None and bool(g[(slice(None), *s)].ne(0).any())]
@@ -811,10 +824,10 @@ def _gradient_pass(st: _ExplainState) -> None:
         st.stats["passes"] += 1
 
 
-def _fused_gradient_pass(st: _ExplainState, n_out: int) -> torch.Tensor:
+def _fused_gradient_pass(st: _ExplainState) -> torch.Tensor:
     """Pass 1 with the prediction fused in: every pass runs forward (backward too where its tile touches an ROI)
     and its output is accumulated as the predictor does (:class:`_PredictorLogits`); returns ``Y`` ``[C, *S']``."""
-    logits = _PredictorLogits(st, n_out)
+    logits = _PredictorLogits(st, int(st.model.label_manager.num_segmentation_heads))
     with _predictor_threads():
         for p in st.bar(st.passes(), "medcam tiles"):
             st.load_fold(p[0])
@@ -862,7 +875,7 @@ def _use_gradient(st: _ExplainState, k: int, i: int, m: tuple[int, ...], af: tor
         assert st.acc is not None
         mp = st.cam.upsampler(formula.map(af, g)[:, None], st.patch)
         mp = _flip(mp, m)[0, 0]  # flip back (the same dims of a [1, 1, *patch] tensor)
-        st.acc[k][st.grid.slicers[i]] += mp.float().cpu()
+        st.acc[k][st.grid.slicers[i]] += mp.float().to(st.acc.device)
         return
     assert isinstance(formula, PooledFormula)
     volume = {n: v[None].to(st.device) for n, v in st.act_stats.items()} if st.act_stats else None
@@ -891,7 +904,7 @@ def _map_pass(st: _ExplainState, spatial: tuple[int, ...]) -> None:
             aw = aw.to(st.device)
             mk = weighted_channel_sum(alpha.to(aw.device), aw.expand(len(ks), *aw.shape[1:]))
             mk = st.cam.upsampler(mk[None], st.patch)  # [1, k, *patch]
-            mk = _flip(mk, m)[0].float().cpu() * st.blend(i).float()
+            mk = _flip(mk, m)[0].float().to(st.acc.device) * st.blend(i).float()
             for kk, k in enumerate(ks):
                 st.acc[k][st.grid.slicers[i]] += mk[kk]
 
