@@ -1,8 +1,9 @@
 """Build a real nnU-Net v2 model folder from phantoms, with nnU-Net's own entry points (run in a subprocess).
 
-``python -m tests._nnunet_build ROOT [--regions] [--patch X Y Z]`` writes
+``python -m tests._nnunet_build ROOT [--regions] [--patch X Y Z] [--spacing MM]`` writes
 
-* ``ROOT/raw/Dataset50N_Phantom/`` (imagesTr, labelsTr, dataset.json): 3 phantoms at 8 mm, 4 channels;
+* ``ROOT/raw/Dataset50N_Phantom/`` (imagesTr, labelsTr, dataset.json): 3 phantoms at 8 mm (``--spacing``: e.g. 4 mm
+  for the benchmark's bigger cases), 4 channels;
 * planning + preprocessing by ``nnUNetv2_plan_and_preprocess`` (the command nnU-Net users run);
 * ``ROOT/results/Dataset50N_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres/`` with ``plans.json``,
   ``dataset.json`` and ``fold_0``/``fold_1`` ``checkpoint_final.pth`` written by ``nnUNetTrainer.save_checkpoint``
@@ -28,14 +29,14 @@ SPACING = 8.0
 CASES = (1, 2, 3)
 
 
-def write_raw(raw: Path, name: str, regions: bool) -> Path:
+def write_raw(raw: Path, name: str, regions: bool, spacing: float = SPACING) -> Path:
     from medcam.data.phantoms import CHANNELS, LABEL_ET, generate_phantom
 
     ds = raw / name
     (ds / "imagesTr").mkdir(parents=True, exist_ok=True)
     (ds / "labelsTr").mkdir(parents=True, exist_ok=True)
     for seed in CASES:
-        ph = generate_phantom(seed=seed, spacing_mm=SPACING)
+        ph = generate_phantom(seed=seed, spacing_mm=spacing)
         cid = f"phantom_{seed:03d}"
         for c, _ in enumerate(CHANNELS):
             img = nib.Nifti1Image(ph.image[c].astype(np.float32), ph.affine)
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--regions", action="store_true")
     ap.add_argument("--patch", type=int, nargs=3, default=None)
+    ap.add_argument("--spacing", type=float, default=SPACING, help="phantom voxel size in mm (default 8)")
     ap.add_argument("--skip-planning", action="store_true", help="reuse ROOT's raw data and plans")
     args = ap.parse_args()
     root: Path = args.root.resolve()
@@ -117,7 +119,7 @@ def main() -> None:
     }
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     if not args.skip_planning:
-        write_raw(root / "raw", name, args.regions)
+        write_raw(root / "raw", name, args.regions, args.spacing)
         exe = Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
         subprocess.run(
             [str(exe), "-d", str(dsid), "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],

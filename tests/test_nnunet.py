@@ -350,3 +350,47 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
     r = runner.invoke(main, [*args, "-M", "gradcam,hirescam", "--target", "tumor core"])
     assert r.exit_code == 0 and "0 case(s) explained, 1 skipped" in r.output, r.output
     assert_one_line_error(runner.invoke(main, [*args, "--target", "tumor core"]), "other settings")
+
+
+@pytest.mark.parametrize("method", ["hirescam", "gradcam", "xgradcam"])
+def test_fused_prediction_equals_nnunet_predictor(region_folder, case_files, method):
+    """Targets that do not need the prediction (box, mask, class): explain accumulates Y in its own gradient pass,
+    operation by operation as nnUNetPredictor does; Y is bit-equal to the predictor's (float16 accumulation
+    included), and maps and scores equal those of the run with the predictor's logits given."""
+    model = nnunet.load(region_folder, folds=(0, 1))
+    data, props = model.preprocess(case_files)
+    x = data[:, 2:18, 3:19, 3:15].contiguous()  # 4 tiles x 8 mirrors x 2 folds; one tile outside the box
+    # tiles start at 0 and 4 in the first two dims: the boxes leave the tile (4:16, 4:16, 0:12) out
+    targets = [BoxROI(model.channel("tumor core"), (1, 1, 1), (4, 6, 5)), BoxROI(0, (5, 1, 2), (14, 3, 10))]
+    threads = torch.get_num_threads()
+    y_nn = model.predict_logits(x)
+    cls = medcam.METHODS[method]
+    fused = nnunet.explain(cls(model.network, "encoder.stages.2"), model, x, targets)
+    given = nnunet.explain(cls(model.network, "encoder.stages.2"), model, x, targets, logits=y_nn)
+    assert fused.stats["prediction"] == "fused" and given.stats["prediction"] == "given"
+    assert torch.get_num_threads() == threads
+    assert fused.output is not None and fused.output.dtype == torch.float32
+    assert torch.equal(fused.output[0], y_nn)
+    assert fused.stats["backward_windows"] == 3 < fused.stats["windows"] == 4
+    assert fused.stats["passes"] == 4 * 8 * 2 + (4 * 8 * 2 if method == "xgradcam" else 0)
+    assert float(given.maps.abs().max()) > 0
+    torch.testing.assert_close(fused.maps, given.maps, rtol=1e-6, atol=1e-7 * float(given.maps.abs().max()))
+    torch.testing.assert_close(fused.scores, given.scores, rtol=0, atol=0)
+    # the whole case, mirroring off, one fold: the segmentation from the fused Y is nnU-Net's
+    plain = nnunet.load(region_folder, folds=(0,), use_mirroring=False)
+    res = nnunet.explain(cls(plain.network), plain, data, [medcam.targets.ClassROI(1)])
+    y_plain = plain.predict_logits(data)
+    assert res.stats["prediction"] == "fused" and torch.equal(res.output[0], y_plain)
+    np.testing.assert_array_equal(plain.segmentation(res.output[0], props), plain.segmentation(y_plain, props))
+
+
+def test_prediction_not_fused_when_a_target_needs_it(region_folder, case_files):
+    model = nnunet.load(region_folder, folds=(0,), use_mirroring=False)
+    data, _ = model.preprocess(case_files)
+    cam = medcam.SegHiResGradCAM(model.network)
+    res = nnunet.explain(cam, model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5)), model.target("tumor core")])
+    assert res.stats["prediction"] == "predictor"
+    cam = medcam.SegHiResGradCAM(model.network, score="probability", output_activation="sigmoid")
+    res = nnunet.explain(cam, model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5))])
+    assert res.stats["prediction"] == "predictor"
+    assert torch.equal(res.output[0], model.predict_logits(data))

@@ -435,9 +435,9 @@ class NnUNetWork:
         ending = _ending_of(model, files[0])
         data, props = model.preprocess(files)
         targets = build_targets(specs, model, src, files, data, props, self.threshold)
-        logits = model.predict_logits(data)
-        seg = model.segmentation(logits, props)
-        model.write_map(seg.astype(np.float32), props, staging / f"segmentation{ending}")
+        # nnU-Net's logits Y: predicted first when a target's ROI needs them; else the first explanation forms them
+        # in its own gradient pass (explain's fused prediction, bit-equal to nnUNetPredictor's) and the others reuse them
+        logits = model.predict_logits(data) if any(t.needs_prediction for t in targets) else None
         rows: list[dict[str, Any]] = []
         explain_s: dict[str, float] = {}
         timings: dict[str, Any] = {"predict_s": round(time.perf_counter() - t0, 3), "explain_s": explain_s}
@@ -446,6 +446,10 @@ class NnUNetWork:
             cam = METHODS[method](model.network, self.layer, progress=self.window_progress)
             res = explain(cam, model, data, targets, logits=logits, progress=self.window_progress)
             explain_s[method] = round(time.perf_counter() - t1, 3)
+            if logits is None:
+                assert res.output is not None
+                logits = res.output[0]
+                timings["prediction"] = res.stats.get("prediction")
             orig = model.to_original_grid(res.maps[0], props)
             for k, spec in enumerate(specs):
                 fname = _file_name(method, spec.name, ending)
@@ -458,6 +462,10 @@ class NnUNetWork:
                         "map_max": float(orig[k].max()), "passes": res.stats.get("passes"),
                     }
                 )  # fmt: skip
+        if logits is None:  # no method given
+            logits = model.predict_logits(data)
+        seg = model.segmentation(logits, props)
+        model.write_map(seg.astype(np.float32), props, staging / f"segmentation{ending}")
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         logger.info("case %s done in %.1f s", src.case_id, timings["total_s"])
         return {
