@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,9 @@ def enumerate_expressions(
         yield e, fp
 
 
-def _enumerate_kind(kind, leaves, kind_ops, max_size, seed, stats):
+def _enumerate_kind(
+    kind: str, leaves: Sequence[str], kind_ops: Sequence[str], max_size: int, seed: int, stats: dict[str, int]
+) -> Iterator[tuple[int, int, Expr, tuple | None]]:
     """``(size, serial, Expr, fingerprint)`` of one kind, bottom-up by size with observational-equivalence pruning."""
     envs = random_inputs(seed)
     seen: set = set()
