@@ -548,7 +548,8 @@ def _run_nnunet(
         inputs, model, output, methods=_split_list(kw["methods"]) or ["hirescam"], targets=list(kw["targets"]),
         layer=kw.get("layers") or "auto", threshold=kw.get("threshold"), case_id=kw.get("case_id"),
         num_parts=kw["num_parts"], part_id=kw["part_id"], overwrite=kw["overwrite"], progress=not quiet,
-        executor=executor,
+        executor=executor, png=kw["png"],
+        figures={"shared_scale": kw["shared_scale"], "slice_at": kw["slice_at"]},
     )  # fmt: skip
 
 

@@ -367,3 +367,45 @@ def test_ray_workers_give_the_local_cohort(model, layout, tmp_path):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()))
     logs = "".join(p.read_text() for p in (tmp_path / "ray" / "logs").glob("worker-*.log"))
     assert logs.count("ready on cpu") == 1 and "case phantom_002" in logs
+
+
+def test_png_overlays_and_montage_on_the_original_grid(model, case_files, tmp_path):  # noqa: F811
+    """Every map gets its overlay and the case its montage; the ROI drawn is the target's ROI taken back to the
+    original grid by the maps' own export (a box lands on its voxels, in nibabel's axis order); png=False writes none."""
+    import matplotlib.image
+    import nibabel as nib
+    import torch
+
+    from medcam.frameworks.nnunet_figures import _original_rois
+
+    texts = ["tumor core", "box:3,5,2:11,13,9:tumor core"]
+    out = tmp_path / "out"
+    run = nnunet_cases.explain_cohort(
+        case_files, model, out, methods=["hirescam", "gradcam"], targets=texts, progress=False
+    )
+    assert run["ok"] == 1, run["cases"]
+    case = out / "phantom_001"
+    summary = json.loads((case / "summary.json").read_text())
+    assert summary["figures"]["montage"] == "montage.png" and (case / "montage.png").is_file()
+    assert len(summary["maps"]) == 4
+    for r in summary["maps"]:
+        img = matplotlib.image.imread(case / r["overlay"])
+        assert img.ndim == 3 and float(img.std()) > 0
+        assert np.allclose(nib.load(case / r["file"]).affine, nib.load(case_files[1]).affine)  # T1CE: background
+    # the box ROI, on the network's grid (crop-shifted: as built, no transpose or resampling), back on the original
+    data, props = model.preprocess(case_files)
+    bbox = props["bbox_used_for_cropping"]  # reader axes (z, y, x)
+    on_net = np.zeros(data.shape[1:], bool)
+    on_net[tuple(slice(max(a - b[0], 0), c - b[0]) for a, c, b in zip((2, 5, 3), (9, 13, 11), bbox))] = True
+    (roi,) = _original_rois(model, torch.from_numpy(on_net)[None], props, tmp_path, ".nii.gz")
+    expect_zyx = np.zeros(_read(case_files[0]).shape, bool)
+    expect_zyx[2:9, 5:13, 3:11] = True
+    crop = np.zeros_like(expect_zyx)
+    crop[tuple(slice(lo, hi) for lo, hi in bbox)] = True
+    assert roi.sum() > 0
+    np.testing.assert_array_equal(roi, (expect_zyx & crop).transpose(2, 1, 0))  # nibabel: (i, j, k)
+    run = nnunet_cases.explain_cohort(
+        case_files, model, tmp_path / "nopng", targets=texts[:1], png=False, progress=False
+    )
+    assert run["ok"] == 1 and not (tmp_path / "nopng" / "phantom_001" / "overlays").exists()
+    assert json.loads((tmp_path / "nopng" / "phantom_001" / "summary.json").read_text())["figures"] is None

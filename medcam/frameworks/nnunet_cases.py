@@ -394,6 +394,9 @@ class NnUNetWork:
     #: ``use_mirroring``, ``tile_step_size``, ``use_gaussian`` of :func:`~medcam.frameworks.nnunet.load`
     options: Mapping[str, Any] = field(default_factory=dict)
     window_progress: bool = False
+    #: PNG overlays and the montage (NIfTI cases), with ``shared_scale``/``slice_at`` options ``figures``
+    png: bool = True
+    figures: Mapping[str, Any] = field(default_factory=dict)
     #: per case: its target specs (mask templates filled in), or the error that fails that case
     specs_of: Mapping[str, Any] = field(default_factory=dict)
     model: NnUNetModel | None = None
@@ -466,6 +469,7 @@ class NnUNetWork:
             logits = model.predict_logits(data)
         seg = model.segmentation(logits, props)
         model.write_map(seg.astype(np.float32), props, staging / f"segmentation{ending}")
+        figures = self._figures(staging, model, files, rows, targets, logits, props, ending, src.case_id)
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         logger.info("case %s done in %.1f s", src.case_id, timings["total_s"])
         return {
@@ -476,9 +480,34 @@ class NnUNetWork:
             "preprocessed_shape": list(data.shape[1:]),
             "segmentation": f"segmentation{ending}",
             "maps": rows,
+            "figures": figures,
             "device": self.device,
             "timings": timings,
         }
+
+    def _figures(
+        self,
+        staging: Path,
+        model: NnUNetModel,
+        files: Sequence[Path],
+        rows: list[dict[str, Any]],
+        targets: Sequence[Any],
+        logits: torch.Tensor,
+        props: dict[str, Any],
+        ending: str,
+        case_id: str,
+    ) -> dict[str, Any] | None:
+        """PNG overlays + montage of a NIfTI case (None when off or another format)."""
+        from .nnunet_figures import has_figures, write_nnunet_figures
+
+        if not (self.png and rows and has_figures(ending)):
+            return None
+        y = logits[None].float()
+        rois = torch.stack([t.roi(y)[0] != 0 for t in targets])  # [K, *S'] network grid
+        return write_nnunet_figures(
+            staging, model, files, rows, rois, props, ending, case_id=case_id, layer=str(rows[0]["layer"]),
+            figures=self.figures,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- cohorts
@@ -522,6 +551,8 @@ def explain_cohort(
     progress: bool = True,
     executor: Any = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    png: bool = True,
+    figures: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Explain every case of ``inputs`` with an nnU-Net model into ``out_dir/<case_id>/`` (module docstring).
 
@@ -533,6 +564,8 @@ def explain_cohort(
         targets: ``--target`` strings (empty: the predicted region of every foreground label/region).
         layer: dotted layer name of ``model.network`` or ``"auto"``.
         executor: None/``"local"``, ``"ray"`` or an executor object (:func:`~medcam.pipeline.run_cohort`).
+        png: write PNG overlays (``overlays/<method>_<target>.png``) and ``montage.png`` per NIfTI case;
+            ``figures``: their ``shared_scale``/``slice_at`` options (:func:`medcam.io.case_figures.write_case_figures`).
 
     Returns:
         The run summary (``cases`` records ok/skipped/failed; also written as ``cohort_summary.json``).
@@ -555,7 +588,8 @@ def explain_cohort(
     mine = split_parts(cases, num_parts, part_id)
     check_masks_for_cohort(specs, len(cases))
     specs_of, fps = _cohort_inputs(mine, specs)
-    work = NnUNetWork.of(model, names, specs, layer=layer, threshold=threshold, specs_of=specs_of,
+    work = NnUNetWork.of(model, names, specs, layer=layer, threshold=threshold, specs_of=specs_of, png=png,
+                         figures=dict(figures or {}),
                          window_progress=progress and len(mine) == 1)  # fmt: skip
     record = run_record(model, names, specs, layer, threshold)
     return run_cohort(
