@@ -52,6 +52,7 @@ from .errors import MedcamError
 from .hooks import preserved_model_state
 from .runner import ModelRunner
 from .targets import Target, as_target_list
+from .types import literal_value
 
 if TYPE_CHECKING:
     from .metrics.faithfulness import Activation, Baseline, ScoreFunction
@@ -168,35 +169,6 @@ def _f(x: torch.Tensor | float) -> float:
     return float(x) if not isinstance(x, torch.Tensor) else float(x.detach().cpu().reshape(-1)[0])
 
 
-def _threshold_method(name: str) -> ThresholdMethod:
-    """The ``threshold=`` method narrowed to its literal type (MedcamError for another name)."""
-    if name == "otsu":
-        return "otsu"
-    if name == "percentile":
-        return "percentile"
-    if name == "value":
-        return "value"
-    raise MedcamError(f"threshold method must be 'otsu', 'percentile' or 'value', got {name!r}")
-
-
-def _hd95_convention(name: str) -> HD95Convention:
-    if name == "monai":
-        return "monai"
-    if name == "pooled":
-        return "pooled"
-    raise MedcamError(f"hd95_convention must be 'monai' or 'pooled', got {name!r}")
-
-
-def _activation(name: str) -> Activation:
-    if name == "sigmoid":
-        return "sigmoid"
-    if name == "softmax":
-        return "softmax"
-    if name == "none":
-        return "none"
-    raise MedcamError(f"output_activation must be 'sigmoid', 'softmax' or 'none', got {name!r}")
-
-
 def _baseline(value: str | float) -> Baseline:
     """The deletion substrate: ``"zero"``, ``"mean"``, ``"blur"`` or a number (MedcamError otherwise)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -267,19 +239,23 @@ def _metric_options(
     tie_draws: int,
 ) -> _MetricOptions:
     """Check the metric keywords of :func:`evaluate` (before any work) and narrow them to their literal types."""
+    from .metrics.faithfulness import Activation
+    from .metrics.localisation import HD95Convention
+    from .metrics.thresholds import ThresholdMethod
+
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
         raise MedcamError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
-    activation = _activation(output_activation)
+    activation: Activation = literal_value(output_activation, Activation, "output_activation")
     if insertion_protocol not in ("rise", "baseline"):
         raise MedcamError(f"insertion_protocol must be 'rise' or 'baseline', got {insertion_protocol!r}")
-    convention = _hd95_convention(hd95_convention)
+    convention: HD95Convention = literal_value(hd95_convention, HD95Convention, "hd95_convention")
     if int(tie_draws) < 1:
         raise MedcamError(f"tie_draws must be >= 1, got {tie_draws}")
     thr_method, thr_value = threshold
     return _MetricOptions(
         metrics=tuple(metrics),
-        threshold_method=_threshold_method(thr_method),
+        threshold_method=literal_value(thr_method, ThresholdMethod, "threshold method"),
         threshold_value=thr_value,
         spacing=spacing,
         tolerance_mm=tolerance_mm,

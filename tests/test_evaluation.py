@@ -182,6 +182,10 @@ def test_evaluate_names_conventions_in_rows_and_json(case, tmp_path):
         evaluate(model, img, targets.ClassROI(1), metrics=("deletion",), hd95_convention="medpy")
     with pytest.raises(MedcamError, match="insertion_protocol"):
         evaluate(model, img, targets.ClassROI(1), metrics=("deletion",), insertion_protocol="blur")
+    with pytest.raises(MedcamError, match="output_activation must be 'sigmoid', 'softmax' or 'none', got 'relu'"):
+        evaluate(model, img, targets.ClassROI(1), metrics=("deletion",), output_activation="relu")
+    with pytest.raises(MedcamError, match="threshold method must be 'value', 'percentile' or 'otsu', got 'median'"):
+        evaluate(model, img, targets.ClassROI(1), metrics=("deletion",), threshold=("median", None))
 
 
 def test_evaluate_sanity_freezes_predicted_roi_literal_adebayo_reference(case):

@@ -9,11 +9,11 @@ orientation letters, shared colour scale). Only for NIfTI cases: nnU-Net's other
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -30,16 +30,20 @@ def has_figures(ending: str) -> bool:
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(path))
-    assert isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))
+    """``(voxels [X, Y, Z] float32, affine 4x4)`` of a NIfTI file, in nibabel's axis order."""
+    from ..data.loading import load_nifti
+
+    img = load_nifti(path)
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, float)
 
 
 def _background_channel(names: Sequence[str]) -> int:
-    """T1ce-like channel (contrast-enhanced T1, where tumour regions read best), else the first."""
+    """The channel whose name is a T1ce alias (contrast-enhanced T1, where tumour regions read best), else the
+    first; names are matched as the cohort matches BraTS modalities to ``channel_names``."""
+    from ..data.brats import MODALITY_ALIASES
+
     for i, n in enumerate(names):
-        key = n.lower().replace("-", "").replace("_", "").replace(" ", "")
-        if key in ("t1ce", "t1c", "t1gd", "t1contrast"):
+        if MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", n.lower())) == "t1ce":
             return i
     return 0
 

@@ -21,6 +21,7 @@ import torch
 from ..errors import TargetError
 from ..runner import OutputActivation
 from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
+from ..types import literal_value
 
 
 @dataclass(frozen=True)
@@ -354,17 +355,6 @@ def check_masks_for_cohort(specs: Sequence[TargetSpec], n_cases: int) -> None:
         )
 
 
-def _activation(name: str) -> OutputActivation:
-    """The model's output activation narrowed to its literal type (TargetError for another name)."""
-    if name == "sigmoid":
-        return "sigmoid"
-    if name == "softmax":
-        return "softmax"
-    if name == "none":
-        return "none"
-    raise TargetError(f"activation must be 'sigmoid', 'softmax' or 'none', got {name!r}")
-
-
 def build_targets(
     specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid", threshold: float | None = None
 ) -> list[Target]:
@@ -373,7 +363,7 @@ def build_targets(
     Returns:
         one :class:`~medcam.targets.Target` per spec, in order.
     """
-    act = _activation(activation)
+    act: OutputActivation = literal_value(activation, OutputActivation, "activation", TargetError)
     out: list[Target] = []
     for s in specs:
         if s.kind == "predicted":
