@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from medcam.cli import evaluate_cmd as evaluate_command
-from tests._cli_helpers import assert_one_line_error
+from tests._cli_helpers import assert_one_line_error, write_sigmoid_factory
 
 TINY_SPACING = 12.0
 TINY_ROI = (24, 24, 24)  # one window covers the whole phantom at 12 mm
@@ -198,19 +198,7 @@ def test_evaluate_part_options_checked_before_any_work(tiny_demo, case_dir, tmp_
 
 
 def test_evaluate_synth_method_and_activation_none(case_dir, tmp_path):
-    fac = tmp_path / "sig.py"
-    fac.write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        torch.manual_seed(0)\n"
-        "        self.feat = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.ReLU())\n"
-        "        self.head = torch.nn.Conv3d(4, 1, 1)\n"
-        "    def forward(self, x):\n"
-        "        return torch.sigmoid(self.head(self.feat(x)) + 3 * x[:, 3:4] - 1)\n"
-        "def build():\n    return Net()\n"
-    )
+    fac = write_sigmoid_factory(tmp_path / "sig.py")
     expr = tmp_path / "gc.sycam"
     expr.write_text("sum(g) / N\n")
     out = tmp_path / "eval"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from medcam.cli import main
 from tests import test_pipeline as _fixtures
-from tests._cli_helpers import assert_one_line_error
+from tests._cli_helpers import assert_one_line_error, write_sigmoid_factory
 
 # fixtures shared with test_pipeline (assigned, not imported, so that using them as arguments is no redefinition)
 cases_root = _fixtures.cases_root
@@ -79,19 +79,7 @@ def test_usage_errors_exit_2_as_documented():
 
 # ----------------------------------------------------------------------------------------------- item 12
 def test_activation_none_on_the_command_line(cases_root, tmp_path):
-    fac = tmp_path / "sig.py"
-    fac.write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        torch.manual_seed(0)\n"
-        "        self.feat = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.ReLU())\n"
-        "        self.head = torch.nn.Conv3d(4, 1, 1)\n"
-        "    def forward(self, x):\n"
-        "        return torch.sigmoid(self.head(self.feat(x)) + 3 * x[:, 3:4] - 1)\n"
-        "def build():\n    return Net()\n"
-    )
+    fac = write_sigmoid_factory(tmp_path / "sig.py")
     common = ["--model", f"{fac}:build", "--regions", "lesion", "--spacing", "8", "--layer", "feat", *SMALL[1:]]
     out = tmp_path / "o1"
     r = run(["explain", cases_root / "Phantom_00003", "-o", out, *common])
