@@ -379,6 +379,15 @@ def ray_options(fn: F) -> F:
     )  # fmt: skip
 
 
+def threads_option(fn: F) -> F:
+    """--threads: torch threads of every case, the same wherever it runs (explain and evaluate)."""
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+        help="Torch CPU threads of every case, here and on every Ray worker; recorded, so that a folder never mixes "
+        "maps of different thread counts (they differ in the last bits). [default: 1, the same on every machine]",
+    )(fn)  # fmt: skip
+
+
 def run_executor(kw: dict[str, Any]) -> Any:
     """The ``--ray`` options (popped from ``kw``) as an executor: None (this process) or a checked Ray executor."""
     address, gpus, cpus, workers, retries = (
@@ -419,7 +428,8 @@ def run_settings(kw: dict[str, Any], quiet: bool) -> Any:
         activation=kw.pop("activation"), channel_order=[c.lower() for c in _split_list([channel_order] if channel_order else [])] or None,
         threshold=kw.pop("threshold"), preprocessing=pre, roi_size=_ints(kw.pop("roi_size"), "--roi-size"),
         overlap=kw.pop("overlap"), sw_batch_size=kw.pop("sw_batch_size"), blend=kw.pop("blend"),
-        device=kw.pop("device"), amp=kw.pop("amp"), overwrite=kw.pop("overwrite", False), progress=not quiet,
+        device=kw.pop("device"), amp=kw.pop("amp"), threads=kw.pop("threads", None),
+        overwrite=kw.pop("overwrite", False), progress=not quiet,
         case_id=kw.pop("case_id", None),
     )  # fmt: skip
 
@@ -548,7 +558,7 @@ def _run_nnunet(
         inputs, model, output, methods=_split_list(kw["methods"]) or ["hirescam"], targets=list(kw["targets"]),
         layer=kw.get("layers") or "auto", threshold=kw.get("threshold"), case_id=kw.get("case_id"),
         num_parts=kw["num_parts"], part_id=kw["part_id"], overwrite=kw["overwrite"], progress=not quiet,
-        executor=executor, png=kw["png"],
+        executor=executor, png=kw["png"], threads=kw.get("threads"),
         figures={"shared_scale": kw["shared_scale"], "slice_at": kw["slice_at"]},
     )  # fmt: skip
 
@@ -617,6 +627,7 @@ def _report(run: dict[str, Any], output: str) -> None:
     "settings are skipped; a folder with other inputs or settings refuses the run before anything is written).",
 )
 @ray_options
+@threads_option
 @click.option(
     "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
 )
@@ -767,6 +778,7 @@ _METRIC_GROUPS = "localisation, deletion, insertion, average_drop, road, sanity"
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
 @click.option("--overwrite", is_flag=True, help="Replace existing metrics files in OUTPUT.")
 @ray_options
+@threads_option
 @command_errors
 def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Score CAM methods x layers x targets on a case, image files, or a cohort.

@@ -553,6 +553,7 @@ def explain_cohort(
     on_case: Callable[[dict[str, Any]], None] | None = None,
     png: bool = True,
     figures: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Explain every case of ``inputs`` with an nnU-Net model into ``out_dir/<case_id>/`` (module docstring).
 
@@ -566,6 +567,7 @@ def explain_cohort(
         executor: None/``"local"``, ``"ray"`` or an executor object (:func:`~medcam.pipeline.run_cohort`).
         png: write PNG overlays (``overlays/<method>_<target>.png``) and ``montage.png`` per NIfTI case;
             ``figures``: their ``shared_scale``/``slice_at`` options (:func:`medcam.io.case_figures.write_case_figures`).
+        threads: torch threads of every case wherever it runs (:mod:`medcam.pipeline.numerics`; default 1).
 
     Returns:
         The run summary (``cases`` records ok/skipped/failed; also written as ``cohort_summary.json``).
@@ -594,7 +596,7 @@ def explain_cohort(
     record = run_record(model, names, specs, layer, threshold)
     return run_cohort(
         cases, work, out_dir, settings=record, num_parts=num_parts, part_id=part_id, overwrite=overwrite,
-        progress=progress, on_case=on_case, executor=executor, inputs=fps,
+        progress=progress, on_case=on_case, executor=executor, inputs=fps, threads=threads,
     )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ from .cases import CaseSource, split_parts
 from .common import _jsonable
 from .errors import PipelineError
 from .executors import Executor, input_bytes, resolve_executor
+from .numerics import applied, case_numerics, numerics_settings
 from .resume import (
     SUMMARY_NAME,
     case_input_files,
@@ -158,9 +159,11 @@ def write_case(
     settings: Mapping[str, Any],
     overwrite: bool = False,
     inputs: Mapping[str, Any] | None = None,
+    device: Any = None,
 ) -> dict[str, Any]:
-    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version, settings signature and
-    ``inputs``, the :func:`~medcam.pipeline.resume.fingerprint` of the case's files that the resume rule compares)
+    """``work(staging_dir) -> summary`` for one case, then ``summary.json`` (with version, settings signature,
+    ``inputs``, the :func:`~medcam.pipeline.resume.fingerprint` of the case's files that the resume rule compares,
+    and ``numerics``, the :func:`~medcam.pipeline.numerics.case_numerics` in effect and the ``device`` it ran on)
     into the staging folder, moved to ``case_dir`` when complete; returns the summary written."""
     from ..io import write_text_atomic
 
@@ -174,6 +177,7 @@ def write_case(
             "settings": _jsonable(dict(settings)),
             "settings_signature": settings_signature(settings),
             "inputs": _jsonable(dict(inputs)) if inputs is not None else None,
+            "numerics": case_numerics(device),
         }
         write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
@@ -233,6 +237,7 @@ def process_case(
                 settings=settings,
                 overwrite=plan == "redo",
                 inputs=inputs,
+                device=work_device(work),
             )
             rec.update(status="ok")
         rec["summary"] = f"{case_dir.name}/{SUMMARY_NAME}"
@@ -278,15 +283,18 @@ class CohortJob:
         return replace(self, work=setup(device))
 
     def run_case(self, src: CaseSource) -> dict[str, Any]:
-        return process_case(
-            src,
-            self.root / src.case_id,
-            self.work,
-            settings=self.settings,
-            overwrite=self.overwrite,
-            plan=self.plans.get(src.case_id),
-            inputs=self.inputs.get(src.case_id),
-        )
+        """:func:`process_case` with the run's numerics (``settings["numerics"]``: torch threads, deterministic
+        switches) in effect, here or on a worker alike, and this process's own restored afterwards."""
+        with applied(self.settings.get("numerics")):
+            return process_case(
+                src,
+                self.root / src.case_id,
+                self.work,
+                settings=self.settings,
+                overwrite=self.overwrite,
+                plan=self.plans.get(src.case_id),
+                inputs=self.inputs.get(src.case_id),
+            )
 
     def failed_record(self, src: CaseSource, error: str) -> dict[str, Any]:
         return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": error, "seconds": 0.0}
@@ -297,6 +305,23 @@ class CohortJob:
     def cost(self, src: CaseSource) -> float:
         """Bytes of the case's input files (largest cases are scheduled first)."""
         return input_bytes(src)
+
+
+def work_device(work: Any) -> str | None:
+    """The device a work object computes on (its ``device``, or its prepared settings' ``device``), or None."""
+    device = getattr(work, "device", None)
+    if device is None:
+        device = getattr(getattr(work, "prepared", None), "device", None)
+    return None if device is None else str(device)
+
+
+def with_numerics(settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """``settings`` with the run's ``numerics`` (:func:`~medcam.pipeline.numerics.numerics_settings`): those already
+    recorded in ``settings`` unless ``threads`` is given, else the default thread count."""
+    out = dict(settings)
+    if threads is not None or not isinstance(out.get("numerics"), Mapping):
+        out["numerics"] = numerics_settings(threads)
+    return out
 
 
 class _Renamed:
@@ -321,6 +346,7 @@ def run_cohort(
     executor: str | Executor | None = None,
     log_dir: PathLike | None = None,
     inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run ``work`` on this part's cases (one :func:`process_case` each) and write the run summary.
 
@@ -335,6 +361,9 @@ def run_cohort(
             records are in cohort order whoever ran the cases.
         log_dir: the workers' log folder of a distributed executor (default ``out_dir/logs``).
         inputs: ``{case_id: fingerprint}`` of every case's files (default :func:`source_inputs` of each case).
+        threads: torch intra-op threads of every case, wherever it runs (default: ``settings["numerics"]`` if
+            recorded there, else :data:`~medcam.pipeline.numerics.DEFAULT_THREADS`); recorded in the settings
+            with the deterministic switches (:mod:`medcam.pipeline.numerics`), so resume never mixes numerics.
     Returns:
         The run summary (also written to ``out_dir/cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``
         for a split run; ``path`` added): ``cases`` [records], counts ``ok``/``skipped``/``failed``.
@@ -345,10 +374,12 @@ def run_cohort(
     root = Path(case_root) if case_root is not None else out_dir
     mine = split_parts(cases, num_parts, part_id)
     run_path = _run_summary_path(out_dir, num_parts, part_id)
+    settings = with_numerics(settings, threads)
     # everything decided before anything is written: a refused run touches nothing
     fps = {src.case_id: (inputs or {}).get(src.case_id) or source_inputs(src) for src in mine}
-    plan = plan_cohort(mine, root, fps, settings_signature(settings), overwrite)
     runner = resolve_executor(executor)
+    device = getattr(runner, "device_type", lambda w: None)(work)
+    plan = plan_cohort(mine, root, fps, settings_signature(settings), overwrite, settings=settings, device=device)
     check_writable(out_dir)
     if root != out_dir:
         check_writable(root)

@@ -73,6 +73,13 @@ def input_bytes(src: Any) -> float:
 class LocalExecutor:
     """Every case in this process, one after the other, in the order given (the classic ``medcam explain`` loop)."""
 
+    def device_type(self, work: Any) -> str | None:
+        """The device type the cases will run on here (the work's own device), for the resume check."""
+        from .cohort import work_device
+
+        device = work_device(getattr(work, "work", work))
+        return None if device is None else device.split(":")[0]
+
     def run(self, work: CaseWork, sources: Sequence[Any], on_record: Callable[[Record], None]) -> None:
         ready = work.setup()
         for src in sources:

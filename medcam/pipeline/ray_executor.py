@@ -85,7 +85,8 @@ class RayExecutor:
             ``"ray://host:10001"`` joins through Ray Client.
         gpus_per_worker: GPU share per worker (``0.5`` packs two workers per GPU); None: 1 if the cluster has GPUs,
             else 0 (CPU workers).
-        cpus_per_worker: CPU cores per worker (also its torch thread count).
+        cpus_per_worker: CPU cores per worker (its torch thread count between cases; each case runs with the run's
+            recorded ``--threads``, :mod:`medcam.pipeline.numerics`, as in a local run).
         workers: number of workers; None: as many as the cluster's GPUs (or CPUs) allow, at most one per case.
         max_retries: how often a case whose worker died is tried again before it is recorded as failed.
         init_kwargs: extra ``ray.init`` arguments when this executor starts or joins Ray (e.g. ``num_cpus=2``).
@@ -122,6 +123,12 @@ class RayExecutor:
         self.log_dir = log_dir
         self.attempts: dict[str, int] = {}  #: per case id: attempts whose worker died (for tests and logs)
         self.last_error: dict[str, str] = {}  #: per case id: Ray's message of the last lost worker
+
+    def device_type(self, work: Any) -> str | None:
+        """The device type of the workers (``cuda`` with a GPU share, ``cpu`` without; None: decided by the cluster)."""
+        if self.gpus_per_worker is None:
+            return None
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
 
     # ------------------------------------------------------------------------------------------- connection
     def _connect(self) -> bool:

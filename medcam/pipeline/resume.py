@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..types import PathLike
+from .common import _jsonable
 from .errors import PipelineError
 
 logger = logging.getLogger(__package__)
@@ -110,8 +111,29 @@ def _describe(fp: Mapping[str, Mapping[str, Any]], limit: int = 2) -> str:
     return ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "")
 
 
+def settings_difference(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The settings that differ between two recorded settings mappings, as ``key: old -> new`` (nested keys
+    dotted, e.g. ``numerics.torch_threads: 2 -> 1``)."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return [] if old == new else [f"{prefix or 'settings'}: {old!r} -> {new!r}"]
+    out: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        a, b = old.get(key, "(none)"), new.get(key, "(none)")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += settings_difference(a, b, name)
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
 def case_conflict(
-    case_dir: Path, previous: Mapping[str, Any] | None, inputs: Mapping[str, Mapping[str, Any]], signature: str
+    case_dir: Path,
+    previous: Mapping[str, Any] | None,
+    inputs: Mapping[str, Mapping[str, Any]],
+    signature: str,
+    settings: Mapping[str, Any] | None = None,
+    device: str | None = None,
 ) -> str | None:
     """Why an existing case folder may not be skipped (None: it is done with these inputs and settings).
 
@@ -120,6 +142,9 @@ def case_conflict(
         previous: its parsed ``summary.json`` (None: absent or not medcam's).
         inputs: :func:`fingerprint` of the case now asked for.
         signature: the settings signature of this run.
+        settings: the settings of this run (to name what differs; optional).
+        device: the device type this run computes on (``cpu``/``cuda``), if known: a case computed on another
+            device has other maps (float rounding), so it is not mixed into this run's folder.
     """
     if previous is None:
         return f"'{case_dir}' exists and holds no medcam summary.json; refusing to touch it (move it away)"
@@ -142,7 +167,15 @@ def case_conflict(
         which = ", ".join(Path(inputs[r]["path"]).name for r in changed[:3])
         return f"the input files of case '{case_dir.name}' changed since it was explained ({which}: size or time)"
     if previous.get("settings_signature") != signature:
-        return f"'{case_dir}' was explained with other settings"
+        diff = settings_difference(_jsonable(previous.get("settings")), _jsonable(dict(settings or {})))
+        what = f" ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''})" if diff and settings else ""
+        return f"'{case_dir}' was explained with other settings{what}"
+    was = (previous.get("numerics") or {}).get("device") if isinstance(previous.get("numerics"), Mapping) else None
+    if device is not None and was is not None and was != device:
+        return (
+            f"'{case_dir}' was computed on {was}, this run computes on {device} (maps differ in the last bits); "
+            "use the same --device to resume this folder"
+        )
     return None
 
 
@@ -152,6 +185,9 @@ def plan_cohort(
     inputs: Mapping[str, Mapping[str, Mapping[str, Any]]],
     signature: str,
     overwrite: bool,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    device: str | None = None,
 ) -> dict[str, str]:
     """Decide every case before anything is written: ``{case_id: "todo" | "done" | "redo"}``.
 
@@ -177,7 +213,7 @@ def plan_cohort(
                 )
             plan[src.case_id] = "redo"
             continue
-        why = case_conflict(case_dir, previous, inputs[src.case_id], signature)
+        why = case_conflict(case_dir, previous, inputs[src.case_id], signature, settings, device)
         if why is None:
             plan[src.case_id] = "done"
         else:

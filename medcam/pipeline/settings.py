@@ -17,6 +17,7 @@ import torch
 from .cases import CaseSource, discover_cases, split_parts
 from .errors import PipelineError
 from .models import LoadedModel, load_model
+from .numerics import check_threads, numerics_settings
 from .target_specs import TargetSpec, default_targets, parse_targets
 
 logger = logging.getLogger(__package__)
@@ -102,6 +103,7 @@ class RunSettings:
         overlap, sw_batch_size, blend: window settings (None: a bundle's inferer, else the defaults).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         amp: autocast (bf16 on CPU).
+        threads: torch intra-op threads of every case, wherever it runs (None: 1, see :mod:`medcam.pipeline.numerics`).
         overwrite: redo finished cases / replace outputs.
         progress: tqdm bars.
         case_id: the case id (output sub-folder) when the inputs form one case (None: from the folder/file names).
@@ -123,6 +125,7 @@ class RunSettings:
     blend: str | None = None
     device: str = "auto"
     amp: bool = False
+    threads: int | None = None
     overwrite: bool = False
     progress: bool = True
     case_id: str | None = None
@@ -151,6 +154,7 @@ class Prepared:
             "sliding_window": self.sliding,
             "threshold": settings.threshold,
             "amp": settings.amp,
+            "numerics": numerics_settings(settings.threads),
         }
 
 
@@ -211,6 +215,7 @@ def prepare(
 
     ``allow_synth``: also accept ``synth:FILE`` methods (SyCAM expressions; ``explain`` and ``evaluate``)."""
     s = settings
+    check_threads(s.threads)
     methods = _methods(s.methods, default_methods, allow_synth)
     if s.threshold is not None and not 0 < s.threshold < 1:
         raise PipelineError(f"--threshold must be a probability in (0, 1), got {s.threshold}")
