@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -186,3 +187,15 @@ def test_site_builds_strictly_and_documents_every_public_name(tmp_path):
             if not re.search(rf'id="medcam[\w.]*\.{re.escape(name)}"', html):
                 missing.append(f"{package}.{name}")
     assert not missing, f"public names without an API entry: {missing}"
+
+
+def test_sphinx_roles_become_code_spans_in_the_api_reference():
+    if importlib.util.find_spec("griffe") is None:
+        pytest.skip("griffe is not installed (pip install -e '.[docs]')")
+    spec = importlib.util.spec_from_file_location("sphinx_roles", ROOT / "docs" / "_griffe" / "sphinx_roles.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "See :class:`~medcam.data.VolumeCase` and :func:`medcam.pipeline.load_case`, :mod:`x <medcam.io>`::\n"
+    assert module.rewrite(text) == "See `VolumeCase` and `medcam.pipeline.load_case`, `x`:\n"
+    assert module.rewrite("a :: b\nc: d") == "a :: b\nc: d"
