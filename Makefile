@@ -35,7 +35,7 @@ test: venv
 # The documentation site (MkDocs + Material + mkdocstrings) into ./site; --strict: a broken link or a missing API
 # reference fails the build.
 docs: venv
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 demo: venv
 	$(VENV)/bin/medcam demo --output medcam-demo
