@@ -199,3 +199,22 @@ def test_sphinx_roles_become_code_spans_in_the_api_reference():
     text = "See :class:`~medcam.data.VolumeCase` and :func:`medcam.pipeline.load_case`, :mod:`x <medcam.io>`::\n"
     assert module.rewrite(text) == "See `VolumeCase` and `medcam.pipeline.load_case`, `x`:\n"
     assert module.rewrite("a :: b\nc: d") == "a :: b\nc: d"
+
+
+def test_readme_is_short_and_every_docs_page_is_in_the_navigation():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 150
+    yaml = pytest.importorskip("yaml")  # installed with mkdocs (the docs extra)
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+
+    def pages(node: object) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, dict):
+            return [p for v in node.values() for p in pages(v)]
+        if isinstance(node, list):
+            return [p for v in node for p in pages(v)]
+        return []
+
+    nav = pages(config["nav"])
+    files = sorted(str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md"))
+    assert sorted(nav) == files and len(set(nav)) == len(nav)
