@@ -4,7 +4,7 @@ Why: a sliding-window explanation allocates and frees the same large tensors win
 hands freed memory at the top of its heap back to the OS (``M_TRIM_THRESHOLD``, 128 KiB and up) and serves large
 blocks by fresh ``mmap`` calls, so every window page-faults its tensors in again. The explanation holds more memory
 per window than inference (the decoder's autograd graph), so it pays more. On the benchmark's CPU case (4x128x128x96,
-64^3 windows, 2 cores; ``benchmarks/sliding_window.py --keep-freed-memory``, numbers in the README) it made inference
+64^3 windows, 2 cores; ``benchmarks/sliding_window.py --keep-freed-memory``, numbers in docs/benchmarks.md) it made inference
 14-18 % and a 1- or 3-target explanation 15-22 % faster; the ratio between the two moves little.
 The price: the process keeps its peak heap after the call instead of returning it to the OS.
 

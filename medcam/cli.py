@@ -180,7 +180,8 @@ def _apply(options: Sequence[Callable[[F], F]], fn: F) -> F:
 
 
 def _ints(text: str | None, what: str, n: int = 3) -> tuple[int, ...] | None:
-    """``"96,96,96"`` / ``"96"`` / ``"96x96x96"`` -> n positive integers; ``"0"``/``"none"`` -> ``()``; None."""
+    """``"96,96,96"`` / ``"96"`` / ``"96x96x96"`` -> n positive integers; ``"0"``/``"0,0,0"``/``"none"`` -> ``()``
+    (no sliding window: the whole image); None."""
     if text is None or text == "":
         return None
     if text.strip().lower() in ("0", "none"):
@@ -189,6 +190,8 @@ def _ints(text: str | None, what: str, n: int = 3) -> tuple[int, ...] | None:
         vals = tuple(int(v) for v in str(text).replace("x", ",").split(","))
     except ValueError:
         raise click.BadParameter(f"{what} must be integers like 96,96,96, got {text!r}") from None
+    if len(vals) == n and not any(vals):  # 0,0,0 means the same as 0
+        return ()
     vals = vals * n if len(vals) == 1 else vals
     if len(vals) != n or min(vals) < 1:
         raise click.BadParameter(f"{what} needs 1 or {n} positive integers, got {text!r}")
@@ -284,7 +287,7 @@ def window_options(fn: F) -> F:
         [
             click.option(
                 "--roi-size", default=None, metavar="X,Y,Z",
-                help="Sliding-window size (voxels); 0 = whole image. [demo: 96,96,96; others: whole image]",
+                help="Sliding-window size (voxels); 0 or 0,0,0 = whole image. [demo: 96,96,96; others: whole image]",
             ),
             click.option("--overlap", type=float, default=None, help="Sliding-window overlap. [default: a bundle's inferer, else 0.25]"),
             click.option("--sw-batch-size", type=int, default=None, help="Windows per forward pass. [default: a bundle's inferer, else 1]"),
@@ -345,6 +348,13 @@ def _check_inputs_exist(inputs: Sequence[str]) -> None:
     for p in inputs:
         if not Path(p).exists():
             _fail(f"input '{p}' does not exist")
+
+
+def _check_number_options(kw: dict[str, Any]) -> None:
+    """``--roi-size`` and ``--spacing`` parsed (and parsed again later) before torch is imported: a typo answers in
+    a fraction of a second instead of after the imports."""
+    _ints(kw.get("roi_size"), "--roi-size")
+    _floats(kw.get("spacing"), "--spacing")
 
 
 def ray_options(fn: F) -> F:
@@ -654,6 +664,7 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     nnU-Net runs them (its preprocessing, tiles, mirroring, --folds), targets name dataset.json labels/regions.
     """  # fmt: skip
     _check_inputs_exist(inputs)
+    _check_number_options(kw)
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
@@ -791,6 +802,7 @@ def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> 
     a dead, constant map counts as similarity 0). One row per (case, method, layer, target, metric).
     """
     _check_inputs_exist(inputs)
+    _check_number_options(kw)
     from .pipeline.evaluate import EvaluationOptions, evaluate_files
 
     try:

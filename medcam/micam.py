@@ -1,7 +1,7 @@
 """MI-CAM (Iyer, Iyer & Ammal, arXiv 2507.09092) and MI-Grad-CAM for a region of a segmentation output, 2D/3D.
 
 MI-CAM weights each activation channel by its mutual information with the input image and sums the channels; it
-needs no gradient. For segmentation (definitions medcam chose, see the README section "MI-CAM"):
+needs no gradient. For segmentation (definitions medcam chose, see docs/micam-sycam.md):
 
 * ``U_k`` = channel ``k`` of the hooked activation, upsampled to the input grid (the engine's upsampler).
 * Region ``R`` = the target's ROI (``target.roi(output) != 0``) dilated by ``margin`` voxels (a cube), i.e. the ROI's

@@ -391,7 +391,7 @@ class SynthesizedCAM(BaseSegCAM):
     """A CAM method given by an expression of the SyCAM grammar (see the module docstring).
 
     Args:
-        model, layer, and the keyword options of :class:`medcam.BaseSegCAM` (inferer, amp, score, ...).
+        model, layer: as for :class:`medcam.BaseSegCAM`, and its keyword options (inferer, amp, score, ...).
         expression: the expression text (or a parsed :class:`Expr`); defaults to the class attribute
             ``expression`` (set by :meth:`class_from_file`).
 

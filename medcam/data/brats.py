@@ -95,9 +95,14 @@ def _match(folder: Path, suffix: str):
     return hits
 
 
+#: label files of a plain folder besides ``seg``/``label``: names starting with one of these (``seg_fused.nii.gz``)
+_LABEL_PREFIXES = ("seg_", "seg-", "label_", "label-")
+
+
 def _plain_files(folder: Path) -> dict[str, list[Path]]:
     """Files named after the modality alone (``t1.nii.gz``, ``t1ce.nii.gz``/``t1c``, ``t2``/``t2w``, ``flair``/``t2f``,
-    optional ``seg``/``label``), case-insensitive: canonical modality -> matching files."""
+    optional ``seg``/``label``), case-insensitive: canonical modality -> matching files. Files named ``seg_*`` /
+    ``label_*`` (``-`` too) are listed under ``"seg_candidates"``."""
     hits: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
         name = p.name.lower()
@@ -105,13 +110,32 @@ def _plain_files(folder: Path) -> dict[str, list[Path]]:
         if ext is None or not (p.is_file() or p.is_symlink()):
             continue
         canon = MODALITY_ALIASES.get(name[: -len(ext)])
+        if canon is None and name.startswith(_LABEL_PREFIXES):
+            canon = "seg_candidates"
         if canon is not None:
             hits.setdefault(canon, []).append(p)
     return hits
 
 
+def _plain_label(folder: Path, hits: dict[str, list[Path]]) -> list[Path]:
+    """The label file of a plain folder: ``seg``/``label`` (``.nii.gz``), else the only ``seg_*``/``label_*`` file;
+    several such files and no ``seg.nii.gz``: none (a warning names them and how to pick one)."""
+    if hits.get("seg") or len(hits.get("seg_candidates", [])) < 2:
+        return hits.get("seg") or hits.get("seg_candidates", [])
+    names = ", ".join(p.name for p in hits["seg_candidates"])
+    logger.warning(
+        "case folder %s has several label files (%s) and none named seg.nii.gz: no label is used. Pick one with a CSV "
+        "manifest's seg column (case_id,t1,t1ce,t2,flair,seg), or give the metrics a reference with "
+        "--reference mask:{folder}/NAME.nii.gz",
+        folder,
+        names,
+    )
+    return []
+
+
 def _discover_plain(folder: Path, hits: dict[str, list[Path]]) -> tuple[str, str, dict[str, Path]]:
     paths: dict[str, Path] = {}
+    hits = {**hits, "seg": _plain_label(folder, hits)}
     for m in MODALITIES + ("seg",):
         files = hits.get(m, [])
         if len(files) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,37 @@ def _safe_id(name: str) -> str:
     return out or "case"
 
 
+def _case_id(name: str, source: PathLike) -> str:
+    """The case id (output sub-folder name) for ``name``: letters, digits, ``.``, ``_`` and ``-`` only, other
+    characters replaced by ``_`` with a warning naming both (so that two runs of one cohort agree on it)."""
+    out = _safe_id(name)
+    if out != name:
+        logger.warning(
+            "case %r (%s) is written as case id %r: case ids keep letters, digits, '.', '_' and '-' only "
+            "(name it with --case-id or a CSV manifest's case_id column)",
+            name,
+            source,
+            out,
+        )
+    return out
+
+
+def _folder_case_id(folder: Path, name: str) -> str:
+    """The case id of a case folder whose files gave ``name``; a folder reached through a symbolic link whose name
+    differs from its target's gets the target's name, with a warning saying so."""
+    given = Path(os.path.abspath(folder)).name
+    if given and given != name and Path(os.path.abspath(folder)).is_symlink() and folder.resolve().name == name:
+        logger.warning(
+            "case folder %s is a symbolic link to %s: its case id is the target's name %r, not %r (name it with "
+            "--case-id or a CSV manifest's case_id column)",
+            folder,
+            folder.resolve(),
+            name,
+            given,
+        )
+    return _case_id(name, folder)
+
+
 def id_from_files(files: Sequence[PathLike]) -> str:
     """Case id for image files: the first file's name without extension, or, when the files are named after the
     modality alone (``t1.nii.gz``, ``flair.nii.gz``, ...), the name of their folder (not ``t1``)."""
@@ -60,8 +92,8 @@ def id_from_files(files: Sequence[PathLike]) -> str:
     first = Path(files[0])
     stem = strip_image_suffix(first.name)
     if stem.lower() in MODALITY_ALIASES:
-        return _safe_id(first.resolve().parent.name)
-    return _safe_id(stem)
+        return _folder_case_id(first.parent, first.resolve().parent.name)
+    return _case_id(stem, first)
 
 
 def _is_field(column: str) -> bool:
@@ -97,7 +129,7 @@ def _read_manifest(path: Path) -> list[CaseSource]:
         fields = tuple((k, str(p(v))) for k, v in row.items() if v and _is_field(k))
         if row.get("folder"):
             folder = p(row["folder"])
-            cases.append(CaseSource(_safe_id(cid or folder.name), "brats_folder", folder, fields))
+            cases.append(CaseSource(_case_id(cid or folder.name, path), "brats_folder", folder, fields))
             continue
         cols = {k: v for k, v in row.items() if v and k != "folder" and not _is_field(k)}
         if not cols:
@@ -105,10 +137,12 @@ def _read_manifest(path: Path) -> list[CaseSource]:
         if set(cols) - {"seg", "label"} <= _BRATS_KEYS and len(set(cols) - {"seg", "label"}) == 4:
             mapping = {k: p(v) for k, v in cols.items()}
             first = next(iter(mapping.values()))
-            cases.append(CaseSource(_safe_id(cid) if cid else id_from_files([first]), "brats_mapping", mapping, fields))
+            cases.append(
+                CaseSource(_case_id(cid, path) if cid else id_from_files([first]), "brats_mapping", mapping, fields)
+            )
         else:
             files = [p(v) for k, v in cols.items() if k not in ("seg", "label")]
-            cases.append(CaseSource(_safe_id(cid) if cid else id_from_files(files), "volumes", files, fields))
+            cases.append(CaseSource(_case_id(cid, path) if cid else id_from_files(files), "volumes", files, fields))
     return cases
 
 
@@ -144,7 +178,7 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
         folder = paths[0]
         try:
             _, cid, _ = discover_brats_case(folder)
-            cases = [CaseSource(_safe_id(cid), "brats_folder", folder)]
+            cases = [CaseSource(_folder_case_id(folder, cid), "brats_folder", folder)]
         except MedcamDataError as first_error:
             subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
             cases = []
@@ -154,7 +188,7 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
                 except MedcamDataError as e:
                     logger.warning("ignoring folder %s: %s", d, str(e).splitlines()[0])
                     continue
-                cases.append(CaseSource(_safe_id(d.name if cid in ("", None) else cid), "brats_folder", d))
+                cases.append(CaseSource(_folder_case_id(d, d.name if cid in ("", None) else cid), "brats_folder", d))
             if not cases:
                 raise PipelineError(f"no BraTS case in '{folder}' nor in its sub-folders: {first_error}") from None
     else:

@@ -34,7 +34,7 @@ from .cohort import read_summary, run_cohort
 from .errors import PipelineError
 from .executors import Executor
 from .settings import Prepared, RunSettings, prepare
-from .target_specs import TargetSpec, build_targets, mask_on_case_grid
+from .target_specs import TargetSpec, build_targets, case_specs, mask_on_case_grid, parse_target
 
 __all__ = [
     "EvaluationOptions",
@@ -153,16 +153,26 @@ def _check_reference(spec: str) -> str:
     if mode.lower() in ("auto", "none") or mode.upper() in REGIONS:
         return mode
     path = mode[5:] if mode.lower().startswith("mask:") else mode
+    if "{" in path:  # a per-case template, as for --target mask:{folder}/...: its placeholders are checked here
+        try:
+            parse_target(f"mask:{path}", ["reference"])
+        except MedcamError as e:
+            raise PipelineError(str(e).replace("--target", "--reference", 1)) from None
+        return f"mask:{path}"
     if not path or not Path(path).is_file():
         raise PipelineError(
             f"--reference {spec!r}: expected auto, none, TC/WT/ET or mask:FILE "
-            f"(a mask on the original image grid){'' if not path else f'; file {path!r} not found'}"
+            f"(a mask on the original image grid; per case: mask:{{folder}}/NAME.nii.gz)"
+            f"{'' if not path else f'; file {path!r} not found'}"
         )
     return f"mask:{path}"
 
 
-def _reference_masks(mode: str, case: Any, specs: Sequence[TargetSpec]) -> list[torch.Tensor | None]:
-    """One reference mask (bool tensor on the preprocessed grid) or None per target spec."""
+def _reference_masks(
+    mode: str, case: Any, specs: Sequence[TargetSpec], source: CaseSource | None = None
+) -> list[torch.Tensor | None]:
+    """One reference mask (bool tensor on the preprocessed grid) or None per target spec; a ``mask:`` template is
+    filled in with ``source``'s fields (``{case}``, ``{folder}``, manifest columns)."""
     from ..data.brats import REGIONS
 
     if mode.lower() == "none":
@@ -185,12 +195,16 @@ def _reference_masks(mode: str, case: Any, specs: Sequence[TargetSpec]) -> list[
     if mode.upper() in REGIONS:
         if label is None:
             raise PipelineError(
-                f"--reference {mode}: case {case.case_id} has no label (seg) file; use --reference mask:FILE or none"
+                f"--reference {mode}: case {case.case_id} has no label (seg) file; use --reference mask:FILE (for a cohort "
+                "mask:{folder}/NAME.nii.gz, one file per case) or none"
             )
         return [label_region(mode.upper())] * len(specs)
     path = mode[5:]
+    ref = TargetSpec(f"mask:{path}", "mask", 0, "reference", path=path, template=path if "{" in path else None)
     try:
-        arr = mask_on_case_grid(case, TargetSpec(f"mask:{path}", "mask", 0, "reference", path=path))
+        if ref.is_template and source is not None:
+            ref = case_specs([ref], source)[0]
+        arr = mask_on_case_grid(case, ref)
     except MedcamError as e:
         raise PipelineError(str(e).replace("--target", "--reference", 1)) from e
     return [torch.from_numpy(arr) > 0] * len(specs)
@@ -204,9 +218,13 @@ def _case_metrics(metrics: tuple[str, ...], explicit: bool, mode: str, case: Any
     if explicit or mode.lower() != "auto":
         raise PipelineError(
             f"case {case.case_id}: --metrics localisation needs a reference mask; the case has no label file "
-            "(use --reference mask:FILE)"
+            "(use --reference mask:FILE, for a cohort mask:{folder}/NAME.nii.gz, one file per case)"
         )
-    logger.warning("case %s has no label file: localisation skipped (use --reference mask:FILE)", case.case_id)
+    logger.warning(
+        "case %s has no label file: localisation skipped (use --reference mask:FILE, for a cohort "
+        "mask:{folder}/NAME.nii.gz, one file per case)",
+        case.case_id,
+    )
     return tuple(m for m in metrics if m != "localisation")
 
 
@@ -264,7 +282,7 @@ class EvaluateWork:
 
         p = self.prepared
         case = load_case(src, p.model)
-        refs = _reference_masks(self.mode, case, p.specs)
+        refs = _reference_masks(self.mode, case, p.specs, src)
         case_metrics = _case_metrics(self.metrics, self.explicit, self.mode, case, refs)
         tl = build_targets(p.specs, case, activation=p.model.activation, threshold=self.threshold)
         image = torch.as_tensor(case.image.as_tensor() if hasattr(case.image, "as_tensor") else case.image)
