@@ -263,21 +263,23 @@ def _write_case_files(
     """Write the maps, overlays, montage and Slicer scene of ``ex`` into ``staging``; return the case summary."""
     from ..io import export_slicer_scene
     from ..io.case_figures import scene_images
+    from ..io.dicom_scene import scene_inputs
 
     t0 = time.perf_counter()
     case, rows = ex.case, _target_rows(ex)
     slicer_maps, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
     pred = _predicted_regions(ex, threshold)
     if slicer:
-        export_slicer_scene(
-            staging / "slicer",
-            **scene_images(case),
-            heatmaps=slicer_maps,
-            segmentation=case.invert(pred, nearest=True),
-            segment_names=[f"predicted {r}" for r in ex.regions],
-            method="+".join(ex.results),
-            layer=ex.first.layer,
-        )
+        with scene_inputs(scene_images(case), staging / ".scene-inputs") as images:  # DICOM folders as NIfTI
+            export_slicer_scene(
+                staging / "slicer",
+                **images,
+                heatmaps=slicer_maps,
+                segmentation=case.invert(pred, nearest=True),
+                segment_names=[f"predicted {r}" for r in ex.regions],
+                method="+".join(ex.results),
+                layer=ex.first.layer,
+            )
     ex.timings["write_s"] = round(time.perf_counter() - t0, 3)
     return {
         "source": source.describe() if source is not None else {k: str(v) for k, v in case.paths.items()},
