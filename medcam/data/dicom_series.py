@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class DicomSeries:
     modality: str
 
 
-def _read_headers(folder: Path) -> list[tuple[Path, object]]:
+def _read_headers(folder: Path) -> list[tuple[Path, Any]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -69,14 +70,14 @@ def _read_headers(folder: Path) -> list[tuple[Path, object]]:
     return out
 
 
-def _check_one_series(folder: Path, headers: Sequence[tuple[Path, object]]) -> None:
+def _check_one_series(folder: Path, headers: Sequence[tuple[Path, Any]]) -> None:
     if not headers:
         raise MedcamDataError(
             f"Folder '{folder}' contains no DICOM image files. Give a folder holding the .dcm files of ONE series."
         )
     series: dict[str, list[str]] = {}
     for f, ds in headers:
-        series.setdefault(str(ds.SeriesInstanceUID), []).append(f.name)  # type: ignore[attr-defined]
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(f.name)
     if len(series) > 1:
         parts = [f"{uid} ({len(names)} files, e.g. {names[0]})" for uid, names in series.items()]
         raise MedcamDataError(
@@ -85,20 +86,20 @@ def _check_one_series(folder: Path, headers: Sequence[tuple[Path, object]]) -> N
         )
     for f, ds in headers:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:  # type: ignore[operator]
+        if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             raise MedcamDataError(
                 f"'{f}' is an enhanced multi-frame DICOM object ({frames} frames in one file), but medcam expects a "
                 "classic series (one file per slice). Convert it, e.g. with dcm4che's emf2sf or dcmtk's "
                 "dcmconv, or export the series as single-frame images from your PACS."
             )
-        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]  # type: ignore[operator]
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
         if missing:
             raise MedcamDataError(f"DICOM file '{f}' lacks {', '.join(missing)}; it is not a 3D image slice.")
 
 
-def _positions_along_normal(folder: Path, headers: Sequence[tuple[Path, object]]) -> tuple[np.ndarray, np.ndarray]:
+def _positions_along_normal(folder: Path, headers: Sequence[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """(orientation [6], sorted pairs) after checking that every slice has the same orientation."""
-    orients = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])  # type: ignore[attr-defined]
+    orients = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
     bad = np.flatnonzero(np.abs(orients - orients[0]).max(axis=1) > ORIENTATION_ATOL)
     if bad.size:
         raise MedcamDataError(
@@ -106,7 +107,7 @@ def _positions_along_normal(folder: Path, headers: Sequence[tuple[Path, object]]
             f"{np.round(orients[bad[0]], 4).tolist()}, '{headers[0][0].name}' has {np.round(orients[0], 4).tolist()}. "
             "Give a series with one orientation (one acquisition)."
         )
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])  # type: ignore[attr-defined]
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
     return orients[0], positions
 
 
@@ -179,7 +180,7 @@ def read_dicom_series(folder: PathLike) -> DicomSeries:
         study_uid=str(getattr(ds0, "StudyInstanceUID", "")),
         series_uid=str(getattr(ds0, "SeriesInstanceUID", "")),
         frame_of_reference_uid=str(getattr(ds0, "FrameOfReferenceUID", "")),
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _, ds in headers),  # type: ignore[attr-defined]
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _, ds in headers),
         orientation=tuple(float(v) for v in orientation),
         slice_spacing=spacing,
         description=str(getattr(ds0, "SeriesDescription", "")),

@@ -24,9 +24,9 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImage
 
 from ..errors import MedcamDataError
-from .dicom_series import check_channel_series, read_dicom_series
 from ..geometry import spacing_of
 from ..types import PathLike
+from .dicom_series import check_channel_series, read_dicom_series
 
 logger = logging.getLogger(__name__)
 
