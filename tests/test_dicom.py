@@ -249,14 +249,13 @@ def test_seg_segments_equal_the_regions(roundtrip):
     for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         n = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         vol[n - 1, :, :, _frame_index(ds, item, nifti)] = pixels[i].T
-    seg, _ = nrrd.read(str(roundtrip["case"] / "slicer" / "segmentation.seg.nrrd"))  # the Slicer scene's regions
-    seg = seg if seg.ndim == 4 else seg[None]
+    seg, header = nrrd.read(str(roundtrip["case"] / "slicer" / "segmentation.seg.nrrd"))  # the scene's regions
+    assert seg.shape == (3, *nifti.shape) and header["Segment2_Name"] == "predicted ET"
     predicted = vol[:3]
-    assert predicted.sum() > 0
-    assert np.array_equal(predicted.astype(bool), (seg[: len(predicted)] > 0) if seg.shape[0] == 3 else predicted > 0)
+    assert all(int(v.sum()) > 0 for v in predicted)
+    np.testing.assert_array_equal(predicted, (seg > 0).astype(np.uint8))
     np.testing.assert_array_equal(vol[3:], vol[:3])  # default targets: the ROI is the predicted region
-    summary = _summary(roundtrip)
-    assert [int(v.sum()) for v in predicted] != [] and summary["predicted_voxels"]
+    assert [int(v.sum()) for v in predicted] == list(_summary(roundtrip)["predicted_voxels"].values())
 
 
 @needs_real
