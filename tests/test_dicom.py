@@ -65,7 +65,7 @@ def test_regular_series_header_matches_nifti(tmp_path):
         ("two_series", "holds 2 DICOM series"),
         ("multiframe", "enhanced multi-frame"),
         ("mixed_orientation", "mixes slice orientations"),
-        ("empty", "no DICOM image files"),
+        ("empty", "contains no DICOM series"),
     ],
 )
 def test_bad_series_refused_from_headers(tmp_path, defect, needle):

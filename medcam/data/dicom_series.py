@@ -73,7 +73,8 @@ def _read_headers(folder: Path) -> list[tuple[Path, Any]]:
 def _check_one_series(folder: Path, headers: Sequence[tuple[Path, Any]]) -> None:
     if not headers:
         raise MedcamDataError(
-            f"Folder '{folder}' contains no DICOM image files. Give a folder holding the .dcm files of ONE series."
+            f"Folder '{folder}' contains no DICOM series (no DICOM image files). Give a folder holding the .dcm files "
+            "of ONE series."
         )
     series: dict[str, list[str]] = {}
     for f, ds in headers:
