@@ -330,3 +330,14 @@ def test_bad_dicomweb_url_and_store_without_dicomweb(tmp_path):
     assert result.exit_code == 1 and "is not a DICOMweb input" in result.output
     result = CliRunner().invoke(main, ["explain", str(tmp_path), "--store"])
     assert result.exit_code == 2 and "need a dicomweb: input" in result.output
+
+
+@needs_real
+def test_dicom_out_on_refuses_a_nifti_case_before_work(tmp_path):
+    from tests._dicom_helpers import small_case
+
+    nifti = small_case(tmp_path / "nifti")
+    files = [str(nifti[m]) for m in ("t1", "t1ce", "t2", "flair")]
+    result = CliRunner().invoke(main, ["explain", *files, "-o", str(tmp_path / "o"), "--dicom-out", "on"])
+    assert result.exit_code == 1 and "is not given as DICOM series folders" in result.output, result.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,3 +152,28 @@ def case_dicom(
     record = write_case_dicom(out_dir, ref, data)
     record["folder"] = out_dir.name
     return record
+
+
+def check_dicom_cases(cases: Sequence[Any], mode: str) -> None:
+    """Before any work: with ``mode`` "on" every case must be given as DICOM series folders (its image channels).
+
+    Raises:
+        MedcamDataError: unknown mode, or naming the first case with an image file (not a series folder).
+    """
+    if mode not in DICOM_MODES:
+        raise MedcamDataError(f"DICOM output mode {mode!r}: choose from {', '.join(DICOM_MODES)}")
+    if mode != "on":
+        return
+    for c in cases:
+        src = c.source
+        if isinstance(src, Mapping):
+            paths = [Path(v) for k, v in src.items() if str(k).lower() not in ("seg", "label")]
+        elif isinstance(src, (list, tuple)):
+            paths = [Path(v) for v in src]
+        else:
+            paths = [Path(src)]  # a BraTS case folder of NIfTI files
+        if c.kind == "brats_folder" or not all(p.is_dir() for p in paths):
+            raise MedcamDataError(
+                f"--dicom-out on: case {c.case_id} is not given as DICOM series folders; DICOM outputs derive from "
+                "the source series (give the case as series folders, or use --dicom-out auto)"
+            )

@@ -588,6 +588,9 @@ def explain_files(
     if slice_at not in ("roi", "max"):
         raise PipelineError(f"slice_at must be 'roi' or 'max', got {slice_at!r}")
     p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
+    from ..io.dicom_case import check_dicom_cases
+
+    check_dicom_cases(p.cases, dicom)  # --dicom-out on: DICOM cases only, refused before the first case
     if len(p.layers) != 1:
         raise PipelineError(f"explain takes one layer, got {p.layers}")
     record = {
