@@ -320,7 +320,8 @@ def dicom_options(fn: F) -> F:
             click.option(
                 "--dicom-out", "dicom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                 help="DICOM outputs per case in CASE/dicom/ (Parametric Map per map, SEG of the regions, RGB "
-                "overlay series): auto = for cases given as DICOM series, on = required, off = never.",
+                "overlay series): auto = for cases given as DICOM series, on = every case (image files: the scan "
+                "as a new-study MR series in CASE/dicom/source/, the objects derived from it), off = never.",
             ),
             click.option(
                 "--store", is_flag=True,

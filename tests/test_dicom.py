@@ -333,11 +333,27 @@ def test_bad_dicomweb_url_and_store_without_dicomweb(tmp_path):
 
 
 @needs_real
-def test_dicom_out_on_refuses_a_nifti_case_before_work(tmp_path):
+def test_dicom_out_on_writes_a_new_study_for_a_nifti_case(tmp_path):
+    """Image files + --dicom-out on: the scan becomes a new-study MR series and the objects derive from it."""
     from tests._dicom_helpers import small_case
 
     nifti = small_case(tmp_path / "nifti")
     files = [str(nifti[m]) for m in ("t1", "t1ce", "t2", "flair")]
-    result = CliRunner().invoke(main, ["explain", *files, "-o", str(tmp_path / "o"), "--dicom-out", "on"])
-    assert result.exit_code == 1 and "is not given as DICOM series folders" in result.output, result.output
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    out = tmp_path / "o"
+    args = [*files, "-o", str(out), "--dicom-out", "on", "--no-png", "--no-slicer", "--device", "cpu", "-q"]
+    result = _explain(args)
+    assert result.exit_code == 0, result.output
+    case = next(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rec = json.loads((case / "summary.json").read_text())["dicom"]
+    assert rec["new_study"] is True and len({o["study"] for o in rec["objects"]}) == 1
+    source = sorted((case / "dicom" / "source").glob("*.dcm"))
+    assert len(source) == 48 and read_header(case / "dicom" / "source").shape == (64, 64, 48)
+    np.testing.assert_allclose(read_header(case / "dicom" / "source").affine, nib.load(files[0]).affine, atol=1e-5)
+    pm = pydicom.dcmread(case / "dicom" / "pm_hirescam_WT.dcm")
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(source[0]).SeriesInstanceUID
+    nii = sitk.ReadImage(str(case / "heatmaps" / "hirescam_WT.nii.gz"), sitk.sitkFloat32)
+    on_grid = sitk.Resample(_sitk_from_pm(pm), nii, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0)
+    assert np.array_equal(sitk.GetArrayFromImage(on_grid), sitk.GetArrayFromImage(nii))
+    for f in (source[0], source[-1], case / "dicom" / "pm_hirescam_WT.dcm", case / "dicom" / "seg.dcm",
+              case / "dicom" / "sc_hirescam_WT" / "0001.dcm"):  # fmt: skip
+        assert dciodvfy_errors(f) == [], f

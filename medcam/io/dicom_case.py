@@ -45,16 +45,11 @@ def wants_dicom(mode: str, reference: Path) -> bool:
     """Whether a case gets DICOM outputs: ``mode`` "on", or "auto" with a DICOM-series reference.
 
     Raises:
-        MedcamDataError: unknown mode; "on" for a case that is not DICOM (new-study outputs are not written yet).
+        MedcamDataError: unknown mode.
     """
     if mode not in DICOM_MODES:
         raise MedcamDataError(f"DICOM output mode {mode!r}: choose from {', '.join(DICOM_MODES)}")
-    if mode == "on" and not reference.is_dir():
-        raise MedcamDataError(
-            f"DICOM outputs need the case's reference image as a DICOM series; '{reference}' is a file. Give the "
-            "case as DICOM series folders (or turn DICOM outputs off)."
-        )
-    return mode != "off" and reference.is_dir()
+    return mode == "on" or (mode == "auto" and reference.is_dir())
 
 
 def _stem(text: str) -> str:
@@ -148,32 +143,31 @@ def case_dicom(
         return None
     described = {name: (vol, f"{name} CAM, layer {layer}") for name, vol in maps.items()}
     background = read_volume(ref).numpy()
-    data = CaseMaps(described, dict(regions), background, np.asarray(case.original_affine, dtype=float), model)
-    record = write_case_dicom(out_dir, ref, data)
-    record["folder"] = out_dir.name
+    affine = np.asarray(case.original_affine, dtype=float)
+    data = CaseMaps(described, dict(regions), background, affine, model)
+    source, new_study = ref, not ref.is_dir()
+    if new_study:  # the scan itself becomes the source series of a new study
+        from .dicom_source import write_scan_series
+
+        source = out_dir / "source"
+        write_scan_series(background, affine, source, case_id=str(case.case_id), source_name=ref.name)
+    record = write_case_dicom(out_dir, source, data)
+    if new_study:
+        scan = check_written(sorted(source.glob("*.dcm")))
+        record["objects"] = [{**r, "path": str(Path(r["path"]).relative_to(out_dir))} for r in scan] + record["objects"]
+    record["folder"], record["new_study"] = out_dir.name, new_study
     return record
 
 
 def check_dicom_cases(cases: Sequence[Any], mode: str) -> None:
-    """Before any work: with ``mode`` "on" every case must be given as DICOM series folders (its image channels).
+    """Before any work: the DICOM output mode is known (every case can have DICOM outputs: a case that is not DICOM
+    gets them in a new study, see :mod:`medcam.io.dicom_source`).
 
     Raises:
-        MedcamDataError: unknown mode, or naming the first case with an image file (not a series folder).
+        MedcamDataError: unknown mode.
     """
-    if mode not in DICOM_MODES:
-        raise MedcamDataError(f"DICOM output mode {mode!r}: choose from {', '.join(DICOM_MODES)}")
-    if mode != "on":
-        return
-    for c in cases:
-        src = c.source
-        if isinstance(src, Mapping):
-            paths = [Path(v) for k, v in src.items() if str(k).lower() not in ("seg", "label")]
-        elif isinstance(src, (list, tuple)):
-            paths = [Path(v) for v in src]
-        else:
-            paths = [Path(src)]  # a BraTS case folder of NIfTI files
-        if c.kind == "brats_folder" or not all(p.is_dir() for p in paths):
-            raise MedcamDataError(
-                f"--dicom-out on: case {c.case_id} is not given as DICOM series folders; DICOM outputs derive from "
-                "the source series (give the case as series folders, or use --dicom-out auto)"
-            )
+    wants_dicom(mode, Path("."))
+    if mode == "on":
+        n = sum(1 for c in cases if c.kind == "brats_folder" or not isinstance(c.source, (Mapping, list, tuple)))
+        if n:
+            logger.info("--dicom-out on: %d case(s) of image files get their DICOM outputs in a new study", n)
