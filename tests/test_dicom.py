@@ -357,3 +357,56 @@ def test_dicom_out_on_writes_a_new_study_for_a_nifti_case(tmp_path):
     for f in (source[0], source[-1], case / "dicom" / "pm_hirescam_WT.dcm", case / "dicom" / "seg.dcm",
               case / "dicom" / "sc_hirescam_WT" / "0001.dcm"):  # fmt: skip
         assert dciodvfy_errors(f) == [], f
+
+
+def _series_record(uid: str, description: str) -> dict:
+    return {"0020000E": {"vr": "UI", "Value": [uid]}, "0008103E": {"vr": "LO", "Value": [description]}}
+
+
+def test_channels_matched_by_series_description_or_given():
+    from medcam.io.dicomweb import DicomwebError, match_channels
+
+    study = [
+        _series_record(f"1.{i}", d) for i, d in enumerate(["AX T1 post Gd", "T2W tse", "t1n 3D", "T2-FLAIR", "loc"])
+    ]
+    assert match_channels(study) == {"t1": "1.2", "t1ce": "1.0", "t2": "1.1", "flair": "1.3"}
+    with pytest.raises(DicomwebError, match="flair: none"):
+        match_channels(study[:3])
+    with pytest.raises(DicomwebError, match="ambiguous"):
+        match_channels([*study, _series_record("1.9", "t2 repeat")])
+    assert match_channels(study[:1], {"t1": "9.9"}) == {"t1": "9.9"}
+
+
+@pytest.mark.parametrize("how", ["token", "basic"])
+def test_auth_is_sent_as_dicomweb_clients_send_it(tmp_path, how):
+    import base64
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    want = "Bearer s3cret" if how == "token" else "Basic " + base64.b64encode(b"alice:pw").decode()
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            ok = self.headers.get("Authorization") == want
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            if ok:
+                self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    opts = (
+        ["--dicomweb-token", "s3cret"] if how == "token" else ["--dicomweb-user", "alice", "--dicomweb-password", "pw"]
+    )
+    try:
+        url = f"dicomweb:http://127.0.0.1:{httpd.server_port}/dicom-web/studies/1.2.3"
+        result = CliRunner().invoke(main, ["explain", url, "-o", str(tmp_path / "o"), *opts])
+    finally:
+        httpd.shutdown()
+    assert seen and seen[0] == want
+    assert result.exit_code == 1 and "study 1.2.3 has no series" in result.output, result.output

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 PREFIX = "dicomweb:"
 _URL = re.compile(r"^(?P<root>https?://.+?)/studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
 _BRATS = ("t1", "t1ce", "t2", "flair")
+#: words of a SeriesDescription that make a T1 series the contrast-enhanced one
+_CONTRAST = {"post", "gd", "gad", "contrast", "ce", "c"}
 
 
 class DicomwebError(MedcamError):
@@ -123,7 +125,8 @@ def _tag(record: Mapping[str, Any], tag: str) -> str:
 
 def match_channels(series: Sequence[Mapping[str, Any]], explicit: Mapping[str, str] | None = None) -> dict[str, str]:
     """Channel name -> SeriesInstanceUID: ``explicit`` when given, else the BraTS modality named by words of each
-    series' SeriesDescription (aliases as in :data:`medcam.data.brats.MODALITY_ALIASES`).
+    series' SeriesDescription (aliases as in :data:`medcam.data.brats.MODALITY_ALIASES`; FLAIR wins over T2 in
+    "T2-FLAIR"; T1 with post/Gd/contrast/ce is T1ce). Series naming no modality (localisers...) are ignored.
 
     Raises:
         DicomwebError: a modality matched by no series or by several, listing the study's series.
@@ -134,8 +137,14 @@ def match_channels(series: Sequence[Mapping[str, Any]], explicit: Mapping[str, s
         return dict(explicit)
     found: dict[str, list[str]] = {}
     for rec in series:
-        words = re.split(r"[^a-z0-9]+", _tag(rec, "0008103E").lower())
+        words = set(re.split(r"[^a-z0-9]+", _tag(rec, "0008103E").lower()))
         mods = {MODALITY_ALIASES[w] for w in words if w in MODALITY_ALIASES and MODALITY_ALIASES[w] in _BRATS}
+        if "flair" in mods:  # "T2-FLAIR", "T2 FLAIR": FLAIR is the T2-weighted inversion recovery
+            mods.discard("t2")
+        if mods == {"t1"} and words & _CONTRAST:  # "T1 post Gd", "T1 contrast"
+            mods = {"t1ce"}
+        if "t1ce" in mods:
+            mods.discard("t1")
         if len(mods) == 1:
             found.setdefault(mods.pop(), []).append(_tag(rec, "0020000E"))
     listing = "; ".join(f"{_tag(r, '0020000E')} {_tag(r, '0008103E')!r}" for r in series)
