@@ -168,12 +168,21 @@ def fetch_series(client: Any, src: DicomwebSource, series_uid: str, folder: Path
     missing = [u for u in (_tag(r, "00080018") for r in instances) if not (folder / f"{u}.dcm").exists()]
     if not instances:
         raise DicomwebError(f"series {series_uid} of study {src.study} has no instances on {src.root}")
+    if len(missing) == len(instances):  # nothing cached: the whole series in one WADO-RS request
+        with server_errors(src.root, f"fetching series {series_uid}"):
+            datasets = client.retrieve_series(src.study, series_uid)
+        for ds in datasets:
+            _save(ds, folder)
+        return len(datasets)
     for sop in tqdm(missing, desc=f"fetch {series_uid[-12:]}", unit="img", disable=not progress or not missing):
         with server_errors(src.root, f"fetching instance {sop}"):
-            ds = client.retrieve_instance(src.study, series_uid, sop)
-        with atomic_write(folder / f"{sop}.dcm") as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+            _save(client.retrieve_instance(src.study, series_uid, sop), folder)
     return len(missing)
+
+
+def _save(ds: Any, folder: Path) -> None:
+    with atomic_write(folder / f"{ds.SOPInstanceUID}.dcm") as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 def fetch_case(
@@ -195,7 +204,10 @@ def fetch_case(
             raise DicomwebError(f"study {src.study} has no series on {src.root}")
         channels = match_channels(series, explicit)
     root = Path(cache) / src.study
-    fetched = sum(fetch_series(client, src, uid, root / uid, progress) for uid in channels.values())
+    from tqdm.auto import tqdm
+
+    bar = tqdm(list(channels.values()), desc="fetch series", unit="series", disable=not progress)
+    fetched = sum(fetch_series(client, src, uid, root / uid, progress) for uid in bar)
     logger.info("fetched %d instance(s) of study %s into %s", fetched, src.study, root)
     manifest = root / "manifest.csv"
     rows = [["case_id", *channels], [src.study, *(uid for uid in channels.values())]]

@@ -252,9 +252,9 @@ def _dicom_outputs(
 ) -> dict[str, Any] | None:
     """The case's DICOM objects (:func:`medcam.io.dicom_case.case_dicom`): every map, the predicted regions and
     the targets' ROIs, on the original grid."""
-    from ..io.dicom_case import case_dicom
+    from ..io.dicom_case import case_dicom, wants_dicom
 
-    if mode is None or mode == "off":
+    if mode is None or not wants_dicom(mode, Path(ex.case.reference_path)):
         return None
     inv = ex.case.invert(pred, nearest=True)
     regions = {f"predicted {r}": inv[c] for c, r in enumerate(ex.regions)}
@@ -587,10 +587,10 @@ def explain_files(
     ``dicom``: DICOM outputs (:mod:`medcam.io.dicom_case`): ``auto`` for DICOM-series cases, ``on``, ``off``."""
     if slice_at not in ("roi", "max"):
         raise PipelineError(f"slice_at must be 'roi' or 'max', got {slice_at!r}")
-    p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
     from ..io.dicom_case import check_dicom_cases
 
-    check_dicom_cases(p.cases, dicom)  # --dicom-out on: DICOM cases only, refused before the first case
+    p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
+    check_dicom_cases(p.cases, dicom)  # an unknown DICOM output mode is refused before the first case
     if len(p.layers) != 1:
         raise PipelineError(f"explain takes one layer, got {p.layers}")
     record = {
