@@ -410,3 +410,69 @@ def test_auth_is_sent_as_dicomweb_clients_send_it(tmp_path, how):
         httpd.shutdown()
     assert seen and seen[0] == want
     assert result.exit_code == 1 and "study 1.2.3 has no series" in result.output, result.output
+
+
+@needs_real
+def test_one_series_url_fetches_that_series_as_one_channel(roundtrip, tmp_path):
+    from medcam.io.dicomweb import Auth, fetch_case, parse_source
+
+    rec = json.loads((roundtrip["case"] / "summary.json").read_text())
+    t1_folder = Path(rec["source"]["t1"])
+    series = t1_folder.name
+    src = parse_source(f"dicomweb:{roundtrip['web']}/studies/{roundtrip['study']}/series/{series}")
+    assert src.series == series
+    manifest = fetch_case(src, tmp_path / "cache", Auth(), progress=False)
+    assert manifest.read_text().splitlines() == ["case_id,image", f"{roundtrip['study']},{series}"]
+    fetched = sorted(p.name for p in (tmp_path / "cache" / roundtrip["study"] / series).glob("*.dcm"))
+    assert fetched == sorted(p.name for p in t1_folder.glob("*.dcm")) and len(fetched) == 48
+
+
+class _FakeStow:
+    """A DICOMweb server whose QIDO knows nothing and whose STOW-RS answers 500; records the POSTs."""
+
+    def __enter__(self):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        posts = self.posts = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.end_headers()
+                self.wfile.write(b"[]")
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                posts.append(self.path)
+                self.send_response(500)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.httpd.server_port}/dicom-web"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+
+
+@needs_real
+def test_store_failures_are_reported_and_bad_outputs_store_nothing(roundtrip, tmp_path):
+    import shutil
+
+    from medcam.io.dicomweb import Auth, DicomwebError, store_case
+
+    case = tmp_path / "case"
+    shutil.copytree(roundtrip["case"], case)
+    fake = _FakeStow()
+    with fake as root:
+        with pytest.raises(DicomwebError, match=r"storing \(after 0 of 148 objects were stored\): HTTP 500"):
+            store_case(case, root, Auth(), progress=False)
+        assert len(fake.posts) == 1
+        (case / "dicom" / "seg.dcm").write_bytes(b"broken")
+        with pytest.raises(DicomwebError, match="cannot be read .* nothing stored"):
+            store_case(case, root, Auth(), progress=False)
+        assert len(fake.posts) == 1  # validated before the first STOW: nothing sent
