@@ -316,6 +316,90 @@ def part_options(fn: F) -> F:
     )  # fmt: skip
 
 
+def dicom_options(fn: F) -> F:
+    """--dicom-out, and the DICOMweb options of ``medcam explain dicomweb:URL`` (:mod:`medcam.io.dicomweb`)."""
+    return _apply(
+        [
+            click.option(
+                "--dicom-out", "dicom", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                help="DICOM outputs per case in CASE/dicom/ (Parametric Map per map, SEG of the regions, RGB "
+                "overlay series): auto = for cases given as DICOM series, on = every case (image files: the scan "
+                "as a new-study MR series in CASE/dicom/source/, the objects derived from it), off = never.",
+            ),
+            click.option(
+                "--store", is_flag=True,
+                help="dicomweb: inputs: send each case's DICOM outputs back to the server (STOW-RS); objects the "
+                "server already holds are not sent again.",
+            ),
+            click.option(
+                "--dicomweb-series", multiple=True, metavar="NAME=SERIES_UID",
+                help="dicomweb: inputs: the series of each channel (repeat), e.g. t1ce=1.2.3 [default: matched to "
+                "t1, t1ce, t2, flair by SeriesDescription].",
+            ),
+            click.option("--dicomweb-token", default=None, envvar="MEDCAM_DICOMWEB_TOKEN", help="Bearer token (env MEDCAM_DICOMWEB_TOKEN)."),
+            click.option("--dicomweb-user", default=None, help="HTTP basic-auth user of the DICOMweb server."),
+            click.option("--dicomweb-password", default=None, envvar="MEDCAM_DICOMWEB_PASSWORD", help="Its password (env MEDCAM_DICOMWEB_PASSWORD)."),
+            click.option("--dicomweb-timeout", type=float, default=30.0, show_default=True, help="Seconds per DICOMweb request."),
+            click.option(
+                "--dicomweb-cache", type=click.Path(file_okay=False), default=None,
+                help="Where fetched series are kept (re-runs fetch only what is missing). [default: OUTPUT/.dicomweb]",
+            ),
+        ],
+        fn,
+    )  # fmt: skip
+
+
+class _Dicomweb:
+    """The dicomweb: part of ``medcam explain``: inputs fetched into local series folders before the run, the
+    cases' DICOM outputs stored after it (--store)."""
+
+    def __init__(self, inputs: Sequence[str], output: str, quiet: bool, kw: dict[str, Any]) -> None:
+        from .io.dicomweb import Auth, is_dicomweb
+
+        opts = {k: kw.pop(k) for k in list(kw) if k.startswith("dicomweb_")}
+        self.store, self.output, self.quiet = kw.pop("store"), output, quiet
+        self.auth = Auth(
+            opts["dicomweb_token"], opts["dicomweb_user"], opts["dicomweb_password"], opts["dicomweb_timeout"]
+        )
+        web = [i for i in inputs if is_dicomweb(i)]
+        self.source: Any = None
+        if not web:
+            if self.store or opts["dicomweb_series"]:
+                raise click.UsageError("--store and --dicomweb-series need a dicomweb: input")
+            self.inputs = list(inputs)
+            return
+        if len(inputs) != 1:
+            raise click.UsageError("give one dicomweb: input (a study, or one series of it) and nothing else")
+        self.series = dict(s.split("=", 1) for s in opts["dicomweb_series"] if "=" in s)
+        if len(self.series) != len(opts["dicomweb_series"]):
+            raise click.UsageError("--dicomweb-series takes NAME=SERIES_UID")
+        self.cache = Path(opts["dicomweb_cache"] or Path(output) / ".dicomweb")
+        self.inputs = list(inputs)
+
+    def fetch(self) -> list[str]:
+        """The inputs with a dicomweb: input replaced by the manifest of its fetched series."""
+        from .io.dicomweb import fetch_case, is_dicomweb, parse_source
+
+        if not any(is_dicomweb(i) for i in self.inputs):
+            return self.inputs
+        self.source = parse_source(self.inputs[0])
+        manifest = fetch_case(self.source, self.cache, self.auth, explicit=self.series, progress=not self.quiet)
+        return [str(manifest)]
+
+    def store_results(self, run: dict[str, Any]) -> None:
+        from .io.dicomweb import store_case
+
+        if not self.store or self.source is None:
+            return
+        for rec in run["cases"]:
+            if rec["status"] in ("ok", "skipped"):
+                r = store_case(Path(self.output) / rec["case_id"], self.source.root, self.auth, progress=not self.quiet)
+                click.echo(
+                    f"  stored {r['stored']} DICOM object(s) of {rec['case_id']} on {self.source.root} "
+                    f"({r['present']} already there; series {', '.join(r['series'])})"
+                )
+
+
 class _MethodsOption(click.Option):
     """--method, whose help lists the registered methods: read when help is shown, so that `medcam --help` and the
     errors found before the first case do not import torch (start-up < 1.5 s)."""
@@ -638,6 +722,7 @@ def _report(run: dict[str, Any], output: str) -> None:
 )
 @ray_options
 @threads_option
+@dicom_options
 @click.option(
     "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
 )
@@ -663,6 +748,8 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     CASE_0000.nii.gz, CASE_0001.nii.gz, ... as nnUNetv2_predict -i takes it); cases are run and explained as
     nnU-Net runs them (its preprocessing, tiles, mirroring, --folds), targets name dataset.json labels/regions.
     """  # fmt: skip
+    web = _Dicomweb(inputs, output, quiet, kw)
+    inputs = web.fetch()
     _check_inputs_exist(inputs)
     _check_number_options(kw)
     from .pipeline import explain_files
@@ -679,6 +766,7 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
         settings = run_settings(kw, quiet)
         run = explain_files(inputs, settings, output, executor=executor, **kw)
     _report(run, output)
+    web.store_results(run)
     if want_report:
         _write_report(output)
     if run["failed"]:

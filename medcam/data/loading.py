@@ -26,6 +26,7 @@ from monai.transforms import Compose, Invertd, LoadImage
 from ..errors import MedcamDataError
 from ..geometry import spacing_of
 from ..types import PathLike
+from .dicom_series import check_channel_series, read_dicom_series
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def read_header(path: PathLike) -> ImageHeader:
         raise MedcamDataError(f"Image file '{path}' does not exist; check the path.")
     try:
         if path.is_dir():
+            read_dicom_series(path)  # one regular single-frame series, or a clear error (headers only)
             files = _dicom_files(path)
             reader = sitk.ImageFileReader()
             reader.SetFileName(files[0])
@@ -239,6 +241,8 @@ def load_channels(paths: Sequence[PathLike]) -> tuple[MetaTensor, list[ImageHead
     if len(paths) == 0:
         raise MedcamDataError("No image files given; pass at least one path.")
     headers = [read_header(p) for p in paths]
+    dicom = [read_dicom_series(h.path) for h in headers if h.path.is_dir()]
+    check_channel_series(dicom)  # before the grid check: names the orientation as the reason
     check_same_grid(headers)
     vols = [read_volume(h.path) for h in headers]
     # DICOM geometry and reader-specific affines: re-check on what MONAI actually loaded

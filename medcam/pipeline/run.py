@@ -247,6 +247,23 @@ def _sliding_record(ex: _Explained, inferer: Any) -> dict[str, Any] | None:
     }
 
 
+def _dicom_outputs(
+    ex: _Explained, staging: Path, maps: Mapping[str, np.ndarray], pred: np.ndarray, mode: str | None
+) -> dict[str, Any] | None:
+    """The case's DICOM objects (:func:`medcam.io.dicom_case.case_dicom`): every map, the predicted regions and
+    the targets' ROIs, on the original grid."""
+    from ..io.dicom_case import case_dicom, wants_dicom
+
+    if mode is None or not wants_dicom(mode, Path(ex.case.reference_path)):
+        return None
+    inv = ex.case.invert(pred, nearest=True)
+    regions = {f"predicted {r}": inv[c] for c, r in enumerate(ex.regions)}
+    rois = np.stack([t.roi(ex.output)[0].float().cpu().numpy() for t in ex.targets])
+    regions.update({f"ROI {s.name}": m for s, m in zip(ex.specs, ex.case.invert(rois, nearest=True))})
+    model = f"{ex.model.kind} {ex.model.spec}"
+    return case_dicom(staging / "dicom", ex.case, maps, regions, model=model, layer=ex.first.layer, mode=mode)
+
+
 def _write_case_files(
     ex: _Explained,
     staging: Path,
@@ -259,25 +276,29 @@ def _write_case_files(
     amp: bool,
     source: CaseSource | None,
     figures: Mapping[str, Any] | None = None,
+    dicom: str | None = None,
 ) -> dict[str, Any]:
     """Write the maps, overlays, montage and Slicer scene of ``ex`` into ``staging``; return the case summary."""
     from ..io import export_slicer_scene
     from ..io.case_figures import scene_images
+    from ..io.dicom_scene import scene_inputs
 
     t0 = time.perf_counter()
     case, rows = ex.case, _target_rows(ex)
     slicer_maps, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
     pred = _predicted_regions(ex, threshold)
+    dicom_record = _dicom_outputs(ex, staging, slicer_maps, pred, dicom)
     if slicer:
-        export_slicer_scene(
-            staging / "slicer",
-            **scene_images(case),
-            heatmaps=slicer_maps,
-            segmentation=case.invert(pred, nearest=True),
-            segment_names=[f"predicted {r}" for r in ex.regions],
-            method="+".join(ex.results),
-            layer=ex.first.layer,
-        )
+        with scene_inputs(scene_images(case), staging / ".scene-inputs") as images:  # DICOM folders as NIfTI
+            export_slicer_scene(
+                staging / "slicer",
+                **images,
+                heatmaps=slicer_maps,
+                segmentation=case.invert(pred, nearest=True),
+                segment_names=[f"predicted {r}" for r in ex.regions],
+                method="+".join(ex.results),
+                layer=ex.first.layer,
+            )
     ex.timings["write_s"] = round(time.perf_counter() - t0, 3)
     return {
         "source": source.describe() if source is not None else {k: str(v) for k, v in case.paths.items()},
@@ -296,6 +317,7 @@ def _write_case_files(
         "predicted_voxels": {ex.regions[c]: int(pred[c].sum()) for c in range(pred.shape[0])},
         "targets": rows,
         "slicer_scene": "slicer/scene.mrml" if slicer else None,
+        "dicom": dicom_record,
         "figures": written,
         "warnings": warnings,
         "device": str(device),
@@ -371,7 +393,7 @@ def explain_case(
         )  # fmt: skip
         summary = _write_case_files(
             ex, staging, inferer=inferer, threshold=threshold, slicer=slicer, png=png, device=dev, amp=amp,
-            source=source, figures=(settings or {}).get("figures"),
+            source=source, figures=(settings or {}).get("figures"), dicom=(settings or {}).get("dicom"),
         )  # fmt: skip
         ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         return summary
@@ -439,6 +461,7 @@ class ExplainWork:
         summary = _write_case_files(
             ex, staging, inferer=self.inferer, threshold=self.threshold, slicer=self.slicer, png=self.png,
             device=dev, amp=self.amp, source=src, figures=self.settings.get("figures"),
+            dicom=self.settings.get("dicom"),
         )  # fmt: skip
         ex.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         logger.info("case %s done in %.1f s", src.case_id, ex.timings["total_s"])
@@ -555,19 +578,24 @@ def explain_files(
     shared_scale: bool = True,
     slice_at: str = "roi",
     executor: str | Executor | None = None,
+    dicom: str = "auto",
 ) -> dict[str, Any]:
     """What ``medcam explain`` does: check everything (:func:`~medcam.pipeline.prepare`), then
     :func:`explain_cohort` over the cases of this part (on ``executor``). Returns the run summary.
 
-    ``shared_scale``, ``slice_at``: the PNGs' colour scale (one per case) and slice choice (``roi``/``max``)."""
+    ``shared_scale``, ``slice_at``: the PNGs' colour scale (one per case) and slice choice (``roi``/``max``).
+    ``dicom``: DICOM outputs (:mod:`medcam.io.dicom_case`): ``auto`` for DICOM-series cases, ``on``, ``off``."""
     if slice_at not in ("roi", "max"):
         raise PipelineError(f"slice_at must be 'roi' or 'max', got {slice_at!r}")
+    from ..io.dicom_case import check_dicom_cases
+
     p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
+    check_dicom_cases(p.cases, dicom)  # an unknown DICOM output mode is refused before the first case
     if len(p.layers) != 1:
         raise PipelineError(f"explain takes one layer, got {p.layers}")
     record = {
         **p.record(settings), "slicer": slicer, "png": png,
-        "figures": {"shared_scale": shared_scale, "slice_at": slice_at} if png else None,
+        "figures": {"shared_scale": shared_scale, "slice_at": slice_at} if png else None, "dicom": dicom,
     }  # fmt: skip
     return explain_cohort(
         p.cases, p.model, p.methods, p.specs, p.layers[0], p.inferer, output, num_parts=num_parts,
