@@ -748,10 +748,10 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     CASE_0000.nii.gz, CASE_0001.nii.gz, ... as nnUNetv2_predict -i takes it); cases are run and explained as
     nnU-Net runs them (its preprocessing, tiles, mirroring, --folds), targets name dataset.json labels/regions.
     """  # fmt: skip
+    _check_number_options(kw)
     web = _Dicomweb(inputs, output, quiet, kw)
     inputs = web.fetch()
     _check_inputs_exist(inputs)
-    _check_number_options(kw)
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
