@@ -116,6 +116,10 @@ def console_logging(quiet: bool, verbose: int, debug: bool) -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     saved = logger.level, logger.propagate
+    # MONAI's own log records (e.g. 1.6's "nvImageCodec is not available" each time LoadImage is built with pydicom
+    # installed) are third-party warnings too: hidden unless -v/--debug, like the warnings module's
+    monai_logger = logging.getLogger("monai")
+    saved_monai = monai_logger.level
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
@@ -123,11 +127,13 @@ def console_logging(quiet: bool, verbose: int, debug: bool) -> Iterator[None]:
         with warnings.catch_warnings():
             if not (verbose or debug):
                 warnings.simplefilter("ignore")  # deprecations in MONAI/torch are noise on a command line
+                monai_logger.setLevel(logging.ERROR)
             yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+        monai_logger.setLevel(saved_monai)
 
 
 def _fail(msg: str) -> NoReturn:
