@@ -389,7 +389,6 @@ def figure_inputs(
         "target_background": target_background,
         "rois": rois,
         "images": {str(n): str(case.paths[n]) for n in case.channel_names},
-        "segments": [f"predicted {r}" for r in dict.fromkeys(target_regions)],
         "target_region": {t.name: str(r) for t, r in zip(targets, target_regions)},
     }
 

@@ -180,7 +180,7 @@ def _target_rows(ex: _Explained) -> list[dict[str, Any]]:
 
 def _write_method_maps(
     ex: _Explained, rows: list[dict[str, Any]], staging: Path, png: bool, figures: Mapping[str, Any] | None
-) -> tuple[dict[str, np.ndarray], list[str], Any]:
+) -> tuple[dict[str, Path], list[str], Any]:
     """Heatmaps (original grid) of every method and target, the PNG overlays and montage
     (:func:`medcam.io.case_figures.write_case_figures`, options ``figures``: ``shared_scale``, ``slice_at``); fills
     ``rows``; returns the maps for the Slicer scene, the zero-map warnings and the figures record."""
@@ -190,7 +190,7 @@ def _write_method_maps(
     case, layer = ex.case, ex.first.layer
     ref = Path(case.reference_path)
     roi_masks = [t.roi(ex.output)[0].cpu().numpy() > 0 for t in ex.targets]
-    slicer_maps: dict[str, np.ndarray] = {}
+    slicer_maps: dict[str, Path] = {}
     entries: list[MapEntry] = []
     for m, res in ex.results.items():
         label = METHOD_LABELS.get(m, m)
@@ -202,7 +202,7 @@ def _write_method_maps(
             row["map_sum"][m] = float(maps[k].sum())
             row["heatmaps"][m] = f"heatmaps/{_file_stem(m, spec.name)}.nii.gz"
             save_heatmap(original[k], ref, staging / row["heatmaps"][m], method=label, target=spec.name, layer=layer)
-            slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
+            slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = staging / row["heatmaps"][m]  # referenced, not copied
             rel_png = f"overlays/{_file_stem(m, spec.name)}.png"
             entries.append(MapEntry(m, label, spec.name, original[k], rel_png))
             if png:
@@ -216,6 +216,7 @@ def _write_method_maps(
             **figure_inputs(case, ex.specs, [ex.regions[s.channel] for s in ex.specs], roi_masks, _overlay_channel),
             roi_ml={r["name"]: r["roi_volume_ml"] for r in rows},
             layer=layer,
+            segments=[f"predicted {r}" for r in ex.regions],  # the Slicer scene's segment names
             **dict(figures or {}),
         )
     return slicer_maps, warnings, written
@@ -277,6 +278,7 @@ def _write_case_files(
             segment_names=[f"predicted {r}" for r in ex.regions],
             method="+".join(ex.results),
             layer=ex.first.layer,
+            display=(written or {}).get("display"),
         )
     ex.timings["write_s"] = round(time.perf_counter() - t0, 3)
     return {
