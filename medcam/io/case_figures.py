@@ -249,8 +249,9 @@ def _write_montage(
     labels: _Labels,
     target_region: Mapping[str, str],
     formats: Sequence[str],
-) -> dict[str, str]:
-    """The montage (rows = targets, columns = methods) in every format of ``formats``; returns format -> path."""
+) -> dict[str, Any]:
+    """The montage (rows = targets, columns = methods) in every format of ``formats``; returns format -> path and
+    ``panels``: "target/method" -> (left, top, right, bottom) of its three views, fractions of the image."""
     spec = ras.spec
     rows = []
     for t, bg in spec.backgrounds.items():
@@ -270,7 +271,12 @@ def _write_montage(
         {md.method: MontageColumn(md.method, md.method_label, scales[md.method]) for md in spec.maps}.values()
     )
     fig = montage_figure(rows, columns, title=_montage_title(labels, spec), cmap=spec.cmap, ramp=spec.ramp)
-    out = {}
+    out: dict[str, Any] = {}
+    row_names = list(spec.backgrounds)
+    out["panels"] = {
+        f"{row_names[r]}/{m}": [round(v, 5) for v in box]
+        for (r, m), box in fig.medcam_panels.items()  # type: ignore[attr-defined]
+    }
     for fmt in formats:
         rel = f"{MONTAGE_STEM}.{fmt}"
         _save(fig, out_dir / rel, MONTAGE_DPI if fmt == "png" else VECTOR_IMAGE_DPI)
@@ -323,7 +329,8 @@ def write_case_figures(
 
     Returns:
         ``{"display": the spec (JSON), "scale": {method: [lo, hi]}, "shared_scale", "slice_at", "montage": PNG path
-        or None, "montage_files": {format: path}, "background": {target: channel}, "images": {channel: file},
+        or None, "montage_files": {format: path}, "montage_panels": {"target/method": [left, top, right, bottom]
+        fractions of the montage image}, "background": {target: channel}, "images": {channel: file},
         "centres_mm": {target: [x, y, z]} (slices of the target's first map)}``.
     """
     if not entries:
@@ -339,6 +346,7 @@ def write_case_figures(
     labels = _Labels(case_id, layer, roi_ml)
     _write_overlays(out_dir, entries, ras, labels, target_region or {}, dpi)
     files = _write_montage(out_dir, ras, labels, target_region or {}, montage_formats) if montage else {}
+    panels = files.pop("panels", None)
     centres: dict[str, list[float]] = {}
     for md in ras.spec.maps:
         centres.setdefault(md.target, list(md.centre_mm))
@@ -349,6 +357,7 @@ def write_case_figures(
         "slice_at": slice_at,
         "montage": files.get("png"),
         "montage_files": files,
+        "montage_panels": panels,
         "background": dict(target_background),
         "images": {k: str(v) for k, v in (images or {}).items()},
         "centres_mm": centres,

@@ -135,6 +135,8 @@ def _draw_cell(fig: Figure, lay: _Layout, r: int, row: MontageRow, cell: Montage
     )  # fmt: skip
     for ax in axes:
         ax.set_aspect("auto")
+    top, bottom = lay.row_top[r], lay.row_top[r] + h
+    st["panels"].append((x / lay.width, top / lay.height, (x + lay.cell_w) / lay.width, bottom / lay.height))
     cap_y = lay.row_top[r] - 0.03
     fig.text(x / lay.width + lay.cell_w / 2 / lay.width, 1 - cap_y / lay.height, cell.label, ha="center",
              va="bottom", fontsize=st["fs"], linespacing=1.1)  # fmt: skip
@@ -153,12 +155,17 @@ def montage_figure(
     view_inches: float = 1.15,
     fontsize: float = 7.0,
 ) -> Figure:
-    """The montage figure (see the module docstring); ``view_inches``: width of an axial view in inches."""
+    """The montage figure (see the module docstring); ``view_inches``: width of an axial view in inches.
+
+    The figure's ``medcam_panels`` maps (row index, method key) to the box (left, top, right, bottom) of that cell's
+    three views, as fractions of the figure (origin top-left), e.g. to crop one panel out of the saved image."""
     ref_mm = _ref_mm(rows)
     lay = _layout(rows, columns, title, view_inches, fontsize)
+    panels: dict[tuple[int, str], tuple[float, float, float, float]] = {}
     fig = Figure(figsize=(lay.width, lay.height))
     FigureCanvasAgg(fig)
-    st = {"cmap": cmap, "ramp": ramp or Ramp(), "fs": fontsize, "view_in": view_inches, "ref_mm": ref_mm}
+    st: dict[str, Any] = {"cmap": cmap, "ramp": ramp or Ramp(), "fs": fontsize, "view_in": view_inches}
+    st["ref_mm"] = ref_mm
     fig.text(0.5, 1 - _MARGIN / lay.height, "\n".join(lay.title_lines), ha="center", va="top", fontsize=fontsize + 1)
     for r, row in enumerate(rows):
         fig.text(
@@ -168,10 +175,13 @@ def montage_figure(
         for c, col in enumerate(columns):
             cell = row.cells.get(col.key)
             if cell is not None:
+                st["panels"] = []
                 _draw_cell(fig, lay, r, row, cell, _MARGIN + _LABEL_W + c * (lay.cell_w + _GAP_CELL), st)
+                panels[(r, col.key)] = st["panels"][0]
     if lay.bottom_bars:
         y = lay.height - _MARGIN - _CBAR_BAND + 0.08
         for c, col in enumerate(columns):
             x = _MARGIN + _LABEL_W + c * (lay.cell_w + _GAP_CELL)
             _colour_bar(fig, lay, x, y, lay.cell_w, col.scale, f"{col.label} ({UNIT})", st)
+    fig.medcam_panels = panels  # type: ignore[attr-defined]
     return fig
