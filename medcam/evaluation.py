@@ -654,8 +654,8 @@ def write_results(
 
         # one panel per curve kind that was computed (no empty insertion panel when only deletion ran)
         modes = [m for m in ("deletion", "insertion") if any(k[-1] == m for k in result.curves)] or ["deletion"]
-        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-        axes = list(axes[0])
+        fig, grid = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+        axes = list(grid[0])
         for (case, method, layer, target, mode), (x, y) in result.curves.items():
             ax = axes[modes.index(mode)]
             ax.plot(x, y, label=f"{case} {method} {layer} {target}")

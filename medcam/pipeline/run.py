@@ -561,9 +561,15 @@ def explain_files(
     """What ``medcam explain`` does: check everything (:func:`~medcam.pipeline.prepare`), then
     :func:`explain_cohort` over the cases of this part (on ``executor``). Returns the run summary.
 
-    ``shared_scale``, ``slice_at``: the PNGs' colour scale (one per case) and slice choice (``roi``/``max``)."""
-    if slice_at not in ("roi", "max"):
-        raise PipelineError(f"slice_at must be 'roi' or 'max', got {slice_at!r}")
+    ``shared_scale``, ``slice_at``: the pictures' colour scale (one per method, else one per picture) and slice choice
+    (``roi``, ``max`` or ``x,y,z`` in RAS mm)."""
+    from ..errors import MedcamError
+    from ..io.case_figures import parse_slice_at
+
+    try:
+        parse_slice_at(slice_at)  # roi, max or x,y,z (RAS mm)
+    except MedcamError as e:
+        raise PipelineError(str(e)) from None
     p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
     if len(p.layers) != 1:
         raise PipelineError(f"explain takes one layer, got {p.layers}")
