@@ -168,9 +168,16 @@ def _ras_case(
     maxima = [float(np.max(m)) for m in ras_maps]
     scales = map_scales([(e.method, mx) for e, mx in zip(entries, maxima)], scale_mode)
     maps = []
-    for e, mx, (sc, own), c in zip(entries, maxima, scales, centres):
-        x, y, z = (round(float(v), 3) for v in ras_bg[target_background[e.target]].world(c))
-        maps.append(MapDisplay(e.method, e.method_label, e.target, mx, sc, own, mx <= 0, (x, y, z), Path(e.png).stem))
+    for e, m, mx, (sc, own), c in zip(entries, ras_maps, maxima, scales, centres):
+        vol = ras_bg[target_background[e.target]]
+        x, y, z = (round(float(v), 3) for v in vol.world(c))
+        peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(m)), m.shape))
+        px, py, pz = (round(float(v), 3) for v in vol.world(peak))
+        seen = mx <= 0 or any(peak[a] == c[a] for a in range(3))
+        maps.append(
+            MapDisplay(e.method, e.method_label, e.target, mx, sc, own, mx <= 0, (x, y, z), Path(e.png).stem,
+                       (px, py, pz), seen)
+        )  # fmt: skip
     bgs: dict[str, dict[str, Any]] = {}
     for t in dict.fromkeys(e.target for e in entries):
         ch = target_background[t]
@@ -223,7 +230,7 @@ def _write_overlays(
         title = (
             f"{labels.case_id} | {e.method_label} | target {e.target} | layer {labels.layer} | map max {_fmt(md.max)}"
             f"{' (map is zero)' if md.zero else ''} | ROI {labels.roi_ml.get(e.target, float('nan')):.2f} ml"
-            f" | background {bg['channel']} | {scale_note}"
+            f" | background {bg['channel']} | {scale_note}{_peak_note(md)}"
         )
         fig = overlay_figure(
             vol.data,
@@ -241,6 +248,14 @@ def _write_overlays(
             colorbar_label=f"{e.method_label} ({spec.unit})",
         )
         _save(fig, out_dir / e.png, dpi)
+
+
+def _peak_note(md: MapDisplay, short: bool = False) -> str:
+    """ " | peak off these slices at (x, y, z) mm" when no shown slice goes through the map's maximum."""
+    if md.peak_in_view or md.peak_mm is None:
+        return ""
+    where = ", ".join(f"{v:.0f}" for v in md.peak_mm)
+    return f"\npeak off-slice ({where})" if short else f" | peak off these slices, at RAS ({where}) mm"
 
 
 def _montage_title(labels: _Labels, spec: DisplaySpec) -> str:
@@ -268,7 +283,7 @@ def _write_montage(
         for m, md, c in zip(ras.maps, spec.maps, ras.centres):
             if md.target == t:
                 own = " (own scale)" if md.own_scale else ""
-                cap = f"{md.method_label}\n{'map is zero' if md.zero else 'max ' + _fmt(md.max)}{own}"
+                cap = f"{md.method_label}\n{'map is zero' if md.zero else 'max ' + _fmt(md.max)}{own}{_peak_note(md, True)}"
                 cells[md.method] = MontageCell(m, cap, c, md.scale, md.own_scale, md.method_label)
         win = (bg["window"][0], bg["window"][1])
         layer = OverlayLayer(

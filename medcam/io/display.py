@@ -13,7 +13,9 @@ and the 3D Slicer scene (:mod:`medcam.io.slicer`). It holds
   gives every map its own ``0 .. max``. A non-zero map whose maximum is below :data:`VISIBLE_FRACTION` of its
   method's scale gets its own scale (``own_scale: true``, stated on the picture), so no non-zero map is invisible;
   an all-zero map is flagged ``zero: true`` and said so on every picture;
-* ``maps[i].centre_mm``: the RAS point (mm) its three views cut through (``slice_at``);
+* ``maps[i].centre_mm``: the RAS point (mm) its three views cut through (``slice_at``); ``peak_mm`` and
+  ``peak_in_view``: where its maximum is and whether a shown slice goes through it (pictures say "peak off these
+  slices at ..." otherwise: a map strong elsewhere never looks empty);
 * ``backgrounds``: per target, the channel drawn behind it and its grey window (:func:`lesion_window`);
 * ``segments``: name and RGB colour (0..1) of each predicted region (Slicer segments, viewer outlines).
 """
@@ -73,7 +75,7 @@ def lesion_window(
 ) -> tuple[float, float]:
     """Grey window (lo, hi) that keeps a lesion readable: the ``brain`` percentiles of the non-zero voxels (the
     brain of a skull-stripped scan), the top raised to the 99.5th percentile of the ``lesion`` voxels when that is
-    higher, so at most 0.5 % of the lesion saturates (a 1st-99th brain window saturates a bright FLAIR lesion)."""
+    higher, so about 0.5 % of the lesion at most saturates (a 1st-99th brain window saturates a bright FLAIR lesion)."""
     img = np.asarray(image, float)
     fg = img[(img != 0) & np.isfinite(img)]
     if fg.size == 0:
@@ -91,7 +93,8 @@ def lesion_window(
 @dataclass
 class MapDisplay:
     """How one map is drawn: its scale (lo, hi in :data:`UNIT`), whether that is its own (not its method's), whether
-    it is all zero, the RAS point (mm) of its slices and its file stem (``gradcam_WT``)."""
+    it is all zero, the RAS point (mm) of its slices, its file stem (``gradcam_WT``), the RAS point (mm) of its
+    maximum and whether one of the three shown slices goes through it (else the pictures say where it is)."""
 
     method: str
     method_label: str
@@ -102,6 +105,8 @@ class MapDisplay:
     zero: bool
     centre_mm: tuple[float, float, float]
     stem: str
+    peak_mm: tuple[float, float, float] | None = None
+    peak_in_view: bool = True
 
 
 @dataclass
@@ -178,6 +183,7 @@ def spec_from_json(d: Mapping[str, Any]) -> DisplaySpec:
                 **m,
                 "scale": tuple(m["scale"]),
                 "centre_mm": tuple(m["centre_mm"]),
+                "peak_mm": None if m.get("peak_mm") is None else tuple(m["peak_mm"]),
             }
         )
         for m in d["maps"]

@@ -97,7 +97,7 @@ def _layout(
     y = _MARGIN + len(title_lines) * line_h * 1.1 + 0.04
     tops, heights, bars = [], [], []
     for r, (_, h) in zip(rows, sizes):
-        cap = 2 * line_h
+        cap = max(c.label.count("\n") + 1 for c in r.cells.values()) * line_h * 1.1
         own = any(c.own_scale for c in r.cells.values())
         tops.append(y + cap)
         heights.append(h)
