@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from medcam.data.loading import MedcamDataError
 from medcam.io.atomic import atomic_write, check_output_path
-from medcam.io.display import DEFAULT_CMAP, UNIT, Ramp, heat_lut
+from medcam.io.display import DEFAULT_CMAP, UNIT, Ramp, heat_lut, lesion_window
 
 from ..types import PathLike
 
@@ -185,15 +185,9 @@ def slice_centre(
 
 
 def foreground_window(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
-    """Grey window (lo, hi): the given percentiles of the foreground (non-zero voxels; all voxels if none)."""
-    img = _np(image)
-    fg = img[(img != 0) & np.isfinite(img)]
-    if fg.size == 0:
-        fg = img[np.isfinite(img)]
-    if fg.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(fg, percentiles))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    """Grey window (lo, hi): the given percentiles of the foreground (non-zero voxels; all voxels if none). The
+    pictures of a case use :func:`medcam.io.display.lesion_window`, which also keeps the target's lesion readable."""
+    return lesion_window(_np(image), None, brain=percentiles)
 
 
 def foreground_box_mm(vol: RasVolume, margin_mm: float = 6.0) -> list[tuple[float, float]]:
@@ -428,16 +422,12 @@ def save_overlay_png(
         spacing: voxel size (mm), used only without ``affine``.
         centre: voxel index (of the given arrays) of the slices; default from ``slice_at``.
         slice_at: "roi" (the ROI's centre of mass) or "max" (the map's maximum).
-        alpha: heatmap opacity (overrides ``ramp.opacity``).
-        cmap, vmin, vmax: colour map and scale (default 0 .. the map's max), e.g. a scale shared by a method.
-        ramp: threshold/opacity ramp (:class:`medcam.io.display.Ramp`); roi_color: the ROI contour's colour.
+        alpha, ramp: heatmap opacity (overrides ``ramp.opacity``), threshold/opacity ramp (:class:`~.display.Ramp`).
+        cmap, vmin, vmax, roi_color: colour map and scale (default 0 .. the map's max), ROI contour colour.
         overwrite: replace an existing file.
 
-    Returns:
-        The written path.
-
-    Raises:
-        OutputExistsError: exists and not ``overwrite``; MedcamDataError: shapes disagree or are not 3D.
+    Returns the written path. Raises OutputExistsError (exists and not ``overwrite``), MedcamDataError (shapes
+    disagree or are not 3D).
     """
     out_path = check_output_path(out_path, overwrite)
     image, heatmap = _np(image).astype(np.float32), _np(heatmap).astype(np.float32)

@@ -194,7 +194,8 @@ def build_case_data(
         by_name = {str(s["name"]): s["color"] for s in display.get("segments") or []}
         for k, (mask, name, colour) in enumerate(zip(*regions)):
             col = by_name.get(name) or colour or D.region_colour(name, k)
-            reg_js.append(V.pack_region(mask, name, col, affine, max_voxels=max_voxels).js())
+            stride = V.map_stride(np.linalg.norm(affine[:3, :3], axis=0), summary.get("preprocessed_spacing_mm"))
+            reg_js.append(V.pack_region(mask, name, col, affine, max_voxels=max_voxels, min_stride=stride).js())
     payload = {
         "case_id": summary.get("case_id"),
         "layer": summary.get("layer"),
@@ -226,6 +227,9 @@ def _case_page(cid: str, summary: dict[str, Any], case_rel: str, display: dict[s
     figs = summary.get("figures") or {}
     if figs.get("montage"):
         links.append(f"<a href='{case_rel}/{figs['montage']}'>montage (PNG)</a>")
+    for fmt, rel in (figs.get("montage_files") or {}).items():
+        if fmt != "png":
+            links.append(f"<a href='{case_rel}/{rel}'>montage ({_esc(fmt).upper()})</a>")
     if summary.get("slicer_scene"):
         links.append(f"<a href='{case_rel}/{summary['slicer_scene']}'>3D Slicer scene</a>")
     links.append(f"<a href='{case_rel}/summary.json'>summary.json</a>")

@@ -121,12 +121,19 @@ def pack_scan(name: str, arr: np.ndarray, affine: np.ndarray, *, max_voxels: int
 
 
 def pack_region(
-    mask: np.ndarray, name: str, color: Sequence[float], affine: np.ndarray, *, max_voxels: int = DEFAULT_MAX_VOXELS
+    mask: np.ndarray,
+    name: str,
+    color: Sequence[float],
+    affine: np.ndarray,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    min_stride: int = 1,
 ):
     """One predicted region [X, Y, Z] as a 0/1 uint8 label volume (NIfTI label intent: NiiVue draws it as an
-    outline), with its segment colour (RGB 0..1, the display spec's)."""
+    outline), with its segment colour (RGB 0..1, the display spec's). ``min_stride``: as :func:`pack_map` (a region
+    predicted on the model's working grid carries no finer detail)."""
     m = (np.asarray(mask) > 0).astype(np.uint8)
-    q, aff = _sub(m, affine, _stride(m.shape, max_voxels))
+    q, aff = _sub(m, affine, max(_stride(m.shape, max_voxels), int(min_stride)))
     info = {"label": str(name), "color": [float(c) for c in color]}
     return PackedVolume(f"{name}.nii.gz", _nifti_b64(q, aff, 1.0, 0.0, label=True), 0.0, 1.0, info)
 

@@ -65,11 +65,13 @@
     mapVol.opacity = Number(opac.value) / 100;
     nv.updateGLVolume();
   }
-  function order() {
+  function order() {  // one GL refresh for the whole stack (per-volume add/set calls refresh every layer each time)
     const vols = [scanVol, mapVol].concat(outl.checked ? regionVols : []).filter(Boolean);
-    for (const v of nv.volumes.slice()) if (!vols.includes(v)) nv.removeVolume(v);
-    for (const v of vols) if (!nv.volumes.includes(v)) nv.addVolume(v);
-    vols.forEach((v, i) => nv.setVolume(v, i));
+    if (vols.length === nv.volumes.length && vols.every((v, i) => nv.volumes[i] === v)) return;
+    nv.volumes = vols;
+    nv.back = vols[0] || null;
+    nv.overlays = vols.slice(1);
+    nv.updateGLVolume();
   }
   async function showScan(ch, window_) {
     const rec = D.scans.find((s) => s.channel === ch) || D.scans[0];
