@@ -107,9 +107,10 @@ def test_report_files_and_embedded_volumes(explained):
         (m, t["name"]) for t in s["targets"] for m in ("hirescam", "layercam")
     }
     assert {sc["channel"] for sc in data["scans"]} == {"t1", "t1ce", "t2", "flair"} and data["background"] == "t1ce"
-    assert [r["label"] for r in data["regions"]] == ["predicted TC", "predicted WT", "predicted ET"]
+    assert sorted(r["label"] for r in data["regions"]) == ["predicted ET", "predicted TC", "predicted WT"]
     spec = s["figures"]["display"]
-    assert [r["color"] for r in data["regions"]] == [seg["color"] for seg in spec["segments"]]
+    colours = {seg["name"]: seg["color"] for seg in spec["segments"]}
+    assert all(r["color"] == colours[r["label"]] for r in data["regions"])
     assert data["display"]["lut"] == spec["lut"] and data["display"]["unit"] == "score units per voxel"
     # maps: uint8 with scl_slope = max/255, values equal the written heatmap to half a step, zero stays zero
     for m in data["maps"]:
@@ -143,7 +144,9 @@ def test_report_files_and_embedded_volumes(explained):
     assert np.abs(np.asarray(sc_img.dataobj, dtype=np.float64)[inside] - ref[inside]).max() <= step / 2 + 1e-3
     # each predicted region its own 0/1 label volume: nested regions never overwrite each other
     summary_regions = nrrd.read(str(out / "Phantom_00003" / "slicer" / "segmentation.seg.nrrd"))[0]
-    for k, r in enumerate(data["regions"]):
+    names = ["predicted TC", "predicted WT", "predicted ET"]  # the seg.nrrd's order
+    for r in data["regions"]:
+        k = names.index(r["label"])
         reg = _decode(r)
         assert int(reg.header["intent_code"]) == 1002  # NIfTI label intent: NiiVue draws it as outlines
         np.testing.assert_array_equal(np.asarray(reg.dataobj), summary_regions[k][::2, ::2, ::2])  # working grid

@@ -192,7 +192,9 @@ def build_case_data(
     reg_js = []
     if regions is not None and affine is not None:
         by_name = {str(s["name"]): s["color"] for s in display.get("segments") or []}
-        for k, (mask, name, colour) in enumerate(zip(*regions)):
+        # larger regions first: their outlines go under the nested ones (ET inside TC inside WT)
+        order = sorted(range(len(regions[1])), key=lambda k: -int(np.count_nonzero(regions[0][k])))
+        for k, (mask, name, colour) in ((k, (regions[0][k], regions[1][k], regions[2][k])) for k in order):
             col = by_name.get(name) or colour or D.region_colour(name, k)
             stride = V.map_stride(np.linalg.norm(affine[:3, :3], axis=0), summary.get("preprocessed_spacing_mm"))
             reg_js.append(V.pack_region(mask, name, col, affine, max_voxels=max_voxels, min_stride=stride).js())
