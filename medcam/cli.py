@@ -433,6 +433,17 @@ def method_option(default: str, synth: bool = False) -> Callable[[F], F]:
     )  # fmt: skip
 
 
+def _slice_at(value: str) -> str:
+    """Check ``--slice-at`` (roi, max or x,y,z in RAS mm) before anything runs."""
+    from .io.case_figures import parse_slice_at
+
+    try:
+        parse_slice_at(value)
+    except MedcamError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _check_inputs_exist(inputs: Sequence[str]) -> None:
     """The commonest mistake, reported before torch is imported (about 2 s)."""
     for p in inputs:
@@ -708,14 +719,16 @@ def _report(run: dict[str, Any], output: str) -> None:
     "--shared-scale/--no-shared-scale",
     default=True,
     show_default=True,
-    help="One colour scale for all PNGs of a case (0 .. the largest map value over methods and targets).",
+    help="One colour scale per method, shared by its targets (never across methods; a map too faint for it gets its "
+    "own); --no-shared-scale: each picture and montage panel on its own scale.",
 )
 @click.option(
     "--slice-at",
-    type=click.Choice(["roi", "max"]),
     default="roi",
     show_default=True,
-    help="PNG slices through the ROI's centre of mass (roi) or the map's maximum (max).",
+    callback=lambda ctx, param, v: _slice_at(v),
+    help="Slices of the PNGs, montage and viewer: through each target's ROI centre of mass (roi), each map's own "
+    "maximum (max), or one RAS point in mm (x,y,z, e.g. -80,150,90).",
 )
 @click.option(
     "--report", is_flag=True, help="Write the HTML report OUTPUT/report/index.html at the end (medcam report)."

@@ -652,11 +652,14 @@ def write_results(
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        # one panel per curve kind that was computed (no empty insertion panel when only deletion ran)
+        modes = [m for m in ("deletion", "insertion") if any(k[-1] == m for k in result.curves)] or ["deletion"]
+        fig, grid = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+        axes = list(grid[0])
         for (case, method, layer, target, mode), (x, y) in result.curves.items():
-            ax = axes[0 if mode == "deletion" else 1]
+            ax = axes[modes.index(mode)]
             ax.plot(x, y, label=f"{case} {method} {layer} {target}")
-        for ax, mode in zip(axes, ("deletion", "insertion")):
+        for ax, mode in zip(axes, modes):
             what = "removed" if mode == "deletion" else "inserted"
             proto = result.settings.get(f"{mode}_protocol")
             title = f"{mode} curve" + (f" ({proto} protocol)" if proto else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +60,44 @@ def _widgets_available() -> bool:
     return ip is not None and getattr(ip, "kernel", None) is not None
 
 
-def _maps(case: Path, summary: dict[str, Any]) -> list[tuple[str, str, Path, float]]:
+@dataclass(frozen=True)
+class _Map:
+    """One heatmap for the widget: label, file, colour scale (the display spec's), background scan and window."""
+
+    label: str
+    path: Path
+    scale: tuple[float, float]
+    scan: Path | None
+    window: tuple[float, float] | None
+
+
+def _maps(case: Path, summary: dict[str, Any]) -> list[_Map]:
+    """Every heatmap of the case with the display spec's scale and its target's background (summary.json
+    ``figures.display``; without it: 0 .. the map's maximum over the T1ce scan)."""
+    display = (summary.get("figures") or {}).get("display") or {}
+    spec = {(m["method"], m["target"]): m for m in display.get("maps", [])}
     out = []
     for row in summary.get("targets", []):
+        bg = (display.get("backgrounds") or {}).get(row["name"]) or {}
+        scan = _scan(case, summary, bg.get("channel"))
+        window = tuple(bg["window"]) if bg.get("window") else None
         for m, rel in (row.get("heatmaps") or {}).items():
             label = (summary.get("methods") or {}).get(m, m)
-            out.append((f"{label} | {row['name']}", m, case / rel, float((row.get("map_max") or {}).get(m, 0.0))))
+            mx = float((row.get("map_max") or {}).get(m, 0.0))
+            lo, hi = (spec.get((m, row["name"])) or {}).get("scale") or (0.0, mx if mx > 0 else 1.0)
+            out.append(_Map(f"{label} | {row['name']}", case / rel, (float(lo), float(hi)), scan, window))
     return out
 
 
-def _scan(case: Path, summary: dict[str, Any]) -> Path | None:
+def _scan(case: Path, summary: dict[str, Any], channel: str | None = None) -> Path | None:
     slicer = case / "slicer"
-    for ch in ["t1ce"] + [str(c) for c in summary.get("channels", [])]:
+    first = [channel] if channel else []
+    for ch in first + ["t1ce"] + [str(c) for c in summary.get("channels", [])]:
         hits = sorted(slicer.glob(f"image_{ch}.*")) if slicer.is_dir() else []
         if hits:
             return hits[0]
     images = (summary.get("figures") or {}).get("images") or {}
-    for ch in ["t1ce", *images]:
+    for ch in [*first, "t1ce", *images]:
         if ch in images and Path(images[ch]).exists():
             return Path(images[ch])
     return None
@@ -98,10 +120,9 @@ def show(case_dir_or_result: Any, *, height: int = 420, widget: bool | None = No
     case = case_folder(case_dir_or_result)
     summary = json.loads((case / "summary.json").read_text(encoding="utf-8"))
     use_widget = _widgets_available() if widget is None else widget
-    scan = _scan(case, summary)
-    maps = _maps(case, summary)
-    if use_widget and scan is not None and maps:
-        return _widget(scan, maps, height)
+    maps = [m for m in _maps(case, summary) if m.scan is not None]
+    if use_widget and maps:
+        return _widget(maps, height)
     if use_widget:
         logger.warning("case %s: no scan or no map in the folder for the viewer; showing the montage", case.name)
     return _montage(case, summary)
@@ -118,22 +139,27 @@ def _montage(case: Path, summary: dict[str, Any]) -> Any:
     return Image(filename=str(case / rel))
 
 
-def _widget(scan: Path, maps: list[tuple[str, str, Path, float]], height: int) -> Any:
+def _widget(maps: list[_Map], height: int) -> Any:
+    """Chooser (method x target), threshold slider (map units, 0 .. the shown map's scale) and NiiVue: each map over
+    its target's background with the display spec's window and colour scale."""
     import ipywidgets as W
     from ipyniivue import NiiVue
 
-    scale = max((m[3] for m in maps), default=0.0) or 1.0
     nv = NiiVue(height=height, is_radiological_convention=True, is_colorbar=True)
-    chooser = W.Dropdown(options=[(m[0], i) for i, m in enumerate(maps)], description="map")
-    thr = W.FloatSlider(value=0.05 * scale, min=0.0, max=scale, step=scale / 200, description="threshold")
+    chooser = W.Dropdown(options=[(m.label, i) for i, m in enumerate(maps)], description="map")
+    hi0 = maps[0].scale[1]
+    thr = W.FloatSlider(value=0.02 * hi0, min=0.0, max=hi0, step=hi0 / 200, description="threshold")
 
     def load(_: Any = None) -> None:
-        _, _, path, _ = maps[chooser.value]
+        m = maps[chooser.value]
+        lo, hi = m.scale
+        thr.max, thr.step = hi, hi / 200
+        thr.value = lo + 0.02 * (hi - lo)
+        scan: dict[str, Any] = {"path": str(m.scan), "colormap": "gray"}
+        if m.window is not None:
+            scan.update(cal_min=m.window[0], cal_max=m.window[1])
         nv.load_volumes(
-            [
-                {"path": str(scan), "colormap": "gray"},
-                {"path": str(path), "colormap": "turbo", "cal_min": thr.value, "cal_max": scale, "opacity": 0.7},
-            ]
+            [scan, {"path": str(m.path), "colormap": "turbo", "cal_min": thr.value, "cal_max": hi, "opacity": 0.6}]
         )
 
     def threshold(change: Any) -> None:

@@ -37,7 +37,7 @@ def test_save_overlay_png(tmp_path):
         image, heat, roi, tmp_path / "ov.png", title="Seg-Grad-CAM | WT | decoder.3", spacing=(1.0, 1.0, 2.5), dpi=50
     )
     png = mpimg.imread(str(out))
-    assert png.shape == (215, 650, 4)  # 13 x 4.3 inches at 50 dpi, RGBA
+    assert png.shape == (225, 650, 4)  # 13 x 4.5 inches at 50 dpi, RGBA
     assert png[..., :3].std() > 0.05  # not blank
     assert [p.name for p in tmp_path.iterdir()] == ["ov.png"]
     with pytest.raises(OutputExistsError):
@@ -218,11 +218,13 @@ def test_case_figures_share_one_scale_and_warn_on_zero_maps(tmp_path):
         layer="down.3",
         dpi=40,
     )
-    assert info["scale"] == [0.0, 10.0] and info["shared_scale"] and info["montage"] == "montage.png"
+    # one scale per method, shared by its targets, never across methods
+    assert info["scale"] == {"gradcam": [0.0, 0.5], "hirescam": [0.0, 10.0]}
+    assert info["shared_scale"] and info["montage"] == "montage.png" and info["montage_files"]["pdf"] == "montage.pdf"
     for e in entries:
         assert (tmp_path / e.png).read_bytes()[:4] == b"\x89PNG"
     mont = mpimg.imread(str(tmp_path / "montage.png"))
-    assert mont.shape[1] > 2.5 * mont.shape[0]  # 2 rows x (2 methods x 3 views)
+    assert mont.shape[1] > mont.shape[0]  # 2 rows x (2 methods x 3 views)
     info2 = write_case_figures(
         tmp_path / "own",
         entries[:2],
@@ -238,7 +240,8 @@ def test_case_figures_share_one_scale_and_warn_on_zero_maps(tmp_path):
         montage=False,
         dpi=40,
     )
-    assert info2["montage"] is None and info2["slice_at"] == "max" and info2["scale"] == [0.0, 5.0]
+    assert info2["montage"] is None and info2["slice_at"] == "max"
+    assert [m["scale"] for m in info2["display"]["maps"]] == [[0.0, 0.5], [0.0, 5.0]]  # each map its own scale
 
 
 def test_shared_and_own_colour_scales_in_the_figure():

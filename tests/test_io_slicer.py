@@ -14,6 +14,7 @@ slicerio = pytest.importorskip("slicerio")
 from medcam.data import MedcamDataError, load_brats_case  # noqa: E402
 from medcam.data.phantoms import write_phantom_case  # noqa: E402
 from medcam.io import OutputExistsError, export_slicer_scene, safe_volume_name, write_seg_nrrd  # noqa: E402
+from medcam.io.display import Ramp, heat_lut  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_export_regions_scene(phantom_case, tmp_path):
     assert [s["name"] for s in seg["segments"]] == ["TC", "WT", "ET"]
     assert [s["layer"] for s in seg["segments"]] == [0, 1, 2]
     assert [s["labelValue"] for s in seg["segments"]] == [1, 1, 1]
-    assert seg["segments"][2]["color"] == [1.0, 1.0, 0.2]
+    assert seg["segments"][2]["color"] == [1.0, 1.0, 1.0]  # the display spec's ET colour (io.display.REGION_COLOURS)
     np.testing.assert_allclose(seg["ijkToLPS"], _lps(ref.affine), atol=1e-5)
     np.testing.assert_array_equal(seg["voxels"], regions.astype(np.uint8))
     assert regions[1].sum() > regions[0].sum() > regions[2].sum() > 0  # WT > TC > ET
@@ -84,7 +85,7 @@ def test_export_regions_scene(phantom_case, tmp_path):
     assert sorted(files) == sorted(n for n in names if n != "scene.mrml")
     comp = [e for e in root if e.tag == "SliceComposite"]
     assert [e.get("layoutName") for e in comp] == ["Red", "Yellow", "Green"]
-    assert all(float(e.get("foregroundOpacity")) == 0.5 for e in comp)
+    assert all(float(e.get("foregroundOpacity")) == Ramp().opacity for e in comp)  # the display spec's opacity
     vols = {e.get("id"): e for e in root if e.tag == "Volume"}
     disp = {e.get("id"): e for e in root if e.tag == "VolumeDisplay"}
     fg = vols[comp[0].get("foregroundVolumeID")]
@@ -163,3 +164,106 @@ def test_scene_holds_every_modality_with_t1ce_as_background(phantom_case, tmp_pa
             other_images={"x": other},
         )
     assert not (tmp_path / "t").exists()
+
+
+#: The attributes vtkMRMLSegmentationDisplayNode::ReadXMLAttributes reads (Slicer/Slicer,
+#: Libs/MRML/Core/vtkMRMLSegmentationDisplayNode.cxx, read with the search tool): vtkMRMLReadXML{String,Boolean,Float}Macro
+#: names, compared with strcmp (case-sensitive); booleans are true only for the text "true". "visibility" is
+#: vtkMRMLDisplayNode's (Libs/MRML/Core/vtkMRMLDisplayNode.cxx).
+SLICER_SEGMENTATION_DISPLAY_READS = {
+    "PreferredDisplayRepresentationName2D": str,
+    "PreferredDisplayRepresentationName3D": str,
+    "Visibility2DFill": bool,
+    "Visibility2DOutline": bool,
+    "Opacity3D": float,
+    "Opacity2DFill": float,
+    "Opacity2DOutline": float,
+    "RemoveUnusedDisplayProperties": bool,
+    "ClippingCapSurface": bool,
+    "ClippingCapOpacity": float,
+    "ClippingOutline": bool,
+    "SegmentationDisplayProperties": str,
+    "visibility": bool,
+}
+#: vtkMRMLScalarVolumeDisplayNode::ReadXMLAttributes (Libs/MRML/Core/vtkMRMLScalarVolumeDisplayNode.cxx) plus the
+#: vtkMRMLDisplayNode attributes this exporter writes (visibility, colorNodeID) and the node basics.
+SLICER_VOLUME_DISPLAY_READS = {
+    "window", "level", "upperThreshold", "lowerThreshold", "interpolate", "invertDisplayScalarRange",
+    "autoWindowLevel", "applyThreshold", "autoThreshold", "visibility", "colorNodeID", "id", "name", "references",
+}  # fmt: skip
+
+
+def _scene_with_display(phantom_case, tmp_path):
+    """A case folder as `medcam explain` writes it: heatmaps/ once, slicer/ referencing them, a display spec."""
+    case, ref = phantom_case
+    hm_dir = tmp_path / "case" / "heatmaps"
+    hm_dir.mkdir(parents=True)
+    wt = case.invert(case.image[3]).astype(np.float32)
+    wt = np.clip(wt, 0, None) * 3.0
+    nib.save(nib.Nifti1Image(wt, ref.affine), str(hm_dir / "gradcam_WT.nii.gz"))
+    display = {
+        "cmap": "turbo",
+        "ramp": {"threshold": 0.02, "full_at": 0.1, "opacity": 0.6},
+        "maps": [{"method": "gradcam", "target": "WT", "stem": "gradcam_WT", "scale": [0.0, 123.0]}],
+        "backgrounds": {"WT": {"channel": "t1", "window": [10.0, 20.0]}},
+        "segments": [{"name": "predicted WT", "color": [0.0, 1.0, 0.0]}],
+    }
+    regions = case.invert(case.label, nearest=True)[1:2]
+    scene = export_slicer_scene(
+        tmp_path / "case" / "slicer",
+        image_path=case.reference_path,
+        image_name="t1",
+        heatmaps={"gradcam WT": hm_dir / "gradcam_WT.nii.gz"},
+        segmentation=regions,
+        segment_names=["predicted WT"],
+        display=display,
+    )
+    return scene, wt, regions
+
+
+def test_scene_display_attributes_are_slicers(phantom_case, tmp_path):
+    scene, _, _ = _scene_with_display(phantom_case, tmp_path)
+    root = ET.parse(str(scene)).getroot()
+    (sd,) = list(root.iter("SegmentationDisplay"))
+    written = {k: v for k, v in sd.attrib.items() if k not in ("id", "name")}
+    assert set(written) <= set(SLICER_SEGMENTATION_DISPLAY_READS), set(written) - set(SLICER_SEGMENTATION_DISPLAY_READS)
+    for k, v in written.items():
+        kind = SLICER_SEGMENTATION_DISPLAY_READS[k]
+        if kind is bool:
+            assert v in ("true", "false"), (k, v)
+        elif kind is float:
+            float(v)
+    assert written["Visibility2DFill"] == "false" and written["Visibility2DOutline"] == "true"
+    for vd in root.iter("VolumeDisplay"):
+        assert set(vd.attrib) <= SLICER_VOLUME_DISPLAY_READS, set(vd.attrib) - SLICER_VOLUME_DISPLAY_READS
+
+
+def test_scene_references_heatmaps_once_with_the_spec_scale(phantom_case, tmp_path):
+    scene, wt, regions = _scene_with_display(phantom_case, tmp_path)
+    slicer_dir = tmp_path / "case" / "slicer"
+    assert not list(slicer_dir.glob("heatmap_*"))  # no second copy
+    root = ET.parse(str(scene)).getroot()
+    files = {e.get("id"): e.get("fileName") for e in root if e.get("fileName")}
+    assert files["vtkMRMLVolumeArchetypeStorageNode2"] == "../heatmaps/gradcam_WT.nii.gz"  # relative: zippable
+    # every file the scene references exists; slicerio reads its segmentation, nibabel its NIfTI volumes
+    for f in files.values():
+        path = slicer_dir / f
+        assert path.is_file(), f
+        if f.endswith(".seg.nrrd"):
+            seg = slicerio.read_segmentation(str(path))
+            assert seg["segments"][0]["name"] == "predicted WT" and seg["segments"][0]["color"] == [0.0, 1.0, 0.0]
+            np.testing.assert_array_equal(seg["voxels"], regions.astype(np.uint8))
+        elif f.endswith(".nii.gz") and "heatmaps" in f:
+            np.testing.assert_allclose(np.asarray(nib.load(str(path)).dataobj), wt, rtol=1e-6)
+    disp = {e.get("id"): e for e in root.iter("VolumeDisplay")}
+    hm = disp["vtkMRMLScalarVolumeDisplayNode2"]
+    # window/level = the spec's scale 0..123 (not the map's own range), threshold at 2 % of it
+    assert float(hm.get("window")) == 123.0 and float(hm.get("level")) == 61.5
+    assert float(hm.get("lowerThreshold")) == pytest.approx(0.02 * 123.0) and hm.get("applyThreshold") == "1"
+    bg = disp["vtkMRMLScalarVolumeDisplayNode1"]
+    assert float(bg.get("window")) == 10.0 and float(bg.get("level")) == 15.0  # the spec's window of t1
+    # colour table = the PNGs' LUT (turbo with the opacity ramp in the alpha column)
+    rows = [r.split() for r in (slicer_dir / "medcam_heat.ctbl").read_text().splitlines() if not r.startswith("#")]
+    got = np.array([[int(v) for v in r[2:]] for r in rows])
+    np.testing.assert_array_equal(got, np.rint(heat_lut("turbo", Ramp()) * 255).astype(int))
+    assert float(next(root.iter("SliceComposite")).get("foregroundOpacity")) == 0.6

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -67,6 +68,14 @@ def _payload(out, cid):
     return json.loads(text[len("window.MEDCAM_CASE = ") :].rstrip().rstrip(";"))
 
 
+def _volume(out, cid, key):
+    """The packed volume of ``report/data/<cid>/<key>.js`` (loaded on demand by the viewer)."""
+    text = (out / "report" / "data" / cid / f"{key}.js").read_text()
+    head = f'window.MEDCAM_VOLUME("{key}", '
+    assert text.startswith(head)
+    return json.loads(text[len(head) :].rstrip().rstrip(";").rstrip(")"))
+
+
 def _decode(entry):
     raw = gzip.decompress(base64.b64decode(entry["b64"]))
     return nib.Nifti1Image.from_bytes(raw)
@@ -98,11 +107,18 @@ def test_report_files_and_embedded_volumes(explained):
         (m, t["name"]) for t in s["targets"] for m in ("hirescam", "layercam")
     }
     assert {sc["channel"] for sc in data["scans"]} == {"t1", "t1ce", "t2", "flair"} and data["background"] == "t1ce"
-    assert data["regions"]["labels"] == ["predicted TC", "predicted WT", "predicted ET"]
+    assert sorted(r["label"] for r in data["regions"]) == ["predicted ET", "predicted TC", "predicted WT"]
+    spec = s["figures"]["display"]
+    colours = {seg["name"]: seg["color"] for seg in spec["segments"]}
+    assert all(r["color"] == colours[r["label"]] for r in data["regions"])
+    assert data["display"]["lut"] == spec["lut"] and data["display"]["unit"] == "score units per voxel"
     # maps: uint8 with scl_slope = max/255, values equal the written heatmap to half a step, zero stays zero
     for m in data["maps"]:
         row = next(t for t in s["targets"] if t["name"] == m["target"])
+        sm = next(x for x in spec["maps"] if (x["method"], x["target"]) == (m["method"], m["target"]))
+        assert m["scale"] == sm["scale"] and m["background"] == spec["backgrounds"][m["target"]]["channel"]
         orig = nib.load(str(out / "Phantom_00003" / row["heatmaps"][m["method"]]))
+        m = {**m, **_volume(out, "Phantom_00003", m["key"])}
         img = _decode(m)
         # maps subsampled down to the working grid: 8 mm model grid on 3 mm scans -> every 2nd voxel
         st = m["stride"]
@@ -114,8 +130,8 @@ def test_report_files_and_embedded_volumes(explained):
         assert m["max"] == pytest.approx(orig.get_fdata().max(), rel=1e-6)
         assert np.abs(a - b).max() <= m["step"] / 2 + 1e-6 * max(b.max(), 1)
         assert np.all(a[b == 0] == 0)
-    assert data["scale"][1] == pytest.approx(max(m["max"] for m in data["maps"]))
     scan = next(sc for sc in data["scans"] if sc["channel"] == "t1ce")
+    scan = {**scan, **_volume(out, "Phantom_00003", scan["key"])}
     t1ce = nib.load(str(next((out / "Phantom_00003" / "slicer").glob("image_t1ce.*"))))
     sc_img = _decode(scan)
     assert sc_img.shape == t1ce.shape and scan["stride"] == 1  # scans at full resolution
@@ -126,10 +142,16 @@ def test_report_files_and_embedded_volumes(explained):
     step = float(sc_img.dataobj.slope)  # nibabel moves the scaling from the header to the proxy on load
     inside = ref <= top
     assert np.abs(np.asarray(sc_img.dataobj, dtype=np.float64)[inside] - ref[inside]).max() <= step / 2 + 1e-3
-    reg = _decode(data["regions"])
-    assert int(reg.header["intent_code"]) == 1002  # NIfTI label intent: NiiVue draws it as outlines
+    # each predicted region its own 0/1 label volume: nested regions never overwrite each other
+    summary_regions = nrrd.read(str(out / "Phantom_00003" / "slicer" / "segmentation.seg.nrrd"))[0]
+    names = ["predicted TC", "predicted WT", "predicted ET"]  # the seg.nrrd's order
+    for r in data["regions"]:
+        k = names.index(r["label"])
+        reg = _decode(r)
+        assert int(reg.header["intent_code"]) == 1002  # NIfTI label intent: NiiVue draws it as outlines
+        np.testing.assert_array_equal(np.asarray(reg.dataobj), summary_regions[k][::2, ::2, ::2])  # working grid
     # the whole report stays small for a phantom case
-    assert sum(p.stat().st_size for p in (rep / "data").iterdir()) < 5_000_000
+    assert sum(p.stat().st_size for p in (rep / "data").rglob("*") if p.is_file()) < 5_000_000
 
 
 def test_report_command_and_errors(explained, tmp_path):
@@ -226,14 +248,88 @@ def test_viz_show_widget_switches_maps_and_threshold(explained):
     box = show(case, widget=True)
     (chooser, thr), nv = box.children[0].children, box.children[1]
     assert isinstance(nv, NiiVue) and nv.opts.is_radiological_convention
+    spec = s["figures"]["display"]
+    # the first map over its target's background with the spec's window, on the spec's scale of that map
+    first_t = s["targets"][0]
+    bg = spec["backgrounds"][first_t["name"]]
+    sm = next(m for m in spec["maps"] if m["target"] == first_t["name"])
     names = [Path(v.path).name for v in nv.volumes]
-    assert names[0] == "image_t1ce.nii.gz" and len(names) == 2
-    scale = max(v for t in s["targets"] for v in t["map_max"].values())
-    assert thr.max == pytest.approx(scale) and nv.volumes[1].cal_max == pytest.approx(scale)
+    assert names[0] == f"image_{bg['channel']}.nii.gz" and len(names) == 2
+    assert (nv.volumes[0].cal_min, nv.volumes[0].cal_max) == pytest.approx(tuple(bg["window"]))
+    assert thr.max == pytest.approx(sm["scale"][1]) and nv.volumes[1].cal_max == pytest.approx(sm["scale"][1])
     first = Path(nv.volumes[1].path).name
     chooser.value = len(chooser.options) - 1
     assert Path(nv.volumes[1].path).name != first
     last = s["targets"][-1]
-    assert Path(nv.volumes[1].path) == case / last["heatmaps"][list(last["heatmaps"])[-1]]
-    thr.value = scale / 2
-    assert nv.volumes[1].cal_min == pytest.approx(scale / 2)
+    last_m = list(last["heatmaps"])[-1]
+    assert Path(nv.volumes[1].path) == case / last["heatmaps"][last_m]
+    sm = next(m for m in spec["maps"] if (m["method"], m["target"]) == (last_m, last["name"]))
+    assert nv.volumes[1].cal_max == pytest.approx(sm["scale"][1])
+    thr.value = sm["scale"][1] / 2
+    assert nv.volumes[1].cal_min == pytest.approx(sm["scale"][1] / 2)
+
+
+_HIDE_MAP = "const o = document.getElementById('opacity'); o.value = 0; o.dispatchEvent(new Event('input'));"
+_STATE = (
+    "(() => { const v = window.MEDCAM_VIEWER, s = v.nv.volumes[0]; "
+    "return [v.scan(), v.map(), s.name, s.cal_min, s.cal_max, v.nv.volumes.length]; })()"
+)
+
+
+def _colour_pixels(png: np.ndarray, rgb, tol: float = 0.12) -> int:
+    return int(np.all(np.abs(png[..., :3] - np.asarray(rgb)) < tol, axis=-1).sum())
+
+
+@pytest.mark.skipif(
+    chromium_path() is None and not os.environ.get("CI"),
+    reason="chromium is not installed (apt-get install chromium); .ci/run installs it and CI never skips this",
+)
+def test_viewer_outlines_each_region_over_the_targets_background(explained, tmp_path):
+    """Screenshot pixels: each predicted region's outline in its own colour (each region its own layer, so nested
+    BraTS regions ET in TC in WT are all seen), over the shown map's target background with the spec's window."""
+    import shutil
+
+    from medcam.io import write_seg_nrrd
+    from medcam.report.build import write_report
+
+    out = tmp_path / "out"
+    shutil.copytree(explained / "Phantom_00003", out / "Phantom_00003")
+    case = out / "Phantom_00003"
+    ref = nib.load(str(next((case / "slicer").glob("image_t1ce.*"))))
+    regions = np.zeros((3,) + ref.shape, np.uint8)  # nested boxes around the centre: WT > TC > ET
+    c = [n // 2 for n in ref.shape]
+    for k, half in ((1, 0.3), (0, 0.2), (2, 0.1)):
+        sl = tuple(slice(ci - int(half * n), ci + int(half * n)) for ci, n in zip(c, ref.shape))
+        regions[(k, *sl)] = 1
+    write_seg_nrrd(regions, ref.affine, case / "slicer" / "segmentation.seg.nrrd", overwrite=True,
+                   segment_names=["predicted TC", "predicted WT", "predicted ET"])  # fmt: skip
+    write_report(out)
+    s = json.loads((case / "summary.json").read_text())
+    spec = s["figures"]["display"]
+    data = _payload(out, "Phantom_00003")
+    url = file_url(out / "report" / "cases" / "Phantom_00003.html")
+    ready = "document.body.dataset.ready === '1'"
+    on = load_page(url, ready_js=ready, value_js=_STATE, before_shot_js=_HIDE_MAP)
+    off = load_page(url, ready_js=ready, before_shot_js=_HIDE_MAP + "document.getElementById('outlines').click();")
+    assert on.errors == [] and off.errors == [], on.errors + off.errors
+    (tmp_path / "on.png").write_bytes(on.png)
+    png_on = mpimg.imread(io.BytesIO(on.png), format="png")
+    png_off = mpimg.imread(io.BytesIO(off.png), format="png")
+    # the first map's target background, with the window of the PNGs
+    first = data["maps"][0]
+    bg = spec["backgrounds"][first["target"]]
+    scan, shown, name, lo, hi, n_vols = on.value
+    assert (scan, shown, name) == (bg["channel"], 0, f"{bg['channel']}.nii.gz")
+    assert (lo, hi) == pytest.approx(tuple(bg["window"]), rel=1e-5)
+    assert n_vols == 2 + len(data["regions"])  # scan, map, one outline layer per region
+    # every region's colour appears when the outlines are on, and (nearly) not when they are off; outlines, not
+    # fills: the innermost box's centre is not covered by the outer regions' colours
+    for r in data["regions"]:
+        n_on, n_off = _colour_pixels(png_on, r["color"]), _colour_pixels(png_off, r["color"])
+        assert n_on > n_off + 30, (r["label"], r["color"], n_on, n_off)
+    wt, tc = (next(r for r in data["regions"] if r["label"].endswith(n))["color"] for n in ("WT", "TC"))
+    filled = _colour_pixels(png_on, wt) + _colour_pixels(png_on, tc)
+    assert filled < 0.025 * png_on.shape[0] * png_on.shape[1], filled  # a filled WT box covers ~10 % of the page
+    # the scan is seen (grey pixels inside the views) in both
+    rgb = png_off[..., :3]
+    assert int((((rgb.max(-1) - rgb.min(-1)) < 0.04) & (rgb.mean(-1) > 0.15)).sum()) > 2000

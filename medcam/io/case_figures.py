@@ -1,11 +1,11 @@
-"""All pictures of one explained case: one overlay PNG per (method, target) and a montage, on one colour scale.
+"""All pictures of one explained case: one overlay PNG per (method, target) and a montage, from one display spec.
 
 Everything is drawn on the ORIGINAL image grid (the maps as written to ``heatmaps/*.nii.gz``) over the ORIGINAL
-intensities of the background modality of each target (see :mod:`medcam.io.overlays` for the conventions).
+intensities of the background modality of each target (see :mod:`medcam.io.overlays` for the conventions), with
+the case's display spec (:mod:`medcam.io.display`: colour map, scale per method or per picture, ramp, window per
+target, segment colours), which :func:`write_case_figures` returns for ``summary.json`` so that the HTML viewer and
+the Slicer scene draw with the same numbers.
 
-* ``shared_scale=True`` (default): every picture of the case uses 0 .. the largest map value over all methods and
-  targets, so colours compare across pictures; otherwise each overlay uses 0 .. its own maximum (the montage always
-  shares one scale: one colour bar).
 * An all-zero map is drawn as such ("map is zero" on the picture); :func:`zero_map_warnings` gives the warning lines
   the pipeline logs and records in ``summary.json``.
 """
@@ -22,22 +22,30 @@ import numpy as np
 
 from medcam.data.loading import MedcamDataError
 from medcam.io.atomic import atomic_write
-from medcam.io.overlays import (
+from medcam.io.display import (
     DEFAULT_CMAP,
-    MontageCell,
-    MontageRow,
-    OverlayLayer,
-    RasVolume,
-    foreground_window,
-    map_scale,
-    montage_figure,
-    overlay_figure,
-    slice_centre,
+    DisplaySpec,
+    MapDisplay,
+    Ramp,
+    lesion_window,
+    map_scales,
+    segments_spec,
 )
+from medcam.io.montage import MontageCell, MontageColumn, MontageRow, montage_figure
+from medcam.io.overlays import OverlayLayer, RasVolume, overlay_figure, slice_centre
 
 logger = logging.getLogger(__name__)
 
+MONTAGE_STEM = "montage"
 MONTAGE_NAME = "montage.png"
+#: formats of the montage written by default / accepted
+MONTAGE_FORMATS: tuple[str, ...] = ("png", "pdf")
+MONTAGE_FORMATS_ALL: tuple[str, ...] = ("png", "pdf", "svg")
+#: resolution of the montage PNG (a figure for a paper)
+MONTAGE_DPI = 300
+#: resolution of the scan images embedded in the PDF/SVG montage (about one pixel per voxel; text and lines are
+#: vectors)
+VECTOR_IMAGE_DPI = 150
 
 
 @dataclass(frozen=True)
@@ -78,25 +86,63 @@ def _fmt(v: float) -> str:
 
 @dataclass
 class _RasCase:
-    """A case's pictures' inputs on the RAS grid: backgrounds and their grey windows, maps (entry order), ROIs,
-    the slice centre of each target and the colour scale of all maps."""
+    """A case's pictures' inputs on the RAS grid: backgrounds, maps (entry order), ROIs, and the display spec
+    (scales, windows, slice centres: one per map, as RAS voxel indices in ``centres``)."""
 
     backgrounds: dict[str, RasVolume]
-    windows: dict[str, tuple[float, float]]
     maps: list[np.ndarray]
     rois: dict[str, np.ndarray | None]
-    centres: dict[str, tuple[int, int, int]]
-    scale: tuple[float, float]
+    centres: list[tuple[int, int, int]]
+    spec: DisplaySpec
 
 
 @dataclass(frozen=True)
 class _Labels:
-    """What the pictures' titles name: the case, the layer, each target's background channel and ROI volume (ml)."""
+    """What the pictures' titles name: the case, the layer, each target's ROI volume (ml)."""
 
     case_id: str
     layer: str
-    target_background: Mapping[str, str]
     roi_ml: Mapping[str, float]
+
+
+def parse_slice_at(slice_at: str) -> tuple[float, float, float] | None:
+    """None for "roi"/"max"; the RAS point (mm) of ``"x,y,z"``.
+
+    Raises:
+        MedcamDataError: anything else."""
+    if slice_at in ("roi", "max"):
+        return None
+    try:
+        x, y, z = (float(v) for v in str(slice_at).split(","))
+    except ValueError:
+        raise MedcamDataError(f"slice position must be 'roi', 'max' or 'x,y,z' (RAS mm), got {slice_at!r}") from None
+    return x, y, z
+
+
+def _centres(
+    entries: Sequence[MapEntry],
+    maps: Sequence[np.ndarray],
+    rois: Mapping[str, Any],
+    bgs: Mapping[str, RasVolume],
+    target_background: Mapping[str, str],
+    slice_at: str,
+) -> list[tuple[int, int, int]]:
+    """One RAS voxel per map: "roi": the target's ROI centre (all methods of a target cut at one place, so they
+    compare); "max": each map's own maximum (every method shows its own peak); "x,y,z": that RAS point."""
+    point = parse_slice_at(slice_at)
+    out: list[tuple[int, int, int]] = []
+    for e, m in zip(entries, maps):
+        bg = bgs[target_background[e.target]]
+        if point is not None:
+            ijk = np.linalg.solve(bg.affine, np.r_[point, 1.0])[:3]
+            i, j, k = (int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(ijk, m.shape))
+            out.append((i, j, k))
+        elif slice_at == "max":
+            out.append(slice_centre(m, rois.get(e.target), "max", bg.data))
+        else:
+            t_maps = [mm for ee, mm in zip(entries, maps) if ee.target == e.target]
+            out.append(slice_centre(np.maximum.reduce(t_maps), rois.get(e.target), "roi", bg.data))
+    return out
 
 
 def _ras_case(
@@ -105,29 +151,66 @@ def _ras_case(
     backgrounds: Mapping[str, np.ndarray],
     target_background: Mapping[str, str],
     rois: Mapping[str, np.ndarray | None],
+    *,
     slice_at: str,
+    scale_mode: str,
+    cmap: str,
+    segments: Sequence[str],
 ) -> _RasCase:
-    """Reorient everything to RAS and place one slice position per target (all methods of a target are cut at the
-    same place, so they compare)."""
+    """Reorient everything to RAS and compute the case's display spec."""
     ras_bg = {name: RasVolume.from_array(arr, affine) for name, arr in backgrounds.items()}
     for t, ch in target_background.items():
         if ch not in ras_bg:
             raise MedcamDataError(f"background {ch!r} of target {t!r} is not among {sorted(ras_bg)}")
-    windows = {name: foreground_window(arr) for name, arr in backgrounds.items()}
     ras_maps = [RasVolume.from_array(e.heatmap, affine).data for e in entries]
     ras_rois = {t: None if r is None else RasVolume.from_array(r, affine).data.astype(bool) for t, r in rois.items()}
-    centres = {}
+    centres = _centres(entries, ras_maps, ras_rois, ras_bg, target_background, slice_at)
+    maxima = [float(np.max(m)) for m in ras_maps]
+    scales = map_scales([(e.method, mx) for e, mx in zip(entries, maxima)], scale_mode)
+    maps = []
+    for e, m, mx, (sc, own), c in zip(entries, ras_maps, maxima, scales, centres):
+        vol = ras_bg[target_background[e.target]]
+        x, y, z = (round(float(v), 3) for v in vol.world(c))
+        peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(m)), m.shape))
+        px, py, pz = (round(float(v), 3) for v in vol.world(peak))
+        seen = mx <= 0 or any(peak[a] == c[a] for a in range(3))
+        maps.append(
+            MapDisplay(e.method, e.method_label, e.target, mx, sc, own, mx <= 0, (x, y, z), Path(e.png).stem,
+                       (px, py, pz), seen)
+        )  # fmt: skip
+    bgs: dict[str, dict[str, Any]] = {}
     for t in dict.fromkeys(e.target for e in entries):
-        t_maps = [m for e, m in zip(entries, ras_maps) if e.target == t]
-        bg_t = ras_bg[target_background[t]].data
-        centres[t] = slice_centre(np.maximum.reduce(t_maps), ras_rois.get(t), slice_at, bg_t)
-    return _RasCase(ras_bg, windows, ras_maps, ras_rois, centres, map_scale(ras_maps))
+        ch = target_background[t]
+        lo, hi = lesion_window(ras_bg[ch].data, ras_rois.get(t))
+        bgs[t] = {"channel": ch, "window": [lo, hi]}
+    spec = DisplaySpec(cmap, scale_mode, slice_at, Ramp(), maps, bgs, segments_spec(segments))
+    return _RasCase(ras_bg, ras_maps, ras_rois, centres, spec)
 
 
-def _save_png(fig: Any, path: Path, dpi: int) -> None:
+def _save(fig: Any, path: Path, dpi: int) -> None:
+    """Write ``fig`` atomically; PNGs as opaque RGB (a white figure has no transparency to keep: 10 % smaller)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".")
     with atomic_write(path) as tmp:
-        fig.savefig(str(tmp), format="png", dpi=dpi, facecolor="white")
+        if fmt != "png":
+            fig.savefig(str(tmp), format=fmt, dpi=dpi, facecolor="white", metadata={"Creator": None})
+            return
+        from PIL import Image
+
+        fig.set_dpi(dpi)
+        fig.set_facecolor("white")
+        fig.canvas.draw()
+        rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+        rgb.save(str(tmp), format="PNG", optimize=True, dpi=(dpi, dpi))
+
+
+def _roi_colour(spec: DisplaySpec, target: str, target_region: Mapping[str, str]) -> Any:
+    """The ROI contour colour of a target: the segment colour of its region, else cyan."""
+    region = target_region.get(target)
+    for s in spec.segments:
+        if region is not None and str(s["name"]).split()[-1:] == [region]:
+            return tuple(s["color"])
+    return "cyan"
 
 
 def _write_overlays(
@@ -135,61 +218,94 @@ def _write_overlays(
     entries: Sequence[MapEntry],
     ras: _RasCase,
     labels: _Labels,
-    *,
-    shared_scale: bool,
+    target_region: Mapping[str, str],
     dpi: int,
 ) -> None:
-    """One overlay PNG per entry, on the case's scale or (``shared_scale=False``) 0 .. the map's own maximum."""
-    lo, hi = ras.scale
-    for e, m in zip(entries, ras.maps):
-        ch = labels.target_background[e.target]
-        mmax = float(np.max(m))
+    """One overlay PNG per entry, drawn with the spec's scale, window, ramp and slice centre of that map."""
+    spec = ras.spec
+    for e, m, md, c in zip(entries, ras.maps, spec.maps, ras.centres):
+        bg = spec.backgrounds[e.target]
+        vol = ras.backgrounds[bg["channel"]]
+        scale_note = "own scale" if md.own_scale else f"scale shared by the {e.method_label} maps"
         title = (
-            f"{labels.case_id} | {e.method_label} | target {e.target} | layer {labels.layer} | map max {_fmt(mmax)}"
-            f"{' (map is zero)' if mmax <= 0 else ''} | ROI {labels.roi_ml.get(e.target, float('nan')):.2f} ml"
-            f" | background {ch}" + (" | shared scale" if shared_scale else "")
+            f"{labels.case_id} | {e.method_label} | target {e.target} | layer {labels.layer} | map max {_fmt(md.max)}"
+            f"{' (map is zero)' if md.zero else ''} | ROI {labels.roi_ml.get(e.target, float('nan')):.2f} ml"
+            f" | background {bg['channel']} | {scale_note}{_peak_note(md)}"
         )
-        vmax = hi if shared_scale else (mmax if mmax > 0 else 1.0)
-        bg, roi, centre = ras.backgrounds[ch], ras.rois.get(e.target), ras.centres[e.target]
-        fig = _figure_on_ras(bg, m, roi, centre, ras.windows[ch], title, lo, vmax)
-        _save_png(fig, out_dir / e.png, dpi)
+        fig = overlay_figure(
+            vol.data,
+            m,
+            ras.rois.get(e.target),
+            vol.affine,
+            title=title,
+            centre=c,
+            vmin=md.scale[0],
+            vmax=md.scale[1],
+            window=(bg["window"][0], bg["window"][1]),
+            cmap=spec.cmap,
+            ramp=spec.ramp,
+            roi_color=_roi_colour(spec, e.target, target_region),
+            colorbar_label=f"{e.method_label} ({spec.unit})",
+        )
+        _save(fig, out_dir / e.png, dpi)
+
+
+def _peak_note(md: MapDisplay, short: bool = False) -> str:
+    """ " | peak off these slices at (x, y, z) mm" when no shown slice goes through the map's maximum."""
+    if md.peak_in_view or md.peak_mm is None:
+        return ""
+    where = ", ".join(f"{v:.0f}" for v in md.peak_mm)
+    return f"\npeak off-slice ({where})" if short else f" | peak off these slices, at RAS ({where}) mm"
+
+
+def _montage_title(labels: _Labels, spec: DisplaySpec) -> str:
+    scale = "one colour scale per method" if spec.scale_mode == "method" else "each panel on its own scale"
+    where = {"roi": "the ROI centre", "max": "each map's maximum"}.get(spec.slice_at, f"RAS ({spec.slice_at}) mm")
+    return (
+        f"{labels.case_id} | layer {labels.layer} | rows: targets, columns: methods (axial, coronal, sagittal) | "
+        f"{scale} | slices through {where} | outline: target ROI"
+    )
 
 
 def _write_montage(
     out_dir: Path,
-    entries: Sequence[MapEntry],
     ras: _RasCase,
     labels: _Labels,
-    *,
-    cmap: str,
-    dpi: int,
-) -> str:
-    """``montage.png`` (rows = targets, columns = methods, one colour scale); returns its relative path."""
-    lo, hi = ras.scale
+    target_region: Mapping[str, str],
+    formats: Sequence[str],
+) -> dict[str, Any]:
+    """The montage (rows = targets, columns = methods) in every format of ``formats``; returns format -> path and
+    ``panels``: "target/method" -> (left, top, right, bottom) of its three views, fractions of the image."""
+    spec = ras.spec
     rows = []
-    for t in ras.centres:
-        ch = labels.target_background[t]
-        cells = {
-            e.method: MontageCell(m, f"{e.method_label}\nmax {_fmt(float(np.max(m)))}")
-            for e, m in zip(entries, ras.maps)
-            if e.target == t
-        }
-        layer_t = OverlayLayer(ras.backgrounds[ch], None, ras.rois.get(t), ras.windows[ch])
-        rows.append(
-            MontageRow(layer_t, ras.centres[t], f"{t} ({labels.roi_ml.get(t, float('nan')):.1f} ml)\non {ch}", cells)
+    for t, bg in spec.backgrounds.items():
+        cells = {}
+        for m, md, c in zip(ras.maps, spec.maps, ras.centres):
+            if md.target == t:
+                own = " (own scale)" if md.own_scale else ""
+                cap = f"{md.method_label}\n{'map is zero' if md.zero else 'max ' + _fmt(md.max)}{own}{_peak_note(md, True)}"
+                cells[md.method] = MontageCell(m, cap, c, md.scale, md.own_scale, md.method_label)
+        win = (bg["window"][0], bg["window"][1])
+        layer = OverlayLayer(
+            ras.backgrounds[bg["channel"]], None, ras.rois.get(t), win, _roi_colour(spec, t, target_region)
         )
-    fig = montage_figure(
-        rows,
-        list(dict.fromkeys(e.method for e in entries)),
-        title=f"{labels.case_id} | layer {labels.layer} | rows: targets, columns: methods (axial, coronal, sagittal) | "
-        f"one scale 0..{_fmt(hi)} | ROI contour cyan",
-        vmin=lo,
-        vmax=hi,
-        cmap=cmap,
-        dpi=dpi,
+        rows.append(MontageRow(layer, f"{t} ({labels.roi_ml.get(t, float('nan')):.1f} ml)\non {bg['channel']}", cells))
+    scales = spec.method_scales()
+    columns = list(
+        {md.method: MontageColumn(md.method, md.method_label, scales[md.method]) for md in spec.maps}.values()
     )
-    _save_png(fig, out_dir / MONTAGE_NAME, dpi)
-    return MONTAGE_NAME
+    fig = montage_figure(rows, columns, title=_montage_title(labels, spec), cmap=spec.cmap, ramp=spec.ramp)
+    out: dict[str, Any] = {}
+    row_names = list(spec.backgrounds)
+    out["panels"] = {
+        f"{row_names[r]}/{m}": [round(v, 5) for v in box]
+        for (r, m), box in fig.medcam_panels.items()  # type: ignore[attr-defined]
+    }
+    for fmt in formats:
+        rel = f"{MONTAGE_STEM}.{fmt}"
+        _save(fig, out_dir / rel, MONTAGE_DPI if fmt == "png" else VECTOR_IMAGE_DPI)
+        out[fmt] = rel
+    return out
 
 
 def write_case_figures(
@@ -209,8 +325,12 @@ def write_case_figures(
     montage: bool = True,
     images: Mapping[str, Any] | None = None,
     dpi: int = 100,
+    segments: Sequence[str] = (),
+    target_region: Mapping[str, str] | None = None,
+    montage_formats: Sequence[str] = MONTAGE_FORMATS,
 ) -> dict[str, Any]:
-    """Write every overlay of ``entries`` and the montage into ``out_dir`` (files must not exist yet).
+    """Write every overlay of ``entries`` and the montage into ``out_dir`` (files must not exist yet), all drawn
+    from one display spec (:mod:`medcam.io.display`), which the returned record holds.
 
     Args:
         out_dir: the case folder (staging folder of the pipeline).
@@ -219,59 +339,53 @@ def write_case_figures(
         affine: 4x4 voxel -> RAS (mm) of the original grid.
         backgrounds: channel name -> ORIGINAL intensities [X, Y, Z] on that grid.
         target_background: target name -> channel name drawn behind it.
-        rois: target name -> bool ROI [X, Y, Z] on the original grid (contoured; slice centre), or None.
+        rois: target name -> bool ROI [X, Y, Z] on the original grid (contour, slice centre, lesion window), or None.
         roi_ml: target name -> ROI volume in ml (for titles).
         layer: explained layer (for titles).
-        shared_scale: one colour scale for the whole case (else per overlay).
-        slice_at: "roi" (ROI centre of mass) or "max" (map maximum) for the slice positions.
-        montage: also write ``montage.png`` (rows = targets, columns = methods).
+        shared_scale: one colour scale per method shared by its targets (else one per picture); never across methods.
+        slice_at: "roi" (the target's ROI centre of mass), "max" (each map's own maximum) or "x,y,z" (RAS mm).
+        cmap: heatmap colour map (matplotlib name).
+        montage: also write the montage in ``montage_formats`` ("png" at 300 dpi, "pdf", "svg").
         images: channel -> original file of every scan of the case (recorded for the HTML report).
+        dpi: resolution of the overlay PNGs.
+        segments: names of the predicted regions (e.g. "predicted TC"; their colours go into the spec).
+        target_region: target -> the region whose segment colour its ROI contour takes (else cyan).
 
     Returns:
-        ``{"scale": [lo, hi] or None, "shared_scale", "slice_at", "montage": path or None, "background": {target:
-        channel}, "images": {channel: file}, "centres_mm": {target: [x, y, z] RAS mm of the slices}}``.
+        ``{"display": the spec (JSON), "scale": {method: [lo, hi]}, "shared_scale", "slice_at", "montage": PNG path
+        or None, "montage_files": {format: path}, "montage_panels": {"target/method": [left, top, right, bottom]
+        fractions of the montage image}, "background": {target: channel}, "images": {channel: file},
+        "centres_mm": {target: [x, y, z]} (slices of the target's first map)}``.
     """
     if not entries:
         raise MedcamDataError("write_case_figures needs at least one map")
-    ras = _ras_case(entries, affine, backgrounds, target_background, rois, slice_at)
-    labels = _Labels(case_id, layer, target_background, roi_ml)
-    _write_overlays(out_dir, entries, ras, labels, shared_scale=shared_scale, dpi=dpi)
-    montage_rel = _write_montage(out_dir, entries, ras, labels, cmap=cmap, dpi=dpi) if montage else None
-    lo, hi = ras.scale
-    first_bg = next(iter(ras.backgrounds.values()))
+    bad = sorted(set(montage_formats) - set(MONTAGE_FORMATS_ALL))
+    if bad:
+        raise MedcamDataError(f"montage formats must be among {MONTAGE_FORMATS_ALL}, got {bad}")
+    mode = "method" if shared_scale else "picture"
+    ras = _ras_case(
+        entries, affine, backgrounds, target_background, rois,
+        slice_at=slice_at, scale_mode=mode, cmap=cmap, segments=segments,
+    )  # fmt: skip
+    labels = _Labels(case_id, layer, roi_ml)
+    _write_overlays(out_dir, entries, ras, labels, target_region or {}, dpi)
+    files = _write_montage(out_dir, ras, labels, target_region or {}, montage_formats) if montage else {}
+    panels = files.pop("panels", None)
+    centres: dict[str, list[float]] = {}
+    for md in ras.spec.maps:
+        centres.setdefault(md.target, list(md.centre_mm))
     return {
-        "scale": [lo, hi] if hi > 0 else None,
+        "display": ras.spec.to_json(),
+        "scale": {k: list(v) for k, v in ras.spec.method_scales().items()},
         "shared_scale": bool(shared_scale),
         "slice_at": slice_at,
-        "montage": montage_rel,
+        "montage": files.get("png"),
+        "montage_files": files,
+        "montage_panels": panels,
         "background": dict(target_background),
         "images": {k: str(v) for k, v in (images or {}).items()},
-        "centres_mm": {t: [round(float(v), 3) for v in first_bg.world(c)] for t, c in ras.centres.items()},
+        "centres_mm": centres,
     }
-
-
-def _figure_on_ras(
-    bg: RasVolume,
-    heat: np.ndarray,
-    roi: np.ndarray | None,
-    centre: tuple[int, int, int],
-    window: tuple[float, float],
-    title: str,
-    vmin: float,
-    vmax: float,
-) -> Any:
-    """Overlay figure of arrays already on the RAS grid of ``bg`` (its affine makes the reorientation a no-op)."""
-    return overlay_figure(
-        bg.data,
-        heat,
-        roi,
-        bg.affine,
-        title=title,
-        centre=centre,
-        vmin=vmin,
-        vmax=vmax,
-        window=window,
-    )
 
 
 def _background_channel(case: Any) -> str:
@@ -308,6 +422,7 @@ def figure_inputs(
         "target_background": target_background,
         "rois": rois,
         "images": {str(n): str(case.paths[n]) for n in case.channel_names},
+        "target_region": {t.name: str(r) for t, r in zip(targets, target_regions)},
     }
 
 

@@ -19,12 +19,12 @@ Drawn with matplotlib's object API on an Agg canvas (no pyplot global state, wor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import textwrap
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import nibabel as nib
 import numpy as np
 from matplotlib import patheffects
@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from medcam.data.loading import MedcamDataError
 from medcam.io.atomic import atomic_write, check_output_path
+from medcam.io.display import DEFAULT_CMAP, UNIT, Ramp, heat_lut, lesion_window
 
 from ..types import PathLike
 
@@ -50,7 +51,6 @@ VIEW_LETTERS: dict[str, tuple[str, str, str, str]] = {
 #: RAS axis held fixed by each view, and its name
 _VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 _AXIS_NAME = ("x (R+)", "y (A+)", "z (S+)")
-DEFAULT_CMAP = "turbo"
 ZERO_NOTE = "map is zero"
 
 
@@ -185,15 +185,9 @@ def slice_centre(
 
 
 def foreground_window(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
-    """Grey window (lo, hi): the given percentiles of the foreground (non-zero voxels; all voxels if none)."""
-    img = _np(image)
-    fg = img[(img != 0) & np.isfinite(img)]
-    if fg.size == 0:
-        fg = img[np.isfinite(img)]
-    if fg.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(fg, percentiles))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    """Grey window (lo, hi): the given percentiles of the foreground (non-zero voxels; all voxels if none). The
+    pictures of a case use :func:`medcam.io.display.lesion_window`, which also keeps the target's lesion readable."""
+    return lesion_window(_np(image), None, brain=percentiles)
 
 
 def foreground_box_mm(vol: RasVolume, margin_mm: float = 6.0) -> list[tuple[float, float]]:
@@ -213,13 +207,10 @@ def foreground_box_mm(vol: RasVolume, margin_mm: float = 6.0) -> list[tuple[floa
     return out
 
 
-def heat_cmap(name: str = DEFAULT_CMAP) -> Colormap:
-    """The heatmap colour map: zero voxels (masked before drawing) are transparent, and the opacity ramps up
-    linearly over the lowest 10 % of the scale so the faint tails of an upsampled map do not tint the whole scan."""
-    base = matplotlib.colormaps[name]
-    rgba = base(np.linspace(0.0, 1.0, 256))
-    rgba[:, 3] = np.clip(np.linspace(0.0, 1.0, 256) / 0.1, 0.0, 1.0)  # opacity ramps up over the lowest 10 %
-    return ListedColormap(rgba, name=f"{name}_fade").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+def heat_cmap(name: str = DEFAULT_CMAP, ramp: Ramp | None = None) -> Colormap:
+    """The heatmap colour map of the display spec (:func:`medcam.io.display.heat_lut`): transparent below the
+    ramp's threshold, opacity rising linearly to full at ``ramp.full_at`` of the scale; masked voxels transparent."""
+    return ListedColormap(heat_lut(name, ramp), name=f"{name}_ramp").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
@@ -232,12 +223,14 @@ class OverlayLayer:
         heatmap: [X, Y, Z] map on the same RAS grid, or None (background only).
         roi: [X, Y, Z] bool ROI on the same grid, or None.
         window: grey window (lo, hi) of the background.
+        roi_color: colour of the ROI contour (the predicted region's segment colour of the display spec).
     """
 
     background: RasVolume
     heatmap: np.ndarray | None
     roi: np.ndarray | None
     window: tuple[float, float]
+    roi_color: Any = "cyan"
 
 
 def _letters(ax: Any, view: str, fontsize: float) -> None:
@@ -263,7 +256,7 @@ def draw_views(
     vmin: float,
     vmax: float,
     cmap: str = DEFAULT_CMAP,
-    alpha: float = 0.6,
+    ramp: Ramp | None = None,
     mm_axes: bool = True,
     fontsize: float = 9.0,
     margin_mm: float = 6.0,
@@ -275,14 +268,15 @@ def draw_views(
         layer: background, map and ROI on one RAS grid.
         centre: voxel index (i, j, k) on the RAS grid.
         vmin, vmax: the colour scale of the map (map units); voxels <= 0 are transparent.
-        mm_axes: label the axes in mm (world coordinates); else hide the ticks (montage cells).
+        cmap, ramp: colour map and threshold/opacity ramp (:class:`medcam.io.display.Ramp`).
+        mm_axes: label the axes in mm (world coordinates); else no ticks, the slice position inside the view.
         margin_mm: the views are cropped to the scan's foreground (non-zero voxels) plus this margin.
 
     Returns:
         The last heatmap image (for a colour bar), or None when nothing was drawn.
     """
-    vol = layer.background
-    cm = heat_cmap(cmap)
+    vol, r = layer.background, ramp or Ramp()
+    cm = heat_cmap(cmap, r)
     box = foreground_box_mm(vol, margin_mm=margin_mm)
     zero = layer.heatmap is not None and not np.any(layer.heatmap > 0)
     im_h = None
@@ -297,15 +291,17 @@ def draw_views(
                 cmap=cm,
                 vmin=vmin,
                 vmax=vmax,
-                alpha=alpha,
+                alpha=r.opacity,
                 extent=bg.extent,
                 origin="upper",
                 interpolation="nearest",
             )
         if layer.roi is not None:
-            r = plane(vol, view, ci, layer.roi.astype(np.float32)).image
-            if r.any():
-                ax.contour(r, levels=[0.5], colors="cyan", linewidths=0.9, extent=bg.extent, origin="upper")
+            roi = plane(vol, view, ci, layer.roi.astype(np.float32)).image
+            if roi.any():
+                ax.contour(
+                    roi, levels=[0.5], colors=[layer.roi_color], linewidths=0.8, extent=bg.extent, origin="upper"
+                )
         if zero:
             _zero_note(ax, fontsize)
         _letters(ax, view, fontsize)
@@ -314,18 +310,19 @@ def draw_views(
 
 
 def _zero_note(ax: Any, fontsize: float) -> None:
-    """The red "map is zero" note across a view whose map has no positive voxel."""
+    """The red "map is zero" note in the middle of a view whose map has no positive voxel (clear of the
+    orientation letters at the edges)."""
     ax.text(
         0.5,
-        0.12,
+        0.5,
         ZERO_NOTE,
         transform=ax.transAxes,
         ha="center",
         va="center",
         color="red",
-        fontsize=fontsize + 1,
+        fontsize=fontsize,
         fontweight="bold",
-        bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "red"},
+        bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "red", "pad": 1.5},
     )
 
 
@@ -355,16 +352,32 @@ def _frame_view(
     else:
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(where, fontsize=fontsize - 2)
+        ax.text(
+            0.03,
+            0.97,
+            f"{'xyz'[_VIEW_AXIS[view]]} {bg.position_mm:.0f}",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            color="white",
+            fontsize=fontsize - 1.5,
+            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")],
+        )
 
 
-def _colorbar(fig: Figure, im_h: Any, axes: Any, vmin: float, vmax: float, cmap: str, label: str) -> None:
+def _colorbar(
+    fig: Figure, im_h: Any, axes: Any, vmin: float, vmax: float, cmap: str, label: str, ramp: Ramp | None = None
+) -> None:
     if im_h is None:  # no map drawn (all zero): still show the scale the figure uses
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
-
-        im_h = ScalarMappable(norm=Normalize(vmin, vmax), cmap=heat_cmap(cmap))
+        im_h = _mappable(vmin, vmax, cmap, ramp)
     fig.colorbar(im_h, ax=axes, shrink=0.8, label=label, pad=0.02)
+
+
+def _mappable(vmin: float, vmax: float, cmap: str, ramp: Ramp | None) -> Any:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    return ScalarMappable(norm=Normalize(vmin, vmax), cmap=heat_cmap(cmap, ramp))
 
 
 def map_scale(maps: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -384,14 +397,16 @@ def save_overlay_png(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     centre: Sequence[int] | None = None,
     slice_at: str = "roi",
-    alpha: float = 0.6,
+    alpha: float | None = None,
     cmap: str = DEFAULT_CMAP,
     vmin: float | None = None,
     vmax: float | None = None,
     window: tuple[float, float] | None = None,
-    colorbar_label: str = "map value",
+    colorbar_label: str = f"map value ({UNIT})",
     dpi: int = 100,
     overwrite: bool = False,
+    ramp: Ramp | None = None,
+    roi_color: Any = "cyan",
 ) -> Path:
     """Save a 3-panel PNG (axial, coronal, sagittal) of ``heatmap`` over ``image`` with the ROI contour.
 
@@ -407,15 +422,12 @@ def save_overlay_png(
         spacing: voxel size (mm), used only without ``affine``.
         centre: voxel index (of the given arrays) of the slices; default from ``slice_at``.
         slice_at: "roi" (the ROI's centre of mass) or "max" (the map's maximum).
-        alpha: heatmap opacity.
-        cmap, vmin, vmax: colour map and scale (default 0 .. the map's max), e.g. a scale shared by a case.
+        alpha, ramp: heatmap opacity (overrides ``ramp.opacity``), threshold/opacity ramp (:class:`~.display.Ramp`).
+        cmap, vmin, vmax, roi_color: colour map and scale (default 0 .. the map's max), ROI contour colour.
         overwrite: replace an existing file.
 
-    Returns:
-        The written path.
-
-    Raises:
-        OutputExistsError: exists and not ``overwrite``; MedcamDataError: shapes disagree or are not 3D.
+    Returns the written path. Raises OutputExistsError (exists and not ``overwrite``), MedcamDataError (shapes
+    disagree or are not 3D).
     """
     out_path = check_output_path(out_path, overwrite)
     image, heatmap = _np(image).astype(np.float32), _np(heatmap).astype(np.float32)
@@ -445,6 +457,8 @@ def save_overlay_png(
         window=window,
         colorbar_label=colorbar_label,
         dpi=dpi,
+        ramp=ramp,
+        roi_color=roi_color,
     )
     with atomic_write(out_path, overwrite=overwrite) as tmp:
         fig.savefig(str(tmp), format="png", dpi=dpi, facecolor="white")
@@ -461,13 +475,15 @@ def overlay_figure(
     title: str,
     centre: Sequence[int] | None = None,
     slice_at: str = "roi",
-    alpha: float = 0.6,
+    alpha: float | None = None,
     cmap: str = DEFAULT_CMAP,
     vmin: float | None = None,
     vmax: float | None = None,
     window: tuple[float, float] | None = None,
-    colorbar_label: str = "map value",
+    colorbar_label: str = f"map value ({UNIT})",
     dpi: int = 100,
+    ramp: Ramp | None = None,
+    roi_color: Any = "cyan",
 ) -> Figure:
     """The figure :func:`save_overlay_png` writes (arrays on the grid of ``affine``, any orientation)."""
     bg = RasVolume.from_array(image, affine)
@@ -483,13 +499,15 @@ def overlay_figure(
     hi = hi if vmax is None else float(vmax)
     if hi <= lo:
         hi = lo + 1.0
-    fig = Figure(figsize=(13, 4.3), dpi=dpi)
+    r = ramp or Ramp()
+    r = r if alpha is None else Ramp(r.threshold, r.full_at, float(alpha))
+    fig = Figure(figsize=(13, 4.5), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    layer = OverlayLayer(bg, hm, roi, window or foreground_window(image))
-    im_h = draw_views(axes, layer, c, vmin=lo, vmax=hi, cmap=cmap, alpha=alpha)
-    _colorbar(fig, im_h, list(axes), lo, hi, cmap, colorbar_label)
-    fig.suptitle(title, fontsize=10)
+    layer = OverlayLayer(bg, hm, roi, window or foreground_window(image), roi_color)
+    im_h = draw_views(axes, layer, c, vmin=lo, vmax=hi, cmap=cmap, ramp=r)
+    _colorbar(fig, im_h, list(axes), lo, hi, cmap, colorbar_label, r)
+    fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=10)
     return fig
 
 
@@ -497,67 +515,3 @@ def _index_volume(shape: Sequence[int], index: Sequence[int]) -> np.ndarray:
     v = np.zeros(tuple(shape), dtype=np.uint8)
     v[tuple(int(i) for i in index)] = 1
     return v
-
-
-# ---------------------------------------------------------------------------------------------------- montage
-@dataclass
-class MontageCell:
-    """One (target, method) cell of a montage: map on the RAS grid of its row's background, its title line."""
-
-    heatmap: np.ndarray
-    label: str
-
-
-@dataclass
-class MontageRow:
-    """One target: background layer (scan, ROI, window), slice centre, row label, cells per method."""
-
-    layer: OverlayLayer
-    centre: tuple[int, int, int]
-    label: str
-    cells: Mapping[str, MontageCell]
-
-
-def montage_figure(
-    rows: Sequence[MontageRow],
-    methods: Sequence[str],
-    *,
-    title: str,
-    vmin: float,
-    vmax: float,
-    cmap: str = DEFAULT_CMAP,
-    alpha: float = 0.6,
-    colorbar_label: str = "map value",
-    panel_inches: float = 1.9,
-    dpi: int = 100,
-) -> Figure:
-    """Rows = targets, columns = methods (three views each), one colour scale (``vmin``..``vmax``)."""
-    n_r, n_c = len(rows), 3 * len(methods)
-    fig = Figure(figsize=(panel_inches * n_c + 1.6, panel_inches * n_r + 0.9), dpi=dpi)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_2d(fig.subplots(n_r, n_c, squeeze=False))
-    im_last = None
-    for r, row in enumerate(rows):
-        for m, method in enumerate(methods):
-            cell = row.cells.get(method)
-            layer = OverlayLayer(
-                row.layer.background, None if cell is None else cell.heatmap, row.layer.roi, row.layer.window
-            )
-            im = draw_views(
-                axes[r, 3 * m : 3 * m + 3],
-                layer,
-                row.centre,
-                vmin=vmin,
-                vmax=vmax,
-                cmap=cmap,
-                alpha=alpha,
-                mm_axes=False,
-                fontsize=7,
-            )
-            im_last = im if im is not None else im_last
-            if cell is not None:
-                axes[r, 3 * m + 1].set_title(cell.label, fontsize=7.5)
-        axes[r, 0].set_ylabel(row.label, fontsize=8)
-    _colorbar(fig, im_last, axes.ravel().tolist(), vmin, vmax, cmap, colorbar_label)
-    fig.suptitle(title, fontsize=10)
-    return fig

@@ -180,17 +180,19 @@ def _target_rows(ex: _Explained) -> list[dict[str, Any]]:
 
 def _write_method_maps(
     ex: _Explained, rows: list[dict[str, Any]], staging: Path, png: bool, figures: Mapping[str, Any] | None
-) -> tuple[dict[str, np.ndarray], list[str], Any]:
+) -> tuple[dict[str, Path], dict[str, np.ndarray], list[str], Any]:
     """Heatmaps (original grid) of every method and target, the PNG overlays and montage
     (:func:`medcam.io.case_figures.write_case_figures`, options ``figures``: ``shared_scale``, ``slice_at``); fills
-    ``rows``; returns the maps for the Slicer scene, the zero-map warnings and the figures record."""
+    ``rows``; returns the heatmap files for the Slicer scene (by "<method> <target>"), the same maps as arrays on the
+    original grid, the zero-map warnings and the figures record."""
     from ..io import save_heatmap
     from ..io.case_figures import MapEntry, figure_inputs, write_case_figures, zero_map_warnings
 
     case, layer = ex.case, ex.first.layer
     ref = Path(case.reference_path)
     roi_masks = [t.roi(ex.output)[0].cpu().numpy() > 0 for t in ex.targets]
-    slicer_maps: dict[str, np.ndarray] = {}
+    slicer_maps: dict[str, Path] = {}
+    originals: dict[str, np.ndarray] = {}  # the same maps as arrays (DICOM outputs)
     entries: list[MapEntry] = []
     for m, res in ex.results.items():
         label = METHOD_LABELS.get(m, m)
@@ -202,7 +204,9 @@ def _write_method_maps(
             row["map_sum"][m] = float(maps[k].sum())
             row["heatmaps"][m] = f"heatmaps/{_file_stem(m, spec.name)}.nii.gz"
             save_heatmap(original[k], ref, staging / row["heatmaps"][m], method=label, target=spec.name, layer=layer)
-            slicer_maps[f"{m.replace('+', 'pp')} {spec.name}"] = original[k]
+            name = f"{m.replace('+', 'pp')} {spec.name}"
+            slicer_maps[name] = staging / row["heatmaps"][m]  # referenced, not copied
+            originals[name] = original[k]
             rel_png = f"overlays/{_file_stem(m, spec.name)}.png"
             entries.append(MapEntry(m, label, spec.name, original[k], rel_png))
             if png:
@@ -216,9 +220,10 @@ def _write_method_maps(
             **figure_inputs(case, ex.specs, [ex.regions[s.channel] for s in ex.specs], roi_masks, _overlay_channel),
             roi_ml={r["name"]: r["roi_volume_ml"] for r in rows},
             layer=layer,
+            segments=[f"predicted {r}" for r in ex.regions],  # the Slicer scene's segment names
             **dict(figures or {}),
         )
-    return slicer_maps, warnings, written
+    return slicer_maps, originals, warnings, written
 
 
 def _predicted_regions(ex: _Explained, threshold: float | None) -> np.ndarray:
@@ -285,9 +290,9 @@ def _write_case_files(
 
     t0 = time.perf_counter()
     case, rows = ex.case, _target_rows(ex)
-    slicer_maps, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
+    slicer_maps, originals, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
     pred = _predicted_regions(ex, threshold)
-    dicom_record = _dicom_outputs(ex, staging, slicer_maps, pred, dicom)
+    dicom_record = _dicom_outputs(ex, staging, originals, pred, dicom)
     if slicer:
         with scene_inputs(scene_images(case), staging / ".scene-inputs") as images:  # DICOM folders as NIfTI
             export_slicer_scene(
@@ -298,6 +303,7 @@ def _write_case_files(
                 segment_names=[f"predicted {r}" for r in ex.regions],
                 method="+".join(ex.results),
                 layer=ex.first.layer,
+                display=(written or {}).get("display"),
             )
     ex.timings["write_s"] = round(time.perf_counter() - t0, 3)
     return {
@@ -583,12 +589,17 @@ def explain_files(
     """What ``medcam explain`` does: check everything (:func:`~medcam.pipeline.prepare`), then
     :func:`explain_cohort` over the cases of this part (on ``executor``). Returns the run summary.
 
-    ``shared_scale``, ``slice_at``: the PNGs' colour scale (one per case) and slice choice (``roi``/``max``).
+    ``shared_scale``, ``slice_at``: the pictures' colour scale (one per method, else one per picture) and slice choice
+    (``roi``, ``max`` or ``x,y,z`` in RAS mm).
     ``dicom``: DICOM outputs (:mod:`medcam.io.dicom_case`): ``auto`` for DICOM-series cases, ``on``, ``off``."""
-    if slice_at not in ("roi", "max"):
-        raise PipelineError(f"slice_at must be 'roi' or 'max', got {slice_at!r}")
+    from ..errors import MedcamError
+    from ..io.case_figures import parse_slice_at
     from ..io.dicom_case import check_dicom_cases
 
+    try:
+        parse_slice_at(slice_at)  # roi, max or x,y,z (RAS mm)
+    except MedcamError as e:
+        raise PipelineError(str(e)) from None
     p = prepare(inputs, settings, num_parts=num_parts, part_id=part_id, allow_synth=True)
     check_dicom_cases(p.cases, dicom)  # an unknown DICOM output mode is refused before the first case
     if len(p.layers) != 1:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from medcam.errors import MedcamError
+from medcam.io import display as D
 from medcam.io.atomic import write_text_atomic
 from medcam.report import volumes as V
 
@@ -90,74 +91,135 @@ def _scan_paths(case_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
-def _regions(case_dir: Path) -> tuple[np.ndarray, list[str]] | None:
+def _regions(case_dir: Path) -> tuple[np.ndarray, list[str], list[list[float] | None]] | None:
+    """The predicted regions of the Slicer folder: masks [K, X, Y, Z], names and colours (RGB 0..1)."""
     seg = case_dir / "slicer" / "segmentation.seg.nrrd"
     if not seg.is_file():
         return None
     import nrrd
 
     data, header = nrrd.read(str(seg))
-    if data.ndim == 3:
-        data = data[None]
+    if data.ndim == 3:  # one layer: one mask per label value
+        values = [int(header.get(f"Segment{i}_LabelValue", i + 1)) for i in range(_n_segments(header))]
+        data = np.stack([data == v for v in values])
     names = [str(header.get(f"Segment{i}_Name", f"region {i + 1}")) for i in range(data.shape[0])]
-    return data, names
+    colours = []
+    for i in range(data.shape[0]):
+        c = header.get(f"Segment{i}_Color")
+        colours.append([float(v) for v in str(c).split()] if c else None)
+    return data, names, colours
 
 
-def build_case_data(case_dir: Path, summary: dict[str, Any], *, max_voxels: int) -> dict[str, Any]:
-    """The payload of ``data/<case>.js``: scans, maps (method x target), regions, scale and notes."""
-    from medcam.data.loading import read_volume
+def _n_segments(header: dict[str, Any]) -> int:
+    return sum(1 for k in header if k.startswith("Segment") and k.endswith("_ID"))
 
-    maps = []
-    affine = None
+
+def _display(summary: dict[str, Any]) -> dict[str, Any]:
+    """The case's display spec (``figures.display``); for a case written without PNGs, one with the same rules
+    (scale per method, the default ramp and colour map) from the recorded map maxima."""
+    figs = summary.get("figures") or {}
+    if figs.get("display"):
+        return dict(figs["display"])
+    maxima = [(m, float(v)) for t in summary.get("targets", []) for m, v in (t.get("map_max") or {}).items()]
+    targets = [t["name"] for t in summary.get("targets", []) for _ in (t.get("map_max") or {})]
+    scales = D.map_scales(maxima, "method")
+    labels = summary.get("methods") or {}
+    maps = [
+        {"method": m, "method_label": labels.get(m, m), "target": t, "max": mx, "scale": list(sc), "own_scale": own,
+         "zero": mx <= 0, "centre_mm": None, "stem": f"{m}_{t}"}
+        for (m, mx), t, (sc, own) in zip(maxima, targets, scales)
+    ]  # fmt: skip
+    ramp = D.Ramp()
+    return {
+        "cmap": D.DEFAULT_CMAP,
+        "lut": D.heat_lut(D.DEFAULT_CMAP, ramp).round(4).tolist(),
+        "ramp": {"threshold": ramp.threshold, "full_at": ramp.full_at, "opacity": ramp.opacity},
+        "unit": D.UNIT,
+        "scale_mode": "method",
+        "maps": maps,
+        "backgrounds": {},
+        "segments": [],
+    }
+
+
+def _map_entries(
+    case_dir: Path, summary: dict[str, Any], display: dict[str, Any], max_voxels: int
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], np.ndarray | None]:
+    """(viewer map records, key -> packed volume) of every heatmap of the case, with the spec's scale of each."""
+    spec_maps = {(m["method"], m["target"]): m for m in display.get("maps", [])}
     working = summary.get("preprocessed_spacing_mm")
+    records: list[dict[str, Any]] = []
+    volumes: dict[str, dict[str, Any]] = {}
+    affine: np.ndarray | None = None
     for row in summary.get("targets", []):
         for m, rel in (row.get("heatmaps") or {}).items():
             arr, affine = V.read_nifti(case_dir / rel)
             stride = V.map_stride(np.linalg.norm(affine[:3, :3], axis=0), working)
-            label = (summary.get("methods") or {}).get(m, m)
-            maps.append(
-                V.pack_map(
-                    f"{m}_{row['name']}.nii.gz",
-                    arr,
-                    affine,
-                    max_voxels=max_voxels,
-                    min_stride=stride,
-                    method=m,
-                    method_label=label,
-                    target=row["name"],
-                    roi_ml=row.get("roi_volume_ml"),
-                ).js()
-            )
+            key = f"map_{len(records)}"
+            packed = V.pack_map(f"{m}_{row['name']}.nii.gz", arr, affine, max_voxels=max_voxels, min_stride=stride)
+            volumes[key] = packed.js()
+            sm = spec_maps.get((m, row["name"]), {})
+            hi = packed.info["max"]
+            bg = (display.get("backgrounds") or {}).get(row["name"]) or {}
+            records.append(
+                {
+                    "key": key, "method": m, "method_label": (summary.get("methods") or {}).get(m, m),
+                    "target": row["name"], "max": hi, "scale": sm.get("scale") or [0.0, hi if hi > 0 else 1.0],
+                    "own_scale": bool(sm.get("own_scale")), "zero": hi <= 0, "centre_mm": sm.get("centre_mm"),
+                    "background": bg.get("channel"), "window": bg.get("window"), "roi_ml": row.get("roi_volume_ml"),
+                }
+            )  # fmt: skip
+    return records, volumes, affine
+
+
+def build_case_data(
+    case_dir: Path, summary: dict[str, Any], *, max_voxels: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The payload of ``data/<case>.js`` (display spec, scan and map records, regions) and the volumes loaded on
+    demand (key -> packed volume, written to ``data/<case>/<key>.js``)."""
+    from medcam.data.loading import read_volume
+
+    display = _display(summary)
+    maps, volumes, affine = _map_entries(case_dir, summary, display, max_voxels)
     scans = []
     for ch, path in _scan_paths(case_dir, summary).items():
         vol = read_volume(path)
-        scans.append(
-            V.pack_scan(f"{ch}.nii.gz", vol.numpy(), np.asarray(vol.affine, float), max_voxels=max_voxels).js()
-        )
-        scans[-1]["channel"] = ch
-    figs = summary.get("figures") or {}
-    bg = [s["channel"] for s in scans]
-    preferred = "t1ce" if "t1ce" in bg else (bg[0] if bg else None)
+        packed = V.pack_scan(f"{ch}.nii.gz", vol.numpy(), np.asarray(vol.affine, float), max_voxels=max_voxels)
+        volumes[f"scan_{ch}"] = packed.js()
+        scans.append({"key": f"scan_{ch}", "channel": ch, "cal_min": packed.cal_min, "cal_max": packed.cal_max})
+    channels = [s["channel"] for s in scans]
     regions = _regions(case_dir)
-    reg_js = None
+    reg_js = []
     if regions is not None and affine is not None:
-        reg_js = V.pack_regions(regions[0], regions[1], affine, max_voxels=max_voxels).js()
-    hi = max((m["max"] for m in maps), default=0.0)
-    return {
+        by_name = {str(s["name"]): s["color"] for s in display.get("segments") or []}
+        # larger regions first: their outlines go under the nested ones (ET inside TC inside WT)
+        order = sorted(range(len(regions[1])), key=lambda k: -int(np.count_nonzero(regions[0][k])))
+        for k, (mask, name, colour) in ((k, (regions[0][k], regions[1][k], regions[2][k])) for k in order):
+            col = by_name.get(name) or colour or D.region_colour(name, k)
+            stride = V.map_stride(np.linalg.norm(affine[:3, :3], axis=0), summary.get("preprocessed_spacing_mm"))
+            reg_js.append(V.pack_region(mask, name, col, affine, max_voxels=max_voxels, min_stride=stride).js())
+    payload = {
         "case_id": summary.get("case_id"),
         "layer": summary.get("layer"),
+        "display": {k: display.get(k) for k in ("cmap", "lut", "ramp", "unit", "scale_mode")},
         "scans": scans,
-        "background": preferred,
-        "target_background": figs.get("background") or {},
-        "centres_mm": figs.get("centres_mm") or {},
+        "background": "t1ce" if "t1ce" in channels else (channels[0] if channels else None),
         "maps": maps,
         "regions": reg_js,
-        "scale": [0.0, hi if hi > 0 else 1.0],
         "note": "volumes uint8-quantised (maps: step = max/255 map units; scans clipped at the 99.9th percentile)",
     }
+    return payload, volumes
 
 
-def _case_page(cid: str, summary: dict[str, Any], case_rel: str) -> str:
+def _case_page(cid: str, summary: dict[str, Any], case_rel: str, display: dict[str, Any]) -> str:
+    ramp = display.get("ramp") or {}
+    thr, opa = round(1000 * float(ramp.get("threshold", 0.02))), round(100 * float(ramp.get("opacity", 0.6)))
+    unit = _esc(display.get("unit") or D.UNIT)
+    scale_rule = (
+        "one scale per method, shared by its targets; a map too faint for it is on its own scale"
+        if display.get("scale_mode", "method") == "method"
+        else "each map on its own scale"
+    )
     rows = []
     for t in summary.get("targets", []):
         maxima = ", ".join(f"{_esc(m)} {_fmt(v)}" for m, v in (t.get("map_max") or {}).items())
@@ -167,6 +229,9 @@ def _case_page(cid: str, summary: dict[str, Any], case_rel: str) -> str:
     figs = summary.get("figures") or {}
     if figs.get("montage"):
         links.append(f"<a href='{case_rel}/{figs['montage']}'>montage (PNG)</a>")
+    for fmt, rel in (figs.get("montage_files") or {}).items():
+        if fmt != "png":
+            links.append(f"<a href='{case_rel}/{rel}'>montage ({_esc(fmt).upper()})</a>")
     if summary.get("slicer_scene"):
         links.append(f"<a href='{case_rel}/{summary['slicer_scene']}'>3D Slicer scene</a>")
     links.append(f"<a href='{case_rel}/summary.json'>summary.json</a>")
@@ -183,16 +248,18 @@ def _case_page(cid: str, summary: dict[str, Any], case_rel: str) -> str:
 <span class="meta">layer {_esc(summary.get("layer"))} | model {_esc((summary.get("model") or {}).get("spec", ""))}</span></header>
 <section id="viewer-controls">
   <div id="map-buttons"></div>
-  <label>threshold <input id="threshold" type="range" min="0" max="1000" value="50"> <span id="thr-value"></span></label>
-  <label>opacity <input id="opacity" type="range" min="0" max="100" value="70"></label>
+  <label>threshold <input id="threshold" type="range" min="0" max="1000" value="{thr}"> <span id="thr-value"></span></label>
+  <label>opacity <input id="opacity" type="range" min="0" max="100" value="{opa}"></label>
   <label><input id="outlines" type="checkbox" checked> predicted-region outlines</label>
   <label>scan <select id="scan"></select></label>
   <span id="status" class="meta"></span>
 </section>
 <div id="gl-wrap"><canvas id="gl"></canvas></div>
-<p class="meta">Radiological convention (patient's right on the viewer's left). Colour bar in map units;
-one scale for all maps of the case (0 to the largest map value); values below the threshold (default 5 % of the
-scale) are transparent. <span id="legend"></span></p>
+<div id="legend"></div>
+<p class="meta">Radiological convention (patient's right on the viewer's left). Colour bar in {unit}, on the
+scale of the shown map ({scale_rule}); values below the threshold (a fraction of that scale) are transparent.
+Each map is shown over its target's background scan with the window of the PNGs; every predicted region is its own
+outline. Volumes load when first shown.</p>
 <table><tr><th>target</th><th>ROI ml</th><th>map max (per method)</th></tr>{"".join(rows)}</table>
 <ul>{warn}</ul>
 <p>{" | ".join(links)}</p>
@@ -274,9 +341,13 @@ def write_report(output: str | Path, *, max_voxels: int = V.DEFAULT_MAX_VOXELS) 
         with resources.as_file(static / name) as src:
             shutil.copyfile(src, rep / "assets" / name)
     for cid, s in summaries.items():
-        payload = build_case_data(out / cid, s, max_voxels=max_voxels)
+        payload, volumes = build_case_data(out / cid, s, max_voxels=max_voxels)
         write_text_atomic(rep / "data" / f"{cid}.js", V.case_js(payload), overwrite=True)
-        write_text_atomic(rep / "cases" / f"{cid}.html", _case_page(cid, s, f"../../{cid}"), overwrite=True)
+        (rep / "data" / cid).mkdir(exist_ok=True)
+        for key, entry in volumes.items():
+            write_text_atomic(rep / "data" / cid / f"{key}.js", V.volume_js(key, entry), overwrite=True)
+        page = _case_page(cid, s, f"../../{cid}", payload["display"])
+        write_text_atomic(rep / "cases" / f"{cid}.html", page, overwrite=True)
         logger.info("report page of case %s written", cid)
     index = write_text_atomic(rep / "index.html", _index_page(records, summaries, out), overwrite=True)
     logger.info("report written: %s", index)

@@ -12,8 +12,10 @@ To keep that small:
   s-th voxel, affine scaled accordingly; BraTS' 240 x 240 x 155 = 8.9 M voxels is kept at full resolution with the
   default 10 M); maps are also subsampled down to the model's working grid (:func:`map_stride`: stride 2 for the
   demo's 2 mm grid on 1 mm scans), which they carry no finer detail than;
-* predicted regions become one uint8 label volume (value k+1 for region k, smaller regions drawn over larger
-  ones, as BraTS ET inside TC inside WT).
+* every predicted region is its own 0/1 label volume (:func:`pack_region`), drawn as its own outline layer in its
+  segment colour, so nested regions (BraTS ET inside TC inside WT) never overwrite each other;
+* each scan and map lives in its own ``data/<case>/<key>.js`` file that the viewer loads when it is first shown
+  (:func:`volume_js`), so a case page is ready after one scan and one map.
 """
 
 from __future__ import annotations
@@ -118,17 +120,28 @@ def pack_scan(name: str, arr: np.ndarray, affine: np.ndarray, *, max_voxels: int
     return PackedVolume(name, _nifti_b64(q, aff, slope, base), lo1, hi99 if hi99 > lo1 else lo1 + 1, {"stride": stride})
 
 
-def pack_regions(masks: np.ndarray, names: Sequence[str], affine: np.ndarray, *, max_voxels: int = DEFAULT_MAX_VOXELS):
-    """K bool masks [K, X, Y, Z] as one label volume (k+1 = region k; smaller regions over larger ones)."""
-    masks = np.asarray(masks) > 0
-    stride = _stride(masks.shape[1:], max_voxels)
-    lab = np.zeros(masks.shape[1:], np.uint8)
-    for k in sorted(range(len(masks)), key=lambda k: -int(masks[k].sum())):
-        lab[masks[k]] = k + 1
-    q, aff = _sub(lab, affine, stride)
-    return PackedVolume(
-        "regions.nii.gz", _nifti_b64(q, aff, 1.0, 0.0, label=True), 0.0, float(len(names)), {"labels": list(names)}
-    )
+def pack_region(
+    mask: np.ndarray,
+    name: str,
+    color: Sequence[float],
+    affine: np.ndarray,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    min_stride: int = 1,
+):
+    """One predicted region [X, Y, Z] as a 0/1 uint8 label volume (NIfTI label intent: NiiVue draws it as an
+    outline), with its segment colour (RGB 0..1, the display spec's). ``min_stride``: as :func:`pack_map` (a region
+    predicted on the model's working grid carries no finer detail)."""
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    q, aff = _sub(m, affine, max(_stride(m.shape, max_voxels), int(min_stride)))
+    info = {"label": str(name), "color": [float(c) for c in color]}
+    return PackedVolume(f"{name}.nii.gz", _nifti_b64(q, aff, 1.0, 0.0, label=True), 0.0, 1.0, info)
+
+
+def volume_js(key: str, entry: dict[str, Any]) -> str:
+    """The text of ``data/<case>/<key>.js``: ``window.MEDCAM_VOLUME("<key>", {...});`` (loaded on demand by a
+    ``<script>`` tag, which file:// pages allow)."""
+    return f"window.MEDCAM_VOLUME({json.dumps(key)}, " + json.dumps(entry, separators=(",", ":")) + ");\n"
 
 
 def case_js(payload: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-/* medcam report: one case in NiiVue. Data: window.MEDCAM_CASE (data/<case>.js); library: window.niivue (UMD). */
+/* medcam report: one case in NiiVue. Data: window.MEDCAM_CASE (data/<case>.js: display spec, records, regions);
+   each scan / map volume in data/<case>/<key>.js, loaded by a <script> tag when first shown; library: window.niivue. */
 (function () {
   "use strict";
   const D = window.MEDCAM_CASE;
@@ -22,45 +23,79 @@
     sagittalNoseLeft: true,
     logLevel: "error",
   });
-  let scanVol = null, mapVol = null, regionVol = null, current = null;
+  // volumes on demand: data/<case>/<key>.js calls window.MEDCAM_VOLUME(key, entry)
+  const pending = {}, cache = {};
+  window.MEDCAM_VOLUME = (key, entry) => { if (pending[key]) { pending[key](entry); delete pending[key]; } };
+  function fetchVolume(key) {
+    if (cache[key]) return cache[key];
+    cache[key] = new Promise((resolve, reject) => {
+      pending[key] = resolve;
+      const s = document.createElement("script");
+      s.src = "../data/" + encodeURIComponent(D.case_id) + "/" + key + ".js";
+      s.onerror = () => reject(new Error("cannot load " + s.src));
+      document.head.appendChild(s);
+    });
+    return cache[key];
+  }
+  let scanVol = null, scanChannel = null, mapVol = null, current = null;
+  const regionVols = [];
   const thr = document.getElementById("threshold"), thrText = document.getElementById("thr-value");
   const opac = document.getElementById("opacity"), outl = document.getElementById("outlines");
   const scanSel = document.getElementById("scan");
-  const scaleMax = D.scale[1];
 
   function load(entry, opts) {
     return NV.NVImage.loadFromBase64(Object.assign({ base64: entry.b64, name: entry.name }, opts));
   }
-  function threshold() { return (Number(thr.value) / 1000) * scaleMax; }
+  function colormapOf(lut) {  // the display spec's LUT (RGBA 0..1, ramp in alpha) as a NiiVue colour map
+    const c = { R: [], G: [], B: [], A: [], I: [] };
+    lut.forEach((e, i) => {
+      c.R.push(Math.round(255 * e[0])); c.G.push(Math.round(255 * e[1])); c.B.push(Math.round(255 * e[2]));
+      c.A.push(Math.round(255 * e[3])); c.I.push(i);
+    });
+    return c;
+  }
+  const mapScale = () => (current === null ? [0, 1] : D.maps[current].scale);
+  function threshold() { const s = mapScale(); return s[0] + (Number(thr.value) / 1000) * (s[1] - s[0]); }
   function applyMapDisplay() {
     if (!mapVol) return;
-    const t = threshold();
+    const s = mapScale(), t = threshold();
     thrText.textContent = t.toPrecision(3);
-    mapVol.cal_min = Math.max(t, scaleMax * 1e-6);
-    mapVol.cal_max = scaleMax;
+    mapVol.cal_min = Math.max(t, s[0] + (s[1] - s[0]) * 1e-6);
+    mapVol.cal_max = s[1];
     mapVol.opacity = Number(opac.value) / 100;
     nv.updateGLVolume();
   }
-  function order() {
-    const vols = [scanVol, mapVol, outl.checked ? regionVol : null].filter(Boolean);
-    for (const v of nv.volumes.slice()) if (!vols.includes(v)) nv.removeVolume(v);
-    for (const v of vols) if (!nv.volumes.includes(v)) nv.addVolume(v);
-    vols.forEach((v, i) => nv.setVolume(v, i));
+  function order() {  // one GL refresh for the whole stack (per-volume add/set calls refresh every layer each time)
+    const vols = [scanVol, mapVol].concat(outl.checked ? regionVols : []).filter(Boolean);
+    if (vols.length === nv.volumes.length && vols.every((v, i) => nv.volumes[i] === v)) return;
+    nv.volumes = vols;
+    nv.back = vols[0] || null;
+    nv.overlays = vols.slice(1);
+    nv.updateGLVolume();
   }
-  async function showScan(ch) {
-    const entry = D.scans.find((s) => s.channel === ch) || D.scans[0];
-    scanVol = await load(entry, { colormap: "gray", cal_min: entry.cal_min, cal_max: entry.cal_max, colorbarVisible: false });
+  async function showScan(ch, window_) {
+    const rec = D.scans.find((s) => s.channel === ch) || D.scans[0];
+    const entry = await fetchVolume(rec.key);
+    const w = window_ || [rec.cal_min, rec.cal_max];
+    if (scanChannel !== rec.channel) {
+      scanVol = await load(entry, { colormap: "gray", cal_min: w[0], cal_max: w[1], colorbarVisible: false });
+      scanChannel = rec.channel;
+    } else { scanVol.cal_min = w[0]; scanVol.cal_max = w[1]; }
+    scanSel.value = rec.channel;
     order(); applyMapDisplay();
   }
   async function showMap(i) {
-    const entry = D.maps[i];
+    const rec = D.maps[i];
     current = i;
-    mapVol = await load(entry, { colormap: "turbo", cal_min: scaleMax * 1e-6, cal_max: scaleMax, opacity: 0.7 });
+    say("loading " + rec.method_label + " | " + rec.target + " ...");
+    const entry = await fetchVolume(rec.key);
+    mapVol = await load(entry, { colormap: "medcam", cal_min: rec.scale[1] * 1e-6, cal_max: rec.scale[1], opacity: 0.6 });
     document.querySelectorAll("#map-buttons button").forEach((b) => b.classList.toggle("on", Number(b.dataset.i) === i));
-    say(entry.method_label + " | target " + entry.target + " | map max " + entry.max.toPrecision(3) +
-        (entry.max > 0 ? "" : " | map is zero"));
-    order(); applyMapDisplay();
-    const c = (D.centres_mm || {})[entry.target];  // the slices of the PNGs: the ROI's centre of mass
+    await showScan(rec.background || D.background, rec.window);  // the target's own background and window
+    say(rec.method_label + " | target " + rec.target + " | map max " + rec.max.toPrecision(3) +
+        (rec.zero ? " | map is zero" : "") + " | scale 0.." + rec.scale[1].toPrecision(3) + " " + D.display.unit +
+        (rec.own_scale ? " (own scale)" : ""));
+    const c = rec.centre_mm;  // the slices of the PNGs
     if (c && nv.volumes.length) { nv.scene.crosshairPos = nv.mm2frac(c); nv.drawScene(); }
   }
   function buttons() {
@@ -84,7 +119,7 @@
         if (i >= 0) {
           const b = document.createElement("button");
           b.dataset.i = String(i);
-          b.textContent = "max " + D.maps[i].max.toPrecision(3);
+          b.textContent = D.maps[i].zero ? "map is zero" : "max " + D.maps[i].max.toPrecision(3);
           b.addEventListener("click", () => showMap(i));
           td.appendChild(b);
         }
@@ -94,35 +129,41 @@
     }
     box.appendChild(tbl);
   }
+  async function regions() {
+    const legend = document.getElementById("legend");
+    if (!D.regions.length) { outl.disabled = true; return; }
+    legend.appendChild(document.createTextNode("Outlines: "));
+    for (const r of D.regions) {  // each region its own label volume: nested regions never overwrite each other
+      // NiiVue draws a label volume's border voxels at alpha = atlasOutline (1) and its inside at the volume's
+      // opacity: a near-zero opacity leaves the outline only
+      const v = await load(r, { colorbarVisible: false, opacity: 0.001 });
+      const rgb = r.color.map((x) => Math.round(255 * x));
+      v.setColormapLabel({ R: [0, rgb[0]], G: [0, rgb[1]], B: [0, rgb[2]], A: [0, 255], I: [0, 1], labels: ["", r.label] });
+      regionVols.push(v);
+      const sw = document.createElement("span");
+      sw.className = "swatch";
+      sw.style.cssText = "display:inline-block;width:1em;height:0.8em;margin:0 0.3em 0 0.8em;background:#222;border:2px solid rgb(" + rgb.join(",") + ")";
+      legend.appendChild(sw);
+      legend.appendChild(document.createTextNode(r.label));
+    }
+    nv.setAtlasOutline(1);
+  }
   async function main() {
     await nv.attachTo("gl");
     nv.setSliceType(nv.sliceTypeMultiplanar);
+    nv.addColormap("medcam", colormapOf(D.display.lut));
     for (const s of D.scans) {
       const o = document.createElement("option"); o.value = s.channel; o.textContent = s.channel;
-      if (s.channel === D.background) o.selected = true;
       scanSel.appendChild(o);
     }
     buttons();
-    if (D.regions) {
-      regionVol = await load(D.regions, { colorbarVisible: false, opacity: 1 });
-      const n = D.regions.labels.length, pal = [[0, 255, 255], [255, 0, 255], [255, 255, 0], [0, 255, 0], [255, 128, 0]];
-      const R = [0], G = [0], B = [0], A = [0], I = [0];
-      for (let k = 0; k < n; k++) { const c = pal[k % pal.length]; R.push(c[0]); G.push(c[1]); B.push(c[2]); A.push(0); I.push(k + 1); }
-      regionVol.setColormapLabel({ R, G, B, A, I, labels: ["background"].concat(D.regions.labels) });
-      nv.setAtlasOutline(1);
-      document.getElementById("legend").textContent = "Outlines: " + D.regions.labels.map((l, k) =>
-        l + " (" + ["cyan", "magenta", "yellow", "green", "orange"][k % 5] + ")").join(", ") + ".";
-    } else {
-      outl.disabled = true;
-    }
-    await showScan(D.background);
-    let first = 0;  // start with the strongest map (the others are one click away)
-    D.maps.forEach((m, i) => { if (m.max > D.maps[first].max) first = i; });
-    if (D.maps.length) await showMap(first);
+    await regions();
+    if (D.maps.length) await showMap(0); else await showScan(D.background);
     thr.addEventListener("input", applyMapDisplay);
     opac.addEventListener("input", applyMapDisplay);
     outl.addEventListener("change", () => { order(); nv.updateGLVolume(); });
     scanSel.addEventListener("change", () => showScan(scanSel.value));
+    window.MEDCAM_VIEWER = { nv: nv, scan: () => scanChannel, map: () => current };  // for tests and the console
     document.body.dataset.ready = "1";
   }
   main().catch((e) => { say("viewer error: " + e); console.error(e); });
