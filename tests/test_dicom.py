@@ -476,3 +476,25 @@ def test_store_failures_are_reported_and_bad_outputs_store_nothing(roundtrip, tm
         with pytest.raises(DicomwebError, match="cannot be read .* nothing stored"):
             store_case(case, root, Auth(), progress=False)
         assert len(fake.posts) == 1  # validated before the first STOW: nothing sent
+
+
+def test_secondary_capture_colours_follow_the_display_spec():
+    """The overlay's colours are the display spec's: its colour table (with the ramp) indexed on the map's scale,
+    so a map of 0.5 on its method's scale 0..2 is drawn with entry 64, not with the top entry of its own maximum."""
+    from medcam.io.dicom_overlay import overlay_rgb
+    from medcam.io.display import Ramp, heat_lut
+
+    bg = np.full((4, 4, 2), 100.0)
+    bg[0, 0, 0] = 50.0
+    hm = np.zeros((4, 4, 2))
+    hm[1, 1, 0], hm[2, 2, 1] = 0.5, 1.0
+    ramp = Ramp(threshold=0.02, full_at=0.1, opacity=0.6)
+    lut = heat_lut("viridis", ramp)
+    spec = overlay_rgb(bg, hm, scale=(0.0, 2.0), cmap="viridis", ramp=ramp).astype(float)
+    own = overlay_rgb(bg, hm, cmap="viridis", ramp=ramp).astype(float)
+    grey = spec[1, 2, 0, 0] / 255.0  # a zero-map pixel of the same background value
+    assert spec[1, 2, 0, 0] == spec[1, 2, 0, 1] == spec[1, 2, 0, 2]
+    for rgb, idx in ((spec[1, 1, 0], 64), (spec[2, 2, 1], 128), (own[1, 1, 0], 128), (own[2, 2, 1], 255)):
+        a = lut[idx, 3] * ramp.opacity
+        np.testing.assert_allclose(rgb, np.round((grey * (1 - a) + lut[idx, :3] * a) * 255.0), atol=0)
+    assert not np.array_equal(spec[1, 1, 0], own[1, 1, 0])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class CaseMaps:
         background: the reference scan as loaded (for the overlays).
         affine: 4x4 RAS voxel->world affine (mm) of that grid.
         model: the model's description (ManufacturerModelName, algorithm name).
+        scales: map name -> its colour scale (lo, hi) from the display spec (missing: 0 .. the map's maximum).
+        ramp: the display spec's :class:`~medcam.io.display.Ramp` (None: the default).
     """
 
     maps: Mapping[str, tuple[np.ndarray, str]]
@@ -39,6 +41,8 @@ class CaseMaps:
     background: np.ndarray
     affine: np.ndarray
     model: str
+    scales: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    ramp: Any = None
 
 
 def wants_dicom(mode: str, reference: Path) -> bool:
@@ -79,7 +83,10 @@ def build_case_objects(source_folder: Path, data: CaseMaps, cmap: str) -> dict[s
         objects["seg.dcm"] = segmentation(source, data.regions, geom, model=data.model, series_number=9000)
     for name, (vol, desc) in data.maps.items():
         number += 1
-        sc = overlay_series(source, data.background, vol, geom, description=f"{desc} overlay", series_number=number)
+        sc = overlay_series(
+            source, data.background, vol, geom, description=f"{desc} overlay", series_number=number,
+            scale=data.scales.get(name), cmap=cmap, ramp=data.ramp,
+        )  # fmt: skip
         objects.update({f"sc_{_stem(name)}/{k + 1:04d}.dcm": ds for k, ds in enumerate(sc)})
     return objects
 
@@ -125,6 +132,7 @@ def case_dicom(
     model: str,
     layer: str,
     mode: str | None,
+    display: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The DICOM outputs of an explained case when ``mode`` asks for them (:func:`wants_dicom`), else None.
 
@@ -135,6 +143,8 @@ def case_dicom(
         regions: segment label -> 0/1 mask ``[X, Y, Z]`` on the original grid.
         model, layer: recorded in the objects (model name, map descriptions).
         mode: "auto", "on", "off" or None (= "off").
+        display: the case's display spec (``summary.json`` ``figures.display``): the overlays' colour map, ramp and
+            each map's scale; None: the default colour map, each map on 0 .. its maximum.
     """
     from ..data.loading import read_volume
 
@@ -144,14 +154,21 @@ def case_dicom(
     described = {name: (vol, f"{name} CAM, layer {layer}") for name, vol in maps.items()}
     background = read_volume(ref).numpy()
     affine = np.asarray(case.original_affine, dtype=float)
-    data = CaseMaps(described, dict(regions), background, affine, model)
+    scales, ramp, cmap = {}, None, None
+    if display:
+        from .display import spec_from_json
+
+        spec = spec_from_json(display)
+        scales = {f"{m.method.replace('+', 'pp')} {m.target}": m.scale for m in spec.maps}
+        ramp, cmap = spec.ramp, spec.cmap
+    data = CaseMaps(described, dict(regions), background, affine, model, scales, ramp)
     source, new_study = ref, not ref.is_dir()
     if new_study:  # the scan itself becomes the source series of a new study
         from .dicom_source import write_scan_series
 
         source = out_dir / "source"
         write_scan_series(background, affine, source, case_id=str(case.case_id), source_name=ref.name)
-    record = write_case_dicom(out_dir, source, data)
+    record = write_case_dicom(out_dir, source, data, cmap=cmap)
     if new_study:
         scan = check_written(sorted(source.glob("*.dcm")))
         record["objects"] = [{**r, "path": str(Path(r["path"]).relative_to(out_dir))} for r in scan] + record["objects"]

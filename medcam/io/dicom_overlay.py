@@ -1,8 +1,8 @@
 """RGB secondary-capture overlay series (highdicom ``SCImage``): the scan in grey with a map blended in colour.
 
 One image per frame of the source grid, same rows/columns/pixel spacing as the source slice it is derived from
-(referenced in SourceImageSequence). The colours are those of the PNG overlays (:func:`medcam.io.overlays.heat_cmap`:
-zero voxels transparent, opacity ramping up over the lowest 10 % of the scale), scaled 0 .. the map's maximum.
+(referenced in SourceImageSequence). The colours are those of the case's display spec (:mod:`medcam.io.display`:
+its colour table with the opacity ramp, and each map's colour scale, the same as in the PNGs, the viewer and Slicer).
 """
 
 from __future__ import annotations
@@ -19,18 +19,30 @@ from .dicom_out import MANUFACTURER, FrameGeometry, with_laterality
 OPACITY = 0.6
 
 
-def overlay_rgb(background: np.ndarray, heatmap: np.ndarray, *, opacity: float = OPACITY) -> np.ndarray:
+def overlay_rgb(
+    background: np.ndarray,
+    heatmap: np.ndarray,
+    *,
+    scale: tuple[float, float] | None = None,
+    cmap: str | None = None,
+    ramp: Any = None,
+) -> np.ndarray:
     """RGB uint8 ``[..., 3]`` of ``background`` (grey, windowed 1st-99th percentile of its non-zero voxels) with
-    ``heatmap`` (same shape, scaled 0 .. its max) blended in the overlay colour map; where the map is 0 the pixel
-    is grey (R = G = B)."""
-    from .overlays import foreground_window, heat_cmap
+    ``heatmap`` (same shape) blended in the display spec's colours (:func:`medcam.io.display.heat_lut` of ``cmap``
+    and ``ramp``, :class:`medcam.io.display.Ramp`) on the colour ``scale`` (lo, hi) in map units (None: 0 .. the
+    map's maximum); where the map is 0 the pixel is grey (R = G = B)."""
+    from .display import DEFAULT_CMAP, Ramp, heat_lut
+    from .overlays import foreground_window
 
+    r = ramp if ramp is not None else Ramp()
     lo, hi = foreground_window(np.asarray(background, dtype=np.float64))
     grey = np.clip((np.asarray(background, dtype=np.float64) - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
     hm = np.clip(np.asarray(heatmap, dtype=np.float64), 0.0, None)
-    top = float(hm.max()) or 1.0
-    rgba = np.asarray(heat_cmap()(hm / top))  # the overlays' colour map (one call: switchable at one place)
-    alpha = np.where(hm > 0, rgba[..., 3], 0.0)[..., None] * opacity
+    s_lo, s_hi = scale if scale is not None else (0.0, float(hm.max()) or 1.0)
+    lut = heat_lut(cmap or DEFAULT_CMAP, r)  # 256 x RGBA, the PNGs' / viewer's / Slicer's table
+    idx = np.clip(np.round((hm - s_lo) / ((s_hi - s_lo) or 1.0) * 255.0), 0, 255).astype(np.int64)
+    rgba = lut[idx]
+    alpha = np.where(hm > 0, rgba[..., 3], 0.0)[..., None] * r.opacity
     rgb = grey[..., None] * (1.0 - alpha) + rgba[..., :3] * alpha
     return np.round(rgb * 255.0).astype(np.uint8)
 
@@ -72,14 +84,18 @@ def overlay_series(
     *,
     description: str,
     series_number: int,
+    scale: tuple[float, float] | None = None,
+    cmap: str | None = None,
+    ramp: Any = None,
 ) -> list[Any]:
-    """The secondary-capture images (one per frame) of ``heatmap`` over ``background`` (both ``[X, Y, Z]``)."""
+    """The secondary-capture images (one per frame) of ``heatmap`` over ``background`` (both ``[X, Y, Z]``),
+    coloured as :func:`overlay_rgb` (``scale``, ``cmap``, ``ramp``: the display spec's)."""
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
     refs = match_sources(source, geometry)
-    rgb = overlay_rgb(background, heatmap)  # [X, Y, Z, 3]
+    rgb = overlay_rgb(background, heatmap, scale=scale, cmap=cmap, ramp=ramp)  # [X, Y, Z, 3]
     series_uid = hd.UID()
     orientation = patient_orientation(geometry.orientation)
     out = []

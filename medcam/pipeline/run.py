@@ -253,7 +253,12 @@ def _sliding_record(ex: _Explained, inferer: Any) -> dict[str, Any] | None:
 
 
 def _dicom_outputs(
-    ex: _Explained, staging: Path, maps: Mapping[str, np.ndarray], pred: np.ndarray, mode: str | None
+    ex: _Explained,
+    staging: Path,
+    maps: Mapping[str, np.ndarray],
+    pred: np.ndarray,
+    mode: str | None,
+    display: Mapping[str, Any] | None,
 ) -> dict[str, Any] | None:
     """The case's DICOM objects (:func:`medcam.io.dicom_case.case_dicom`): every map, the predicted regions and
     the targets' ROIs, on the original grid."""
@@ -266,7 +271,9 @@ def _dicom_outputs(
     rois = np.stack([t.roi(ex.output)[0].float().cpu().numpy() for t in ex.targets])
     regions.update({f"ROI {s.name}": m for s, m in zip(ex.specs, ex.case.invert(rois, nearest=True))})
     model = f"{ex.model.kind} {ex.model.spec}"
-    return case_dicom(staging / "dicom", ex.case, maps, regions, model=model, layer=ex.first.layer, mode=mode)
+    return case_dicom(
+        staging / "dicom", ex.case, maps, regions, model=model, layer=ex.first.layer, mode=mode, display=display
+    )
 
 
 def _write_case_files(
@@ -292,7 +299,7 @@ def _write_case_files(
     case, rows = ex.case, _target_rows(ex)
     slicer_maps, originals, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
     pred = _predicted_regions(ex, threshold)
-    dicom_record = _dicom_outputs(ex, staging, originals, pred, dicom)
+    dicom_record = _dicom_outputs(ex, staging, originals, pred, dicom, (written or {}).get("display"))
     if slicer:
         with scene_inputs(scene_images(case), staging / ".scene-inputs") as images:  # DICOM folders as NIfTI
             export_slicer_scene(
