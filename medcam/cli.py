@@ -360,14 +360,12 @@ class _Dicomweb:
     cases' DICOM outputs stored after it (--store)."""
 
     def __init__(self, inputs: Sequence[str], output: str, quiet: bool, kw: dict[str, Any]) -> None:
-        from .io.dicomweb import Auth, is_dicomweb
-
         opts = {k: kw.pop(k) for k in list(kw) if k.startswith("dicomweb_")}
         self.store, self.output, self.quiet = kw.pop("store"), output, quiet
-        self.auth = Auth(
-            opts["dicomweb_token"], opts["dicomweb_user"], opts["dicomweb_password"], opts["dicomweb_timeout"]
-        )
-        web = [i for i in inputs if is_dicomweb(i)]
+        self.opts = opts
+        # medcam.io.dicomweb.is_dicomweb's test, without importing medcam.io (torch, MONAI): input errors stay fast
+        web = [i for i in inputs if str(i).startswith("dicomweb:")]
+        self.is_web = bool(web)
         self.source: Any = None
         if not web:
             if self.store or opts["dicomweb_series"]:
@@ -382,12 +380,20 @@ class _Dicomweb:
         self.cache = Path(opts["dicomweb_cache"] or Path(output) / ".dicomweb")
         self.inputs = list(inputs)
 
+    @property
+    def auth(self) -> Any:
+        """The :class:`medcam.io.dicomweb.Auth` of the options."""
+        from .io.dicomweb import Auth
+
+        o = self.opts
+        return Auth(o["dicomweb_token"], o["dicomweb_user"], o["dicomweb_password"], o["dicomweb_timeout"])
+
     def fetch(self) -> list[str]:
         """The inputs with a dicomweb: input replaced by the manifest of its fetched series."""
-        from .io.dicomweb import fetch_case, is_dicomweb, parse_source
-
-        if not any(is_dicomweb(i) for i in self.inputs):
+        if not self.is_web:
             return self.inputs
+        from .io.dicomweb import fetch_case, parse_source
+
         self.source = parse_source(self.inputs[0])
         manifest = fetch_case(self.source, self.cache, self.auth, explicit=self.series, progress=not self.quiet)
         return [str(manifest)]
@@ -435,7 +441,7 @@ def method_option(default: str, synth: bool = False) -> Callable[[F], F]:
 
 def _slice_at(value: str) -> str:
     """Check ``--slice-at`` (roi, max or x,y,z in RAS mm) before anything runs."""
-    from .io.case_figures import parse_slice_at
+    from .geometry import parse_slice_at  # not medcam.io (torch, MONAI): a typo answers at once
 
     try:
         parse_slice_at(value)

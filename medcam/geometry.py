@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MedcamDataError
+
 __all__ = ["spacing_of"]
 
 
@@ -15,3 +17,17 @@ def spacing_of(affine: Any) -> tuple[float, ...]:
     a = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=float)
     n = a.shape[0] - 1
     return tuple(float(v) for v in np.linalg.norm(a[:n, :n], axis=0))
+
+
+def parse_slice_at(slice_at: str) -> tuple[float, float, float] | None:
+    """None for "roi"/"max"; the RAS point (mm) of ``"x,y,z"``.
+
+    Raises:
+        MedcamDataError: anything else."""
+    if slice_at in ("roi", "max"):
+        return None
+    try:
+        x, y, z = (float(v) for v in str(slice_at).split(","))
+    except ValueError:
+        raise MedcamDataError(f"slice position must be 'roi', 'max' or 'x,y,z' (RAS mm), got {slice_at!r}") from None
+    return x, y, z

@@ -498,3 +498,10 @@ def test_secondary_capture_colours_follow_the_display_spec():
         a = lut[idx, 3] * ramp.opacity
         np.testing.assert_allclose(rgb, np.round((grey * (1 - a) + lut[idx, :3] * a) * 255.0), atol=0)
     assert not np.array_equal(spec[1, 1, 0], own[1, 1, 0])
+
+
+def test_the_cli_tells_dicomweb_inputs_by_the_modules_prefix():
+    """The CLI tests for ``dicomweb:`` without importing medcam.io (a missing file answers before torch is loaded)."""
+    from medcam.io.dicomweb import PREFIX, is_dicomweb
+
+    assert PREFIX == "dicomweb:" and is_dicomweb("dicomweb:http://h/dicom-web/studies/1")

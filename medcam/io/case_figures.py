@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from medcam.data.loading import MedcamDataError
+from medcam.geometry import parse_slice_at
 from medcam.io.atomic import atomic_write
 from medcam.io.display import (
     DEFAULT_CMAP,
@@ -103,20 +104,6 @@ class _Labels:
     case_id: str
     layer: str
     roi_ml: Mapping[str, float]
-
-
-def parse_slice_at(slice_at: str) -> tuple[float, float, float] | None:
-    """None for "roi"/"max"; the RAS point (mm) of ``"x,y,z"``.
-
-    Raises:
-        MedcamDataError: anything else."""
-    if slice_at in ("roi", "max"):
-        return None
-    try:
-        x, y, z = (float(v) for v in str(slice_at).split(","))
-    except ValueError:
-        raise MedcamDataError(f"slice position must be 'roi', 'max' or 'x,y,z' (RAS mm), got {slice_at!r}") from None
-    return x, y, z
 
 
 def _centres(

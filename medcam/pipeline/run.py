@@ -600,7 +600,7 @@ def explain_files(
     (``roi``, ``max`` or ``x,y,z`` in RAS mm).
     ``dicom``: DICOM outputs (:mod:`medcam.io.dicom_case`): ``auto`` for DICOM-series cases, ``on``, ``off``."""
     from ..errors import MedcamError
-    from ..io.case_figures import parse_slice_at
+    from ..geometry import parse_slice_at
     from ..io.dicom_case import check_dicom_cases
 
     try:
