@@ -224,7 +224,8 @@ def model_options(fn: F) -> F:
             click.option(
                 "--model", "-m", "model_spec", default="demo", show_default=True, metavar="MODEL",
                 help="'demo' (built-in SegResNet, BraTS TC/WT/ET), 'package.module:function' or 'file.py:function' "
-                "(factory returning the network), or a MONAI bundle folder (configs/inference.json + models/model.pt).",
+                "(factory returning the network), a MONAI bundle folder (configs/inference.json + models/model.pt), or "
+                "nnunet:FOLDER (a trained nnU-Net v2 model folder; --folds, --checkpoint-name).",
             ),
             click.option(
                 "--checkpoint", type=click.Path(dir_okay=False), default=None,

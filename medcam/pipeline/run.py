@@ -443,6 +443,7 @@ class ExplainWork:
         state = self.__dict__.copy()
         net = self.model.net
         if self.model.framework_adapter is not None:  # an adapter that pickles itself (nnU-Net: without its model)
+            state["model"] = replace(self.model, net=nn.Identity())  # its network comes back with the adapter's setup
             return state
         if any(t.device.type != "cpu" for t in itertools.chain(net.parameters(), net.buffers())):
             state["model"] = replace(self.model, net=copy.deepcopy(net).cpu())
