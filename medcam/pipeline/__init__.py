@@ -54,12 +54,13 @@ from __future__ import annotations
 
 from ..geometry import spacing_of
 from ..types import PathLike
+from .adapters import predict
 from .cases import CaseLayout, CaseSource, discover_cases, load_case, split_parts
 from .cohort import SUMMARY_NAME, json_key, process_case, read_summary, run_cohort, staged_case_dir, versions
 from .errors import PipelineError
 from .executors import LocalExecutor, resolve_executor
 from .models import LoadedModel, load_model, load_state_dict_file
-from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files, predict
+from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files
 from .settings import Prepared, RunSettings, make_inferer, prepare, resolve_device, sliding_settings
 from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
 

@@ -18,19 +18,53 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..frameworks.base import Activation, Framework, segmentation_dtype
+from ..hooks import is_size_mismatch
+from ..runner import ModelRunner
 from ..types import PathLike
 from .cases import CaseLayout, CaseSource, discover_cases
 from .errors import PipelineError
-from .models import LoadedModel
 
-__all__ = ["MonaiAdapter", "BundleAdapter", "adapter_of"]
+__all__ = ["MonaiAdapter", "BundleAdapter", "adapter_of", "predict", "model_failure", "predicted_regions"]
 
 
-def adapter_of(model: LoadedModel) -> Any:
-    """The adapter of a loaded MONAI model: :class:`BundleAdapter` when it runs a bundle's own preprocessing,
+def adapter_of(model: Any) -> Any:
+    """The adapter of a loaded MONAI model (a :class:`~medcam.pipeline.LoadedModel`): :class:`BundleAdapter` when it runs a bundle's own preprocessing,
     else :class:`MonaiAdapter`."""
     return BundleAdapter(model) if model.bundle_preprocessing is not None else MonaiAdapter(model)
+
+
+def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
+    """Model output ``[B, C, *S]`` (float32, detached): ``inferer(image, net)`` or ``net(image)``, output selected
+    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`).
+
+    Raises:
+        ModelError: the network failed on the case, with the command-line fix for a volume-size mismatch.
+    """
+    try:
+        return ModelRunner(net, amp=amp).predict(image, inferer)
+    except ModelError as e:
+        cause = e.__cause__
+        if cause is None or not is_size_mismatch(cause):
+            raise
+        raise model_failure(cause, tuple(image.shape), inferer is not None) from e
+    except RuntimeError as e:  # raised outside the model (e.g. by the sliding-window inferer)
+        raise model_failure(e, tuple(image.shape), inferer is not None) from e
+
+
+def model_failure(error: BaseException, shape: tuple[int, ...], sliding: bool) -> ModelError:
+    """The network failed on a preprocessed case: say so, with the command-line fix for a volume-size mismatch."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = f"the model failed on the preprocessed case of shape {shape} ({type(error).__name__}: {first[:300]})"
+    if is_size_mismatch(error):
+        where = "each window (--roi-size)" if sliding else "the volume"
+        text += (
+            f"; the network needs spatial sizes divisible by its total downsampling factor: pad {where} with "
+            "--divisible-by 16 (2^levels of the encoder; 8 or 32 for other depths)"
+            + (", and choose an --roi-size divisible by it" if sliding else ", or use --roi-size")
+        )
+    return ModelError(text)
 
 
 def _as_tensor(image: Any) -> torch.Tensor:
@@ -41,7 +75,8 @@ def _as_tensor(image: Any) -> torch.Tensor:
 class MonaiAdapter:
     """A PyTorch/MONAI network (demo, ``module:function`` factory, bare module) with medcam's preprocessing."""
 
-    model: LoadedModel
+    #: the :class:`~medcam.pipeline.LoadedModel` (not imported here: the model module creates its adapters)
+    model: Any
 
     @property
     def framework(self) -> Framework:
@@ -94,8 +129,6 @@ class MonaiAdapter:
     def predict(
         self, case: Any, targets: Sequence[Any], *, inferer: Any, device: torch.device, amp: bool
     ) -> torch.Tensor:
-        from .run import predict
-
         image = _as_tensor(case.image)[None].float().to(device)
         return predict(self.model.net.to(device), image, inferer, amp=amp)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from ..types import PathLike
 from .errors import PipelineError
-from .models import LoadedModel
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
 
@@ -236,8 +235,9 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
     return cases
 
 
-def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
-    """Load one case on the model's grid with the model's own preprocessing (its adapter's
+def load_case(source: CaseSource | PathLike, model: Any) -> Any:
+    """Load one case on the model's grid (``model``: a :class:`~medcam.pipeline.LoadedModel`) with the model's own
+    preprocessing (its adapter's
     :meth:`~medcam.frameworks.base.FrameworkAdapter.load_case`: medcam's preprocessing with the model's channel
     order, orientation, spacing, ...; a bundle's own preprocessing; nnU-Net's preprocessor).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,10 +19,9 @@ from torch import nn
 from ..errors import ModelError, TargetError
 from ..frameworks.base import Framework
 from ..geometry import spacing_of
-from ..hooks import is_size_mismatch
 from ..result import CAMResult
-from ..runner import ModelRunner
 from ..types import PathLike
+from .adapters import predicted_regions
 from .cases import CaseSource, load_case, split_parts
 from .cohort import run_cohort, source_inputs, write_case
 from .errors import PipelineError
@@ -51,38 +51,6 @@ SCORE_DEFINITION = (
 )
 
 
-def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
-    """Model output ``[B, C, *S]`` (float32, detached): ``inferer(image, net)`` or ``net(image)``, output selected
-    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`).
-
-    Raises:
-        ModelError: the network failed on the case, with the command-line fix for a volume-size mismatch.
-    """
-    try:
-        return ModelRunner(net, amp=amp).predict(image, inferer)
-    except ModelError as e:
-        cause = e.__cause__
-        if cause is None or not is_size_mismatch(cause):
-            raise
-        raise model_failure(cause, tuple(image.shape), inferer is not None) from e
-    except RuntimeError as e:  # raised outside the model (e.g. by the sliding-window inferer)
-        raise model_failure(e, tuple(image.shape), inferer is not None) from e
-
-
-def model_failure(error: BaseException, shape: tuple[int, ...], sliding: bool) -> ModelError:
-    """The network failed on a preprocessed case: say so, with the command-line fix for a volume-size mismatch."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = f"the model failed on the preprocessed case of shape {shape} ({type(error).__name__}: {first[:300]})"
-    if is_size_mismatch(error):
-        where = "each window (--roi-size)" if sliding else "the volume"
-        text += (
-            f"; the network needs spatial sizes divisible by its total downsampling factor: pad {where} with "
-            "--divisible-by 16 (2^levels of the encoder; 8 or 32 for other depths)"
-            + (", and choose an --roi-size divisible by it" if sliding else ", or use --roi-size")
-        )
-    return ModelError(text)
-
-
 def _overlay_channel(case: Any, region: str) -> int:
     names = [str(n).lower() for n in case.channel_names]
     want = _OVERLAY_CHANNEL.get(region.upper())
@@ -90,7 +58,9 @@ def _overlay_channel(case: Any, region: str) -> int:
 
 
 def _file_stem(method: str, target: str) -> str:
-    return f"{method.replace('+', 'pp')}_{target}"
+    """``<method>_<target>`` as a file name: ``+`` -> ``pp``, characters other than letters, digits, ``.``, ``_``,
+    ``-`` -> ``_`` (nnU-Net's label names hold spaces: ``tumor core`` -> ``hirescam_tumor_core``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{method.replace('+', 'pp')}_{target}")
 
 
 @dataclass
@@ -239,8 +209,6 @@ def _write_method_maps(
 
 def _predicted_regions(ex: _Explained, threshold: float | None) -> np.ndarray:
     """0/1 prediction per output channel ``[C, *S]`` (:func:`medcam.pipeline.adapters.predicted_regions`)."""
-    from .adapters import predicted_regions
-
     return predicted_regions(ex.output, ex.model.adapter.activation, threshold)
 
 
