@@ -586,6 +586,9 @@ def _report(run: dict[str, Any], output: str) -> None:
     show_default=True,
     help="nnU-Net models: checkpoint file in each fold_N.",
 )
+@click.option(
+    "--disable-tta", is_flag=True, help="nnU-Net models: no test-time mirroring (as nnUNetv2_predict --disable_tta)."
+)
 @command_errors
 def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.
@@ -606,10 +609,11 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
-    folds, checkpoint_name = _nnunet_checkpoints(kw)
+    folds, checkpoint_name, mirroring = _nnunet_checkpoints(kw)
     kw["layers"] = [kw["layers"]] if kw.get("layers") else []
     executor = run_executor(kw)  # checked before the inputs and the model
-    settings = dataclasses.replace(run_settings(kw, quiet), folds=folds, checkpoint_name=checkpoint_name)
+    nn_options = {"folds": folds, "checkpoint_name": checkpoint_name, "use_mirroring": mirroring}
+    settings = dataclasses.replace(run_settings(kw, quiet), **nn_options)
     run = explain_files(inputs, settings, output, executor=executor, **kw)
     _report(run, output)
     if want_report:
@@ -618,12 +622,13 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
         sys.exit(1)
 
 
-def _nnunet_checkpoints(kw: dict[str, Any]) -> tuple[tuple[str, ...], str]:
-    """``--folds`` and ``--checkpoint-name`` (popped from ``kw``): the checkpoints of an ``nnunet:FOLDER`` model."""
+def _nnunet_checkpoints(kw: dict[str, Any]) -> tuple[tuple[str, ...], str, bool]:
+    """``--folds``, ``--checkpoint-name``, ``--disable-tta`` (popped from ``kw``): the checkpoints of an
+    ``nnunet:FOLDER`` model and whether its predictor mirrors."""
     folds = tuple(f.strip() for f in str(kw.pop("folds")).split(",") if f.strip())
     if not folds:
         raise click.UsageError("--folds: give at least one fold, e.g. 0 or 0,1,2,3,4")
-    return folds, str(kw.pop("checkpoint_name"))
+    return folds, str(kw.pop("checkpoint_name")), not kw.pop("disable_tta")
 
 
 def _write_report(output: str) -> None:

@@ -360,6 +360,7 @@ def load_model(
     weights: bool = True,
     folds: Sequence[int | str] = (0,),
     checkpoint_name: str = "checkpoint_final.pth",
+    use_mirroring: bool = True,
 ) -> LoadedModel:
     """Load the network to explain.
 
@@ -380,9 +381,9 @@ def load_model(
             ``SlidingWindowInferer`` roi_size; else whole image).
         layer: default layer (demo default :data:`~medcam.models.demo.DEMO_LAYER`; else ``"auto"``).
         weights: False builds the demo architecture without loading weights (for ``medcam layers``).
-        folds, checkpoint_name: for ``"nnunet:FOLDER"`` (a trained nnU-Net v2 model folder, run by its adapter
-            :class:`~medcam.frameworks.nnunet_adapter.NnUNetAdapter`): the folds to average and the checkpoint
-            file of each ``fold_N``. Its plans define preprocessing, windows and outputs: the options above that
+        folds, checkpoint_name, use_mirroring: for ``"nnunet:FOLDER"`` (a trained nnU-Net v2 model folder, run by its adapter
+            :class:`~medcam.frameworks.nnunet_adapter.NnUNetAdapter`): the folds to average, the checkpoint
+            file of each ``fold_N`` and the predictor's test-time mirroring. Its plans define preprocessing, windows and outputs: the options above that
             set them are refused.
 
     Returns:
@@ -398,7 +399,7 @@ def load_model(
     if str(spec).startswith("nnunet:"):
         given = {"checkpoint": checkpoint, "preprocessing": preprocessing or None, "regions": regions,
                  "activation": activation, "channel_order": channel_order, "roi_size": roi_size}  # fmt: skip
-        return _load_nnunet(str(spec), folds, checkpoint_name, str(device), layer, given)
+        return _load_nnunet(str(spec), (folds, checkpoint_name, use_mirroring), str(device), layer, given)
     loaded = _load_by_kind(str(spec), checkpoint, weights, preprocessing)
     _apply_overrides(
         loaded, preprocessing=preprocessing, regions=regions, activation=activation, channel_order=channel_order,
@@ -412,15 +413,16 @@ def load_model(
 
 def _load_nnunet(
     spec: str,
-    folds: Sequence[int | str],
-    checkpoint_name: str,
+    checkpoints: tuple[Sequence[int | str], str, bool],
     device: str,
     layer: str | None,
     given: Mapping[str, Any],
 ) -> LoadedModel:
-    """``nnunet:FOLDER`` through its adapter (options its plans define refused, naming them)."""
+    """``nnunet:FOLDER`` through its adapter; ``checkpoints``: (folds, checkpoint name, test-time mirroring); the
+    options its plans define are refused, naming them."""
     from ..frameworks.nnunet_adapter import load_adapter
 
+    folds, checkpoint_name, mirroring = checkpoints
     refused = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
     if refused:
         raise PipelineError(
@@ -428,7 +430,7 @@ def _load_nnunet(
             "them (use --folds and --checkpoint-name to pick the checkpoints)"
         )
     folder = spec[len("nnunet:") :]
-    adapter = load_adapter(folder, [f for f in folds], checkpoint_name, device=device)
+    adapter = load_adapter(folder, list(folds), checkpoint_name, device=device, use_mirroring=mirroring)
     net = adapter.network
     return LoadedModel(
         net=net, kind=Framework.NNUNET, spec=spec, checkpoint=checkpoint_name, regions=adapter.output_names,

@@ -105,7 +105,8 @@ class RunSettings:
         overwrite: redo finished cases / replace outputs.
         progress: tqdm bars.
         case_id: the case id (output sub-folder) when the inputs form one case (None: from the folder/file names).
-        folds, checkpoint_name: nnU-Net models (``model_spec`` ``nnunet:FOLDER``): folds and checkpoint file.
+        folds, checkpoint_name, use_mirroring: nnU-Net models (``model_spec`` ``nnunet:FOLDER``): folds,
+            checkpoint file, test-time mirroring.
     """
 
     model_spec: str = "demo"
@@ -129,6 +130,7 @@ class RunSettings:
     case_id: str | None = None
     folds: tuple[int | str, ...] = (0,)
     checkpoint_name: str = "checkpoint_final.pth"
+    use_mirroring: bool = True
 
 
 @dataclass
@@ -235,6 +237,7 @@ def prepare(
         roi_size=s.roi_size,
         folds=s.folds,
         checkpoint_name=s.checkpoint_name,
+        use_mirroring=s.use_mirroring,
     )
     if own_cases:
         cases = model.adapter.discover(list(inputs), s.case_id)

@@ -40,7 +40,7 @@ def nn_model(region_model_folder):
 
 @pytest.fixture(scope="module")
 def loaded(nn_model):
-    return load_model(f"nnunet:{nn_model.folder}")
+    return load_model(f"nnunet:{nn_model.folder}", use_mirroring=False)
 
 
 def _direct(model, files, target, method="hirescam"):
@@ -82,7 +82,7 @@ def test_case_folder_like_every_model_with_report_and_resume(nn_model, nnunet_la
     segmentation (nnU-Net's own integer labels), the summary schema of a demo case, the report, resume, parts."""
     out = tmp_path / "out"
     args = ["explain", str(nnunet_layout), "--model", f"nnunet:{nn_model.folder}", "--folds", "0", "-o", str(out)]
-    args += ["-t", "tumor core", "--num-parts", "3", "--part-id", "0", "--report", "-q"]
+    args += ["-t", "tumor core", "--num-parts", "3", "--part-id", "0", "--report", "-q", "--disable-tta"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, (r.output, r.stderr)
     cdir = out / "phantom_001"
@@ -95,9 +95,10 @@ def test_case_folder_like_every_model_with_report_and_resume(nn_model, nnunet_la
     demo_keys = {"source", "reference_image", "channels", "original_shape", "preprocessed_shape", "model", "layer",
                  "methods", "targets", "slicer_scene", "figures", "segmentation", "predicted_voxels", "timings"}  # fmt: skip
     assert demo_keys <= set(summary)
-    # the map: nnU-Net's explanation (use_mirroring as the CLI loads it), exported by nnU-Net, on the input's grid
+    # the map: nnU-Net's explanation (no mirroring: --disable-tta), exported by nnU-Net, on the input's grid
     files = sorted(nnunet_layout.glob("phantom_001_*.nii.gz"))
-    model = nnunet.load(nn_model.folder, folds=(0,))
+    model = nn_model
+    assert summary["model"]["mirror_axes"] == []
     direct, res = _direct(model, files, PredictedROI(1, activation="sigmoid"))
     np.testing.assert_allclose(_read(cdir / row["heatmaps"]["hirescam"]), direct, rtol=1e-5, atol=1e-6)
     assert row["roi_voxels"] == int(res.roi_voxels[0, 0]) > 0
@@ -148,10 +149,10 @@ def test_target_kinds_give_the_apis_numbers(nn_model, loaded, phantom_files, tmp
 
 def test_label_model_segmentation_and_argmax_region(label_model_folder, phantom_files, tmp_path):
     """Softmax (label-based) model: the explained region is nnU-Net's argmax; default targets skip background."""
-    lab = load_model(f"nnunet:{label_model_folder}")
+    lab = load_model(f"nnunet:{label_model_folder}", use_mirroring=False)
     out = tmp_path / "out"
-    run = explain_files([str(f) for f in phantom_files], RunSettings(model_spec=f"nnunet:{label_model_folder}",
-                        progress=False), out, slicer=False, png=False)  # fmt: skip
+    settings = RunSettings(model_spec=f"nnunet:{label_model_folder}", progress=False, use_mirroring=False)
+    run = explain_files([str(f) for f in phantom_files], settings, out, slicer=False, png=False)
     assert run["ok"] == 1, run["cases"]
     s = json.loads((out / "phantom_001" / "summary.json").read_text())
     assert [r["region"] for r in s["targets"]] == ["necrosis", "edema", "enhancing tumor"]
@@ -166,7 +167,7 @@ def test_label_model_segmentation_and_argmax_region(label_model_folder, phantom_
 def test_every_method_through_the_nnunet_adapter(nn_model, phantom_files, tmp_path, method):
     """Each method of medcam.METHODS (listed, not named): a case folder, or a clear error before any work."""
     adapter = from_model(nn_model)
-    model = load_model(f"nnunet:{nn_model.folder}")
+    model = load_model(f"nnunet:{nn_model.folder}", use_mirroring=False)
     model.framework_adapter = adapter
     (src,) = adapter.discover(phantom_files)
     case = adapter.load_case(src)
