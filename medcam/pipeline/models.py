@@ -397,7 +397,7 @@ def load_model(
             f"activation must be 'sigmoid', 'softmax' or 'none' (the model outputs probabilities), got {activation!r}"
         )
     if str(spec).startswith("nnunet:"):
-        given = {"checkpoint": checkpoint, "preprocessing": preprocessing or None, "regions": regions,
+        given = {"checkpoint": checkpoint, **dict(preprocessing or {}), "regions": regions,
                  "activation": activation, "channel_order": channel_order, "roi_size": roi_size}  # fmt: skip
         return _load_nnunet(str(spec), (folds, checkpoint_name, use_mirroring), str(device), layer, given)
     loaded = _load_by_kind(str(spec), checkpoint, weights, preprocessing)
