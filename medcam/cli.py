@@ -12,6 +12,7 @@ stderr) are silenced by ``--quiet``. Logging handlers and warning filters are se
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -232,7 +233,8 @@ def model_options(fn: F) -> F:
             click.option(
                 "--model", "-m", "model_spec", default="demo", show_default=True, metavar="MODEL",
                 help="'demo' (built-in SegResNet, BraTS TC/WT/ET), 'package.module:function' or 'file.py:function' "
-                "(factory returning the network), or a MONAI bundle folder (configs/inference.json + models/model.pt).",
+                "(factory returning the network), a MONAI bundle folder (configs/inference.json + models/model.pt), or "
+                "nnunet:FOLDER (a trained nnU-Net v2 model folder; --folds, --checkpoint-name).",
             ),
             click.option(
                 "--checkpoint", type=click.Path(dir_okay=False), default=None,
@@ -638,48 +640,6 @@ def layers_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------- explain
-def _run_nnunet(
-    inputs: Sequence[str], output: str, quiet: bool, folds: str, checkpoint_name: str, kw: dict[str, Any]
-) -> dict[str, Any]:
-    """``--model nnunet:FOLDER``: the cases of INPUTS (image files, nnU-Net's input layout, BraTS folders, a
-    manifest) run and explained as nnU-Net runs them, through the cohort loop; returns the run summary."""
-    from .frameworks import nnunet, nnunet_cases
-    from .pipeline import resolve_device
-
-    unsupported = [
-        f"--{k.replace('_', '-')}"
-        for k in (
-            "checkpoint",
-            "regions",
-            "activation",
-            "channel_order",
-            "spacing",
-            "orientation",
-            "roi_size",
-            "overlap",
-            "sw_batch_size",
-            "blend",
-            "crop_foreground",
-            "normalize",
-            "divisible_by",
-        )  # fmt: skip
-        if kw.get(k) is not None
-    ] + (["--amp"] if kw.get("amp") else [])
-    if unsupported:
-        _fail(f"{', '.join(unsupported)} do not apply to nnU-Net models: the model folder's plans define them")
-    executor = run_executor(kw)  # checked before the model is loaded
-    fold_list = [f.strip() for f in folds.split(",") if f.strip()]
-    spec = str(kw["model_spec"])[len("nnunet:") :]
-    model = nnunet.load(spec, folds=fold_list, checkpoint=checkpoint_name, device=resolve_device(kw["device"]))
-    return nnunet_cases.explain_cohort(
-        inputs, model, output, methods=_split_list(kw["methods"]) or ["hirescam"], targets=list(kw["targets"]),
-        layer=kw.get("layers") or "auto", threshold=kw.get("threshold"), case_id=kw.get("case_id"),
-        num_parts=kw["num_parts"], part_id=kw["part_id"], overwrite=kw["overwrite"], progress=not quiet,
-        executor=executor, png=kw["png"], threads=kw.get("threads"),
-        figures={"shared_scale": kw["shared_scale"], "slice_at": kw["slice_at"]},
-    )  # fmt: skip
-
-
 def _report(run: dict[str, Any], output: str) -> None:
     click.echo(
         f"medcam: {run['ok']} case(s) explained, {run['skipped']} skipped (already done), "
@@ -757,6 +717,9 @@ def _report(run: dict[str, Any], output: str) -> None:
     show_default=True,
     help="nnU-Net models: checkpoint file in each fold_N.",
 )
+@click.option(
+    "--disable-tta", is_flag=True, help="nnU-Net models: no test-time mirroring (as nnUNetv2_predict --disable_tta)."
+)
 @command_errors
 def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.
@@ -780,22 +743,27 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
-    folds, checkpoint_name = kw.pop("folds"), kw.pop("checkpoint_name")
-    if str(kw["model_spec"]).startswith("nnunet:"):
-        if want_report:
-            _fail("--report does not read nnU-Net case folders yet; open the maps in a viewer")
-        run = _run_nnunet(inputs, output, quiet, folds, checkpoint_name, kw)
-    else:
-        kw["layers"] = [kw["layers"]] if kw.get("layers") else []
-        executor = run_executor(kw)  # checked before the inputs and the model
-        settings = run_settings(kw, quiet)
-        run = explain_files(inputs, settings, output, executor=executor, **kw)
+    folds, checkpoint_name, mirroring = _nnunet_checkpoints(kw)
+    kw["layers"] = [kw["layers"]] if kw.get("layers") else []
+    executor = run_executor(kw)  # checked before the inputs and the model
+    nn_options = {"folds": folds, "checkpoint_name": checkpoint_name, "use_mirroring": mirroring}
+    settings = dataclasses.replace(run_settings(kw, quiet), **nn_options)
+    run = explain_files(inputs, settings, output, executor=executor, **kw)
     _report(run, output)
     web.store_results(run)
     if want_report:
         _write_report(output)
     if run["failed"]:
         sys.exit(1)
+
+
+def _nnunet_checkpoints(kw: dict[str, Any]) -> tuple[tuple[str, ...], str, bool]:
+    """``--folds``, ``--checkpoint-name``, ``--disable-tta`` (popped from ``kw``): the checkpoints of an
+    ``nnunet:FOLDER`` model and whether its predictor mirrors."""
+    folds = tuple(f.strip() for f in str(kw.pop("folds")).split(",") if f.strip())
+    if not folds:
+        raise click.UsageError("--folds: give at least one fold, e.g. 0 or 0,1,2,3,4")
+    return folds, str(kw.pop("checkpoint_name")), not kw.pop("disable_tta")
 
 
 def _write_report(output: str) -> None:

@@ -324,19 +324,23 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
     case = out / "phantom_001"
     summary = json.loads((case / "summary.json").read_text())
     assert summary["model"]["folds"] == [0, 1] and summary["model"]["mirror_axes"] == [0, 1, 2]
-    assert [m["file"] for m in summary["maps"]] == ["gradcam_tumor_core.nii.gz", "hirescam_tumor_core.nii.gz"]
+    (row,) = summary["targets"]  # the one case pipeline's schema (issue 25)
+    assert list(row["heatmaps"].values()) == [
+        "heatmaps/gradcam_tumor_core.nii.gz",
+        "heatmaps/hirescam_tumor_core.nii.gz",
+    ]
     ref = sitk.ReadImage(case_files[0])
-    for m in summary["maps"]:
-        img = sitk.ReadImage(str(case / m["file"]))
-        assert img.GetSize() == ref.GetSize() and m["roi_voxels"] > 0
-        assert float(sitk.GetArrayFromImage(img).max()) == pytest.approx(m["map_max"], rel=1e-6)
+    for file in row["heatmaps"].values():
+        img = sitk.ReadImage(str(case / file))
+        assert img.GetSize() == ref.GetSize() and row["roi_voxels"] > 0
+        assert float(sitk.GetArrayFromImage(img).max()) > 0
     # bad input: one line, nothing written
     bad_out = tmp_path / "bad"
     cases = [
         (["--model", f"nnunet:{tmp_path}"], "not an nnU-Net model folder"),
         (["--checkpoint-name", "checkpoint_best.pth"], "no checkpoint_best.pth"),
         (["--folds", "0,4"], "has no fold_4"),
-        (["--target", "oedema"], "not a label or region"),
+        (["--target", "oedema"], "unknown region 'oedema'"),
     ]
     for extra, needle in cases:
         a = [*args[:-3], "-o", str(bad_out), *extra]

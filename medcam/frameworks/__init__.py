@@ -1,12 +1,15 @@
-"""Models of other frameworks, explained exactly as their framework runs them.
+"""Models of other frameworks, explained exactly as their framework runs them, each an adapter of the one case
+pipeline (:mod:`medcam.frameworks.base`).
 
+* :mod:`medcam.frameworks.base`: the adapter protocol (:class:`~medcam.frameworks.base.FrameworkAdapter`), the
+  :class:`~medcam.frameworks.base.Activation` and :class:`~medcam.frameworks.base.Framework` types.
 * :mod:`medcam.frameworks.nnunet`: trained nnU-Net v2 model folders (``nnunetv2`` package; imported lazily).
-* :mod:`medcam.frameworks.nnunet_cases`: nnU-Net cases and cohorts in, maps out (through medcam's cohort loop).
+* :mod:`medcam.frameworks.nnunet_adapter`: the nnU-Net adapter (``medcam explain --model nnunet:FOLDER``).
 """
 
 from __future__ import annotations
 
-__all__ = ["nnunet", "nnunet_cases"]
+__all__ = ["base", "nnunet", "nnunet_adapter"]
 
 
 def __getattr__(name: str):

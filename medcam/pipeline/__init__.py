@@ -17,6 +17,9 @@ Per case the output folder holds (all written atomically; an existing case folde
     <case>/overlays/<method>_<target>.png  axial/coronal/sagittal overlays on the ORIGINAL grid, in mm, radiological
                                            convention, one colour scale per case (see :mod:`medcam.io.overlays`)
     <case>/montage.png                     rows = targets, columns = methods, three views each
+    <case>/segmentation.nii.gz             the model's prediction on the ORIGINAL grid, integer labels (the
+                                           framework's own: argmax labels, nnU-Net's labels; sigmoid models: value =
+                                           sum of 2**c over the predicted channels c)
     <case>/slicer/scene.mrml ...           self-contained 3D Slicer folder (see :mod:`medcam.io.slicer`)
 
 Target specs (``parse_target``), for a model whose output channels are named by ``regions`` (demo/BraTS:
@@ -34,6 +37,10 @@ TC = 0, WT = 1, ET = 2, sigmoid outputs):
   like a mask;
 * ``channel:N[:predicted|class|component=...]`` - the same by output channel number, for any model.
 
+Every model goes through this one pipeline; what differs between frameworks is its adapter
+(:mod:`medcam.frameworks.base`; :mod:`~medcam.pipeline.adapters` for demo/factory networks and MONAI bundles,
+:mod:`medcam.frameworks.nnunet_adapter` for ``--model nnunet:FOLDER``; ``docs/frameworks.md``).
+
 Modules: :mod:`~medcam.pipeline.settings` (:class:`RunSettings`, checks before the first case),
 :mod:`~medcam.pipeline.models` (model loading), :mod:`~medcam.pipeline.target_specs` (``--target`` parsing),
 :mod:`~medcam.pipeline.cases` (case discovery and loading), :mod:`~medcam.pipeline.cohort` (the cohort loop of
@@ -47,12 +54,13 @@ from __future__ import annotations
 
 from ..geometry import spacing_of
 from ..types import PathLike
-from .cases import CaseSource, discover_cases, load_case, split_parts
+from .adapters import predict
+from .cases import CaseLayout, CaseSource, discover_cases, load_case, split_parts
 from .cohort import SUMMARY_NAME, json_key, process_case, read_summary, run_cohort, staged_case_dir, versions
 from .errors import PipelineError
 from .executors import LocalExecutor, resolve_executor
 from .models import LoadedModel, load_model, load_state_dict_file
-from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files, predict
+from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files
 from .settings import Prepared, RunSettings, make_inferer, prepare, resolve_device, sliding_settings
 from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
 
@@ -61,6 +69,7 @@ __all__ = [
     "LoadedModel",
     "TargetSpec",
     "CaseSource",
+    "CaseLayout",
     "PipelineError",
     "METHOD_LABELS",
     "load_model",

@@ -3,37 +3,71 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import enum
 import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..types import PathLike
 from .errors import PipelineError
-from .models import LoadedModel
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
 
 
+class CaseLayout(str, enum.Enum):
+    """How a case's files were given: a BraTS case folder, a BraTS modality -> file mapping (a manifest row), or
+    image files in channel order. A ``str`` enum (``CaseLayout.VOLUMES == "volumes"``)."""
+
+    BRATS_FOLDER = "brats_folder"
+    BRATS_MAPPING = "brats_mapping"
+    VOLUMES = "volumes"
+
+
 @dataclass(frozen=True)
 class CaseSource:
-    """Where one case comes from.
+    """Where one case comes from, with its files resolved once (at discovery).
 
     Attributes:
         case_id: identifier (output sub-folder name).
-        kind: ``"brats_folder"``, ``"brats_mapping"`` or ``"volumes"``.
-        source: folder path, modality -> path mapping, or list of channel files.
+        kind: the :class:`CaseLayout` (a plain string is converted).
+        source: folder path, modality -> path mapping, or list of channel files, as given.
         fields: extra manifest columns of the case (``mask...`` columns), as ``(name, path)`` pairs; they fill
             ``{name}`` placeholders of per-case ``--target mask:`` templates.
+        files: the case's files: BraTS modality (``t1``, ``t1ce``, ``t2``, ``flair``, ``seg``) -> path, or
+            ``ch0``, ``ch1``, ... -> path for image files (channel order). Resolved from ``source`` when not given;
+            empty for a BraTS folder that cannot be read (its error is raised when the case is loaded).
     """
 
     case_id: str
-    kind: str
+    kind: CaseLayout
     source: Any
     fields: tuple[tuple[str, str], ...] = ()
+    files: Mapping[str, Path] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", CaseLayout(self.kind))
+        if not self.files:
+            object.__setattr__(self, "files", _resolve_files(self.kind, self.source))
+
+    @property
+    def folder(self) -> Path | None:
+        """The case folder (BraTS folder cases), else None."""
+        return Path(self.source) if self.kind is CaseLayout.BRATS_FOLDER else None
+
+    def channel_files(self) -> list[Path]:
+        """The image files (no label), in the order of :attr:`files`."""
+        return [p for k, p in self.files.items() if k != "seg"]
+
+    def require_files(self) -> Mapping[str, Path]:
+        """:attr:`files`, or the reading error of a broken BraTS folder (MedcamDataError)."""
+        if not self.files:
+            return _resolve_files(self.kind, self.source, strict=True)
+        return self.files
 
     def describe(self) -> Any:
         if isinstance(self.source, Mapping):
@@ -41,6 +75,23 @@ class CaseSource:
         if isinstance(self.source, (list, tuple)):
             return [str(v) for v in self.source]
         return str(self.source)
+
+
+def _resolve_files(kind: CaseLayout, source: Any, strict: bool = False) -> dict[str, Path]:
+    """The files of a case source (module-level so that a source is resolved once, at its creation)."""
+    from ..data.brats import _normalise_mapping, discover_brats_case
+    from ..data.loading import MedcamDataError
+
+    if kind is CaseLayout.VOLUMES:
+        return {f"ch{i}": Path(p) for i, p in enumerate(source)}
+    try:
+        if kind is CaseLayout.BRATS_MAPPING:
+            return dict(_normalise_mapping(source))
+        return {k: Path(v) for k, v in discover_brats_case(source)[2].items()}
+    except MedcamDataError:
+        if strict:
+            raise
+        return {}
 
 
 _BRATS_KEYS = {"t1", "t1n", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f"}
@@ -129,7 +180,7 @@ def _read_manifest(path: Path) -> list[CaseSource]:
         fields = tuple((k, str(p(v))) for k, v in row.items() if v and _is_field(k))
         if row.get("folder"):
             folder = p(row["folder"])
-            cases.append(CaseSource(_case_id(cid or folder.name, path), "brats_folder", folder, fields))
+            cases.append(CaseSource(_case_id(cid or folder.name, path), CaseLayout.BRATS_FOLDER, folder, fields))
             continue
         cols = {k: v for k, v in row.items() if v and k != "folder" and not _is_field(k)}
         if not cols:
@@ -138,11 +189,14 @@ def _read_manifest(path: Path) -> list[CaseSource]:
             mapping = {k: p(v) for k, v in cols.items()}
             first = next(iter(mapping.values()))
             cases.append(
-                CaseSource(_case_id(cid, path) if cid else id_from_files([first]), "brats_mapping", mapping, fields)
+                CaseSource(
+                    _case_id(cid, path) if cid else id_from_files([first]), CaseLayout.BRATS_MAPPING, mapping, fields
+                )
             )
         else:
             files = [p(v) for k, v in cols.items() if k not in ("seg", "label")]
-            cases.append(CaseSource(_case_id(cid, path) if cid else id_from_files(files), "volumes", files, fields))
+            cid = _case_id(cid, path) if cid else id_from_files(files)
+            cases.append(CaseSource(cid, CaseLayout.VOLUMES, files, fields))
     return cases
 
 
@@ -177,18 +231,19 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
     elif len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
         try:
-            _, cid, _ = discover_brats_case(folder)
-            cases = [CaseSource(_folder_case_id(folder, cid), "brats_folder", folder)]
+            _, cid, found = discover_brats_case(folder)
+            cases = [CaseSource(_folder_case_id(folder, cid), CaseLayout.BRATS_FOLDER, folder, files=found)]
         except MedcamDataError as first_error:
             subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
             cases = []
             for d in subs:
                 try:
-                    _, cid, _ = discover_brats_case(d)
+                    _, cid, found = discover_brats_case(d)
                 except MedcamDataError as e:
                     logger.warning("ignoring folder %s: %s", d, str(e).splitlines()[0])
                     continue
-                cases.append(CaseSource(_folder_case_id(d, d.name if cid in ("", None) else cid), "brats_folder", d))
+                cid = _folder_case_id(d, d.name if cid in ("", None) else cid)
+                cases.append(CaseSource(cid, CaseLayout.BRATS_FOLDER, d, files=found))
             if not cases:
                 raise PipelineError(f"no BraTS case in '{folder}' nor in its sub-folders: {first_error}") from None
     else:
@@ -198,7 +253,7 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
             )
         if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
             raise PipelineError(f"manifest '{paths[0]}' is not a file")
-        cases = [CaseSource(id_from_files(paths), "volumes", list(paths))]
+        cases = [CaseSource(id_from_files(paths), CaseLayout.VOLUMES, list(paths))]
     if case_id is not None:
         if len(cases) != 1:
             raise PipelineError(
@@ -207,7 +262,7 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
             )
         if _safe_id(case_id) != case_id or case_id in (".", ".."):
             raise PipelineError(f"--case-id {case_id!r}: use letters, digits, '.', '_' and '-' only")
-        cases = [CaseSource(case_id, cases[0].kind, cases[0].source, cases[0].fields)]
+        cases = [dataclasses.replace(cases[0], case_id=case_id)]
     ids = [c.case_id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -215,78 +270,21 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
     return cases
 
 
-def load_case(source: CaseSource | PathLike, model: LoadedModel) -> Any:
-    """Load and preprocess one case with the model's settings (channel order, orientation, spacing, ...).
+def load_case(source: CaseSource | PathLike, model: Any) -> Any:
+    """Load one case on the model's grid (``model``: a :class:`~medcam.pipeline.LoadedModel`) with the model's own
+    preprocessing (its adapter's
+    :meth:`~medcam.frameworks.base.FrameworkAdapter.load_case`: medcam's preprocessing with the model's channel
+    order, orientation, spacing, ...; a bundle's own preprocessing; nnU-Net's preprocessor).
 
     Returns:
-        :class:`~medcam.data.BratsCase` or :class:`~medcam.data.VolumeCase` (``image`` ``[C, X, Y, Z]``).
+        a :class:`~medcam.frameworks.base.ModelCase` (``image`` ``[C, X, Y, Z]``, ``invert``, ``paths``, ...).
     """
-    from ..data import load_brats_case, load_volumes
-
     if not isinstance(source, CaseSource):
-        found = discover_cases([source])
+        found = model.adapter.discover([source])
         if len(found) != 1:
             raise PipelineError(f"'{source}' holds {len(found)} cases; load them one at a time")
         source = found[0]
-    pre = dict(model.preprocessing)
-    case: Any
-    if model.bundle_preprocessing is not None:
-        case = _load_with_bundle(source, model)
-    elif source.kind in ("brats_folder", "brats_mapping"):
-        case = load_brats_case(source.source, channel_order=model.channel_order, case_id=source.case_id, **pre)
-    else:
-        case = load_volumes(list(source.source), case_id=source.case_id, **pre)
-    if model.in_channels is not None and case.image.shape[0] != model.in_channels:
-        raise PipelineError(
-            f"case {source.case_id} has {case.image.shape[0]} channels but the model takes {model.in_channels}"
-        )
-    return case
-
-
-def _load_with_bundle(source: CaseSource, model: LoadedModel) -> Any:
-    """A case preprocessed by the bundle's own ``preprocessing`` (``{"image": [files]}`` as ``monai.bundle run``).
-
-    BraTS folders give their files in ``model.channel_order``; image files are taken in the order given. The case
-    is inverted with MONAI's ``Invertd`` on that same transform (what the bundle's postprocessing does).
-    """
-    from ..data import VolumeCase
-    from ..data.brats import discover_brats_case
-    from ..data.loading import read_header
-
-    if source.kind == "brats_folder":
-        _, _, found = discover_brats_case(source.source)
-        files = [Path(found[c]) for c in model.channel_order]
-    elif source.kind == "brats_mapping":
-        from ..data.brats import _normalise_mapping
-
-        mapping = _normalise_mapping(source.source)
-        files = [Path(mapping[c]) for c in model.channel_order]
-    else:
-        files = [Path(p) for p in source.source]
-    header = read_header(files[0])
-    for f in files[1:]:
-        read_header(f)  # missing/unreadable files fail here, before the bundle's loader
-    try:
-        out = model.bundle_preprocessing({"image": [str(f) for f in files] if len(files) > 1 else str(files[0])})
-    except Exception as e:  # noqa: BLE001 - MONAI wraps transform errors in RuntimeError
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise PipelineError(
-            f"case {source.case_id}: the bundle's own preprocessing failed ({type(e).__name__}: {first[:200]})"
-        ) from e
-    image = out["image"]
-    return VolumeCase(
-        image=image,
-        label=None,
-        paths={f"channel{i}": f for i, f in enumerate(files)},
-        reference_path=files[0],
-        case_id=source.case_id,
-        channel_names=tuple(model.channel_order)
-        if source.kind != "volumes"
-        else tuple(f"channel{i}" for i in range(len(files))),
-        transform=model.bundle_preprocessing,
-        original_shape=(int(header.shape[0]), int(header.shape[1]), int(header.shape[2])),
-        original_affine=header.affine,
-    )
+    return model.adapter.load_case(source)
 
 
 def split_parts(cases: Sequence[CaseSource], num_parts: int = 1, part_id: int = 0) -> list[CaseSource]:

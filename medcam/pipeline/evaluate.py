@@ -284,12 +284,12 @@ class EvaluateWork:
         case = load_case(src, p.model)
         refs = _reference_masks(self.mode, case, p.specs, src)
         case_metrics = _case_metrics(self.metrics, self.explicit, self.mode, case, refs)
-        tl = build_targets(p.specs, case, activation=p.model.activation, threshold=self.threshold)
+        tl = build_targets(p.specs, case, activation=p.model.activation.value, threshold=self.threshold)
         image = torch.as_tensor(case.image.as_tensor() if hasattr(case.image, "as_tensor") else case.image)
         res = evaluate(
             p.model.net, image[None].float().to(p.device), tl, methods=p.methods, layers=p.layers,
             reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
-            metrics=case_metrics, output_activation=p.model.activation or "sigmoid", inferer=p.inferer,
+            metrics=case_metrics, output_activation=p.model.activation.value, inferer=p.inferer,
             case_id=src.case_id, target_names=[s.name for s in p.specs], **self.kw,
         )  # fmt: skip
         logger.info("case %s: %d rows", src.case_id, len(res.rows))
@@ -336,6 +336,11 @@ def evaluate_files(
         metrics = tuple(m for m in metrics if m != "localisation")
     if not metrics:
         raise PipelineError("no metrics left to compute; choose --metrics")
+    if str(settings.model_spec).startswith("nnunet:"):
+        raise PipelineError(
+            "medcam evaluate does not run nnU-Net models yet: its metrics re-run the network on perturbed inputs, "
+            "which for nnU-Net means its predictor (tiles, mirrors, folds); use medcam explain for their maps"
+        )
     p = prepare(
         inputs,
         settings,

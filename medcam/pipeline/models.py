@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..frameworks.base import Activation, Framework, read_monai_postprocessing
 from ..types import PathLike
 from .common import _jsonable
 from .errors import PipelineError
@@ -29,12 +30,13 @@ class LoadedModel:
 
     Attributes:
         net: the eager ``nn.Module`` (eval mode) mapping ``[B, Cin, *S]`` to ``[B, C, *S]`` logits.
-        kind: ``"demo"``, ``"factory"`` or ``"bundle"``.
+        kind: the :class:`~medcam.frameworks.base.Framework` it comes from (a plain string is converted).
         spec: the ``--model`` string as given.
         checkpoint: weights file loaded, or None.
         regions: names of the C output channels (e.g. ``("TC", "WT", "ET")``), or ``()`` when unknown.
-        activation: the model's output activation, ``"sigmoid"`` (multi-label), ``"softmax"``, or ``"none"`` (the
-            network applies its own; outputs are probabilities).
+        activation: the model's output :class:`~medcam.frameworks.base.Activation` (a string is converted):
+            sigmoid (multi-label), softmax (argmax labels), or none (the network applies its own; outputs are
+            probabilities). A bundle's comes from its postprocessing.
         channel_order: BraTS modality order of the input channels (used when the input is a BraTS case).
         preprocessing: keyword arguments for ``load_brats_case`` / ``load_volumes`` (orientation, spacing mm, ...).
         default_layer: layer explained when none is given (``"auto"`` = the bottleneck).
@@ -45,11 +47,11 @@ class LoadedModel:
     """
 
     net: nn.Module
-    kind: str
+    kind: Framework
     spec: str
     checkpoint: str | None = None
     regions: tuple[str, ...] = ()
-    activation: str = "sigmoid"
+    activation: Activation = Activation.SIGMOID
     channel_order: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
     preprocessing: dict[str, Any] = field(default_factory=dict)
     default_layer: str = "auto"
@@ -57,18 +59,37 @@ class LoadedModel:
     in_channels: int | None = None
     sliding: dict[str, Any] = field(default_factory=dict)
     bundle_preprocessing: Any = None
+    #: the bundle's postprocessing transforms that form its prediction (activation, ``Invertd``, ``AsDiscreted``)
+    bundle_postprocessing: Any = None
     pipeline: dict[str, Any] = field(default_factory=lambda: {"preprocessing": "medcam", "inverse": "medcam"})
+    #: the adapter of a framework that brings its own (nnU-Net); None: the MONAI adapter of this model
+    framework_adapter: Any = None
+
+    def __post_init__(self) -> None:
+        self.kind = Framework(self.kind)
+        self.activation = Activation.of(self.activation)
+
+    @property
+    def adapter(self) -> Any:
+        """This model's :class:`~medcam.frameworks.base.FrameworkAdapter`."""
+        if self.framework_adapter is not None:
+            return self.framework_adapter
+        from .adapters import adapter_of
+
+        return adapter_of(self)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description for ``summary.json``."""
+        if self.framework_adapter is not None:
+            return {"kind": self.kind.value, "spec": self.spec, **dict(self.framework_adapter.describe())}
         return {
-            "kind": self.kind,
+            "kind": self.kind.value,
             "spec": self.spec,
             "checkpoint": self.checkpoint,
             "class": type(self.net).__name__,
             "parameters": int(sum(p.numel() for p in self.net.parameters())),
             "regions": list(self.regions),
-            "activation": self.activation,
+            "activation": self.activation.value,
             "channel_order": list(self.channel_order),
             "preprocessing": _jsonable(self.preprocessing),
             "pipeline": dict(self.pipeline),
@@ -278,7 +299,7 @@ def _bundle_pipeline(parser: Any, cfg: Path) -> dict[str, Any]:
     ``Compose`` of dictionary transforms starting with ``LoadImaged`` on ``image`` (what ``monai.bundle run`` feeds
     its dataset with), so that medcam can give it the case's files and invert it with MONAI's ``Invertd``.
     """
-    from monai.transforms import Activationsd, Compose, Invertd, LoadImaged
+    from monai.transforms import Compose, LoadImaged
 
     content = parser.get()
     out: dict[str, Any] = {"preprocessing": None, "activation": None, "invertd": False, "reason": ""}
@@ -297,20 +318,31 @@ def _bundle_pipeline(parser: Any, cfg: Path) -> dict[str, Any]:
         logger.warning("bundle '%s': %s; using medcam's preprocessing", cfg, out["reason"])
         return out
     out["preprocessing"] = pre
-    if "postprocessing" in content:
+    transforms = _postprocessing_transforms(parser, cfg)
+    post = read_monai_postprocessing(transforms)
+    out["activation"], out["invertd"], out["postprocessing"] = post.activation, post.invertd, post
+    out["post_transforms"] = transforms
+    return out
+
+
+_READ_POSTPROCESSING = ("Activations", "Activationsd", "AsDiscrete", "AsDiscreted", "Invertd")
+
+
+def _postprocessing_transforms(parser: Any, cfg: Path) -> list[Any]:
+    """The transforms of the bundle's ``postprocessing`` that say how its prediction is formed (activation,
+    discretisation, ``Invertd``), each instantiated on its own: the others (``SaveImaged``, ``Lambdad`` ...) are
+    neither built nor run."""
+    raw = parser.get().get("postprocessing")
+    items = raw.get("transforms", []) if isinstance(raw, Mapping) else []
+    out = []
+    for i, item in enumerate(items):
+        target = str(item.get("_target_", "")) if isinstance(item, Mapping) else ""
+        if target.rsplit(".", 1)[-1] not in _READ_POSTPROCESSING:
+            continue
         try:
-            post = parser.get_parsed_content("postprocessing", instantiate=True)
-        except Exception as e:  # noqa: BLE001 - e.g. SaveImaged with an output folder config: read what we can
-            logger.info("bundle '%s': postprocessing not built (%s); activation from --activation", cfg, e)
-            post = None
-        for t in getattr(post, "transforms", []) or []:
-            if isinstance(t, Activationsd):
-                sig, soft = t.converter.sigmoid, t.converter.softmax
-                sig = sig if isinstance(sig, bool) else any(sig)
-                soft = soft if isinstance(soft, bool) else any(soft)
-                out["activation"] = "sigmoid" if sig else ("softmax" if soft else None)
-            if isinstance(t, Invertd):
-                out["invertd"] = True
+            out.append(parser.get_parsed_content(f"postprocessing#transforms#{i}", instantiate=True))
+        except Exception as e:  # noqa: BLE001 - a transform needing other parts of the config: skip it
+            logger.warning("bundle '%s': postprocessing transform %s not read (%s)", cfg, target, e)
     return out
 
 
@@ -326,6 +358,9 @@ def load_model(
     roi_size: Sequence[int] | None = None,
     layer: str | None = None,
     weights: bool = True,
+    folds: Sequence[int | str] = (0,),
+    checkpoint_name: str = "checkpoint_final.pth",
+    use_mirroring: bool = True,
 ) -> LoadedModel:
     """Load the network to explain.
 
@@ -346,6 +381,10 @@ def load_model(
             ``SlidingWindowInferer`` roi_size; else whole image).
         layer: default layer (demo default :data:`~medcam.models.demo.DEMO_LAYER`; else ``"auto"``).
         weights: False builds the demo architecture without loading weights (for ``medcam layers``).
+        folds, checkpoint_name, use_mirroring: for ``"nnunet:FOLDER"`` (a trained nnU-Net v2 model folder, run by its adapter
+            :class:`~medcam.frameworks.nnunet_adapter.NnUNetAdapter`): the folds to average, the checkpoint
+            file of each ``fold_N`` and the predictor's test-time mirroring. Its plans define preprocessing, windows and outputs: the options above that
+            set them are refused.
 
     Returns:
         :class:`LoadedModel` with the network in eval mode on ``device``.
@@ -357,6 +396,10 @@ def load_model(
         raise PipelineError(
             f"activation must be 'sigmoid', 'softmax' or 'none' (the model outputs probabilities), got {activation!r}"
         )
+    if str(spec).startswith("nnunet:"):
+        given = {"checkpoint": checkpoint, **dict(preprocessing or {}), "regions": regions,
+                 "activation": activation, "channel_order": channel_order, "roi_size": roi_size}  # fmt: skip
+        return _load_nnunet(str(spec), (folds, checkpoint_name, use_mirroring), str(device), layer, given)
     loaded = _load_by_kind(str(spec), checkpoint, weights, preprocessing)
     _apply_overrides(
         loaded, preprocessing=preprocessing, regions=regions, activation=activation, channel_order=channel_order,
@@ -366,6 +409,35 @@ def load_model(
         loaded.in_channels = _first_conv_channels(loaded.net)
     loaded.net = loaded.net.to(device).eval()
     return loaded
+
+
+def _load_nnunet(
+    spec: str,
+    checkpoints: tuple[Sequence[int | str], str, bool],
+    device: str,
+    layer: str | None,
+    given: Mapping[str, Any],
+) -> LoadedModel:
+    """``nnunet:FOLDER`` through its adapter; ``checkpoints``: (folds, checkpoint name, test-time mirroring); the
+    options its plans define are refused, naming them."""
+    from ..frameworks.nnunet_adapter import load_adapter
+
+    folds, checkpoint_name, mirroring = checkpoints
+    refused = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if refused:
+        raise PipelineError(
+            f"{', '.join(refused)} do not apply to nnU-Net models: the model folder's plans and dataset.json define "
+            "them (use --folds and --checkpoint-name to pick the checkpoints)"
+        )
+    folder = spec[len("nnunet:") :]
+    adapter = load_adapter(folder, list(folds), checkpoint_name, device=device, use_mirroring=mirroring)
+    net = adapter.network
+    return LoadedModel(
+        net=net, kind=Framework.NNUNET, spec=spec, checkpoint=checkpoint_name, regions=adapter.output_names,
+        activation=adapter.activation, channel_order=tuple(adapter.model.channel_names), preprocessing={},
+        default_layer=layer or "auto", in_channels=len(adapter.model.channel_names),
+        pipeline={"preprocessing": "nnunet", "inverse": "nnunet export"}, framework_adapter=adapter,
+    )  # fmt: skip
 
 
 #: ``load_brats_case`` / ``load_volumes`` keywords of every model, before its own defaults and the user's overrides
@@ -418,11 +490,11 @@ def _load_demo(checkpoint: PathLike | None, weights: bool) -> LoadedModel:
         net, ckpt = demo.demo_network(), None
     return LoadedModel(
         net=net,
-        kind="demo",
+        kind=Framework.DEMO,
         spec="demo",
         checkpoint=ckpt,
         regions=tuple(demo.DEMO_REGIONS),
-        activation="sigmoid",
+        activation=Activation.SIGMOID,
         channel_order=tuple(demo.DEMO_CHANNELS),
         preprocessing=dict(demo.demo_preprocessing_kwargs()),  # the one definition, shared with the Python recipe
         default_layer=demo.DEMO_LAYER,
@@ -437,15 +509,18 @@ def _load_bundle_model(spec: str, checkpoint: PathLike | None, use_own_preproces
     if checkpoint is not None:
         raise PipelineError("--checkpoint is for factory models; a bundle's weights are its models/model.pt")
     net, ckpt, bundle_roi, sliding, own = _load_bundle(Path(spec))
-    loaded = LoadedModel(net=net, kind="bundle", spec=spec, checkpoint=ckpt, roi_size=bundle_roi, sliding=sliding)
+    loaded = LoadedModel(
+        net=net, kind=Framework.BUNDLE, spec=spec, checkpoint=ckpt, roi_size=bundle_roi, sliding=sliding
+    )
     if own["preprocessing"] is not None and use_own_preprocessing:
         loaded.bundle_preprocessing = own["preprocessing"]
+        loaded.bundle_postprocessing = own.get("post_transforms") or None
         loaded.pipeline = {
             "preprocessing": "bundle",
             "inverse": "bundle Invertd" if own["invertd"] else "MONAI Invertd of the bundle's preprocessing",
         }
         if own["activation"] is not None:
-            loaded.activation = own["activation"]
+            loaded.activation = Activation.of(own["activation"])
     elif own["preprocessing"] is not None:
         loaded.pipeline = {"preprocessing": "medcam", "inverse": "medcam", "reason": "preprocessing options given"}
     else:
@@ -477,7 +552,7 @@ def _load_factory(spec: str, checkpoint: PathLike | None) -> LoadedModel:
         ckpt = str(checkpoint)
     else:
         logger.warning("no --checkpoint given: explaining %s with the weights its factory returned", spec)
-    return LoadedModel(net=net, kind="factory", spec=spec, checkpoint=ckpt)
+    return LoadedModel(net=net, kind=Framework.FACTORY, spec=spec, checkpoint=ckpt)
 
 
 def _apply_overrides(
@@ -499,7 +574,7 @@ def _apply_overrides(
     if regions is not None:
         loaded.regions = tuple(str(r) for r in regions)
     if activation is not None:
-        loaded.activation = activation
+        loaded.activation = Activation.of(activation)
     if channel_order is not None:
         loaded.channel_order = tuple(str(c).lower() for c in channel_order)
     if roi_size is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,11 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, TargetError
+from ..frameworks.base import Framework
 from ..geometry import spacing_of
-from ..hooks import is_size_mismatch
 from ..result import CAMResult
-from ..runner import ModelRunner
 from ..types import PathLike
+from .adapters import predicted_regions
 from .cases import CaseSource, load_case, split_parts
 from .cohort import run_cohort, source_inputs, write_case
 from .errors import PipelineError
@@ -28,7 +29,7 @@ from .executors import Executor
 from .models import LoadedModel
 from .resume import fingerprint
 from .settings import RunSettings, prepare
-from .target_specs import TargetSpec, build_targets, case_specs, check_masks_for_cohort
+from .target_specs import TargetSpec, case_specs, check_masks_for_cohort
 
 logger = logging.getLogger(__package__)  # "medcam.pipeline", as before the split
 
@@ -50,38 +51,6 @@ SCORE_DEFINITION = (
 )
 
 
-def predict(net: nn.Module, image: torch.Tensor, inferer: Any, *, amp: bool = False) -> torch.Tensor:
-    """Model output ``[B, C, *S]`` (float32, detached): ``inferer(image, net)`` or ``net(image)``, output selected
-    and model state preserved as in an explanation (:meth:`medcam.ModelRunner.predict`).
-
-    Raises:
-        ModelError: the network failed on the case, with the command-line fix for a volume-size mismatch.
-    """
-    try:
-        return ModelRunner(net, amp=amp).predict(image, inferer)
-    except ModelError as e:
-        cause = e.__cause__
-        if cause is None or not is_size_mismatch(cause):
-            raise
-        raise model_failure(cause, tuple(image.shape), inferer is not None) from e
-    except RuntimeError as e:  # raised outside the model (e.g. by the sliding-window inferer)
-        raise model_failure(e, tuple(image.shape), inferer is not None) from e
-
-
-def model_failure(error: BaseException, shape: tuple[int, ...], sliding: bool) -> ModelError:
-    """The network failed on a preprocessed case: say so, with the command-line fix for a volume-size mismatch."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = f"the model failed on the preprocessed case of shape {shape} ({type(error).__name__}: {first[:300]})"
-    if is_size_mismatch(error):
-        where = "each window (--roi-size)" if sliding else "the volume"
-        text += (
-            f"; the network needs spatial sizes divisible by its total downsampling factor: pad {where} with "
-            "--divisible-by 16 (2^levels of the encoder; 8 or 32 for other depths)"
-            + (", and choose an --roi-size divisible by it" if sliding else ", or use --roi-size")
-        )
-    return ModelError(text)
-
-
 def _overlay_channel(case: Any, region: str) -> int:
     names = [str(n).lower() for n in case.channel_names]
     want = _OVERLAY_CHANNEL.get(region.upper())
@@ -89,7 +58,9 @@ def _overlay_channel(case: Any, region: str) -> int:
 
 
 def _file_stem(method: str, target: str) -> str:
-    return f"{method.replace('+', 'pp')}_{target}"
+    """``<method>_<target>`` as a file name: ``+`` -> ``pp``, characters other than letters, digits, ``.``, ``_``,
+    ``-`` -> ``_`` (nnU-Net's label names hold spaces: ``tumor core`` -> ``hirescam_tumor_core``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{method.replace('+', 'pp')}_{target}")
 
 
 @dataclass
@@ -122,38 +93,53 @@ def _explain_maps(
     amp: bool,
     threshold: float | None,
     progress: bool,
+    source: CaseSource | None = None,
 ) -> _Explained:
-    """Predict once, check the targets against the output, explain with every method (nothing written).
+    """Targets, prediction and every method's explanation of one case through the model's adapter (nothing
+    written). The adapter predicts first, or (nnU-Net, no target needing the prediction) lets the first explanation
+    form the prediction, which the others reuse.
 
     ``methods``: names of :data:`medcam.METHODS` or ``synth:FILE`` (results keyed ``synth-<stem>``)."""
     from ..methods import resolve_method
 
     method_classes = dict(resolve_method(m) for m in methods)  # key -> class ("synth:F" -> "synth-<stem>")
+    adapter = model.adapter
     timings: dict[str, Any] = {"explain_s": {}}
     t0 = time.perf_counter()
-    net = model.net.to(device)
-    tl = build_targets(specs, case, activation=model.activation, threshold=threshold)
-    image = case.image.as_tensor() if hasattr(case.image, "as_tensor") else torch.as_tensor(case.image)
-    image = image[None].float().to(device)
-    output = predict(net, image, inferer, amp=amp)
+    tl = adapter.targets(specs, case, source, threshold)
+    n_image = tuple(case.image.shape[1:])
+    output = adapter.predict(case, tl, inferer=inferer, device=device, amp=amp)
     timings["predict_s"] = round(time.perf_counter() - t0, 3)
-    if output.shape[2:] != image.shape[2:]:
-        raise ModelError(f"the model output {tuple(output.shape)} is not on the input grid {tuple(image.shape)}")
+    if output is not None:
+        _check_output(output, n_image, specs)
+    results = {}
+    for m, cls in method_classes.items():
+        t0 = time.perf_counter()
+        results[m] = adapter.explain(
+            cls, case, tl, layer, output=output, inferer=inferer, device=device, amp=amp, progress=progress
+        )
+        timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
+        if output is None:
+            output = results[m].output
+            _check_output(output, n_image, specs)
+    if output is None:  # pragma: no cover - every adapter's explanation returns its output
+        raise ModelError("the explanation returned no model output")
     n_out = output.shape[1]
-    regions = list(model.regions) if len(model.regions) == n_out else [f"ch{i}" for i in range(n_out)]
+    names = list(adapter.output_names)
+    regions = names if len(names) == n_out else [f"ch{i}" for i in range(n_out)]
+    return _Explained(case, model, specs, tl, output, results, regions, timings)
+
+
+def _check_output(output: torch.Tensor, spatial: tuple[int, ...], specs: Sequence[TargetSpec]) -> None:
+    """The model output ``[1, C, *S]`` is on the case's grid and has every target's channel."""
+    if tuple(output.shape[2:]) != spatial:
+        raise ModelError(f"the model output {tuple(output.shape)} is not on the input grid {spatial}")
+    n_out = output.shape[1]
     for s in specs:
         if s.channel >= n_out:
             raise TargetError(
                 f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out} outputs"
             )
-    results = {}
-    for m, cls in method_classes.items():
-        t0 = time.perf_counter()
-        act: Any = model.activation  # "sigmoid", "softmax" or "none", checked by load_model
-        cam = cls(net, layer=layer, inferer=inferer, amp=amp, output_activation=act, progress=progress)
-        results[m] = cam.explain(image, tl, output=output if inferer is not None else None)
-        timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
-    return _Explained(case, model, specs, tl, output, results, regions, timings)
 
 
 def _target_rows(ex: _Explained) -> list[dict[str, Any]]:
@@ -227,16 +213,24 @@ def _write_method_maps(
 
 
 def _predicted_regions(ex: _Explained, threshold: float | None) -> np.ndarray:
-    """0/1 prediction per output channel ``[C, *S]`` (sigmoid > threshold, outputs > threshold for ``"none"``, or
-    one-hot argmax for softmax)."""
-    out = ex.output[0]
-    if ex.model.activation == "sigmoid":
-        pred = (torch.sigmoid(out) > (0.5 if threshold is None else threshold)).float()
-    elif ex.model.activation == "none":  # the outputs already are probabilities
-        pred = (out > (0.5 if threshold is None else threshold)).float()
+    """0/1 prediction per output channel ``[C, *S]`` (:func:`medcam.pipeline.adapters.predicted_regions`)."""
+    return predicted_regions(ex.output, ex.model.adapter.activation, threshold)
+
+
+def _write_segmentation(ex: _Explained, staging: Path, threshold: float | None) -> dict[str, Any]:
+    """``segmentation.nii.gz``: the adapter's segmentation on the original grid as an integer label map (the
+    framework's own labels for softmax/argmax models and nnU-Net; for multi-label sigmoid models the value is
+    ``sum 2^c`` over the channels ``c`` predicted at the voxel)."""
+    from ..io.nifti import save_label_map
+
+    seg = np.asarray(ex.model.adapter.segmentation(ex.case, ex.output, threshold))
+    if seg.ndim == 4:  # region masks [C, *original] -> one bit per channel
+        encoding = "bits: value = sum of 2**c over the output channels c predicted at the voxel"
+        seg = sum((seg[c].astype(np.uint16) << c) for c in range(seg.shape[0]))
     else:
-        pred = torch.nn.functional.one_hot(out.argmax(0), out.shape[0]).movedim(-1, 0).float()
-    return pred.cpu().numpy()
+        encoding = "labels: the framework's own label values"
+    save_label_map(seg, ex.case.reference_path, staging / "segmentation.nii.gz", description="medcam segmentation")
+    return {"file": "segmentation.nii.gz", "dtype": "uint8", "encoding": encoding, "channels": ex.regions}
 
 
 def _sliding_record(ex: _Explained, inferer: Any) -> dict[str, Any] | None:
@@ -300,6 +294,7 @@ def _write_case_files(
     slicer_maps, originals, warnings, written = _write_method_maps(ex, rows, staging, png, figures)
     pred = _predicted_regions(ex, threshold)
     dicom_record = _dicom_outputs(ex, staging, originals, pred, dicom, (written or {}).get("display"))
+    seg_record = _write_segmentation(ex, staging, threshold)
     if slicer:
         with scene_inputs(scene_images(case), staging / ".scene-inputs") as images:  # DICOM folders as NIfTI
             export_slicer_scene(
@@ -328,6 +323,7 @@ def _write_case_files(
         "sliding_window": _sliding_record(ex, inferer),
         "threshold": 0.5 if threshold is None and ex.model.activation in ("sigmoid", "none") else threshold,
         "predicted_voxels": {ex.regions[c]: int(pred[c].sum()) for c in range(pred.shape[0])},
+        "segmentation": seg_record,
         "targets": rows,
         "slicer_scene": "slicer/scene.mrml" if slicer else None,
         "dicom": dicom_record,
@@ -391,7 +387,7 @@ def explain_case(
 
     t_start = time.perf_counter()
     if not isinstance(model, LoadedModel):
-        model = LoadedModel(net=model, kind="module", spec=type(model).__name__)
+        model = LoadedModel(net=model, kind=Framework.MODULE, spec=type(model).__name__)
     unknown = [m for m in methods if m not in METHODS and not m.startswith("synth:")]
     if unknown or not methods:
         raise PipelineError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} or synth:FILE")
@@ -402,7 +398,7 @@ def explain_case(
     def work(staging: Path) -> dict[str, Any]:
         ex = _explain_maps(
             case, model, methods, targets, layer or model.default_layer, inferer,
-            device=dev, amp=amp, threshold=threshold, progress=progress,
+            device=dev, amp=amp, threshold=threshold, progress=progress, source=source,
         )  # fmt: skip
         summary = _write_case_files(
             ex, staging, inferer=inferer, threshold=threshold, slicer=slicer, png=png, device=dev, amp=amp,
@@ -449,6 +445,9 @@ class ExplainWork:
         """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved."""
         state = self.__dict__.copy()
         net = self.model.net
+        if self.model.framework_adapter is not None:  # an adapter that pickles itself (nnU-Net: without its model)
+            state["model"] = replace(self.model, net=nn.Identity())  # its network comes back with the adapter's setup
+            return state
         if any(t.device.type != "cpu" for t in itertools.chain(net.parameters(), net.buffers())):
             state["model"] = replace(self.model, net=copy.deepcopy(net).cpu())
         return state
@@ -457,8 +456,8 @@ class ExplainWork:
         """This work on ``device`` (the model moved there once); None: the configured device, as it is."""
         if device is None or device == self.device:
             return self
-        self.model.net.to(device)  # a worker's own unpickled copy
-        return replace(self, device=device)
+        adapter = self.model.adapter.setup(device)  # a worker's own unpickled copy, moved (or loaded) once
+        return replace(self, device=device, model=replace(self.model, net=adapter.network))
 
     def __call__(self, src: CaseSource, staging: Path) -> dict[str, Any]:
         t_start = time.perf_counter()
@@ -469,7 +468,7 @@ class ExplainWork:
         dev = torch.device(self.device)
         ex = _explain_maps(
             case, self.model, self.methods, specs, self.layer or self.model.default_layer, self.inferer,
-            device=dev, amp=self.amp, threshold=self.threshold, progress=self.window_progress,
+            device=dev, amp=self.amp, threshold=self.threshold, progress=self.window_progress, source=src,
         )  # fmt: skip
         summary = _write_case_files(
             ex, staging, inferer=self.inferer, threshold=self.threshold, slicer=self.slicer, png=self.png,
@@ -556,7 +555,6 @@ def _cohort_inputs(
     fingerprint of every file it is made of (images, label, per-case masks)."""
     from ..data.loading import MedcamDataError
     from ..errors import MedcamError
-    from .resume import case_input_files
 
     specs_of: dict[str, list[TargetSpec] | Exception] = {}
     inputs: dict[str, dict[str, Any]] = {}
@@ -569,12 +567,13 @@ def _cohort_inputs(
         else:
             specs_of[src.case_id] = specs
         masks = [s.path for s in specs if s.kind == "mask" and not s.is_template and s.path]
-        try:
-            files: dict[str, Any] = dict(case_input_files(src, masks))
-        except MedcamDataError as e:  # a broken case folder: its failure is reported when it is run
-            files = {"folder": Path(str(src.source))}
-            if not isinstance(specs_of[src.case_id], Exception):
+        files: dict[str, Any] = dict(src.files) or {"folder": Path(str(src.source))}
+        if not src.files and not isinstance(specs_of[src.case_id], Exception):
+            try:  # a broken case folder: its failure is reported when it is run
+                src.require_files()
+            except MedcamDataError as e:
                 specs_of[src.case_id] = e
+        files.update({f"mask{i}": Path(m) for i, m in enumerate(masks)})
         inputs[src.case_id] = fingerprint(files)
     return specs_of, inputs
 

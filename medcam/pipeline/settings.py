@@ -107,6 +107,8 @@ class RunSettings:
         overwrite: redo finished cases / replace outputs.
         progress: tqdm bars.
         case_id: the case id (output sub-folder) when the inputs form one case (None: from the folder/file names).
+        folds, checkpoint_name, use_mirroring: nnU-Net models (``model_spec`` ``nnunet:FOLDER``): folds,
+            checkpoint file, test-time mirroring.
     """
 
     model_spec: str = "demo"
@@ -129,6 +131,9 @@ class RunSettings:
     overwrite: bool = False
     progress: bool = True
     case_id: str | None = None
+    folds: tuple[int | str, ...] = (0,)
+    checkpoint_name: str = "checkpoint_final.pth"
+    use_mirroring: bool = True
 
 
 @dataclass
@@ -220,7 +225,11 @@ def prepare(
     if s.threshold is not None and not 0 < s.threshold < 1:
         raise PipelineError(f"--threshold must be a probability in (0, 1), got {s.threshold}")
     device = resolve_device(s.device)
-    cases = discover_cases(list(inputs), case_id=s.case_id)
+    # a model that finds its own cases (nnU-Net's input layout) is loaded first; others after the inputs are checked
+    own_cases = str(s.model_spec).startswith("nnunet:")
+    if own_cases and s.amp:
+        raise PipelineError("--amp does not apply to nnU-Net models: the predictor's own precision is used")
+    cases = [] if own_cases else discover_cases(list(inputs), case_id=s.case_id)
     split_parts(cases, num_parts, part_id)
     model = load_model(
         s.model_spec,
@@ -231,7 +240,13 @@ def prepare(
         channel_order=s.channel_order,
         preprocessing=s.preprocessing or None,
         roi_size=s.roi_size,
+        folds=s.folds,
+        checkpoint_name=s.checkpoint_name,
+        use_mirroring=s.use_mirroring,
     )
+    if own_cases:
+        cases = model.adapter.discover(list(inputs), s.case_id)
+        split_parts(cases, num_parts, part_id)
     specs = parse_targets(s.targets, model.regions) if s.targets else default_targets(model.regions)
     layers = _check_layers(model, s.layers, device)
     sw = sliding_settings(model.sliding, overlap=s.overlap, sw_batch_size=s.sw_batch_size, mode=s.blend)

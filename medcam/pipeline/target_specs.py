@@ -231,13 +231,14 @@ def parse_targets(specs: Iterable[str], regions: Sequence[str] = ()) -> list[Tar
 
 
 def default_targets(regions: Sequence[str]) -> list[TargetSpec]:
-    """The predicted region of every named output channel (demo: TC, WT, ET)."""
+    """The predicted region of every named output channel (demo: TC, WT, ET) but a ``background`` one (nnU-Net's
+    label 0)."""
     if not regions:
         raise TargetError(
             "no --target given and the model's output channels are unnamed: pass --target channel:N "
             "or name the channels with --regions"
         )
-    return parse_targets(list(regions), regions)
+    return parse_targets([r for r in regions if r.lower() != "background"] or list(regions), regions)
 
 
 def label_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:

@@ -1,0 +1,556 @@
+"""The nnU-Net v2 adapter of medcam's one case pipeline (:mod:`medcam.frameworks.base`).
+
+A trained nnU-Net v2 model folder (``--model nnunet:FOLDER --folds 0,1``) enters ``medcam explain`` like every other
+model: same case folder (``heatmaps/``, ``overlays/``, ``montage.png``, ``slicer/``, ``segmentation.nii.gz``,
+``summary.json``), same resume, parts, Ray executor and report. What is nnU-Net's comes from nnU-Net, through
+:mod:`medcam.frameworks.nnunet`: the preprocessing (:meth:`~medcam.frameworks.nnunet.NnUNetModel.preprocess`), the
+prediction and its explanation (:func:`~medcam.frameworks.nnunet.explain`: folds x tiles x mirrors, exact), and the
+export back to the original grid (:meth:`~medcam.frameworks.nnunet.NnUNetModel.to_original_grid`,
+:meth:`~medcam.frameworks.nnunet.NnUNetModel.segmentation`: integer labels, as ``nnUNetv2_predict`` writes them).
+This module holds no pass logic.
+
+INPUTS (:meth:`NnUNetAdapter.discover`):
+
+* nnU-Net's own input layout, as ``nnUNetv2_predict -i`` takes it: one folder of ``CASE_XXXX<file_ending>`` files,
+  ``XXXX`` the channel index of ``dataset.json``'s ``channel_names``;
+* one case's image files (``CASE_0000.nii.gz CASE_0001.nii.gz ...``: ordered by their channel index when they carry
+  one, else in the order given);
+* a BraTS case folder, a folder of BraTS case folders or a CSV manifest, as for MONAI models: the modalities are
+  matched to ``channel_names`` by name (T1/T1n, T1ce/T1c/T1Gd, T2/T2w, FLAIR/T2f).
+
+Cases must be NIfTI (the case folder's maps are NIfTI on the input's grid) read by nnU-Net's ``SimpleITKIO`` or
+``NibabelIO`` (whose arrays are the NIfTI's axes reversed, ``[k, j, i]``).
+
+Targets (:meth:`NnUNetAdapter.targets`): every ``--target`` kind, with ``dataset.json``'s label/region names as
+region names. Masks, boxes (voxel indices i, j, k of the image, like NIfTI's array axes) and ``label:`` targets are
+given on the ORIGINAL grid and taken to the preprocessed grid by nnU-Net's own preprocessor, given them as the case's
+segmentation (:func:`to_preprocessed_grid`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import TargetError
+from ..pipeline.cases import CaseLayout, CaseSource, _safe_id, discover_cases, id_from_files
+from ..pipeline.errors import PipelineError
+from ..pipeline.target_specs import TargetSpec
+from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
+from ..types import PathLike
+from .base import Activation, Framework
+from .nnunet import NnUNetError, NnUNetModel, explain, load
+
+__all__ = ["NnUNetAdapter", "NnUNetCase", "load_adapter", "to_preprocessed_grid"]
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: nnU-Net readers whose arrays are the NIfTI file's axes reversed (``[k, j, i]``)
+_READERS = ("SimpleITKIO", "NibabelIO")
+_NIFTI = (".nii.gz", ".nii")
+
+
+def _endings(model: NnUNetModel) -> list[str]:
+    """File endings the model's image reader takes (``dataset.json``'s ``file_ending`` first)."""
+    reader = model.predictor.plans_manager.image_reader_writer_class
+    own = str(model.dataset_json.get("file_ending", ".nii.gz"))
+    return [own, *[str(e) for e in getattr(reader, "supported_file_endings", ()) if str(e) != own]]
+
+
+def _ending_of(model: NnUNetModel, path: PathLike) -> str:
+    """The ending of ``path`` among those the model's reader takes (NnUNetError naming them otherwise)."""
+    name = Path(path).name
+    for e in sorted(_endings(model), key=len, reverse=True):
+        if name.endswith(e):
+            return e
+    raise NnUNetError(
+        f"'{name}': this model reads {', '.join(_endings(model))} files (dataset.json file_ending "
+        f"'{model.dataset_json.get('file_ending')}', reader {model.predictor.plans_manager.image_reader_writer_class.__name__})"
+    )
+
+
+def _nnunet_layout(folder: Path, model: NnUNetModel) -> list[CaseSource] | None:
+    """The cases of a folder in nnU-Net's input layout (``CASE_XXXX<ending>``), or None if it holds no such file.
+
+    Cases are grouped with nnU-Net's own functions (``get_identifiers_from_splitted_dataset_folder``,
+    ``create_paths_fn``); each must have exactly the channels ``0000 .. C-1`` of ``dataset.json``.
+    """
+    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+
+    ending = str(model.dataset_json.get("file_ending", ".nii.gz"))
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(ending))
+    if not any(_CHANNEL_FILE.match(n[: -len(ending)]) for n in names):
+        return None
+    n_ch = len(model.channel_names)
+    cases = []
+    for cid in get_identifiers_from_splitted_dataset_folder(str(folder), ending):
+        files = sorted(create_paths_fn(str(folder), names, ending, str(cid)))
+        if not files:  # a file without a _XXXX channel index (not part of the layout)
+            logger.warning("ignoring %s*%s in %s: not named CASE_XXXX%s", cid, ending, folder, ending)
+            continue
+        got = [int(Path(f).name[len(str(cid)) + 1 : len(str(cid)) + 5]) for f in files]
+        if got != list(range(n_ch)):
+            raise NnUNetError(
+                f"case '{cid}' in '{folder}' has channel files {[f'{c:04d}' for c in got]}; the model takes "
+                f"{n_ch} channels {model.channel_names} (dataset.json channel_names) as {cid}_0000{ending} .. "
+                f"{cid}_{n_ch - 1:04d}{ending}"
+            )
+        cases.append(CaseSource(str(cid), CaseLayout.VOLUMES, [Path(f) for f in files]))
+    return cases
+
+
+def _image_files_case(files: Sequence[Path], model: NnUNetModel, case_id: str | None) -> CaseSource:
+    """ONE case given as image files: ordered by their nnU-Net channel index when all carry one, else as given."""
+    n_ch = len(model.channel_names)
+    if len(files) != n_ch:
+        raise NnUNetError(
+            f"the model takes {n_ch} input channels {model.channel_names} (dataset.json channel_names), got "
+            f"{len(files)} file(s)"
+        )
+    endings = [_ending_of(model, f) for f in files]
+    stems = [_CHANNEL_FILE.match(f.name[: -len(e)]) for f, e in zip(files, endings)]
+    ordered, cid = list(files), None
+    if all(stems) and len({m.group("case") for m in stems if m}) == 1:
+        by_channel = sorted(zip((int(m.group("channel")) for m in stems if m), files))
+        if [c for c, _ in by_channel] == list(range(n_ch)):
+            ordered, cid = [f for _, f in by_channel], stems[0].group("case") if stems[0] else None
+    return CaseSource(case_id or cid or id_from_files(ordered), CaseLayout.VOLUMES, ordered)
+
+
+def discover_nnunet_cases(
+    inputs: Sequence[PathLike], model: NnUNetModel, case_id: str | None = None
+) -> list[CaseSource]:
+    """The cases of ``inputs`` for an nnU-Net model (the module docstring lists what INPUTS may be).
+
+    Returns:
+        :class:`~medcam.pipeline.CaseSource` list: ``"volumes"`` cases hold their files in channel order; BraTS
+        cases (``"brats_folder"``/``"brats_mapping"``) are matched to the channels by :func:`channel_files`.
+
+    Raises:
+        NnUNetError / PipelineError: missing input, a folder with no case, a case missing a channel, files the
+            model's reader does not take, modalities that cannot be matched to ``dataset.json``'s channel names.
+    """
+    paths = [Path(p) for p in inputs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise PipelineError(f"input '{missing[0]}' does not exist")
+    cases: list[CaseSource] | None = None
+    if len(paths) == 1 and paths[0].is_dir():
+        cases = _nnunet_layout(paths[0], model)
+        if cases is not None and case_id is not None and len(cases) != 1:
+            raise PipelineError(f"--case-id names ONE case, but '{paths[0]}' holds {len(cases)} cases")
+        if cases is not None and case_id is not None:
+            cases = [replace(cases[0], case_id=case_id)]
+    if cases is None and paths and all(p.is_file() and p.suffix.lower() != ".csv" for p in paths):
+        cases = [_image_files_case(paths, model, case_id)]
+    if cases is None:
+        cases = discover_cases(paths, case_id=case_id)
+        if any(c.kind is not CaseLayout.VOLUMES for c in cases):
+            _modality_order(model)  # the channel names must match BraTS modalities: checked before any case
+        for c in cases:
+            if c.kind is CaseLayout.VOLUMES and len(c.source) != len(model.channel_names):
+                raise NnUNetError(
+                    f"case {c.case_id} has {len(c.source)} image file(s); the model takes "
+                    f"{len(model.channel_names)} channels {model.channel_names} (dataset.json channel_names)"
+                )
+    bad = [c.case_id for c in cases if _safe_id(c.case_id) != c.case_id]
+    if bad:
+        raise PipelineError(f"case id {bad[0]!r}: use letters, digits, '.', '_' and '-' only (rename the files)")
+    _check_nifti(model, cases)
+    return cases
+
+
+def _check_nifti(model: NnUNetModel, cases: Sequence[CaseSource]) -> None:
+    """The case folder's maps are NIfTI on the input's grid: NIfTI inputs read by SimpleITKIO/NibabelIO only."""
+    reader = model.predictor.plans_manager.image_reader_writer_class.__name__
+    if reader not in _READERS:
+        raise NnUNetError(
+            f"this model reads images with {reader}; medcam explains nnU-Net models whose reader is one of "
+            f"{', '.join(_READERS)} (NIfTI cases)"
+        )
+    for c in cases:
+        other = [f for f in c.channel_files() if not str(f).endswith(_NIFTI)]
+        if other:
+            raise NnUNetError(
+                f"case {c.case_id}: '{other[0].name}' is not NIfTI; medcam's case folder is NIfTI on the input's "
+                "grid (convert the case, e.g. with SimpleITK, to .nii.gz)"
+            )
+
+
+def _modality_order(model: NnUNetModel) -> list[str]:
+    """The BraTS modality (``t1``, ``t1ce``, ``t2``, ``flair``) of each model channel, from its name."""
+    from ..data.brats import MODALITIES, MODALITY_ALIASES
+
+    names = model.channel_names
+    order = [MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", n.lower()), "") for n in names]
+    if any(m not in MODALITIES for m in order) or len(set(order)) != len(order):
+        raise NnUNetError(
+            f"the model's channels {names} (dataset.json channel_names) cannot be matched to the BraTS modalities "
+            f"{', '.join(MODALITIES)} of these cases; give each case as image files in channel order, or in "
+            "nnU-Net's layout (a folder of CASE_0000<ending>, CASE_0001<ending>, ...)"
+        )
+    return order
+
+
+def channel_files(src: CaseSource, model: NnUNetModel) -> list[Path]:
+    """The image files of case ``src`` in the model's channel order (one per ``dataset.json`` channel), from the
+    files the source resolved at discovery."""
+    found = dict(src.require_files())
+    if src.kind is CaseLayout.VOLUMES:
+        files = src.channel_files()
+    else:
+        order = _modality_order(model)
+        missing = [m for m in order if m not in found]
+        if missing:
+            raise NnUNetError(f"case {src.case_id} has no {missing[0]} image (the model's channels: {order})")
+        files = [Path(found[m]) for m in order]
+    for f in files:
+        _ending_of(model, f)
+        if not f.is_file():
+            raise NnUNetError(f"input file '{f}' does not exist")
+    return files
+
+
+def _label_file(src: CaseSource | None) -> Path | None:
+    """The BraTS label (``seg``) file of a case, if it has one."""
+    seg = None if src is None else src.files.get("seg")
+    return Path(seg) if seg is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+def to_preprocessed_grid(model: NnUNetModel, masks: np.ndarray, files: Sequence[PathLike]) -> np.ndarray:
+    """Masks ``[K, *original]`` of the case made of ``files`` (the reader's axis order, as nnU-Net reads the image)
+    -> ``[K, *S']`` float32 0/1 on the preprocessed grid.
+
+    The masks are given to nnU-Net's own preprocessor as the case's segmentation (the ``seg`` argument of
+    ``run_case_npy``, what ``nnUNetv2_plan_and_preprocess`` does with a training label): ``transpose_forward``, the
+    crop to the image's non-zero bounding box (voxels outside the non-zero region become nnU-Net's ``-1``), and the
+    configuration's ``resampling_fn_seg``; the ROI is where the result is 1. The image is read and preprocessed
+    once more for this (nnU-Net's crop needs it); its data is not used.
+    """
+    p = model.predictor
+    rw = p.plans_manager.image_reader_writer_class()
+    data, props = rw.read_images([str(f) for f in files])
+    m = np.asarray(masks)
+    if tuple(m.shape[1:]) != tuple(data.shape[1:]):
+        raise TargetError(f"masks {tuple(m.shape[1:])} are not on the case's image grid {tuple(data.shape[1:])}")
+    pre = p.configuration_manager.preprocessor_class(verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its foreground sampling may print
+        _, seg, _ = pre.run_case_npy(
+            data, (m != 0).astype(np.int8), props, p.plans_manager, p.configuration_manager, model.dataset_json
+        )
+    return (np.asarray(seg) == 1).astype(np.float32)
+
+
+def _read_on_image_grid(model: NnUNetModel, path: Path, properties: Mapping[str, Any], spec: TargetSpec) -> np.ndarray:
+    """A label/mask file read by the model's reader: ``[*original]`` (reader axis order), checked on the image grid."""
+    rw = model.predictor.plans_manager.image_reader_writer_class()
+    arr, props = rw.read_seg(str(path))
+    shape = _reader_shape(model, properties)
+    geometry = ("spacing", "origin", "direction")
+    same = tuple(arr.shape[1:]) == shape and all(
+        np.allclose(props.get("sitk_stuff", {}).get(k, 0), properties.get("sitk_stuff", {}).get(k, 0), atol=1e-4)
+        for k in geometry
+    )
+    if not same:
+        raise TargetError(
+            f"--target {spec.text!r}: '{path.name}' must be on the case's original image grid (array shape {shape}, "
+            f"same spacing, origin and direction); got shape {tuple(arr.shape[1:])}"
+        )
+    return np.asarray(arr[0])
+
+
+def _reader_shape(model: NnUNetModel, properties: Mapping[str, Any]) -> tuple[int, ...]:
+    """Shape of the image as nnU-Net's reader returns it (before ``transpose_forward``)."""
+    pm = model.predictor.plans_manager
+    before = properties["shape_before_cropping"]
+    return tuple(int(before[i]) for i in pm.transpose_backward)
+
+
+def _original_mask(
+    model: NnUNetModel, spec: TargetSpec, src: CaseSource | None, properties: Mapping[str, Any]
+) -> np.ndarray:
+    """The ROI of a ``mask``/``box``/``label`` spec on the original grid (reader axis order), 0/1."""
+    shape = _reader_shape(model, properties)
+    if spec.kind == "box" and spec.box is not None:
+        start, stop = spec.box
+        ijk = tuple(reversed(shape))  # SimpleITK/nnU-Net arrays are [k, j, i]; boxes are given as i, j, k
+        if len(start) != len(ijk) or any(b > s for b, s in zip(stop, ijk)):
+            raise TargetError(f"--target {spec.text!r}: box stop {stop} lies outside the image grid {ijk} (i, j, k)")
+        box = np.zeros(shape, np.float32)
+        box[tuple(slice(a, b) for a, b in zip(reversed(start), reversed(stop)))] = 1
+        return box
+    if spec.kind == "mask" and spec.path is not None:
+        arr = _read_on_image_grid(model, Path(spec.path), properties, spec)
+        if not (arr != 0).any():
+            raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
+        return (arr != 0).astype(np.float32)
+    from ..data.brats import REGIONS, infer_label_convention, labels_to_regions
+
+    seg = _label_file(src)
+    if seg is None:
+        raise TargetError(
+            f"--target {spec.text!r}: case {properties.get('case_id', '')} has no label file (a BraTS '_seg' / 'seg' file, or a 'seg' "
+            "manifest column)"
+        )
+    lab = _read_on_image_grid(model, seg, properties, spec)
+    regions = labels_to_regions(lab, infer_label_convention(np.unique(lab).tolist()))
+    res = regions[REGIONS.index(str(spec.label))].astype(np.float32)
+    if not res.any():
+        raise TargetError(f"--target {spec.text!r}: the case has no {spec.label} voxels in its label file")
+    return res
+
+
+def nnunet_targets(
+    specs: Sequence[TargetSpec],
+    model: NnUNetModel,
+    src: CaseSource | None,
+    files: Sequence[PathLike],
+    data: torch.Tensor,
+    properties: Mapping[str, Any],
+    threshold: float | None = None,
+) -> list[Target]:
+    """One target per spec on the preprocessed grid of the case made of ``files`` (``data [C, *S']`` and
+    ``properties`` from :meth:`NnUNetModel.preprocess`). Predicted/component targets use nnU-Net's inference
+    nonlinearity (``threshold`` None: 0.5 for sigmoid, argmax for softmax); masks, boxes and labels are mapped by
+    :func:`to_preprocessed_grid`."""
+    spatial = [s for s in specs if s.kind in ("mask", "box", "label")]
+    mapped: dict[int, np.ndarray] = {}
+    if spatial:
+        stack = np.stack([_original_mask(model, s, src, properties) for s in spatial])
+        on_grid = to_preprocessed_grid(model, stack, files)
+        if tuple(on_grid.shape[1:]) != tuple(data.shape[1:]):
+            raise NnUNetError(f"masks preprocessed to {on_grid.shape[1:]}, the data to {tuple(data.shape[1:])}")
+        for s, m in zip(spatial, on_grid):
+            if not m.any():
+                raise TargetError(f"--target {s.text!r}: the ROI falls outside the preprocessed (cropped) image")
+            mapped[id(s)] = m
+    n_out = len(model.output_names)
+    act: Any = model.activation
+    out: list[Target] = []
+    for s in specs:
+        if s.channel >= n_out:
+            raise TargetError(f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out}")
+        if s.kind == "predicted":
+            out.append(PredictedROI(s.channel, activation=act, threshold=threshold))
+        elif s.kind == "class":
+            out.append(ClassROI(s.channel))
+        elif s.kind == "component":
+            out.append(ComponentROI(s.channel, which=int(s.rank or 1) - 1, activation=act, threshold=threshold))
+        else:
+            out.append(MaskROI(mapped[id(s)], s.channel))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the case
+def _to_nifti_axes(reader_order: np.ndarray) -> np.ndarray:
+    """``[K, k, j, i]`` (nnU-Net's reader axis order for NIfTI) -> ``[K, i, j, k]`` (nibabel's)."""
+    return np.ascontiguousarray(np.asarray(reader_order).transpose(0, 3, 2, 1))
+
+
+@dataclass
+class NnUNetCase:
+    """One case preprocessed by nnU-Net (a :class:`~medcam.frameworks.base.ModelCase`).
+
+    ``image`` is nnU-Net's preprocessed data ``[C, *S']`` (a MetaTensor whose affine holds the configuration's
+    spacing); ``properties`` are nnU-Net's (needed by its export); :meth:`invert` is nnU-Net's export of
+    probabilities (``resampling_fn_probabilities``, the crop put back, ``transpose_backward``), in nibabel's axis
+    order of the reference file.
+    """
+
+    image: Any
+    properties: dict[str, Any]
+    files: list[Path]
+    paths: dict[str, Path]
+    reference_path: Path
+    case_id: str
+    channel_names: tuple[str, ...]
+    original_shape: tuple[int, int, int]
+    original_affine: np.ndarray = field(repr=False)
+    model: NnUNetModel | None = field(default=None, repr=False)
+    label: Any = None
+
+    def invert(self, volume: np.ndarray | torch.Tensor, *, nearest: bool = False) -> np.ndarray:
+        """``[K, *S']`` (or ``[*S']``) -> float32 ``[K, *original]`` in nibabel's axis order, by nnU-Net's export;
+        ``nearest``: 0/1 masks (thresholded at 0.5 after the probability resampling)."""
+        assert self.model is not None
+        vol = torch.as_tensor(np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume))
+        squeeze = vol.ndim == 3
+        out = _to_nifti_axes(self.model.to_original_grid(vol[None] if squeeze else vol, self.properties))
+        if nearest:
+            out = (out > 0.5).astype(np.float32)
+        return out[0] if squeeze else out
+
+
+def _channel_names(model: NnUNetModel) -> tuple[str, ...]:
+    """``dataset.json``'s channel names, as BraTS modality names (``t1ce``, ...) where they are ones (so that the
+    overlays and the Slicer scene pick T1ce as background, as for every BraTS case)."""
+    from ..data.brats import MODALITY_ALIASES
+
+    names = [MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", n.lower()), n) for n in model.channel_names]
+    return tuple(names) if len(set(names)) == len(names) else tuple(model.channel_names)
+
+
+# ---------------------------------------------------------------------------------------------------- the adapter
+@dataclass
+class NnUNetAdapter:
+    """A trained nnU-Net v2 model folder as a :class:`~medcam.frameworks.base.FrameworkAdapter`.
+
+    Picklable without its model: a worker of a distributed executor loads the folder once, in :meth:`setup`, on its
+    own device.
+
+    Attributes:
+        folder, folds, checkpoint: the model (:func:`medcam.frameworks.nnunet.load`).
+        options: ``use_mirroring``, ``tile_step_size``, ``use_gaussian`` of the predictor.
+        device: where the model is (or is to be) loaded.
+    """
+
+    folder: Path
+    folds: tuple[int | str, ...]
+    checkpoint: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    framework: Framework = Framework.NNUNET
+    _model: NnUNetModel | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None}
+
+    @property
+    def model(self) -> NnUNetModel:
+        """The loaded :class:`~medcam.frameworks.nnunet.NnUNetModel` (loaded here when this adapter was pickled)."""
+        if self._model is None:
+            self._model = load(self.folder, self.folds, self.checkpoint, device=self.device, **dict(self.options))
+        return self._model
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.model.network
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.model.output_names)
+
+    @property
+    def activation(self) -> Activation:
+        return Activation(self.model.activation)
+
+    def setup(self, device: str) -> NnUNetAdapter:
+        """This adapter with the model loaded on ``device`` (once)."""
+        if self._model is not None and device == self.device:
+            return self
+        self.device, self._model = device, None
+        _ = self.model
+        return self
+
+    def discover(self, inputs: Sequence[PathLike], case_id: str | None = None) -> list[CaseSource]:
+        return discover_nnunet_cases(inputs, self.model, case_id)
+
+    def load_case(self, source: CaseSource) -> NnUNetCase:
+        """nnU-Net's preprocessing of the case's channel files (``dataset.json`` order)."""
+        from monai.data import MetaTensor
+
+        from ..data.loading import read_header
+
+        model = self.model
+        files = channel_files(source, model)
+        data, props = model.preprocess(files)
+        spacing = [float(v) for v in model.predictor.configuration_manager.spacing]
+        if len(spacing) < data.ndim - 1:  # a 2D configuration: the first (slice) axis keeps the case's spacing
+            spacing = [float(props["spacing"][model.predictor.plans_manager.transpose_forward[0]]), *spacing]
+        image = MetaTensor(data, affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+        names = _channel_names(model)
+        header = read_header(files[0])
+        paths = dict(zip(names, files))
+        label = _label_file(source)
+        if label is not None:
+            paths["seg"] = label
+        props = {**props, "case_id": source.case_id}
+        shape = (int(header.shape[0]), int(header.shape[1]), int(header.shape[2]))
+        return NnUNetCase(image, props, files, paths, files[0], source.case_id, names, shape, header.affine, model)
+
+    def targets(self, specs: Sequence[Any], case: Any, source: Any, threshold: float | None) -> list[Any]:
+        return nnunet_targets(specs, self.model, source, case.files, case.image, case.properties, threshold)
+
+    def predict(
+        self, case: Any, targets: Sequence[Any], *, inferer: Any, device: torch.device, amp: bool
+    ) -> torch.Tensor | None:
+        """nnU-Net's logits ``[1, C, *S']`` when a target's ROI depends on them; else None: the first explanation
+        forms them in its own passes (:func:`~medcam.frameworks.nnunet.explain`'s fused prediction)."""
+        if amp:
+            raise NnUNetError("--amp does not apply to nnU-Net models: the predictor's own precision is used")
+        if not any(getattr(t, "needs_prediction", True) for t in targets):
+            return None
+        return self.model.predict_logits(torch.as_tensor(case.image.as_tensor()))[None]
+
+    def explain(
+        self,
+        method: type,
+        case: Any,
+        targets: Sequence[Any],
+        layer: str,
+        *,
+        output: torch.Tensor | None,
+        inferer: Any,
+        device: torch.device,
+        amp: bool,
+        progress: bool,
+    ) -> Any:
+        """:func:`medcam.frameworks.nnunet.explain` with an explainer of ``method`` on the network."""
+        cam = method(self.model.network, layer, progress=progress)
+        logits = None if output is None else output[0]
+        data = torch.as_tensor(case.image.as_tensor())
+        return explain(cam, self.model, data, list(targets), logits=logits, progress=progress)
+
+    def segmentation(self, case: Any, output: torch.Tensor, threshold: float | None) -> np.ndarray:
+        """nnU-Net's own export of the logits (``convert_predicted_logits_to_segmentation_with_correct_shape``):
+        integer labels on the original grid, nibabel's axis order."""
+        seg = self.model.segmentation(output[0].detach().float().cpu(), case.properties)
+        return _to_nifti_axes(np.asarray(seg)[None])[0]
+
+    def describe(self) -> Mapping[str, Any]:
+        """The model (:meth:`NnUNetModel.describe`), its resolved folder and the fingerprint of its plans,
+        dataset.json and checkpoint files (so a retrained checkpoint is not taken for a finished run)."""
+        from ..pipeline.resume import fingerprint
+
+        model = self.model
+        folder = Path(model.folder)
+        files = {name: folder / name for name in ("plans.json", "dataset.json")}
+        files.update({f"fold_{f}": folder / f"fold_{f}" / model.checkpoint for f in model.folds})
+        return {**model.describe(), "folder": str(folder.resolve()), "model_files": fingerprint(files)}
+
+
+def load_adapter(
+    folder: PathLike,
+    folds: Sequence[int | str] = (0,),
+    checkpoint: str = "checkpoint_final.pth",
+    *,
+    device: str = "cpu",
+    use_mirroring: bool = True,
+    tile_step_size: float = 0.5,
+    use_gaussian: bool = True,
+) -> NnUNetAdapter:
+    """Load an nnU-Net model folder (:func:`medcam.frameworks.nnunet.load`, same arguments) as an adapter."""
+    options = {"use_mirroring": use_mirroring, "tile_step_size": tile_step_size, "use_gaussian": use_gaussian}
+    model = load(Path(folder), folds, checkpoint, device=device, use_mirroring=use_mirroring,
+                 tile_step_size=tile_step_size, use_gaussian=use_gaussian)  # fmt: skip
+    return NnUNetAdapter(Path(folder), tuple(model.folds), checkpoint, options, str(device), _model=model)
+
+
+def from_model(model: NnUNetModel) -> NnUNetAdapter:
+    """The adapter of an already loaded :class:`~medcam.frameworks.nnunet.NnUNetModel` (its predictor settings)."""
+    p = model.predictor
+    options = {"use_mirroring": bool(p.use_mirroring), "tile_step_size": p.tile_step_size}
+    options["use_gaussian"] = bool(p.use_gaussian)
+    device = str(next(model.network.parameters()).device)
+    return NnUNetAdapter(Path(model.folder), tuple(model.folds), model.checkpoint, options, device, _model=model)
