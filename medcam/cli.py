@@ -498,7 +498,7 @@ def layers_cmd(
     """
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=3, desc="medcam layers", disable=quiet, leave=False)
+    bar = tqdm(total=3, desc="medcam layers", disable=quiet or as_json, leave=False)  # --json: for programs
     bar.set_postfix_str("importing torch")
     import torch
 
