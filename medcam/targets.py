@@ -386,6 +386,13 @@ class VoxelROI(Target):
         m[where] = 1.0
         return m
 
+    def boxed_roi(self, output: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor] | None:
+        spatial = tuple(output.shape[2:])
+        if len(self.index) != len(spatial) or any(not 0 <= i < s for i, s in zip(self.index, spatial)):
+            return None  # roi() raises the error
+        box = tuple(slice(i, i + 1) for i in self.index)
+        return box, torch.ones((output.shape[0],) + (1,) * len(spatial), dtype=torch.float32, device=output.device)
+
     def __repr__(self) -> str:
         return f"VoxelROI(channel={self.channel}, index={self.index})"
 

@@ -50,6 +50,9 @@ def test_boxed_weights_and_box_accumulator_give_the_dense_maps_bit_equal(net, me
     mask[20:26, 14:20, 9:14] = True
     c = cam.explain(x, [T.MaskROI(mask, 1)], relu=False)  # the mask's box, held boxed too
     torch.testing.assert_close(c.maps, a.maps, rtol=0, atol=0)
+    one = T.BoxROI(2, (30, 5, 33), (31, 6, 34))  # a single voxel: VoxelROI's box
+    v = cam.explain(x, [T.VoxelROI(2, (30, 5, 33)), DenseBox(2, one.start, one.stop)], relu=False)
+    torch.testing.assert_close(v.maps[:, 0], v.maps[:, 1], rtol=0, atol=0)
 
 
 def test_per_window_normaliser_equals_monais_count_map():
@@ -71,6 +74,6 @@ def test_sparse_gradient_holds_its_box_only():
     g[0, 2, 10:12, 3:4, 20:25] = 1.5
     sp = ChannelSparse.from_dense(g, grid)
     assert sp.channels == [2] and tuple(sp.values.shape) == (1, 1, 2, 1, 5) and sp.lo == (10, 3, 20)
-    for i, s in enumerate(grid.slices):
+    for s in grid.slices:
         assert sp.touches(0, s) == bool(g[(0, 2, *s)].ne(0).any())
         torch.testing.assert_close(sp.window(0, s, cpu), g[(0, slice(2, 3), *s)], rtol=0, atol=0)
