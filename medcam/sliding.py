@@ -57,7 +57,7 @@ from .formulas import weighted_channel_sum as _weighted_channel_sum
 from .hooks import ActivationHook
 from .result import CAMResult, Upsampler, interpolate_upsampler
 from .runner import ModelRunner
-from .targets import Target
+from .targets import Target, span
 
 __all__ = [
     "explain_sliding",
@@ -210,7 +210,7 @@ class ChannelSparse:
         if not channels:
             return cls(channels, grad[:, :0].float())
         nz = grad[:, channels].ne(0).flatten(0, 1).any(dim=0)  # [*S]
-        box = tuple(_span(nz.movedim(d, 0).flatten(1).any(dim=1)) for d in range(nz.ndim))
+        box = tuple(span(nz.movedim(d, 0).flatten(1).any(dim=1)) for d in range(nz.ndim))
         return cls.from_box(channels, box, grad[_ix(slice(None), channels, *box)], grid)
 
     @classmethod
@@ -651,12 +651,6 @@ def blend_pooled_maps(st: SlidingState, alpha: dict[WindowRef, torch.Tensor]) ->
 def _ix(*parts: Any) -> tuple[Any, ...]:
     """A tensor index from integers, slices and index lists (typed for mypy)."""
     return parts
-
-
-def _span(set_: torch.Tensor) -> slice:
-    """The slice from the first to the last set element of a 1-D bool tensor."""
-    idx = torch.nonzero(set_).flatten()
-    return slice(int(idx.min()), int(idx.max()) + 1)
 
 
 def _to_feature_grid(weight: torch.Tensor, feat_shape: tuple[int, ...]) -> torch.Tensor:

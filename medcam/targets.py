@@ -45,7 +45,7 @@ def _axis_any(nz: torch.Tensor, dim: int) -> torch.Tensor:
     return nz.any(dim=other[0]) if len(other) == 1 else nz.permute(dim, *other).flatten(1).any(dim=1)
 
 
-def _span(set_: torch.Tensor) -> slice:
+def span(set_: torch.Tensor) -> slice:
     """The slice from the first to the last set element of a 1-D bool tensor."""
     idx = torch.nonzero(set_).flatten()
     return slice(int(idx.min()), int(idx.max()) + 1)
@@ -312,7 +312,7 @@ class MaskROI(Target):
         nz = m.ne(0).any(dim=0)  # [*S]
         if not bool(nz.any()):
             return None
-        box = tuple(_span(_axis_any(nz, d)) for d in range(nz.ndim))
+        box = tuple(span(_axis_any(nz, d)) for d in range(nz.ndim))
         return box, m[(slice(None), *box)].expand(output.shape[0], *[s.stop - s.start for s in box]).clone()
 
     def _mask(self, output: torch.Tensor) -> torch.Tensor:
