@@ -40,8 +40,9 @@ class Case:
     shape: tuple  # (C, X, Y, Z)
     roi: tuple
     sw_batch: int
-    targets: str  # "sphere1", "sphere3", "class1", "pred1", "pred1_given", "pred3_given", "small_sphere"
+    targets: str  # "sphere1", "sphere3", "class1", "pred1", "pred1_given", "pred3_given", "small_sphere", "box16"
     out_channels: int = 3
+    overlap: float = 0.5
 
 
 CASES = {
@@ -57,6 +58,9 @@ CASES = {
         Case("brats_sw1_pred3_given", (4, 240, 240, 155), (128, 128, 128), 1, "pred3_given"),
     ],
     "ct": [Case("ct_512x512x320_r20", (1, 512, 512, 320), (128, 128, 128), 1, "small_sphere", out_channels=2)],
+    # issue 30: a 16^3 box in a 512x512x300 CT volume, 96^3 windows (2 of 196 windows run): memory must be that of
+    # windows, not volumes (target: below inference's own peak). CPU, --memory-only (inference runs all 196 windows)
+    "large_box": [Case("cpu_1x512x512x300_box16", (1, 512, 512, 300), (96, 96, 96), 1, "box16", 3, 0.25)],
     "cpu_small": [
         Case("cpu_4x128x128x96_sphere1", (4, 128, 128, 96), (64, 64, 64), 1, "sphere1"),
         Case("cpu_4x128x128x96_sphere3", (4, 128, 128, 96), (64, 64, 64), 1, "sphere3"),
@@ -74,6 +78,9 @@ def sphere(shape, centre, radius, device):
 def make_targets(case: Case, device):
     spatial = case.shape[1:]
     centre = [0.55 * s for s in spatial]  # off-centre, like a lesion in one hemisphere
+    if case.targets == "box16":  # inside the overlap of two neighbouring windows along the last axis
+        start = (200, 200, 60)
+        return [T.BoxROI(1, start, [a + 16 for a in start])], False
     if case.targets == "small_sphere":
         return [T.MaskROI(sphere(spatial, [0.3 * s for s in spatial], 20, device), 1)], False
     if case.targets.startswith("sphere"):
@@ -176,13 +183,15 @@ def setup(case: Case, device, amp: bool, method: str, channels_last: bool = Fals
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    inferer = SlidingWindowInferer(roi_size=case.roi, sw_batch_size=case.sw_batch, overlap=0.5, mode="gaussian")
+    inferer = SlidingWindowInferer(
+        roi_size=case.roi, sw_batch_size=case.sw_batch, overlap=case.overlap, mode="gaussian"
+    )
     tl, give_output = make_targets(case, device)
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
     def infer():
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
-            return sliding_window_inference(x, case.roi, case.sw_batch, model, overlap=0.5, mode="gaussian")
+            return sliding_window_inference(x, case.roi, case.sw_batch, model, overlap=case.overlap, mode="gaussian")
 
     cam = medcam.METHODS[method](
         model,
@@ -198,6 +207,21 @@ def setup(case: Case, device, amp: bool, method: str, channels_last: bool = Fals
         res["r"] = cam.explain(x, tl, output=given)
 
     return infer, explain, cam, tl, res
+
+
+def memory_only(case: Case, amp: bool, method: str, channels_last: bool = False) -> dict:
+    """Peak RSS growth of one inference and one explanation (fresh processes each), no timing: for cases whose
+    inference is too slow to repeat on a CPU (``--memory-only``)."""
+    m_inf = cpu_peak_rss(case, amp, method, "infer", channels_last)
+    m_cam = cpu_peak_rss(case, amp, method, "explain", channels_last)
+    return {
+        "case": case.name,
+        "method": method,
+        "input_mib": round(4 * torch.Size(case.shape).numel() / 2**20, 1),
+        "inference_peak_mib": round(m_inf / 2**20, 1),
+        "medcam_peak_mib": round(m_cam / 2**20, 1),
+        "memory_ratio": round(m_cam / max(m_inf, 1), 3),
+    }
 
 
 def run_case(case: Case, device, amp: bool, repeats: int, method: str, channels_last: bool = False):
@@ -250,6 +274,7 @@ def main():
         action="store_true",
         help="glibc keeps freed memory for reuse, for both (what the medcam command does for itself)",
     )
+    ap.add_argument("--memory-only", action="store_true", help="CPU: peak memory of one call each, no timing")
     ap.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # CASE:infer|explain (child process)
     args = ap.parse_args()
     if args.probe_memory:
@@ -275,6 +300,10 @@ def main():
         "results": [],
     }
     for case in selected:
+        if args.memory_only:
+            info["results"].append(memory_only(case, args.amp, args.method, args.channels_last))
+            print(json.dumps(info["results"][-1]), flush=True)
+            continue
         info["results"].append(run_case(case, device, args.amp, args.repeats, args.method, args.channels_last))
         print(json.dumps(info["results"][-1]), flush=True)
     print(json.dumps(info, indent=1))

@@ -615,17 +615,27 @@ def layers_cmd(
     twice) is marked `runs-Nx:not-explainable`: it has no single activation, choose its parent or another layer.
     Pass a name to `medcam explain --layer NAME`.
     """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3, desc="medcam layers", disable=quiet or as_json, leave=False)  # --json: for programs
+    bar.set_postfix_str("importing torch")
     import torch
 
     from .pipeline import load_model, resolve_device
 
+    bar.update(1)
+    bar.set_postfix_str("loading the model")
     loaded = load_model(model_spec, checkpoint=checkpoint, device=resolve_device(device), weights=False)
     cin = in_channels or loaded.in_channels
     if cin is None:
         _fail("cannot tell the number of input channels; pass --in-channels")
     spatial = _ints(size, "--size") or loaded.roi_size or (64, 64, 64)
     example = torch.zeros((1, cin, *spatial), device=device)
+    bar.update(1)
+    bar.set_postfix_str(f"one forward pass of {tuple(example.shape)}")
     rows = _layer_rows(loaded, example)
+    bar.update(1)
+    bar.close()
     if as_json:
         click.echo(json.dumps({"input_shape": list(example.shape), "layers": rows}, indent=2))
         return
@@ -926,7 +936,7 @@ def report_cmd(output: str, max_voxels: int, quiet: bool) -> None:
     """
     from .report import write_report
 
-    index = write_report(output, max_voxels=max_voxels)
+    index = write_report(output, max_voxels=max_voxels, progress=not quiet)
     click.echo(f"medcam: report written -> {index}")
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -498,6 +498,16 @@ def _evaluate_layer(
             scorer.score("metacam", lname, k, cons.meta_map[k], None)
 
 
+def _progress(layers: Sequence[str], desc: str, on: bool) -> Iterator[str]:
+    """The layers, with a tqdm bar (stderr) naming the one in progress when ``on``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(layers, desc=desc, unit="layer", disable=not on, leave=False)
+    for layer in bar:
+        bar.set_postfix_str(str(layer))
+        yield layer
+
+
 def evaluate(
     model: nn.Module,
     image: torch.Tensor,
@@ -523,6 +533,7 @@ def evaluate(
     insertion_protocol: str = "rise",
     hd95_convention: str = "monai",
     tie_draws: int = 3,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Explain one case with every (method, layer) and score every target's map.
 
@@ -555,15 +566,14 @@ def evaluate(
         insertion_protocol: ``"rise"`` (blurred start, mean ROI probability; row ``insertion_rise_auc``) or
             ``"baseline"`` (start from ``baseline``, logits; row ``insertion_baseline_auc``).
         hd95_convention: ``"monai"`` (row ``hd95_monai_mm``) or ``"pooled"`` (medpy; row ``hd95_pooled_mm``).
-        tie_draws: random tie-breaking draws averaged by deletion, insertion and ROAD.
+        tie_draws: random tie-breaking draws averaged by deletion, insertion and ROAD. progress: a bar over the layers.
     Returns:
         :class:`EvaluationResult`.
     """
     opts = _metric_options(
         metrics, threshold=threshold, spacing=spacing, tolerance_mm=tolerance_mm, steps=steps, baseline=baseline,
-        batch_size=batch_size, road_percentiles=road_percentiles, output_activation=output_activation,
+        batch_size=batch_size, road_percentiles=road_percentiles, output_activation=output_activation, tie_draws=tie_draws,
         sanity_max_steps=sanity_max_steps, insertion_protocol=insertion_protocol, hd95_convention=hd95_convention,
-        tie_draws=tie_draws,
     )  # fmt: skip
     method_classes = _method_classes(methods, layers)
     tl = as_target_list(targets)
@@ -575,7 +585,7 @@ def evaluate(
         scorer = _CaseScorer.build(
             model, image, tl, inferer, names=names, refs=refs, opts=opts, case_id=case_id, result=result
         )
-        for layer in layers:
+        for layer in _progress(layers, f"evaluate {case_id}", progress):
             _evaluate_layer(scorer, layer, method_classes, tl, consensus_top_percent if consensus else None)
     return result
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,7 @@ from .formulas import weighted_channel_sum as _weighted_channel_sum
 from .hooks import ActivationHook
 from .result import CAMResult, Upsampler, interpolate_upsampler
 from .runner import ModelRunner
-from .targets import Target
+from .targets import Target, span
 
 __all__ = [
     "explain_sliding",
@@ -119,7 +119,10 @@ class WindowGrid:
         padded_size: spatial size after padding.
         slices: one tuple of spatial slices per window (MONAI order).
         importance: ``[*roi_size]`` blending weight ``omega`` (float32, on ``sw_device``).
-        count: ``[*padded_size]`` ``sum_w omega_w`` (float32, on ``device``).
+
+    The normaliser ``sum_w omega_w`` is a volume-sized count map only when many windows run (:meth:`full_count`);
+    for a few windows (a small ROI) it is formed per window from the windows that overlap it, adding in MONAI's
+    window order as the count map does (bit-equal), so that no volume is held for it.
     """
 
     def __init__(self, inferer: Any, spatial: tuple[int, ...], sw_device: torch.device, device: torch.device):
@@ -140,17 +143,35 @@ class WindowGrid:
         self.importance = compute_importance_map(
             patch, mode=mode, sigma_scale=inferer.sigma_scale, device=sw_device, dtype=torch.float32
         )
-        count = torch.zeros(self.padded_size, dtype=torch.float32, device=device)
-        imp = self.importance.to(device)
-        for s in self.slices:
-            count[s] += imp
-        self.count = count
+        self.device = device
+        self.count: torch.Tensor | None = None  # [*padded_size] sum_w omega_w, when many windows run
         # offset of the original volume inside the padded one, per spatial dim
         self.crop = tuple(slice(pad[2 * (nd - 1 - d)], pad[2 * (nd - 1 - d)] + spatial[d]) for d in range(nd))
 
+    def full_count(self) -> None:
+        """Build the volume-sized count map ``sum_w omega_w`` (on the stitching device), for passes over many
+        windows."""
+        if self.count is None:
+            count = torch.zeros(self.padded_size, dtype=torch.float32, device=self.device)
+            imp = self.importance.to(self.device)
+            for s in self.slices:
+                count[s] += imp
+            self.count = count
+
     def blend_weight(self, index: int, device: torch.device) -> torch.Tensor:
         """Normalised weight ``omega_w / sum_w' omega_w'`` of window ``index``: ``[*roi_size]``."""
-        return self.importance.to(device) / self.count[self.slices[index]].to(device)
+        imp = self.importance.to(device)
+        here = self.slices[index]
+        if self.count is not None:
+            return imp / self.count[here].to(device)
+        count = torch.zeros(self.roi_size, dtype=torch.float32, device=device)
+        for other in self.slices:  # MONAI's order, as its count map adds them
+            inter = [(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(here, other)]
+            if all(lo < hi for lo, hi in inter):
+                dst = tuple(slice(lo - a.start, hi - a.start) for (lo, hi), a in zip(inter, here))
+                src = tuple(slice(lo - b.start, hi - b.start) for (lo, hi), b in zip(inter, other))
+                count[dst] += imp[src]
+        return imp / count
 
     def pad_tensor(self, x: torch.Tensor, padding_mode: str = "constant", cval: float = 0.0) -> torch.Tensor:
         if not any(self.pad):
@@ -168,28 +189,59 @@ class ChannelSparse:
     for each target would cost ``C`` times the memory (on a 4x240x240x155 BraTS case: 107 MB per target instead
     of 36 MB). Probability scores (sigmoid/softmax) may touch every channel and are held whole.
 
+    Only the bounding box of the non-zero values is held: a small ROI of a large volume costs its box, not the
+    volume (issue 30).
+
     Attributes:
         channels: indices of the channels with a non-zero value (sorted).
-        values: ``[B, len(channels), *padded]`` float32 gradient on those channels.
+        values: ``[B, len(channels), *box]`` float32 gradient on those channels inside the box.
+        lo: the box's first voxel on the padded grid (per spatial dim); zero outside the box.
     """
 
-    def __init__(self, channels: list[int], values: torch.Tensor):
+    def __init__(self, channels: list[int], values: torch.Tensor, lo: tuple[int, ...] | None = None):
         self.channels, self.values = channels, values
+        self.lo = lo if lo is not None else (0,) * (values.ndim - 2)
 
     @classmethod
     def from_dense(cls, grad: torch.Tensor, grid: WindowGrid) -> ChannelSparse:
-        """From a dense ``[B, C, *S]`` gradient on the unpadded grid."""
+        """From a dense ``[B, C, *S]`` gradient on the unpadded grid (kept on its non-zero channels and box)."""
         nonzero = grad.flatten(2).ne(0).any(dim=2).any(dim=0)  # [C]
         channels = [int(c) for c in torch.nonzero(nonzero).flatten().tolist()]
-        return cls(channels, grid.pad_zeros(grad[:, channels].float()))
+        if not channels:
+            return cls(channels, grad[:, :0].float())
+        nz = grad[:, channels].ne(0).flatten(0, 1).any(dim=0)  # [*S]
+        box = tuple(span(nz.movedim(d, 0).flatten(1).any(dim=1)) for d in range(nz.ndim))
+        return cls.from_box(channels, box, grad[_ix(slice(None), channels, *box)], grid)
+
+    @classmethod
+    def from_box(
+        cls, channels: list[int], box: tuple[slice, ...], values: torch.Tensor, grid: WindowGrid
+    ) -> ChannelSparse:
+        """From ``values`` ``[B, len(channels), *box]`` inside ``box`` (slices of the unpadded grid)."""
+        lo = tuple(s.start + c.start for s, c in zip(box, grid.crop))  # onto the padded grid
+        return cls(channels, values.float().contiguous(), lo)
+
+    def _overlap(self, window: tuple[Any, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+        """(slices in the box, slices in the window) of their intersection; None if they do not meet."""
+        inter = [(max(w.start, lo), min(w.stop, lo + n)) for w, lo, n in zip(window, self.lo, self.values.shape[2:])]
+        if any(a >= b for a, b in inter):
+            return None
+        in_box = tuple(slice(a - lo, b - lo) for (a, b), lo in zip(inter, self.lo))
+        in_win = tuple(slice(a - w.start, b - w.start) for (a, b), w in zip(inter, window))
+        return in_box, in_win
 
     def touches(self, b: int, window: tuple[Any, ...]) -> bool:
         """Whether sample ``b`` has gradient inside ``window`` (else that window is skipped for this target)."""
-        return bool(self.channels) and bool(self.values[(b, slice(None), *window)].ne(0).any())
+        where = self._overlap(window) if self.channels else None
+        return where is not None and bool(self.values[_ix(b, slice(None), *where[0])].ne(0).any())
 
     def window(self, b: int, window: tuple[Any, ...], device: torch.device) -> torch.Tensor:
-        """``[len(channels), *roi]`` values of sample ``b`` inside ``window``."""
-        return self.values[(b, slice(None), *window)].to(device)
+        """``[len(channels), *roi]`` values of sample ``b`` inside ``window`` (zero outside the box)."""
+        out = torch.zeros((len(self.channels), *(w.stop - w.start for w in window)), device=device)
+        where = self._overlap(window)
+        if where is not None:
+            out[_ix(slice(None), *where[1])] = self.values[_ix(b, slice(None), *where[0])].to(device)
+        return out
 
 
 @dataclass
@@ -218,7 +270,8 @@ class SlidingState:
     active: list[list[list[int]]] = field(default_factory=list)  # [b][i] -> targets with gradient in that window
     scores: list[torch.Tensor] = field(default_factory=list)  # per target [B] float64
     voxels: list[torch.Tensor] = field(default_factory=list)  # per target [B]
-    acc: torch.Tensor | None = None  # [B, K, *padded] stitched maps
+    acc: torch.Tensor | None = None  # [B, K, *box] stitched maps, on the box of the windows stitched into
+    acc_lo: tuple[int, ...] = ()  # the box's first voxel on the padded grid
     pooled: dict[tuple[int, int], Statistics] = field(default_factory=dict)  # gradient statistics per (b, target)
     act_stats: dict[int, Statistics] = field(default_factory=dict)  # activation statistics of the volume per b
     feat_shape: tuple[int, ...] = ()
@@ -245,17 +298,51 @@ class SlidingState:
         """Normalised blending weights ``[n, *roi]`` of a batch's windows."""
         return torch.stack([self.grid.blend_weight(i, self.sw_device) for _, i in batch])
 
+    def open_acc(self, refs: list[WindowRef]) -> None:
+        """Make the map accumulator cover the windows ``refs`` (besides what it covers): the box of the windows that
+        are stitched into, so that a small ROI's maps cost windows, not the volume (issue 30)."""
+        if not refs:
+            return
+        spans = [self.grid.slices[i] for _, i in refs]
+        nd = len(self.grid.padded_size)
+        lo = [min(s[d].start for s in spans) for d in range(nd)]
+        hi = [max(s[d].stop for s in spans) for d in range(nd)]
+        if self.acc is not None:
+            lo = [min(a, b) for a, b in zip(lo, self.acc_lo)]
+            hi = [max(a, b + n) for a, b, n in zip(hi, self.acc_lo, self.acc.shape[2:])]
+            if tuple(lo) == self.acc_lo and tuple(hi) == tuple(a + n for a, n in zip(self.acc_lo, self.acc.shape[2:])):
+                return
+        acc = torch.zeros((self.batch_size, self.n_targets, *(b - a for a, b in zip(lo, hi))), device=self.device)
+        if self.acc is not None:
+            acc[(slice(None), slice(None), *self._in_acc(self.acc_lo, self.acc.shape[2:], lo))] = self.acc
+        self.acc, self.acc_lo = acc, tuple(lo)
+
+    @staticmethod
+    def _in_acc(start: Sequence[int], size: Sequence[int], lo: Sequence[int]) -> tuple[slice, ...]:
+        return tuple(slice(a - o, a - o + n) for a, n, o in zip(start, size, lo))
+
     def stitch(self, batch: list[WindowRef], k: int, maps: torch.Tensor, which: list[int] | None = None) -> None:
         """Add window maps ``maps[j]`` ``[*roi]`` into target ``k``'s volume (only the batch rows ``which``)."""
         assert self.acc is not None
         for j, (b, i) in enumerate(batch):
             if which is None or j in which:
-                self.acc[(b, k, *self.grid.slices[i])] += maps[j].to(self.device)
+                s = self.grid.slices[i]
+                where = self._in_acc([x.start for x in s], [x.stop - x.start for x in s], self.acc_lo)
+                self.acc[_ix(b, k, *where)] += maps[j].to(self.device)
 
     def stitched(self) -> torch.Tensor:
-        """The stitched maps cropped to the unpadded volume, ``[B, K, *S]``."""
-        assert self.acc is not None
-        return self.acc[(slice(None), slice(None), *self.grid.crop)]
+        """The stitched maps cropped to the unpadded volume, ``[B, K, *S]`` (zero outside the stitched box)."""
+        spatial = self.grid.spatial
+        out = torch.zeros((self.batch_size, self.n_targets, *spatial), device=self.device)
+        if self.acc is None:
+            return out
+        crop = self.grid.crop
+        inter = [(max(c.start, a), min(c.stop, a + n)) for c, a, n in zip(crop, self.acc_lo, self.acc.shape[2:])]
+        if all(a < b for a, b in inter):
+            dst = tuple(slice(a - c.start, b - c.start) for (a, b), c in zip(inter, crop))
+            src = tuple(slice(a - o, b - o) for (a, b), o in zip(inter, self.acc_lo))
+            out[(slice(None), slice(None), *dst)] = self.acc[(slice(None), slice(None), *src)]
+        return out
 
     def bar(self, items: list[Any], desc: str) -> Iterator[Any]:
         return iter(tqdm(items, desc=desc, disable=not self.progress))
@@ -294,8 +381,9 @@ def explain_sliding(
         if isinstance(method, PooledFormula) and st.pooled:
             map_pass(st)
     maps = st.stitched()
+    st.acc = None
     if relu:
-        maps = torch.relu(maps)
+        maps = maps.relu_()
     return CAMResult(
         maps=maps.contiguous(),  # on the stitching device, like MONAI's blended output
         scores=torch.stack(st.scores, dim=1).float(),
@@ -320,7 +408,8 @@ def open_state(
     progress: bool = False,
 ) -> SlidingState:
     """The shared state of one sliding-window explanation of ``image`` ``[B, Cin, *S]`` for ``n_targets`` maps:
-    MONAI's grid and blending weights, the padded image, zeroed map volumes ``acc`` ``[B, n_targets, *padded]``.
+    MONAI's grid and blending weights, the padded image; the map accumulator ``acc`` is opened by the passes that
+    stitch, on the box of their windows (:meth:`SlidingState.open_acc`).
 
     ``hook`` is the runner's open session (:meth:`ModelRunner.session`); every pass switches its mode as it needs.
     """
@@ -340,7 +429,6 @@ def open_state(
         sw_device=sw_device,
         upsampler=upsampler,
         progress=bool(inferer.progress or progress),
-        acc=torch.zeros((image.shape[0], n_targets, *grid.padded_size), dtype=torch.float32, device=device),
         stats={"windows": len(grid.slices) * image.shape[0], "backward_windows": 0, "activation_windows": 0},
     )
 
@@ -397,6 +485,13 @@ def target_gradients(st: SlidingState, targets: list[Target], reference: torch.T
     """Output gradients ``dS/dY`` per target (padded, on their non-zero channels), scores, ROI sizes, and which
     targets have gradient in each window (the others are skipped there)."""
     for t in targets:
+        boxed = _boxed_weights(t, reference) if st.output is None else None
+        if boxed is not None:  # a logits score of a boxed ROI: its weights are its gradient, held on its box
+            box, values = boxed
+            st.voxels.append((values != 0).flatten(1).sum(1).cpu())
+            st.scores.append(torch.zeros(st.batch_size, dtype=torch.float64))  # summed over windows in pass 1
+            st.grads.append(ChannelSparse.from_box([t.channel], box, values[:, None], st.grid))
+            continue
         w = t.score_weights(reference)
         st.voxels.append((t.roi(reference) != 0).flatten(1).sum(1).cpu())
         if st.output is not None:
@@ -417,12 +512,26 @@ def target_gradients(st: SlidingState, targets: list[Target], reference: torch.T
     st.stats["backward_windows"] = sum(bool(ks) for row in st.active for ks in row)
 
 
+def _boxed_weights(t: Target, reference: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor] | None:
+    """``t``'s score weights as (box, values ``[B, *box]``) on its channel when it has a boxed form and the
+    base class's one-channel weights (``W = M`` on channel ``c``); else None (dense weights)."""
+    if type(t).score_weights is not Target.score_weights:
+        return None
+    boxed = t.boxed_roi(reference)
+    if boxed is None:
+        return None
+    if not 0 <= t.channel < reference.shape[1]:
+        return None  # score_weights raises the error
+    return boxed
+
+
 def activation_statistics_pass(st: SlidingState) -> None:
     """Pass A (:class:`~medcam.formulas.ActivationPooledFormula`): forward to the layer only, every window, summing
     the blended activation statistics of the volume per sample. First, because Grad-CAM++ needs the volume's
     activation sums inside the gradient statistics of pass 1."""
     assert isinstance(st.method, ActivationPooledFormula)
     refs = st.all_windows()
+    st.grid.full_count()
     with st.hook.mode_as("stop"):
         for batch in st.bar(st.batches(refs), "medcam statistics"):
             aw = st.runner.activations(st.windows(batch), st.hook)
@@ -437,6 +546,10 @@ def gradient_pass(st: SlidingState) -> None:
     """Pass 1: forward + backward of the windows that touch an ROI; element-wise maps are stitched, pooled
     gradient statistics summed."""
     todo = [(b, i) for b, i in st.all_windows() if st.active[b][i]]
+    if 8 * len(todo) > len(st.grid.slices):  # many windows: one count map is cheaper than one per window
+        st.grid.full_count()
+    if isinstance(st.method, ElementwiseFormula):
+        st.open_acc(todo)
     for batch in st.bar(st.batches(todo), "medcam windows"):
         y, a = st.runner.forward(st.windows(batch), st.hook)
         if tuple(y.shape[2:]) != st.grid.roi_size:
@@ -516,6 +629,8 @@ def blend_pooled_maps(st: SlidingState, alpha: dict[WindowRef, torch.Tensor]) ->
     ``alpha``: channel weights ``[K]`` per ``(sample b, target k)``; targets without an entry get no map. Also the
     map pass of methods whose weights come from elsewhere (MI-CAM's mutual information)."""
     refs = st.all_windows()
+    st.grid.full_count()
+    st.open_acc([r for r in refs if any((r[0], k) in alpha for k in range(st.n_targets))])
     with st.hook.mode_as("stop"):
         for batch in st.bar(st.batches(refs), "medcam maps"):
             aw = st.runner.activations(st.windows(batch), st.hook)
@@ -533,6 +648,11 @@ def blend_pooled_maps(st: SlidingState, alpha: dict[WindowRef, torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _ix(*parts: Any) -> tuple[Any, ...]:
+    """A tensor index from integers, slices and index lists (typed for mypy)."""
+    return parts
+
+
 def _to_feature_grid(weight: torch.Tensor, feat_shape: tuple[int, ...]) -> torch.Tensor:
     """Average a window-grid weight ``[n, 1, *roi]`` down to the feature grid ``[n, 1, *f]`` (area pooling)."""
     if tuple(weight.shape[2:]) == feat_shape:

@@ -39,6 +39,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _axis_any(nz: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[S_dim]`` bool: whether any element of ``nz`` is set in each slice along ``dim``."""
+    other = [d for d in range(nz.ndim) if d != dim]
+    return nz.any(dim=other[0]) if len(other) == 1 else nz.permute(dim, *other).flatten(1).any(dim=1)
+
+
+def span(set_: torch.Tensor) -> slice:
+    """The slice from the first to the last set element of a 1-D bool tensor."""
+    idx = torch.nonzero(set_).flatten()
+    return slice(int(idx.min()), int(idx.max()) + 1)
+
+
 def _check_channel(channel: int, output: torch.Tensor, what: str = "channel") -> None:
     if output.ndim < 2:
         raise TargetError(f"model output has shape {tuple(output.shape)}; expected [B, C, *spatial]")
@@ -143,6 +155,12 @@ class Target:
         w = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
         w[:, self.channel] = self.roi(output)
         return w
+
+    def boxed_roi(self, output: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor] | None:
+        """The ROI as its bounding box: ``(spatial slices, values [B, *box])``, zero outside the box; None when the
+        target has no cheaper form than :meth:`roi` (the default). ``output`` may be a zero-stride stand-in of the
+        output's shape. Lets a sliding-window explanation hold a small ROI of a large volume at the ROI's size."""
+        return None
 
     @property
     def name(self) -> str:
@@ -287,6 +305,18 @@ class MaskROI(Target):
         self.mask = mask
 
     def roi(self, output: torch.Tensor) -> torch.Tensor:
+        return self._mask(output).expand(output.shape[0], *output.shape[2:]).clone()
+
+    def boxed_roi(self, output: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor] | None:
+        m = self._mask(output)
+        nz = m.ne(0).any(dim=0)  # [*S]
+        if not bool(nz.any()):
+            return None
+        box = tuple(span(_axis_any(nz, d)) for d in range(nz.ndim))
+        return box, m[(slice(None), *box)].expand(output.shape[0], *[s.stop - s.start for s in box]).clone()
+
+    def _mask(self, output: torch.Tensor) -> torch.Tensor:
+        """The mask as float32 ``[1 or B, *S]`` on ``output``'s device, checked against the output's shape."""
         spatial = tuple(output.shape[2:])
         b = output.shape[0]
         m = self.mask.to(device=output.device, dtype=torch.float32)
@@ -301,7 +331,7 @@ class MaskROI(Target):
                 f"give a mask of shape {spatial}, [1, *{spatial}] or [{b}, *{spatial}] (resample it to the "
                 "output grid first)"
             )
-        return m.expand(b, *spatial).clone()
+        return m
 
     def __repr__(self) -> str:
         return f"MaskROI(channel={self.channel}, mask_shape={tuple(self.mask.shape)})"
@@ -328,6 +358,14 @@ class BoxROI(Target):
         m[(slice(None), *(slice(a, b) for a, b in zip(self.start, self.stop)))] = 1.0
         return m
 
+    def boxed_roi(self, output: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor] | None:
+        spatial = tuple(output.shape[2:])
+        if len(self.start) != len(spatial) or any(b > s for b, s in zip(self.stop, spatial)):
+            return None  # roi() raises the error
+        box = tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+        shape = (output.shape[0], *(b - a for a, b in zip(self.start, self.stop)))
+        return box, torch.ones(shape, dtype=torch.float32, device=output.device)
+
     def __repr__(self) -> str:
         return f"BoxROI(channel={self.channel}, start={self.start}, stop={self.stop})"
 
@@ -347,6 +385,13 @@ class VoxelROI(Target):
         where: tuple[slice | int, ...] = (slice(None), *self.index)
         m[where] = 1.0
         return m
+
+    def boxed_roi(self, output: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor] | None:
+        spatial = tuple(output.shape[2:])
+        if len(self.index) != len(spatial) or any(not 0 <= i < s for i, s in zip(self.index, spatial)):
+            return None  # roi() raises the error
+        box = tuple(slice(i, i + 1) for i in self.index)
+        return box, torch.ones((output.shape[0],) + (1,) * len(spatial), dtype=torch.float32, device=output.device)
 
     def __repr__(self) -> str:
         return f"VoxelROI(channel={self.channel}, index={self.index})"

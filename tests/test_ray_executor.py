@@ -208,7 +208,8 @@ def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_lo
     finally:
         proc.kill()
     assert proc.returncode != 0 and "interrupted" in err, err
-    left = sorted(p.name for p in out.iterdir() if p.name != "logs")
+    # (a killed worker's case lock may stay: its holder is dead, the next run takes it over)
+    left = sorted(p.name for p in out.iterdir() if p.name != "logs" and not p.name.startswith(".lock-"))
     assert left and all(n.startswith("Phantom") for n in left), left  # no staging folder, no run summary
     assert all((out / n / "summary.json").is_file() for n in left)  # complete folders only
     # the same command again, here in this process and without Ray (resume is the driver's, for every executor)
@@ -218,7 +219,7 @@ def test_interrupted_driver_leaves_complete_cases_and_rerun_does_the_rest(ray_lo
 
     r = CliRunner().invoke(main, ["explain", *args])
     assert r.exit_code == 0, r.output
-    run = json.loads((out / "cohort_summary.json").read_text())
+    run = json.loads((out / "cohort_summary.json").read_text())["last_run"]  # the folder's record keeps "ok"
     by_status = {s: sorted(c["case_id"] for c in run["cases"] if c["status"] == s) for s in ("ok", "skipped")}
     assert by_status["skipped"] == left
     assert by_status["ok"] == sorted(c.case_id for c in discover_cases([cohort]) if c.case_id not in left)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,10 @@ from ..errors import OutputExistsError
 from ..types import PathLike
 
 logger = logging.getLogger(__name__)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname()) or "host"
 
 
 def check_output_path(path: PathLike, overwrite: bool = False) -> Path:
@@ -49,8 +55,9 @@ def check_output_path(path: PathLike, overwrite: bool = False) -> Path:
 def atomic_write(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Context manager yielding a temporary path to write to; moved onto ``path`` on success.
 
-    The temporary file lives in the destination folder (same file system, so :func:`os.replace` is atomic) and its
-    name ends with the destination's name, so writers that pick the format from the extension (``.nii.gz``,
+    The temporary file lives in the destination folder (same file system, so :func:`os.replace` is atomic), is
+    named ``.tmp-<pid>@<host>-<hex>-<name>`` (so that a later cohort run can tell one left by a killed process,
+    :func:`medcam.pipeline.resume.remove_leftovers`) and ends with the destination's name, so writers that pick the format from the extension (``.nii.gz``,
     ``.seg.nrrd``, ``.png``) behave as for the final name. On an exception the temporary file is removed and the
     destination is left untouched. Parent folders are created.
 
@@ -64,7 +71,7 @@ def atomic_write(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """
     path = check_output_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:12]}-{path.name}"
+    tmp = path.parent / f".tmp-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:12]}-{path.name}"
     try:
         yield tmp
         if not tmp.exists():

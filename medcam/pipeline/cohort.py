@@ -1,4 +1,4 @@
-"""The cohort loop, in one place: parts, resume, staged case folders and failure records.
+"""The cohort loop, in one place: parts, resume, locks, staged case folders, failure records, the folder's record.
 
 Used by ``medcam explain`` (:func:`medcam.pipeline.explain_cohort`) and ``medcam evaluate``
 (:func:`medcam.pipeline.evaluate_files`). What a case *is* comes from the caller as a :data:`CaseWork` function
@@ -7,20 +7,25 @@ Used by ``medcam explain`` (:func:`medcam.pipeline.explain_cohort`) and ``medcam
 * :func:`process_case` handles ONE case and returns its record; it is the unit another executor (a Ray actor, a job
   array) calls: it needs only the source, the case folder and the work function.
 * The resume rule (:mod:`medcam.pipeline.resume`): a case folder whose ``summary.json`` records the same input
-  files (resolved paths, sizes, modification times) and the same settings is skipped. Any other existing folder
-  under a case id of this run (another case, edited inputs, other settings, not medcam's) is a conflict, and the
-  whole run is refused BEFORE anything is written (:func:`~medcam.pipeline.resume.plan_cohort`); with
-  ``overwrite=True`` every existing case folder written by medcam is redone; a folder that is not medcam's is never
-  replaced. The output folder must be writable (checked before the first case); staging folders left by killed
-  runs are removed.
+  files, the same settings and whose output files still have their recorded sizes and checksums is skipped; a
+  damaged medcam case folder is redone (said so); a folder medcam did not write fails that case and is never
+  touched; other inputs or settings refuse the whole run BEFORE anything is written
+  (:func:`~medcam.pipeline.resume.plan_cohort`); ``overwrite=True`` redoes every medcam case folder.
+* Before the first case: the output folder is checked writable (a 64 KiB probe), leftovers of killed runs are
+  removed (:func:`~medcam.pipeline.resume.remove_leftovers`) and the free space is compared with the size of a case
+  (:mod:`medcam.pipeline.space`).
+* Each case runs under its lock (:mod:`medcam.pipeline.locks`: a second run into the same folder skips the cases in
+  progress elsewhere) and with the run's numerics (:mod:`medcam.pipeline.numerics`: same maps wherever it runs).
 * A case is written into a hidden staging folder beside its final place and moved there when complete
   (:func:`staged_case_dir`), so an interrupted run leaves only complete case folders. A ``KeyboardInterrupt``
   (Ctrl-C; SIGTERM under :func:`medcam.signals.stop_on_signals`) abandons the current case and propagates.
-* A failing case is recorded (``status="failed"``, ``error``) and the loop goes on; nothing of it stays on disk.
+* A failing case is recorded (``status="failed"``, ``error``) and the loop goes on; nothing of it stays on disk. A
+  full disk (``ENOSPC``) stops the loop: the remaining cases are recorded as not attempted, the summary is written.
 * :func:`run_cohort` decides on the driver which of this part's cases are done (resume), hands the others to an
   executor (:mod:`medcam.pipeline.executors`: this process, or Ray workers with ``executor="ray"``) as one
-  :class:`CohortJob` (picklable; :meth:`CohortJob.run_case` is :func:`process_case`), and writes the run summary
-  (``cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``) with the records in cohort order.
+  :class:`CohortJob` (picklable; :meth:`CohortJob.run_case` is :func:`process_case`), and merges the records into
+  the folder's record ``cohort_summary.json`` (:mod:`medcam.pipeline.folder_record`; a split run also writes its
+  own ``cohort_summary.part<i>-of-<N>.json``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from ..types import PathLike
 from .cases import CaseSource, split_parts
 from .common import _jsonable
 from .errors import PipelineError
-from .executors import Executor, input_bytes, resolve_executor
+from .executors import Executor, input_bytes, resolve_executor, work_device
+from .folder_record import merge_folder_record
+from .locks import FileLock, describe_holder, lock_path, remove_dead_lock
 from .numerics import applied, case_numerics, numerics_settings
 from .resume import (
     SUMMARY_NAME,
@@ -55,11 +62,15 @@ from .resume import (
     check_writable,
     discard_staging,
     fingerprint,
+    foreign_folder,
+    output_record,
     plan_cohort,
     read_summary,
-    remove_stale_staging,
+    remove_leftovers,
     staging_dir,
+    summary_state,
 )
+from .space import check_free_space, disk_full
 
 __all__ = [
     "CaseWork",
@@ -120,8 +131,8 @@ def _replace_dir(staging: Path, final: Path, overwrite: bool) -> None:
     if final.exists():
         if not overwrite:
             raise PipelineError(f"output folder '{final}' already exists; pass --overwrite to replace it")
-        if read_summary(final) is None:
-            raise PipelineError(f"'{final}' exists and is not a medcam output folder; refusing to replace it")
+        if summary_state(final) not in ("ok", "damaged"):
+            raise PipelineError(foreign_folder(final))
         old = final.parent / f".old-{uuid.uuid4().hex[:8]}-{final.name}"
         os.replace(final, old)
         os.replace(staging, final)
@@ -146,6 +157,11 @@ def staged_case_dir(final: PathLike, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield staging
         _replace_dir(staging, final, overwrite)
+    except Exception as e:
+        full = disk_full(e, final.parent)  # judged before the staging folder is removed (which frees space)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -178,6 +194,7 @@ def write_case(
             "settings_signature": settings_signature(settings),
             "inputs": _jsonable(dict(inputs)) if inputs is not None else None,
             "numerics": case_numerics(device),
+            "outputs": output_record(staging),
         }
         write_text_atomic(staging / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
@@ -204,16 +221,19 @@ def process_case(
     overwrite: bool = False,
     plan: str | None = None,
     inputs: Mapping[str, Any] | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """One case of a cohort: skipped if done, else ``work`` into a staged folder; failures recorded, not raised.
 
     Args:
-        plan: ``"todo" | "done" | "redo"`` as decided by :func:`~medcam.pipeline.resume.plan_cohort` for the whole
-            run; None: decided here for this case alone (a conflict is then this case's failure).
+        plan: ``"todo" | "done" | "redo" | "foreign"`` as decided by :func:`~medcam.pipeline.resume.plan_cohort`
+            for the whole run; None: decided here for this case alone (a conflict is then this case's failure).
         inputs: fingerprint of the case's files (default :func:`source_inputs`), recorded in its summary.
+        reason: why a damaged case folder is redone (recorded as ``redone``).
 
-    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``. A
-    ``KeyboardInterrupt`` abandons the case (its staging folder removed) and propagates.
+    Returns the record ``{case_id, source, status: ok|skipped|failed, summary | error, seconds}``; a case that
+    filled the disk also has ``stop`` (the executor attempts no further case). A ``KeyboardInterrupt`` abandons the
+    case (its staging folder removed) and propagates.
     """
     t0 = time.perf_counter()
     case_dir = Path(case_dir)
@@ -222,10 +242,17 @@ def process_case(
         if inputs is None:
             inputs = source_inputs(src)
         if plan is None:
-            one = _Renamed(src, case_dir.name)
-            plan = plan_cohort([one], case_dir.parent, {one.case_id: inputs}, settings_signature(settings), overwrite)[
-                one.case_id
-            ]
+            one, why = _Renamed(src, case_dir.name), dict[str, str]()
+            plan = plan_cohort(
+                [one], case_dir.parent, {one.case_id: inputs}, settings_signature(settings), overwrite,
+                settings=settings, reasons=why,
+            )[one.case_id]  # fmt: skip
+            reason = why.get(one.case_id, reason)
+        if plan == "foreign":
+            raise PipelineError(foreign_folder(case_dir))
+        if reason is not None and plan == "redo":
+            rec["redone"] = reason
+            logger.warning("case %s: %s; redoing it", src.case_id, reason)
         if plan == "done":
             rec.update(status="skipped")
             logger.info("case %s already done (same inputs and settings): skipped", src.case_id)
@@ -242,6 +269,10 @@ def process_case(
             rec.update(status="ok")
         rec["summary"] = f"{case_dir.name}/{SUMMARY_NAME}"
     except Exception as e:  # noqa: BLE001 - one bad case must not stop a cohort: recorded with its error
+        full = disk_full(e, case_dir)
+        if full is not None:  # the disk is full: no further case can be written either
+            e = full
+            rec["stop"] = str(full)
         msg = " ".join(str(e).split()) or type(e).__name__
         rec.update(status="failed", error=f"{type(e).__name__}: {msg}")
         logger.error("case %s failed: %s", src.case_id, msg)
@@ -269,6 +300,8 @@ class CohortJob:
     plans: Mapping[str, str] = field(default_factory=dict)
     #: ``{case_id: fingerprint}`` of each case's input files, recorded in its summary
     inputs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: ``{case_id: why}``: why a damaged case folder is redone, or a folder is not medcam's
+    reasons: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -283,36 +316,58 @@ class CohortJob:
         return replace(self, work=setup(device))
 
     def run_case(self, src: CaseSource) -> dict[str, Any]:
-        """:func:`process_case` with the run's numerics (``settings["numerics"]``: torch threads, deterministic
-        switches) in effect, here or on a worker alike, and this process's own restored afterwards."""
-        with applied(self.settings.get("numerics")):
-            return process_case(
-                src,
-                self.root / src.case_id,
-                self.work,
-                settings=self.settings,
-                overwrite=self.overwrite,
-                plan=self.plans.get(src.case_id),
-                inputs=self.inputs.get(src.case_id),
-            )
+        """:func:`process_case` under the case's lock (:mod:`medcam.pipeline.locks`), with the run's numerics
+        (``settings["numerics"]``: torch threads, deterministic switches) in effect, here or on a worker alike, and
+        this process's own restored afterwards.
+
+        A case whose lock a live run holds (another process, another node) is skipped, its record saying where it
+        runs. Under the lock the case is decided again when its folder changed since the plan (another run
+        finished or redid it meanwhile)."""
+        lock = FileLock(lock_path(self.root, src.case_id))
+        if not lock.acquire():
+            where = describe_holder(lock.holder)
+            logger.warning("case %s is being done by %s: skipped here", src.case_id, where)
+            return {
+                "case_id": src.case_id, "source": src.describe(), "status": "skipped", "seconds": 0.0,
+                "elsewhere": f"in progress in {where}",
+            }  # fmt: skip
+        try:
+            plan = self.plans.get(src.case_id)
+            if not self.overwrite and plan in ("todo", "redo") and self._changed(src.case_id, plan):
+                plan = None  # decided again, under the lock
+            with applied(self.settings.get("numerics")):
+                return process_case(
+                    src,
+                    self.root / src.case_id,
+                    self.work,
+                    settings=self.settings,
+                    overwrite=self.overwrite,
+                    plan=plan,
+                    inputs=self.inputs.get(src.case_id),
+                    reason=self.reasons.get(src.case_id),
+                )
+        finally:
+            lock.release()
+
+    def _changed(self, case_id: str, plan: str) -> bool:
+        """Whether the case folder changed since the plan: it appeared (``todo``), or it holds a summary other than
+        the damaged one planned for (``redo``: another run may have redone it)."""
+        case_dir = self.root / case_id
+        if plan == "todo":
+            return case_dir.exists()
+        return summary_state(case_dir) == "ok" and "summary.json" not in self.reasons.get(case_id, "")
 
     def failed_record(self, src: CaseSource, error: str) -> dict[str, Any]:
         return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": error, "seconds": 0.0}
 
     def discard_partial(self, src: CaseSource) -> None:
+        """Remove the staging folders of a killed attempt at ``src`` and its lock if its holder is dead."""
         discard_staging(self.root, src.case_id)
+        remove_dead_lock(lock_path(self.root, src.case_id))
 
     def cost(self, src: CaseSource) -> float:
         """Bytes of the case's input files (largest cases are scheduled first)."""
         return input_bytes(src)
-
-
-def work_device(work: Any) -> str | None:
-    """The device a work object computes on (its ``device``, or its prepared settings' ``device``), or None."""
-    device = getattr(work, "device", None)
-    if device is None:
-        device = getattr(getattr(work, "prepared", None), "device", None)
-    return None if device is None else str(device)
 
 
 def with_numerics(settings: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
@@ -351,7 +406,8 @@ def run_cohort(
     """Run ``work`` on this part's cases (one :func:`process_case` each) and write the run summary.
 
     Every case is planned first (:func:`~medcam.pipeline.resume.plan_cohort`: a conflict refuses the whole run
-    before anything is written), then the output folder is checked writable and stale staging folders removed.
+    before anything is written), then the output folder is checked writable, leftovers of killed runs removed and
+    the free space checked against the size of a case (module docstring).
 
     Args:
         case_root: where the case folders go (``case_root/<case_id>``); default ``out_dir``.
@@ -365,8 +421,10 @@ def run_cohort(
             recorded there, else :data:`~medcam.pipeline.numerics.DEFAULT_THREADS`); recorded in the settings
             with the deterministic switches (:mod:`medcam.pipeline.numerics`), so resume never mixes numerics.
     Returns:
-        The run summary (also written to ``out_dir/cohort_summary.json``, or ``cohort_summary.part<i>-of-<N>.json``
-        for a split run; ``path`` added): ``cases`` [records], counts ``ok``/``skipped``/``failed``.
+        The run summary: ``cases`` [records], counts ``ok``/``skipped``/``failed`` (``stopped``: why the run
+        stopped early, a full disk). It is merged into the folder's record ``out_dir/cohort_summary.json``
+        (:mod:`medcam.pipeline.folder_record`, its ``last_run``) and, for a split run, also written as
+        ``cohort_summary.part<i>-of-<N>.json``; ``path`` names that file.
     """
     from ..io import write_text_atomic
 
@@ -379,27 +437,52 @@ def run_cohort(
     fps = {src.case_id: (inputs or {}).get(src.case_id) or source_inputs(src) for src in mine}
     runner = resolve_executor(executor)
     device = getattr(runner, "device_type", lambda w: None)(work)
-    plan = plan_cohort(mine, root, fps, settings_signature(settings), overwrite, settings=settings, device=device)
-    check_writable(out_dir)
-    if root != out_dir:
-        check_writable(root)
-    remove_stale_staging(root)
-    job = CohortJob(
-        work, root, dict(settings), overwrite, Path(log_dir) if log_dir is not None else out_dir / "logs", plan, fps
+    reasons: dict[str, str] = {}
+    plan = plan_cohort(
+        mine, root, fps, settings_signature(settings), overwrite, settings=settings, device=device, reasons=reasons
     )
+    for folder in dict.fromkeys([out_dir, root]):
+        check_writable(folder)
+        remove_leftovers(folder)
+    logs = Path(log_dir) if log_dir is not None else out_dir / "logs"
+    job = CohortJob(work, root, dict(settings), overwrite, logs, plan, fps, reasons)
     recorder = _Recorder(len(mine), progress, on_case)
     todo = _record_done_cases(mine, plan, recorder)
+    if todo:
+        check_free_space(root, _case_bytes(mine, plan, root, job))
     try:
         if todo:
             runner.run(job, todo, recorder)
     finally:
         recorder.close()
-    records = [recorder.by_id[src.case_id] for src in mine]
+    records = [recorder.by_id.get(src.case_id) or _not_attempted(src, recorder.stop) for src in mine]
     run = _run_summary(out_dir, num_parts, part_id, len(cases), records, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
-    run["path"] = str(run_path)
+    if recorder.stop:
+        run["stopped"] = recorder.stop
+    folder = merge_folder_record(out_dir, root, run, [c.case_id for c in cases])
+    if num_parts > 1:
+        write_text_atomic(run_path, json.dumps(_jsonable(run), indent=2) + "\n", overwrite=True)
+    run["path"] = str(run_path if num_parts > 1 else folder)
     return run
+
+
+def _not_attempted(src: CaseSource, stop: str | None) -> dict[str, Any]:
+    """The record of a case the executor did not attempt (the cohort stopped at a full disk)."""
+    why = f"not attempted: {stop}" if stop else "not attempted (the executor returned no record)"
+    return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": why, "seconds": 0.0}
+
+
+def _case_bytes(mine: Sequence[CaseSource], plan: Mapping[str, str], root: Path, job: CohortJob) -> int:
+    """The expected size of one case's outputs: the largest finished case folder of this folder (from the sizes its
+    summary records), else the largest input files of a case still to do (a lower bound)."""
+    done = []
+    for src in mine:
+        if plan.get(src.case_id) == "done":
+            outputs = (read_summary(root / src.case_id) or {}).get("outputs") or {}
+            done.append(sum(int(v.get("size") or 0) for v in outputs.values()))
+    if done:
+        return max(done)
+    return int(max((job.cost(s) for s in mine if plan.get(s.case_id) != "done"), default=0))
 
 
 def _run_summary_path(out_dir: Path, num_parts: int, part_id: int) -> Path:
@@ -419,11 +502,13 @@ class _Recorder:
         from tqdm.auto import tqdm
 
         self.by_id: dict[str, dict[str, Any]] = {}
+        self.stop: str | None = None  #: why the cohort stopped (a full disk), from a case's record
         self.on_case = on_case
         self.bar = tqdm(total=total, desc="medcam cases", unit="case", disable=not progress or total == 1)
 
     def __call__(self, rec: dict[str, Any]) -> None:
         self.by_id[rec["case_id"]] = rec
+        self.stop = self.stop or rec.get("stop")
         self.bar.update(1)
         self.bar.set_postfix_str(rec["case_id"])
         if self.on_case is not None:

@@ -260,6 +260,8 @@ class EvaluateWork:
     explicit: bool
     mode: str
     kw: dict[str, Any] = field(default_factory=dict)
+    #: a progress bar over each case's (layer, method) steps
+    progress: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved."""
@@ -290,7 +292,7 @@ class EvaluateWork:
             p.model.net, image[None].float().to(p.device), tl, methods=p.methods, layers=p.layers,
             reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
             metrics=case_metrics, output_activation=p.model.activation.value, inferer=p.inferer,
-            case_id=src.case_id, target_names=[s.name for s in p.specs], **self.kw,
+            case_id=src.case_id, target_names=[s.name for s in p.specs], progress=self.progress, **self.kw,
         )  # fmt: skip
         logger.info("case %s: %d rows", src.case_id, len(res.rows))
         return _serialise(res)
@@ -353,7 +355,7 @@ def evaluate_files(
     check_outputs(out_dir, settings.overwrite, options.plots, suffix=suffix)  # before the expensive part
     record = {**p.record(settings), "layers": p.layers, "metrics": list(metrics), "reference": mode, **kw}
     journal = out_dir / f"{JOURNAL}{suffix}"
-    work = EvaluateWork(p, settings.threshold, metrics, explicit, mode, kw)
+    work = EvaluateWork(p, settings.threshold, metrics, explicit, mode, kw, progress=settings.progress)
     run = run_cohort(
         p.cases, work, journal, settings=record, case_root=journal / "cases", overwrite=settings.overwrite,
         progress=settings.progress, executor=executor, log_dir=out_dir / "logs", num_parts=num_parts,
@@ -366,6 +368,7 @@ def evaluate_files(
     failed = [(r["case_id"], r["error"]) for r in run["cases"] if r["status"] == "failed"]
     n_cases = run["cases_in_part"]
     if not total.rows and n_cases:
+        shutil.rmtree(journal, ignore_errors=True)  # nothing to resume: every case failed
         first = failed[0] if failed else ("-", "no rows")
         raise PipelineError(f"all {n_cases} case(s) failed; first: {first[0]}: {first[1]}")
     if not n_cases:

@@ -70,20 +70,29 @@ def input_bytes(src: Any) -> float:
     return float(total)
 
 
+def work_device(work: Any) -> str | None:
+    """The device a work object computes on (its ``device``, or its prepared settings' ``device``), or None."""
+    device = getattr(work, "device", None)
+    if device is None:
+        device = getattr(getattr(work, "prepared", None), "device", None)
+    return None if device is None else str(device)
+
+
 class LocalExecutor:
     """Every case in this process, one after the other, in the order given (the classic ``medcam explain`` loop)."""
 
     def device_type(self, work: Any) -> str | None:
         """The device type the cases will run on here (the work's own device), for the resume check."""
-        from .cohort import work_device
-
         device = work_device(getattr(work, "work", work))
         return None if device is None else device.split(":")[0]
 
     def run(self, work: CaseWork, sources: Sequence[Any], on_record: Callable[[Record], None]) -> None:
         ready = work.setup()
         for src in sources:
-            on_record(ready.run_case(src))
+            rec = ready.run_case(src)
+            on_record(rec)
+            if rec.get("stop"):  # the disk is full: the remaining cases are not attempted
+                break
 
 
 RAY_INSTALL_HINT = "Ray is not installed: pip install 'medcam[ray]'  (or: pip install 'ray[client]')"

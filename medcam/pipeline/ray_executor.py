@@ -218,6 +218,8 @@ class RayExecutor:
                     idle.append(slot)
                     if rec is not None:
                         on_record(rec)
+                        if rec.get("stop"):  # the disk is full: no further case is handed out
+                            queue.clear()
         finally:
             for actor in actors.values():
                 try:

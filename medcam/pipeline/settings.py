@@ -207,6 +207,20 @@ def _check_layers(model: LoadedModel, layers: Sequence[str], device: str = "cpu"
     return out
 
 
+def _check_channel_order(channel_order: Sequence[str] | None, cases: Sequence[CaseSource]) -> None:
+    """``--channel-order`` must permute the four BraTS modalities when a case is a BraTS folder or mapping: checked
+    here, before the model is loaded and any case is read or compared with an existing case folder."""
+    if not channel_order or not any(c.kind in ("brats_folder", "brats_mapping") for c in cases):
+        return
+    from ..data.brats import _channel_order
+    from ..data.loading import MedcamDataError
+
+    try:
+        _channel_order(channel_order)
+    except MedcamDataError as e:
+        raise PipelineError(f"--channel-order {','.join(channel_order)}: {e}") from None
+
+
 def prepare(
     inputs: Sequence[str],
     settings: RunSettings,
@@ -231,6 +245,7 @@ def prepare(
         raise PipelineError("--amp does not apply to nnU-Net models: the predictor's own precision is used")
     cases = [] if own_cases else discover_cases(list(inputs), case_id=s.case_id)
     split_parts(cases, num_parts, part_id)
+    _check_channel_order(s.channel_order, cases)
     model = load_model(
         s.model_spec,
         checkpoint=s.checkpoint,

@@ -44,7 +44,9 @@ class ReportError(MedcamError):
 def _summaries(out: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """(cohort records from every ``cohort_summary*.json``, case_id -> summary.json of each case folder)."""
     records: dict[str, dict[str, Any]] = {}
-    for p in sorted(out.glob("cohort_summary*.json")):
+    # the folder's record (cohort_summary.json: every case's last outcome, merged by every run and part) last, so
+    # that it wins over the run summaries of split runs (whose finished cases a resume lists as "skipped")
+    for p in sorted(out.glob("cohort_summary*.json"), key=lambda p: (p.name == "cohort_summary.json", p.name)):
         try:
             run = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -314,10 +316,12 @@ works offline from the file system.</p>
 """
 
 
-def write_report(output: str | Path, *, max_voxels: int = V.DEFAULT_MAX_VOXELS) -> Path:
+def write_report(output: str | Path, *, max_voxels: int = V.DEFAULT_MAX_VOXELS, progress: bool = False) -> Path:
     """Write ``OUTPUT/report/`` for the medcam output folder ``OUTPUT`` (see the module docstring).
 
-    The report folder is medcam's own: it is rebuilt on every call (no user data lives there).
+    The report folder is medcam's own: it is rebuilt on every call (no user data lives there). ``progress``: a tqdm
+    bar over the case pages (stderr). The cohort table reads the folder's ``cohort_summary.json`` (every case's last
+    outcome, :mod:`medcam.pipeline.folder_record`), and the run summaries of split runs.
 
     Returns:
         Path of ``OUTPUT/report/index.html``.
@@ -340,7 +344,9 @@ def write_report(output: str | Path, *, max_voxels: int = V.DEFAULT_MAX_VOXELS) 
     for name in ASSETS:
         with resources.as_file(static / name) as src:
             shutil.copyfile(src, rep / "assets" / name)
-    for cid, s in summaries.items():
+    from tqdm.auto import tqdm
+
+    for cid, s in tqdm(summaries.items(), desc="medcam report", unit="case", disable=not progress):
         payload, volumes = build_case_data(out / cid, s, max_voxels=max_voxels)
         write_text_atomic(rep / "data" / f"{cid}.js", V.case_js(payload), overwrite=True)
         (rep / "data" / cid).mkdir(exist_ok=True)
