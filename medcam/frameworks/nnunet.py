@@ -86,7 +86,7 @@ from ..result import CAMResult
 from ..runner import ModelRunner, validate_image
 from ..targets import ClassROI, PredictedROI, Target, as_target_list
 
-__all__ = ["NnUNetError", "NnUNetModel", "load", "explain", "SUPPORTED_VERSIONS"]
+__all__ = ["NnUNetError", "NnUNetModel", "load", "explain", "check_method", "SUPPORTED_VERSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -703,8 +703,26 @@ def explain(
     )
 
 
+def check_method(cls: type[BaseSegCAM], name: str | None = None) -> None:
+    """Refuse, before any work, a method whose explainer has an execution of its own (MI-CAM, MI-Grad-CAM: their
+    histogram passes), which :func:`explain` does not run: it forms maps from ``cam.formula`` alone, which for
+    these methods is not their definition (MI-Grad-CAM's class formula is plain Grad-CAM's).
+
+    Raises:
+        NnUNetError: such a method.
+    """
+    if cls._execute is not BaseSegCAM._execute:
+        label = name or cls.__name__
+        raise NnUNetError(
+            f"method {label!r} is not available for nnU-Net models yet: its own passes (mutual-information "
+            "histograms) do not run through nnU-Net's tiles, mirrors and folds, and its maps would not be its "
+            "definition; choose gradcam, hirescam, xgradcam, gradcam++ or layercam"
+        )
+
+
 def _check_explain_inputs(cam: BaseSegCAM, model: NnUNetModel, data: torch.Tensor) -> torch.Tensor:
     """``data`` as ``[1, Cin, *S']``, or a clear error before any network pass."""
+    check_method(type(cam))
     if cam.model is not model.network:
         raise MedcamError("the explainer must be built on model.network of this nnU-Net model")
     if cam.inferer is not None:

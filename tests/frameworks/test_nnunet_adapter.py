@@ -198,3 +198,18 @@ def test_nnunet_options_refused_before_any_work(nn_model, phantom_files, tmp_pat
     r = CliRunner().invoke(main, ["evaluate", *map(str, phantom_files), "--model", spec, "-o", str(tmp_path / "e")])
     assert r.exit_code == 1 and "does not run nnU-Net models" in r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_methods_with_passes_of_their_own_are_refused_before_any_case(nn_model, phantom_files, tmp_path):
+    """MI-CAM and MI-Grad-CAM form their maps in passes of their own, which nnU-Net's explanation does not run
+    (it used to compute plain Grad-CAM for migradcam): refused by name before any case, nothing written."""
+    from medcam.engine import BaseSegCAM
+
+    own = [m for m, cls in medcam.METHODS.items() if cls._execute is not BaseSegCAM._execute]
+    assert {"micam", "migradcam"} <= set(own)
+    spec = f"nnunet:{nn_model.folder}"
+    for m in own:
+        out = tmp_path / m
+        r = CliRunner().invoke(main, ["explain", *map(str, phantom_files), "--model", spec, "-M", m, "-o", str(out)])
+        assert r.exit_code == 1 and f"method '{m}' is not available for nnU-Net models" in r.stderr, r.stderr
+        assert not out.exists()
