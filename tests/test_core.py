@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -240,17 +241,23 @@ def test_component_roi_selects_components():
 
 
 def test_batch_and_per_sample_masks(segresnet):
+    """A batch with one mask per sample equals each sample explained alone. Computed in float64: in float32 a
+    batched convolution sums in another order than a single sample's, which moved 16 of 4096 voxels by 1.8e-5
+    (flaky at atol 1e-5 on a 2-core CI machine); the invariant itself is exact."""
+    net = copy.deepcopy(segresnet).double()
     torch.manual_seed(9)
-    x = torch.randn(2, 2, 16, 16, 16)
+    x = torch.randn(2, 2, 16, 16, 16, dtype=torch.float64)
     masks = torch.zeros(2, 16, 16, 16)
     masks[0, :4] = 1
     masks[1, 8:] = 1
-    cam = medcam.SegHiResGradCAM(segresnet, layer="down_layers.3")
+    cam = medcam.SegHiResGradCAM(net, layer="down_layers.3")
     both = cam(x, T.MaskROI(masks, 0), relu=False)
     one0 = cam(x[:1], T.MaskROI(masks[0], 0), relu=False)
     one1 = cam(x[1:], T.MaskROI(masks[1], 0), relu=False)
-    torch.testing.assert_close(both[0], one0[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(both[1], one1[0], rtol=1e-4, atol=1e-5)
+    top = float(both.abs().max())  # maps are returned in float32: equal up to that final rounding (2^-24)
+    assert top > 0
+    torch.testing.assert_close(both[0], one0[0], rtol=1e-6, atol=1e-7 * top)
+    torch.testing.assert_close(both[1], one1[0], rtol=1e-6, atol=1e-7 * top)
 
 
 def test_model_unchanged_after_call_and_after_error(segresnet):

@@ -80,15 +80,17 @@ def _case_without_timings(path: Path) -> dict:
 
 
 @pytest.fixture
-def one_thread():
-    """Local and worker runs both on one torch thread, so that their float sums are done in the same order."""
+def driver_threads():
+    """The driver on 2 torch threads, Ray workers on 1 CPU each: the maps are byte-equal only because every case
+    runs with the run's recorded thread count (``--threads``, default 1) wherever it runs (issue 30: maps used to
+    depend on where a case ran)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(n)
 
 
-def test_ray_equals_local_run(ray_local, cohort, tmp_path, one_thread):
+def test_ray_equals_local_run(ray_local, cohort, tmp_path, driver_threads):
     cases = discover_cases([cohort])
     model = _model(tmp_path / "control")
     local = _explain(cases, model, tmp_path / "local")
@@ -166,7 +168,7 @@ def test_cli_ray_records_a_case_error_once_without_retry(ray_local, cohort, tmp_
     assert len(started) == 1  # a case error is not a lost worker: not retried
 
 
-def test_evaluate_on_ray_equals_local(ray_local, cohort, tmp_path, one_thread):
+def test_evaluate_on_ray_equals_local(ray_local, cohort, tmp_path, driver_threads):
     from medcam.pipeline import RunSettings
     from medcam.pipeline.evaluate import EvaluationOptions, evaluate_files
 

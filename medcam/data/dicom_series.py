@@ -98,7 +98,7 @@ def _check_one_series(folder: Path, headers: Sequence[tuple[Path, Any]]) -> None
             raise MedcamDataError(f"DICOM file '{f}' lacks {', '.join(missing)}; it is not a 3D image slice.")
 
 
-def _positions_along_normal(folder: Path, headers: Sequence[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
+def _slice_positions(folder: Path, headers: Sequence[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """(orientation [6], sorted pairs) after checking that every slice has the same orientation."""
     orients = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
     bad = np.flatnonzero(np.abs(orients - orients[0]).max(axis=1) > ORIENTATION_ATOL)
@@ -162,7 +162,7 @@ def read_dicom_series(folder: PathLike) -> DicomSeries:
     folder = Path(folder)
     headers = _read_headers(folder)
     _check_one_series(folder, headers)
-    orientation, positions = _positions_along_normal(folder, headers)
+    orientation, positions = _slice_positions(folder, headers)
     normal = np.cross(orientation[:3], orientation[3:])
     order = np.argsort(positions @ normal, kind="stable")
     headers = [headers[int(i)] for i in order]
