@@ -361,9 +361,13 @@ class CohortJob:
         return {"case_id": src.case_id, "source": src.describe(), "status": "failed", "error": error, "seconds": 0.0}
 
     def discard_partial(self, src: CaseSource) -> None:
-        """Remove the staging folders of a killed attempt at ``src`` and its lock if its holder is dead."""
+        """Remove the staging folders of a killed attempt at ``src`` and its lock once its holder is dead (Ray may
+        report a worker's death before its process has exited: waited for up to 10 s, then left to the next run's
+        stale-lock clean-up)."""
         discard_staging(self.root, src.case_id)
-        remove_dead_lock(lock_path(self.root, src.case_id))
+        path, deadline = lock_path(self.root, src.case_id), time.monotonic() + 10.0
+        while not remove_dead_lock(path) and path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def cost(self, src: CaseSource) -> float:
         """Bytes of the case's input files (largest cases are scheduled first)."""
