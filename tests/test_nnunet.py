@@ -11,7 +11,6 @@ import copy
 import functools
 import glob
 import itertools
-import os
 import subprocess
 import sys
 import types
@@ -32,31 +31,9 @@ CONFIG = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 @pytest.fixture(scope="session")
-def nnunet_root(tmp_path_factory) -> Path:
-    """Built once per run, shared by xdist workers (about 1 min on an idle 2-core machine).
-
-    ``MEDCAM_TEST_NNUNET_ROOT`` reuses an earlier build (``python -m tests._nnunet_build ROOT --regions --patch 12
-    12 12``).
-    """
-    import fcntl
-
-    if os.environ.get("MEDCAM_TEST_NNUNET_ROOT"):
-        return Path(os.environ["MEDCAM_TEST_NNUNET_ROOT"])
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "nnunet_models"
-    root.mkdir(exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / ".done").exists():
-            subprocess.run(
-                [sys.executable, "-m", "tests._nnunet_build", str(root), "--regions", "--patch", "12", "12", "12"],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-            )
-            (root / ".done").touch()
-    return root
+def nnunet_root(nnunet_models) -> Path:
+    """The nnU-Net v2 model folders built once per run (``nnunet_models`` in tests/conftest.py)."""
+    return nnunet_models
 
 
 @pytest.fixture(scope="session")
