@@ -40,10 +40,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
     from .metrics.thresholds import ThresholdMethod
 
 __all__ = [
-    "EvaluationResult", "evaluate", "evaluate_cohort", "write_results", "check_outputs", "DEFAULT_METRICS",
-    "ALL_METRICS",
+    "EvaluationResult", "EvaluationModel", "NetworkModel", "evaluate", "evaluate_cohort", "write_results",
+    "check_outputs", "DEFAULT_METRICS", "ALL_METRICS",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -297,18 +297,84 @@ def _one_case_image(image: Any) -> torch.Tensor:
     return image
 
 
-class _Predict:
-    """The trained model's forward ``[N, Cin, *S] -> [N, C, *S]`` (through the inferer if any), with the
-    explainers' output selection (a deep-supervision tuple gives element 0)."""
+@runtime_checkable
+class EvaluationModel(Protocol):
+    """How :func:`evaluate` runs a model on ONE case: its prediction of (perturbed) images and its explanation.
 
-    def __init__(self, model: nn.Module, inferer: Any):
-        self.runner = ModelRunner(model)
-        self.inferer = inferer
+    :func:`evaluate` re-runs the model on perturbed copies of the case's image (deletion, insertion, average drop,
+    ROAD) through :meth:`predict`, so a framework with a prediction of its own (MONAI's sliding-window inferer, a
+    bundle's inferer settings, nnU-Net's predictor with its tiles, mirrors and folds) is scored on the prediction it
+    makes, never on a bare ``network.forward``. :class:`NetworkModel` is an ``nn.Module`` with an optional MONAI
+    inferer; the case pipeline wraps a framework adapter
+    (:class:`medcam.pipeline.evaluate.AdapterModel`, :meth:`~medcam.frameworks.base.FrameworkAdapter.predict_image`).
+    """
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def network(self) -> nn.Module:
+        """The eager network (its modes and flags are preserved during :func:`evaluate`)."""
+        ...
+
+    @property
+    def supports_sanity(self) -> bool:
+        """Whether :meth:`randomised_map` can explain a randomised copy of :attr:`network` (the sanity check)."""
+        ...
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, Cin, *S]`` (the case's image or perturbed copies of it) -> logits ``[N, C, *S]``, no gradient."""
+        ...
+
+    def explain(
+        self, method: type, layer: str, image: torch.Tensor, targets: list[Target], output: torch.Tensor
+    ) -> tuple[torch.Tensor, str]:
+        """One method's maps ``[K, *S]`` of the case ``image [1, Cin, *S]`` at ``layer`` and the resolved layer
+        name; ``output`` is :meth:`predict` of ``image`` (``[1, C, *S]``), which an explanation may reuse."""
+        ...
+
+    def randomised_map(
+        self, method: type, layer: str, image: torch.Tensor, target: Target
+    ) -> Callable[[nn.Module], torch.Tensor]:
+        """``map_fn(network) -> [*S]``: the map of ``target`` explained on ``network``, a randomised copy of
+        :attr:`network` (:func:`medcam.metrics.cascading_randomization`)."""
+        ...
+
+
+@dataclass
+class NetworkModel:
+    """An :class:`EvaluationModel` of an ``nn.Module`` ``[N, Cin, *S] -> [N, C, *S]`` run whole or through a MONAI
+    ``inferer`` (``SlidingWindowInferer``), explained with medcam's executors; a deep-supervision tuple gives element
+    0 (the explainers' output selection)."""
+
+    model: nn.Module
+    inferer: Any = None
+    runner: ModelRunner = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.runner = ModelRunner(self.model)
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model
+
+    @property
+    def supports_sanity(self) -> bool:
+        return True
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
         if self.inferer is None:
-            return self.runner.predictor(x)
-        return self.inferer(x, self.runner.predictor)
+            return self.runner.predictor(images)
+        return self.inferer(images, self.runner.predictor)
+
+    def explain(
+        self, method: type, layer: str, image: torch.Tensor, targets: list[Target], output: torch.Tensor
+    ) -> tuple[torch.Tensor, str]:
+        cam = method(self.model, layer, inferer=self.inferer)
+        maps = cam(image, targets)[0]
+        return maps, cam.layer_name or str(layer)
+
+    def randomised_map(
+        self, method: type, layer: str, image: torch.Tensor, target: Target
+    ) -> Callable[[nn.Module], torch.Tensor]:
+        return _FrozenTargetMap(method, layer, self.inferer, image, target)
 
 
 @dataclass
@@ -330,16 +396,17 @@ class _FrozenTargetMap:
 class _CaseScorer:
     """Scores the maps of one case with the selected metrics and appends the rows, curves and sweeps to ``result``.
 
-    The score functions (logit sum, probability sum, mean probability over each target's ROI) and the frozen
-    targets of the sanity check are built once from the trained model's output (:meth:`build`)."""
+    The score functions (logit sum, probability sum, mean probability over each target's ROI, each re-running the
+    model's own prediction :meth:`EvaluationModel.predict`) and the frozen targets of the sanity check are built
+    once from the trained model's output (:meth:`build`)."""
 
-    model: nn.Module
+    model: EvaluationModel
     image: torch.Tensor
+    output: torch.Tensor
     names: list[str]
     refs: list[torch.Tensor | None]
     opts: _MetricOptions
     case_id: str
-    inferer: Any
     result: EvaluationResult
     logit_fns: list[ScoreFunction]
     prob_fns: list[ScoreFunction]
@@ -349,10 +416,9 @@ class _CaseScorer:
     @classmethod
     def build(
         cls,
-        model: nn.Module,
+        model: EvaluationModel,
         image: torch.Tensor,
         tl: list[Target],
-        inferer: Any,
         *,
         names: list[str],
         refs: list[torch.Tensor | None],
@@ -363,13 +429,13 @@ class _CaseScorer:
         """Run the trained model once on ``image`` and make the score functions (no gradients)."""
         from .metrics import freeze_targets, make_score_fn
 
-        net = _Predict(model, inferer)
+        net = model.predict
         with torch.no_grad():
             out = net(image)
         weights = [t.score_weights(out) for t in tl]
         bs, act = opts.batch_size, opts.output_activation
         return cls(
-            model=model, image=image, inferer=inferer, names=names, refs=refs, opts=opts, case_id=case_id,
+            model=model, image=image, output=out, names=names, refs=refs, opts=opts, case_id=case_id,
             result=result,
             logit_fns=[make_score_fn(net, w, bs) for w in weights],
             prob_fns=[make_score_fn(net, w, bs, activation=act) for w in weights],
@@ -383,7 +449,9 @@ class _CaseScorer:
             dict(case=self.case_id, method=method, layer=layer, target=target, metric=metric, value=value)
         )
 
-    def score(self, method: str, layer: str, k: int, smap: torch.Tensor, map_fn: _FrozenTargetMap | None) -> None:
+    def score(
+        self, method: str, layer: str, k: int, smap: torch.Tensor, map_fn: Callable[[nn.Module], torch.Tensor] | None
+    ) -> None:
         """All rows of target ``k``'s map ``smap [*S]`` (``map_fn``: its sanity-check map, None to skip it)."""
         key = (method, layer, self.names[k])
         if self.opts.wants("localisation") and self.refs[k] is not None:
@@ -455,11 +523,11 @@ class _CaseScorer:
         self.add(key, "road_lerf", float(r.lerf.mean()))
         self.add(key, "road_combined", _f(r.combined))
 
-    def sanity(self, key: tuple[str, str, str], map_fn: _FrozenTargetMap) -> None:
+    def sanity(self, key: tuple[str, str, str], map_fn: Callable[[nn.Module], torch.Tensor]) -> None:
         """Cascading randomisation: similarity after the last step and over all steps, constant-map counts."""
         from .metrics import cascading_randomization
 
-        s = cascading_randomization(self.model, map_fn, max_steps=self.opts.sanity_max_steps)
+        s = cascading_randomization(self.model.network, map_fn, max_steps=self.opts.sanity_max_steps)
         for meas, v in s.similarity.items():
             self.add(key, f"sanity_{meas}_final", _f(v[-1]))
             self.add(key, f"sanity_{meas}_mean", float(v[1:].float().nanmean()))
@@ -478,17 +546,16 @@ def _evaluate_layer(
 ) -> None:
     """Explain the case with every method at ``layer`` and score each target's map (and the consensus map of the
     methods when ``consensus_top_percent`` is given and there are two methods or more)."""
-    image, inferer = scorer.image, scorer.inferer
+    image, em = scorer.image, scorer.model
     per_method: list[torch.Tensor] = []
     lname = str(layer)
     for mname, cls in method_classes:
-        cam = cls(scorer.model, layer, inferer=inferer)
-        maps = cam(image, targets)[0].detach().to(image.device)  # [K, *S] (an inferer may stitch elsewhere)
-        lname = cam.layer_name or str(layer)
+        maps, lname = em.explain(cls, layer, image, targets, scorer.output)
+        maps = maps.detach().to(image.device)  # [K, *S] (an inferer may stitch elsewhere)
         per_method.append(maps)
         logger.info("evaluate: %s %s layer %s", scorer.case_id, mname, lname)
         for k in range(len(targets)):
-            map_fn = _FrozenTargetMap(cls, lname, inferer, image, scorer.frozen[k])
+            map_fn = em.randomised_map(cls, lname, image, scorer.frozen[k]) if scorer.opts.wants("sanity") else None
             scorer.score(mname, lname, k, maps[k], map_fn)
     if consensus_top_percent is not None and len(per_method) >= 2:
         from .metrics import consensus
@@ -509,7 +576,7 @@ def _progress(layers: Sequence[str], desc: str, on: bool) -> Iterator[str]:
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | EvaluationModel,
     image: torch.Tensor,
     targets: Target | Sequence[Target],
     methods: Sequence[str | type] = ("gradcam", "hirescam"),
@@ -538,7 +605,9 @@ def evaluate(
     """Explain one case with every (method, layer) and score every target's map.
 
     Args:
-        model: segmentation network ``[1, Cin, *S] -> [1, C, *S]`` (never modified).
+        model: segmentation network ``[1, Cin, *S] -> [1, C, *S]`` (never modified), run whole or through
+            ``inferer``; or an :class:`EvaluationModel` (a framework's own prediction and explanation of this case,
+            e.g. the case pipeline's :class:`~medcam.pipeline.evaluate.AdapterModel`; ``inferer`` must be None).
         image: ``[1, Cin, *S]`` (or ``[Cin, *S]``).
         targets: :mod:`medcam.targets` objects (their ``name`` labels the rows).
         methods: names in ``medcam.METHODS`` (``gradcam``, ``hirescam``, ``xgradcam``, ``gradcam++``, ``layercam``),
@@ -580,14 +649,29 @@ def evaluate(
     names = _target_names(tl, target_names)
     image = _one_case_image(image)
     refs = _reference_for(reference, tl, tuple(image.shape[2:]), needed="localisation" in opts.metrics)
+    em = _evaluation_model(model, inferer, opts)
     result = EvaluationResult(settings=opts.settings())
-    with preserved_model_state(model):
-        scorer = _CaseScorer.build(
-            model, image, tl, inferer, names=names, refs=refs, opts=opts, case_id=case_id, result=result
-        )
+    with preserved_model_state(em.network):
+        scorer = _CaseScorer.build(em, image, tl, names=names, refs=refs, opts=opts, case_id=case_id, result=result)
         for layer in _progress(layers, f"evaluate {case_id}", progress):
             _evaluate_layer(scorer, layer, method_classes, tl, consensus_top_percent if consensus else None)
     return result
+
+
+def _evaluation_model(model: nn.Module | EvaluationModel, inferer: Any, opts: _MetricOptions) -> EvaluationModel:
+    """``model`` as an :class:`EvaluationModel`, checked against the metrics before any work."""
+    if isinstance(model, nn.Module):
+        return NetworkModel(model, inferer)
+    if not isinstance(model, EvaluationModel):
+        raise MedcamError(f"model must be an nn.Module or an EvaluationModel, got {type(model).__name__}")
+    if inferer is not None:
+        raise MedcamError("an EvaluationModel runs its own prediction: pass inferer=None")
+    if opts.wants("sanity") and not model.supports_sanity:
+        raise MedcamError(
+            "metric 'sanity' randomises the network's weights, which this model's own explanation does not use "
+            f"({type(model).__name__}); drop 'sanity' from metrics"
+        )
+    return model
 
 
 def evaluate_cohort(

@@ -12,7 +12,11 @@ pipeline. The pipeline (:mod:`medcam.pipeline.run`) asks the adapter of a loaded
   taken there by the framework's own preprocessing);
 * the prediction and the explanation (:meth:`FrameworkAdapter.predict`, :meth:`FrameworkAdapter.explain`: MONAI
   networks through medcam's whole-image/sliding-window executors, nnU-Net through
-  :func:`medcam.frameworks.nnunet.explain`);
+  :func:`medcam.frameworks.nnunet.explain`), and the prediction of other images on the case's grid
+  (:meth:`FrameworkAdapter.predict_image`: ``medcam evaluate`` re-runs the framework's own prediction on perturbed
+  copies of the case);
+* the case's reference label on the model's grid (:meth:`FrameworkAdapter.reference_regions`, ``medcam evaluate``'s
+  localisation);
 * the segmentation on the original grid in the framework's own dtype (:meth:`FrameworkAdapter.segmentation`).
 
 Everything else - the case folder (``heatmaps/``, ``overlays/``, ``montage.png``, ``slicer/``, ``segmentation``,
@@ -177,6 +181,9 @@ class FrameworkAdapter(Protocol):
     (a Ray worker unpickles the work once and calls :meth:`setup`)."""
 
     framework: Framework
+    #: True when :meth:`explain` runs an executor of the framework's own that loads its weights itself (nnU-Net's
+    #: folds): a randomised copy of :attr:`network` cannot be explained (``medcam evaluate``'s sanity check)
+    own_executor: bool
 
     @property
     def network(self) -> nn.Module:
@@ -214,6 +221,21 @@ class FrameworkAdapter(Protocol):
     ) -> torch.Tensor | None:
         """The framework's prediction ``[1, C, *S]`` (float32), or None when the first explanation forms it (no
         target needs it first)."""
+        ...
+
+    def predict_image(
+        self, case: ModelCase, image: torch.Tensor, *, inferer: Any, device: torch.device
+    ) -> torch.Tensor:
+        """The framework's own prediction of ``image`` ``[N, Cin, *S]``: images on ``case``'s (the model's) grid,
+        e.g. perturbed copies of ``case.image`` (``medcam evaluate``'s faithfulness metrics) -> logits
+        ``[N, C, *S]`` float32 on ``image.device``, no gradient. Run as :meth:`predict` runs the case (MONAI's
+        inferer with the model's window settings, nnU-Net's predictor with its tiles, mirrors and folds), never a
+        bare forward of a windowed framework's network."""
+        ...
+
+    def reference_regions(self, case: ModelCase, source: Any) -> torch.Tensor | None:
+        """The case's reference label (its BraTS ``seg`` file) as region masks ``[3, *S]`` (TC, WT, ET; bool) on
+        the model's grid, taken there as the framework's preprocessing takes the image; None without one."""
         ...
 
     def explain(

@@ -422,6 +422,9 @@ class NnUNetAdapter:
     device: str = "cpu"
     framework: Framework = Framework.NNUNET
     _model: NnUNetModel | None = field(default=None, repr=False)
+    #: :func:`~medcam.frameworks.nnunet.explain` loads each fold's weights itself: a randomised copy of the
+    #: network cannot be explained (``medcam evaluate``'s sanity check is refused)
+    own_executor = True
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_model": None}
@@ -492,6 +495,32 @@ class NnUNetAdapter:
         if not any(getattr(t, "needs_prediction", True) for t in targets):
             return None
         return self.model.predict_logits(torch.as_tensor(case.image.as_tensor()))[None]
+
+    def predict_image(self, case: Any, image: torch.Tensor, *, inferer: Any, device: torch.device) -> torch.Tensor:
+        """nnU-Net's own prediction of each volume of ``image`` ``[N, C, *S']`` (preprocessed data on the case's
+        grid, e.g. perturbed copies of ``case.image``): ``nnUNetPredictor.predict_logits_from_preprocessed_data``
+        (tiles, Gaussian blending, mirroring, fold average; :meth:`NnUNetModel.predict_logits`), one volume at a
+        time as the predictor takes them -> ``[N, C_out, *S']`` float32 on ``image.device``."""
+        from ..pipeline.adapters import check_on_case_grid
+
+        check_on_case_grid(case, image)
+        out = [self.model.predict_logits(x.detach().float().cpu()) for x in image]
+        return torch.stack(out).to(image.device)
+
+    def reference_regions(self, case: Any, source: Any) -> torch.Tensor | None:
+        """The case's BraTS label file (``seg``) as region masks ``[3, *S']`` (TC, WT, ET) on the preprocessed grid:
+        read by the model's reader, checked on the image grid, and taken through nnU-Net's own preprocessor as the
+        case's segmentation (:func:`to_preprocessed_grid`: transposition, crop, ``resampling_fn_seg``); None when
+        the case has no label file."""
+        from ..data.brats import infer_label_convention, labels_to_regions
+
+        seg = case.paths.get("seg")
+        if seg is None:
+            return None
+        spec = TargetSpec(f"label file {Path(seg).name}", "label", 0, "reference")
+        lab = _read_on_image_grid(self.model, Path(seg), case.properties, spec)
+        regions = labels_to_regions(lab, infer_label_convention(np.unique(lab).tolist())).astype(np.float32)
+        return torch.from_numpy(to_preprocessed_grid(self.model, regions, case.files) > 0.5)
 
     def explain(
         self,

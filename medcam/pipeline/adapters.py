@@ -26,7 +26,10 @@ from ..types import PathLike
 from .cases import CaseLayout, CaseSource, discover_cases
 from .errors import PipelineError
 
-__all__ = ["MonaiAdapter", "BundleAdapter", "adapter_of", "predict", "model_failure", "predicted_regions"]
+__all__ = [
+    "MonaiAdapter", "BundleAdapter", "adapter_of", "predict", "model_failure", "predicted_regions",
+    "check_on_case_grid",
+]  # fmt: skip
 
 
 def adapter_of(model: Any) -> Any:
@@ -77,6 +80,8 @@ class MonaiAdapter:
 
     #: the :class:`~medcam.pipeline.LoadedModel` (not imported here: the model module creates its adapters)
     model: Any
+    #: medcam's executors on :attr:`network`: a randomised copy of it can be explained (the sanity check)
+    own_executor = False
 
     @property
     def framework(self) -> Framework:
@@ -132,6 +137,20 @@ class MonaiAdapter:
         image = _as_tensor(case.image)[None].float().to(device)
         return predict(self.model.net.to(device), image, inferer, amp=amp)
 
+    def predict_image(self, case: Any, image: torch.Tensor, *, inferer: Any, device: torch.device) -> torch.Tensor:
+        """The network on ``image`` ``[N, Cin, *S]`` (on the case's grid), through ``inferer`` (the model's window
+        settings) when given, as :meth:`predict` runs the case: logits ``[N, C, *S]`` on ``image.device``."""
+        check_on_case_grid(case, image)
+        return predict(self.model.net, image.to(device), inferer).to(image.device)
+
+    def reference_regions(self, case: Any, source: Any) -> torch.Tensor | None:
+        """The case's label as loaded on the model's grid by medcam's preprocessing (nearest-neighbour), ``> 0``:
+        ``[3, *S]`` (TC, WT, ET); None when the case has none (a bundle's cases: its preprocessing reads images)."""
+        label = getattr(case, "label", None)
+        if label is None:
+            return None
+        return torch.as_tensor(label.as_tensor() if hasattr(label, "as_tensor") else label) > 0
+
     def explain(
         self,
         method: type,
@@ -163,6 +182,15 @@ class MonaiAdapter:
 
     def describe(self) -> Mapping[str, Any]:
         return self.model.describe()
+
+
+def check_on_case_grid(case: Any, image: torch.Tensor) -> None:
+    """``image`` is ``[N, Cin, *S]`` with the channels and grid of ``case.image`` ``[Cin, *S]`` (ValueError)."""
+    if image.ndim != case.image.ndim + 1 or tuple(image.shape[1:]) != tuple(case.image.shape):
+        raise ValueError(
+            f"images {tuple(image.shape)} are not on case {case.case_id}'s grid: expected [N, "
+            f"{', '.join(str(int(v)) for v in case.image.shape)}]"
+        )
 
 
 def predicted_regions(output: torch.Tensor, activation: Activation, threshold: float | None) -> np.ndarray:

@@ -34,7 +34,7 @@ from .cohort import read_summary, run_cohort
 from .errors import PipelineError
 from .executors import Executor
 from .settings import Prepared, RunSettings, prepare
-from .target_specs import TargetSpec, build_targets, case_specs, mask_on_case_grid, parse_target
+from .target_specs import TargetSpec, case_specs, parse_target
 
 __all__ = [
     "EvaluationOptions",
@@ -169,20 +169,25 @@ def _check_reference(spec: str) -> str:
 
 
 def _reference_masks(
-    mode: str, case: Any, specs: Sequence[TargetSpec], source: CaseSource | None = None
+    mode: str, case: Any, specs: Sequence[TargetSpec], source: CaseSource | None, adapter: Any
 ) -> list[torch.Tensor | None]:
-    """One reference mask (bool tensor on the preprocessed grid) or None per target spec; a ``mask:`` template is
-    filled in with ``source``'s fields (``{case}``, ``{folder}``, manifest columns)."""
+    """One reference mask (bool tensor on the model's grid) or None per target spec, taken there by the model's
+    ``adapter`` as it takes the case (its label: :meth:`~medcam.frameworks.base.FrameworkAdapter.reference_regions`;
+    a ``mask:`` file: :meth:`~medcam.frameworks.base.FrameworkAdapter.targets`); a ``mask:`` template is filled in
+    with ``source``'s fields (``{case}``, ``{folder}``, manifest columns)."""
     from ..data.brats import REGIONS
 
     if mode.lower() == "none":
         return [None] * len(specs)
-    label = getattr(case, "label", None)
+    try:
+        regions = adapter.reference_regions(case, source)
+    except MedcamError as e:
+        raise PipelineError(str(e).replace("--target", "--reference", 1)) from e
+    label = regions
 
     def label_region(name: str) -> torch.Tensor:
-        assert label is not None
-        lab = torch.as_tensor(label.as_tensor() if hasattr(label, "as_tensor") else label)
-        return lab[list(REGIONS).index(name)] > 0
+        assert regions is not None
+        return regions[list(REGIONS).index(name)]
 
     if mode.lower() == "auto":
         refs: list[torch.Tensor | None] = []
@@ -204,10 +209,10 @@ def _reference_masks(
     try:
         if ref.is_template and source is not None:
             ref = case_specs([ref], source)[0]
-        arr = mask_on_case_grid(case, ref)
+        (roi,) = adapter.targets([ref], case, source, None)  # a MaskROI on the model's grid
     except MedcamError as e:
         raise PipelineError(str(e).replace("--target", "--reference", 1)) from e
-    return [torch.from_numpy(arr) > 0] * len(specs)
+    return [torch.as_tensor(roi.mask) > 0] * len(specs)
 
 
 def _case_metrics(metrics: tuple[str, ...], explicit: bool, mode: str, case: Any, refs: list[Any]) -> tuple[str, ...]:
@@ -226,6 +231,21 @@ def _case_metrics(metrics: tuple[str, ...], explicit: bool, mode: str, case: Any
         case.case_id,
     )
     return tuple(m for m in metrics if m != "localisation")
+
+
+def _check_sanity(metrics: tuple[str, ...], named: Sequence[str], adapter: Any) -> tuple[str, ...]:
+    """The sanity check randomises the network's weights: refused (named) or dropped (through ``all``, with a
+    warning) for an adapter whose explanation loads its weights itself (nnU-Net's folds), before any case."""
+    if "sanity" not in metrics or not adapter.own_executor:
+        return metrics
+    why = (
+        f"the sanity check randomises the network's weights, which the {adapter.framework.value} model's own "
+        "explanation does not use (it loads each fold's checkpoint)"
+    )
+    if "sanity" in [n.lower() for n in named]:
+        raise PipelineError(f"--metrics sanity: {why}; drop sanity from --metrics")
+    logger.warning("sanity skipped: %s", why)
+    return tuple(m for m in metrics if m != "sanity")
 
 
 def _serialise(result: Any) -> dict[str, Any]:
@@ -249,10 +269,54 @@ def _deserialise(data: dict[str, Any]) -> Any:
 
 
 @dataclass
+class AdapterModel:
+    """One case of a framework adapter as an :class:`~medcam.evaluation.EvaluationModel`: the faithfulness metrics
+    re-run the framework's own prediction on perturbed copies of the case's image
+    (:meth:`~medcam.frameworks.base.FrameworkAdapter.predict_image`: MONAI's inferer with the model's window
+    settings, a bundle's inferer settings, nnU-Net's predictor with its tiles, mirrors and folds), and the maps are
+    the adapter's explanation (:meth:`~medcam.frameworks.base.FrameworkAdapter.explain`), those of
+    ``medcam explain``. The same path for every adapter; medcam's evaluation knows no framework."""
+
+    adapter: Any
+    case: Any
+    inferer: Any
+    device: torch.device
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.adapter.network
+
+    @property
+    def supports_sanity(self) -> bool:
+        return not self.adapter.own_executor
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapter.predict_image(self.case, images, inferer=self.inferer, device=self.device)
+
+    def explain(
+        self, method: type, layer: str, image: torch.Tensor, targets: list[Any], output: torch.Tensor
+    ) -> tuple[torch.Tensor, str]:
+        """The adapter's explanation of the case (``image`` is its image), reusing the prediction ``output``."""
+        res = self.adapter.explain(
+            method, self.case, targets, layer, output=output, inferer=self.inferer, device=self.device, amp=False,
+            progress=False,
+        )  # fmt: skip
+        return res.maps[0], str(res.layer or layer)
+
+    def randomised_map(self, method: type, layer: str, image: torch.Tensor, target: Any) -> Any:
+        """medcam's executor on the randomised network with the run's inferer, as :meth:`explain` runs it for an
+        adapter without an executor of its own (:attr:`supports_sanity`)."""
+        from ..evaluation import NetworkModel
+
+        return NetworkModel(self.network, self.inferer).randomised_map(method, layer, image, target)
+
+
+@dataclass
 class EvaluateWork:
     """``medcam evaluate``'s work on one case (a :data:`~medcam.pipeline.cohort.CaseWork`), picklable: shipped by the
     cohort loop to every worker of an executor. ``work(source, staging)`` loads the case, explains and scores it
-    (:func:`medcam.evaluation.evaluate`); its rows, curves and sweeps go into its journal summary."""
+    (:func:`medcam.evaluation.evaluate`) through the model's adapter (:class:`AdapterModel`); its rows, curves and
+    sweeps go into its journal summary."""
 
     prepared: Prepared
     threshold: float | None
@@ -264,35 +328,42 @@ class EvaluateWork:
     progress: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved."""
+        """Pickled with the model on the CPU (a worker may have no GPU); the caller's model is not moved. An
+        adapter that pickles itself (nnU-Net: without its model) brings its network back in :meth:`setup`."""
         state = self.__dict__.copy()
         model = self.prepared.model
         net = model.net
-        if any(t.device.type != "cpu" for t in itertools.chain(net.parameters(), net.buffers())):
+        if model.framework_adapter is not None:
+            state["prepared"] = replace(self.prepared, model=replace(model, net=torch.nn.Identity()))
+        elif any(t.device.type != "cpu" for t in itertools.chain(net.parameters(), net.buffers())):
             state["prepared"] = replace(self.prepared, model=replace(model, net=copy.deepcopy(net).cpu()))
         return state
 
     def setup(self, device: str | None = None) -> EvaluateWork:
-        """This work on ``device`` (the model moved there once); None: the configured device, as it is."""
+        """This work on ``device`` (the model moved, or loaded, there once); None: the configured device, as it is."""
         if device is None or device == self.prepared.device:
             return self
-        self.prepared.model.net.to(device)  # a worker's own unpickled copy
-        return replace(self, prepared=replace(self.prepared, device=device))
+        model = self.prepared.model
+        adapter = model.adapter.setup(device)  # a worker's own unpickled copy
+        prepared = replace(self.prepared, model=replace(model, net=adapter.network), device=device)
+        return replace(self, prepared=prepared)
 
     def __call__(self, src: CaseSource, staging: Any = None) -> dict[str, Any]:
         from ..evaluation import evaluate
 
         p = self.prepared
+        adapter = p.model.adapter
         case = load_case(src, p.model)
-        refs = _reference_masks(self.mode, case, p.specs, src)
+        refs = _reference_masks(self.mode, case, p.specs, src, adapter)
         case_metrics = _case_metrics(self.metrics, self.explicit, self.mode, case, refs)
-        tl = build_targets(p.specs, case, activation=p.model.activation.value, threshold=self.threshold)
+        tl = adapter.targets(p.specs, case, src, self.threshold)
         image = torch.as_tensor(case.image.as_tensor() if hasattr(case.image, "as_tensor") else case.image)
+        em = AdapterModel(adapter, case, p.inferer, torch.device(p.device))
         res = evaluate(
-            p.model.net, image[None].float().to(p.device), tl, methods=p.methods, layers=p.layers,
+            em, image[None].float().to(p.device), tl, methods=p.methods, layers=p.layers,
             reference=refs if "localisation" in case_metrics else None, spacing=spacing_of(case.image.affine),
-            metrics=case_metrics, output_activation=p.model.activation.value, inferer=p.inferer,
-            case_id=src.case_id, target_names=[s.name for s in p.specs], progress=self.progress, **self.kw,
+            metrics=case_metrics, output_activation=adapter.activation.value, case_id=src.case_id,
+            target_names=[s.name for s in p.specs], progress=self.progress, **self.kw,
         )  # fmt: skip
         logger.info("case %s: %d rows", src.case_id, len(res.rows))
         return _serialise(res)
@@ -338,11 +409,6 @@ def evaluate_files(
         metrics = tuple(m for m in metrics if m != "localisation")
     if not metrics:
         raise PipelineError("no metrics left to compute; choose --metrics")
-    if str(settings.model_spec).startswith("nnunet:"):
-        raise PipelineError(
-            "medcam evaluate does not run nnU-Net models yet: its metrics re-run the network on perturbed inputs, "
-            "which for nnU-Net means its predictor (tiles, mirrors, folds); use medcam explain for their maps"
-        )
     p = prepare(
         inputs,
         settings,
@@ -351,6 +417,7 @@ def evaluate_files(
         part_id=part_id,
         allow_synth=True,
     )
+    metrics = _check_sanity(metrics, options.metrics, p.model.adapter)
     out_dir, suffix = Path(output), part_suffix(num_parts, part_id)
     check_outputs(out_dir, settings.overwrite, options.plots, suffix=suffix)  # before the expensive part
     record = {**p.record(settings), "layers": p.layers, "metrics": list(metrics), "reference": mode, **kw}
