@@ -507,6 +507,22 @@ def threads_option(fn: F) -> F:
     )(fn)  # fmt: skip
 
 
+def nnunet_options(fn: F) -> F:
+    """--folds, --checkpoint-name, --disable-tta: the checkpoints and mirroring of an nnU-Net model (explain and
+    evaluate)."""
+    fn = click.option(
+        "--disable-tta", is_flag=True,
+        help="nnU-Net models: no test-time mirroring (as nnUNetv2_predict --disable_tta).",
+    )(fn)  # fmt: skip
+    fn = click.option(
+        "--checkpoint-name", default="checkpoint_final.pth", show_default=True,
+        help="nnU-Net models: checkpoint file in each fold_N.",
+    )(fn)  # fmt: skip
+    return click.option(
+        "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
+    )(fn)
+
+
 def run_executor(kw: dict[str, Any]) -> Any:
     """The ``--ray`` options (popped from ``kw``) as an executor: None (this process) or a checked Ray executor."""
     address, gpus, cpus, workers, retries = (
@@ -718,18 +734,7 @@ def _report(run: dict[str, Any], output: str) -> None:
 @ray_options
 @threads_option
 @dicom_options
-@click.option(
-    "--folds", default="0", show_default=True, help="nnU-Net models (--model nnunet:FOLDER): folds, e.g. 0,1,2,3,4."
-)
-@click.option(
-    "--checkpoint-name",
-    default="checkpoint_final.pth",
-    show_default=True,
-    help="nnU-Net models: checkpoint file in each fold_N.",
-)
-@click.option(
-    "--disable-tta", is_flag=True, help="nnU-Net models: no test-time mirroring (as nnUNetv2_predict --disable_tta)."
-)
+@nnunet_options
 @command_errors
 def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Explain a segmentation network on a case, image files, or a cohort.
@@ -753,10 +758,9 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
-    folds, checkpoint_name, mirroring = _nnunet_checkpoints(kw)
+    nn_options = _nnunet_settings(kw)
     kw["layers"] = [kw["layers"]] if kw.get("layers") else []
     executor = run_executor(kw)  # checked before the inputs and the model
-    nn_options = {"folds": folds, "checkpoint_name": checkpoint_name, "use_mirroring": mirroring}
     settings = dataclasses.replace(run_settings(kw, quiet), **nn_options)
     run = explain_files(inputs, settings, output, executor=executor, **kw)
     _report(run, output)
@@ -765,6 +769,12 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
         _write_report(output)
     if run["failed"]:
         sys.exit(1)
+
+
+def _nnunet_settings(kw: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~medcam.pipeline.RunSettings` fields of ``--folds``, ``--checkpoint-name``, ``--disable-tta``."""
+    folds, checkpoint_name, mirroring = _nnunet_checkpoints(kw)
+    return {"folds": folds, "checkpoint_name": checkpoint_name, "use_mirroring": mirroring}
 
 
 def _nnunet_checkpoints(kw: dict[str, Any]) -> tuple[tuple[str, ...], str, bool]:
@@ -881,6 +891,7 @@ _METRIC_GROUPS = "localisation, deletion, insertion, average_drop, road, sanity"
 @click.option("--overwrite", is_flag=True, help="Replace existing metrics files in OUTPUT.")
 @ray_options
 @threads_option
+@nnunet_options
 @command_errors
 def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> None:
     """Score CAM methods x layers x targets on a case, image files, or a cohort.
@@ -906,7 +917,7 @@ def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> 
                                "tie_draws")
     })  # fmt: skip
     executor = run_executor(kw)  # checked before the inputs and the model
-    settings = run_settings(kw, quiet)
+    settings = dataclasses.replace(run_settings(kw, quiet), **_nnunet_settings(kw))
     parts = {k: kw.pop(k) for k in ("num_parts", "part_id")}
     run = evaluate_files(inputs, settings, options, output, executor=executor, **parts)
     click.echo(

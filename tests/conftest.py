@@ -1,4 +1,4 @@
-"""Fixtures shared by test modules of several folders (here: the nnU-Net v2 model folders)."""
+"""Fixtures shared by test modules of several folders (the nnU-Net v2 model folders, a small demo model)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,29 @@ def nnunet_models(tmp_path_factory) -> Path:
             )  # fmt: skip
             (root / ".done").touch()
     return root
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    """The demo API (``--model demo``) with a seeded random SegResNet of 8 filters, a 12 mm working grid and one
+    24^3 window (fast on 2 CPU cores): the command's plumbing, not the shipped weights, is what such a test checks."""
+    import torch
+    from monai.networks.nets import SegResNet
+
+    from medcam.models import demo
+
+    def net(device: str = "cpu") -> torch.nn.Module:
+        torch.manual_seed(0)
+        return (
+            SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 1, 1, 1))
+            .eval()
+            .to(device)
+        )
+
+    monkeypatch.setattr(demo, "load_demo_model", net)
+    monkeypatch.setattr(demo, "DEMO_ROI_SIZE", (24, 24, 24))
+    monkeypatch.setattr(demo, "DEMO_SPACING_MM", 12.0)
+    monkeypatch.setattr(demo, "demo_preprocessing_kwargs", lambda: {
+        "orientation": "RAS", "spacing": (12.0,) * 3, "normalize": True, "crop_foreground": False,
+        "divisible_by": None})  # fmt: skip
+    return demo
