@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -459,6 +459,23 @@ def _check_inputs_exist(inputs: Sequence[str]) -> None:
             _fail(f"input '{p}' does not exist")
 
 
+def _check_cases(inputs: Sequence[str], kw: Mapping[str, Any]) -> None:
+    """The inputs' cases found from their file names (:func:`medcam.pipeline.cases.discover_cases`, which imports
+    neither torch nor MONAI): a case missing a modality, or a folder without a case, is reported in a fraction of a
+    second instead of after the imports (several seconds). The run discovers them again (and logs what it ignores);
+    nnU-Net models find their own cases (their input layout) once loaded."""
+    if str(kw.get("model_spec") or "").startswith("nnunet:"):
+        return
+    from .pipeline.cases import discover_cases
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the run's own discovery logs the sub-folders it ignores, once
+    try:
+        discover_cases(list(inputs), case_id=kw.get("case_id"))
+    finally:
+        logging.disable(previous)
+
+
 def _check_number_options(kw: dict[str, Any]) -> None:
     """``--roi-size`` and ``--spacing`` parsed (and parsed again later) before torch is imported: a typo answers in
     a fraction of a second instead of after the imports."""
@@ -755,6 +772,7 @@ def explain_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> N
     web = _Dicomweb(inputs, output, quiet, kw)
     inputs = web.fetch()
     _check_inputs_exist(inputs)
+    _check_cases(inputs, kw)
     from .pipeline import explain_files
 
     want_report = kw.pop("report")
@@ -905,6 +923,7 @@ def evaluate_cmd(inputs: Sequence[str], output: str, quiet: bool, **kw: Any) -> 
     """
     _check_inputs_exist(inputs)
     _check_number_options(kw)
+    _check_cases(inputs, kw)
     from .pipeline.evaluate import EvaluationOptions, evaluate_files
 
     try:

@@ -207,7 +207,7 @@ _REDUCTIONS = {"min", "max", "amin", "amax", "aminmax", "clamp_min", "nanmin", "
 #: functions whose name says "norm"/"minmax" but that do something else (and why)
 _NOT_MINMAX = {
     "medcam.mutual_information.normalized_mutual_information",  # NMI of a joint histogram
-    "medcam.data.brats._normalise_mapping",  # canonical modality names of a mapping
+    "medcam.brats_layout._normalise_mapping",  # canonical modality names of a mapping
     "medcam.amecam.classifier._norm",  # an InstanceNorm layer
 }
 

@@ -23,6 +23,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImage
 
+from ..brats_layout import strip_image_suffix  # noqa: F401 - re-exported (it lives where no torch is imported)
 from ..errors import MedcamDataError
 from ..geometry import spacing_of
 from ..types import PathLike
@@ -376,12 +377,3 @@ def load_volumes(
         original_shape=headers[0].shape,
         original_affine=headers[0].affine,
     )
-
-
-def strip_image_suffix(name: str) -> str:
-    """File name without its image extension (``.nii.gz``, ``.nii``, ``.nrrd``, ``.seg.nrrd``, ``.mha`` ...)."""
-    lower = name.lower()
-    for suf in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if lower.endswith(suf):
-            return name[: -len(suf)]
-    return name

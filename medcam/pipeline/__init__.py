@@ -52,17 +52,74 @@ executor="ray")``); everything but the Ray executor (which needs ``ray``) and ev
 
 from __future__ import annotations
 
-from ..geometry import spacing_of
-from ..types import PathLike
-from .adapters import predict
-from .cases import CaseLayout, CaseSource, discover_cases, load_case, split_parts
-from .cohort import SUMMARY_NAME, json_key, process_case, read_summary, run_cohort, staged_case_dir, versions
-from .errors import PipelineError
-from .executors import LocalExecutor, resolve_executor
-from .models import LoadedModel, load_model, load_state_dict_file
-from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files
-from .settings import Prepared, RunSettings, make_inferer, prepare, resolve_device, sliding_settings
-from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..geometry import spacing_of
+    from ..types import PathLike
+    from .adapters import predict
+    from .cases import CaseLayout, CaseSource, discover_cases, load_case, split_parts
+    from .cohort import SUMMARY_NAME, json_key, process_case, read_summary, run_cohort, staged_case_dir, versions
+    from .errors import PipelineError
+    from .executors import LocalExecutor, resolve_executor
+    from .models import LoadedModel, load_model, load_state_dict_file
+    from .run import METHOD_LABELS, ExplainWork, explain_case, explain_cohort, explain_files
+    from .settings import Prepared, RunSettings, make_inferer, prepare, resolve_device, sliding_settings
+    from .target_specs import TargetSpec, build_targets, default_targets, mask_on_case_grid, parse_target, parse_targets
+
+#: where each public name lives: imported on first use (PEP 562), so that ``medcam.pipeline.cases`` (case discovery)
+#: can be imported without torch and MONAI; the command line checks the inputs' files before those imports
+_LAZY: dict[str, str] = {
+    "spacing_of": "..geometry",
+    "PathLike": "..types",
+    "predict": ".adapters",
+    "CaseLayout": ".cases",
+    "CaseSource": ".cases",
+    "discover_cases": ".cases",
+    "load_case": ".cases",
+    "split_parts": ".cases",
+    "SUMMARY_NAME": ".cohort",
+    "json_key": ".cohort",
+    "process_case": ".cohort",
+    "read_summary": ".cohort",
+    "run_cohort": ".cohort",
+    "staged_case_dir": ".cohort",
+    "versions": ".cohort",
+    "PipelineError": ".errors",
+    "LocalExecutor": ".executors",
+    "resolve_executor": ".executors",
+    "LoadedModel": ".models",
+    "load_model": ".models",
+    "load_state_dict_file": ".models",
+    "METHOD_LABELS": ".run",
+    "ExplainWork": ".run",
+    "explain_case": ".run",
+    "explain_cohort": ".run",
+    "explain_files": ".run",
+    "Prepared": ".settings",
+    "RunSettings": ".settings",
+    "make_inferer": ".settings",
+    "prepare": ".settings",
+    "resolve_device": ".settings",
+    "sliding_settings": ".settings",
+    "TargetSpec": ".target_specs",
+    "build_targets": ".target_specs",
+    "default_targets": ".target_specs",
+    "mask_on_case_grid": ".target_specs",
+    "parse_target": ".target_specs",
+    "parse_targets": ".target_specs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # imported once
+    return value
+
 
 __all__ = [
     "resolve_device",

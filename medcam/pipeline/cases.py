@@ -79,8 +79,8 @@ class CaseSource:
 
 def _resolve_files(kind: CaseLayout, source: Any, strict: bool = False) -> dict[str, Path]:
     """The files of a case source (module-level so that a source is resolved once, at its creation)."""
-    from ..data.brats import _normalise_mapping, discover_brats_case
-    from ..data.loading import MedcamDataError
+    from ..brats_layout import _normalise_mapping, discover_brats_case
+    from ..errors import MedcamDataError
 
     if kind is CaseLayout.VOLUMES:
         return {f"ch{i}": Path(p) for i, p in enumerate(source)}
@@ -137,8 +137,7 @@ def _folder_case_id(folder: Path, name: str) -> str:
 def id_from_files(files: Sequence[PathLike]) -> str:
     """Case id for image files: the first file's name without extension, or, when the files are named after the
     modality alone (``t1.nii.gz``, ``flair.nii.gz``, ...), the name of their folder (not ``t1``)."""
-    from ..data.brats import MODALITY_ALIASES
-    from ..data.loading import strip_image_suffix
+    from ..brats_layout import MODALITY_ALIASES, strip_image_suffix
 
     first = Path(files[0])
     stem = strip_image_suffix(first.name)
@@ -214,8 +213,8 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
     Raises:
         PipelineError: missing path, folder with no case, mixed kinds, duplicate case ids.
     """
-    from ..data.brats import discover_brats_case
-    from ..data.loading import MedcamDataError
+    from ..brats_layout import discover_brats_case
+    from ..errors import MedcamDataError
 
     paths = [Path(p) for p in inputs]
     if not paths:

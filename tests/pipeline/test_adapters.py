@@ -41,7 +41,7 @@ def test_postprocessing_read_from_the_transforms_own_fields(items, activation, a
 
 def test_case_sources_carry_their_resolved_files(tmp_path, monkeypatch):
     """A BraTS folder is parsed once, at discovery: loading and fingerprinting use the files the source carries."""
-    import medcam.data.brats as brats
+    import medcam.brats_layout as brats
     from medcam.data.phantoms import write_phantom_case
     from medcam.pipeline import CaseLayout, discover_cases
 
