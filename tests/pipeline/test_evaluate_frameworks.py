@@ -154,6 +154,40 @@ def test_nnunet_sanity_check_is_refused_before_any_case(nnunet_models, tmp_path)
     assert not out.exists()
 
 
+def test_nnunet_reference_regions_are_the_label_through_nnunets_preprocessor(nnunet_models, tmp_path):
+    """``--reference auto`` / ``TC|WT|ET`` of a BraTS case folder for an nnU-Net model: each BraTS region of the
+    case's label file equals nnU-Net's ``run_case`` given that region as the case's segmentation (non-zero crop,
+    resampling, transposition), not medcam's affine resampling."""
+    import os
+
+    import SimpleITK as sitk
+
+    from medcam.pipeline import discover_cases, load_model
+
+    raw = nnunet_models / "raw" / "Dataset502_Phantom"
+    case = tmp_path / "P1"
+    case.mkdir()
+    for c, m in enumerate(("t1", "t1ce", "t2", "flair")):  # dataset.json channel_names T1, T1CE, T2, FLAIR
+        os.symlink(raw / "imagesTr" / f"phantom_001_{c:04d}.nii.gz", case / f"P1_{m}.nii.gz")
+    label = raw / "labelsTr" / "phantom_001.nii.gz"  # values 1, 2, 3: the BraTS 2023 convention (ET = 3)
+    os.symlink(label, case / "P1_seg.nii.gz")
+    loaded = load_model(f"nnunet:{nnunet_models / 'results' / 'Dataset502_Phantom' / CONFIG}", use_mirroring=False)
+    (src,) = discover_cases([case])
+    adapter = loaded.adapter
+    got = adapter.reference_regions(adapter.load_case(src), src)
+    pred = _nnunet_predictor(nnunet_models / "results" / "Dataset502_Phantom" / CONFIG)
+    pre = pred.configuration_manager.preprocessor_class(verbose=False)
+    lab = sitk.ReadImage(str(label))
+    files = [str(case / f"P1_{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair")]
+    for k, values in enumerate(((1, 3), (1, 2, 3), (3,))):  # TC, WT, ET
+        region = sitk.Cast(sum((lab == v for v in values[1:]), lab == values[0]) > 0, sitk.sitkUInt8)
+        path = tmp_path / f"region{k}.nii.gz"
+        sitk.WriteImage(region, str(path))
+        _, seg, _ = pre.run_case(files, str(path), pred.plans_manager, pred.configuration_manager, pred.dataset_json)
+        want = torch.from_numpy(np.asarray(seg)[0] == 1)
+        assert bool(want.any()) and torch.equal(got[k], want), k
+
+
 # ---------------------------------------------------------------------------------------------------- MONAI bundle
 def test_zoo_brats_bundle_evaluates_with_its_inferer(tmp_path):
     """The model zoo's brats_mri_segmentation inference.json as shipped (seeded weights) evaluates a BraTS phantom
