@@ -37,6 +37,7 @@ from .settings import Prepared, RunSettings, prepare
 from .target_specs import TargetSpec, case_specs, parse_target
 
 __all__ = [
+    "AdapterModel",
     "EvaluationOptions",
     "EvaluateWork",
     "evaluate_files",
@@ -175,36 +176,35 @@ def _reference_masks(
     ``adapter`` as it takes the case (its label: :meth:`~medcam.frameworks.base.FrameworkAdapter.reference_regions`;
     a ``mask:`` file: :meth:`~medcam.frameworks.base.FrameworkAdapter.targets`); a ``mask:`` template is filled in
     with ``source``'s fields (``{case}``, ``{folder}``, manifest columns)."""
-    from ..data.brats import REGIONS
+    from ..brats_layout import REGIONS
 
     if mode.lower() == "none":
         return [None] * len(specs)
+    if mode.lower() != "auto" and mode.upper() not in REGIONS:
+        return [_reference_mask_file(mode[5:], case, source, adapter)] * len(specs)
     try:
-        regions = adapter.reference_regions(case, source)
+        regions = adapter.reference_regions(case, source)  # [3, *S] TC, WT, ET, or None without a label file
     except MedcamError as e:
         raise PipelineError(str(e).replace("--target", "--reference", 1)) from e
-    label = regions
-
-    def label_region(name: str) -> torch.Tensor:
-        assert regions is not None
-        return regions[list(REGIONS).index(name)]
-
     if mode.lower() == "auto":
         refs: list[torch.Tensor | None] = []
         for s in specs:
-            refs.append(label_region(s.region) if label is not None and s.region in REGIONS else None)
+            refs.append(regions[REGIONS.index(s.region)] if regions is not None and s.region in REGIONS else None)
             if refs[-1] is None:
-                why = "no label file" if label is None else f"the label has no region {s.region!r}"
+                why = "no label file" if regions is None else f"the label has no region {s.region!r}"
                 logger.info("case %s: no reference for target %s (%s)", case.case_id, s.name, why)
         return refs
-    if mode.upper() in REGIONS:
-        if label is None:
-            raise PipelineError(
-                f"--reference {mode}: case {case.case_id} has no label (seg) file; use --reference mask:FILE (for a cohort "
-                "mask:{folder}/NAME.nii.gz, one file per case) or none"
-            )
-        return [label_region(mode.upper())] * len(specs)
-    path = mode[5:]
+    if regions is None:
+        raise PipelineError(
+            f"--reference {mode}: case {case.case_id} has no label (seg) file; use --reference mask:FILE (for a cohort "
+            "mask:{folder}/NAME.nii.gz, one file per case) or none"
+        )
+    return [regions[REGIONS.index(mode.upper())]] * len(specs)
+
+
+def _reference_mask_file(path: str, case: Any, source: CaseSource | None, adapter: Any) -> torch.Tensor:
+    """``--reference mask:PATH`` (a template filled in with ``source``'s fields): the mask file's non-zero voxels on
+    the model's grid, mapped by the adapter's targets (as ``--target mask:``)."""
     ref = TargetSpec(f"mask:{path}", "mask", 0, "reference", path=path, template=path if "{" in path else None)
     try:
         if ref.is_template and source is not None:
@@ -212,7 +212,7 @@ def _reference_masks(
         (roi,) = adapter.targets([ref], case, source, None)  # a MaskROI on the model's grid
     except MedcamError as e:
         raise PipelineError(str(e).replace("--target", "--reference", 1)) from e
-    return [torch.as_tensor(roi.mask) > 0] * len(specs)
+    return torch.as_tensor(roi.mask) > 0
 
 
 def _case_metrics(metrics: tuple[str, ...], explicit: bool, mode: str, case: Any, refs: list[Any]) -> tuple[str, ...]:
