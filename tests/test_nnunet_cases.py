@@ -20,7 +20,7 @@ from medcam.pipeline.target_specs import parse_targets  # noqa: E402
 from medcam.targets import ClassROI, ComponentROI, MaskROI, PredictedROI  # noqa: E402
 
 from ._cli_helpers import assert_one_line_error  # noqa: E402
-from .test_nnunet import case_files, label_folder, nnunet_root, region_folder  # noqa: E402, F401  (session fixtures)
+from .frameworks.conftest import case_files, label_folder, nnunet_root, region_folder  # noqa: E402, F401  (session fixtures)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the phantoms' channels, dataset.json channel_names T1, T1CE, T2, FLAIR
 

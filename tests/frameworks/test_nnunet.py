@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import glob
 import itertools
-import os
 import subprocess
 import sys
 import types
@@ -27,62 +25,29 @@ import medcam  # noqa: E402
 from medcam.frameworks import nnunet  # noqa: E402
 from medcam.targets import BoxROI, PredictedROI  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "nnUNetTrainer__nnUNetPlans__3d_fullres"
-
-
-@pytest.fixture(scope="session")
-def nnunet_root(tmp_path_factory) -> Path:
-    """Built once per run, shared by xdist workers (about 1 min on an idle 2-core machine).
-
-    ``MEDCAM_TEST_NNUNET_ROOT`` reuses an earlier build (``python -m tests._nnunet_build ROOT --regions --patch 12
-    12 12``).
-    """
-    import fcntl
-
-    if os.environ.get("MEDCAM_TEST_NNUNET_ROOT"):
-        return Path(os.environ["MEDCAM_TEST_NNUNET_ROOT"])
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "nnunet_models"
-    root.mkdir(exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / ".done").exists():
-            subprocess.run(
-                [sys.executable, "-m", "tests._nnunet_build", str(root), "--regions", "--patch", "12", "12", "12"],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-            )
-            (root / ".done").touch()
-    return root
-
-
-@pytest.fixture(scope="session")
-def region_folder(nnunet_root) -> Path:
-    return nnunet_root / "results" / "Dataset502_Phantom" / CONFIG
-
-
-@pytest.fixture(scope="session")
-def label_folder(nnunet_root) -> Path:
-    return nnunet_root / "results" / "Dataset501_PhantomLabels" / CONFIG
-
-
-@pytest.fixture(scope="session")
-def case_files(nnunet_root) -> list[str]:
-    return sorted(glob.glob(str(nnunet_root / "raw" / "Dataset502_Phantom" / "imagesTr" / "phantom_001_*.nii.gz")))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def reference_maps(model, data, weights_fn, method: str):
-    """Plain autograd through nnU-Net's own sliding-window prediction, float64.
+def reference_maps(model, data, weights_fn, formula, mi_alpha=None):
+    """``(map [*S'], Y [C, *S'], S)``: :func:`autograd_passes` and the map of ``formula`` from them."""
+    r = autograd_passes(model, data, weights_fn)
+    return r.map(formula, mi_alpha), r.y, r.score
+
+
+def autograd_passes(model, data, weights_fn):
+    """Plain autograd through nnU-Net's own sliding-window prediction, float64; ``.map(formula, mi_alpha)``.
 
     nnU-Net's pieces: ``pad_nd_image``, ``_internal_get_sliding_window_slicers``, ``compute_gaussian`` and the
     predictor's own mirroring function ``_internal_maybe_mirror_and_predict`` (its undecorated body, so that autograd
     sees it); the blending ``sum G y / sum G`` and the fold mean are written out literally (nnU-Net's loop does them
     in place in float16 under inference mode). Every activation of the hooked layer (one per network pass) is kept
-    and ``dS/dA`` is taken by one ``torch.autograd.grad`` over the whole computation.
+    and ``dS/dA`` is taken by one ``torch.autograd.grad`` over the whole computation. The maps follow the executor's
+    definition from these gradients: element-wise maps summed (flipped back); pooled channel weights from the
+    formula's statistics summed over all passes (activation statistics weighted by each pass's blend weight
+    ``G / n / (M F)``, flipped, area-averaged onto the feature grid), ``N`` = feature positions of the volume, the
+    maps ``sum_k alpha_k A_k`` blended like the output. ``mi_alpha``: MI-CAM's channel weights (its estimate is tested
+    in tests/test_micam.py; the passes and the blending are tested here).
     """
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -132,23 +97,58 @@ def reference_maps(model, data, weights_fn, method: str):
     finally:
         for h in hooks:
             h.remove()
-    acc = torch.zeros(padded.shape[1:], dtype=torch.float64)
     n_pass = len(combos) * len(model.parameters)
+    den = torch.zeros(padded.shape[1:], dtype=torch.float64)
+    for sl in slicers:
+        den[sl[1:]] += gauss
+    betas = [gauss / den[sl[1:]] / n_pass for sl, _ in passes]
+
+    def map_of(formula, mi_alpha=None):
+        args = (passes, acts, grads, betas, data.shape[1:], patch, padded.shape[1:])
+        return _map_from_passes(formula, mi_alpha, *args)[revert[1:]].detach()
+
+    return types.SimpleNamespace(map=map_of, y=y_vol.detach(), score=score.detach())
+
+
+def _flip(t, dims):
+    return torch.flip(t, dims) if dims else t
+
+
+def _sum_stats(total, stats):
+    for n, v in stats.items():
+        total[n] = total[n] + v.double() if n in total else v.double()
+
+
+def _map_from_passes(formula, mi_alpha, passes, acts, grads, betas, spatial, patch, shape):
+    """The executor's map from the passes' activations and their autograd gradients ``[P]`` (float64)."""
+    from medcam.formulas import ActivationPooledFormula, ElementwiseFormula
+
     up = functools.partial(torch.nn.functional.interpolate, size=patch, mode="trilinear", align_corners=False)
-    if method == "hirescam":
+    acc = torch.zeros(shape, dtype=torch.float64)
+    acts = [a.double() for a in acts]
+    grads = [g.double() for g in grads]
+    if isinstance(formula, ElementwiseFormula):
         for (sl, c), a, g in zip(passes, acts, grads):
-            m = up((g * a).sum(1, keepdim=True))
-            acc[sl[1:]] += (torch.flip(m, c) if c else m)[0, 0]
-    else:  # gradcam: global alpha = sum of all gradients / N, map blended like the output
-        n_pos = float(np.prod([s * f / p for s, f, p in zip(data.shape[1:], acts[0].shape[2:], patch)]))
-        alpha = sum(g.sum((0, 2, 3, 4)) for g in grads) / n_pos
-        den = torch.zeros(padded.shape[1:], dtype=torch.float64)
-        for sl in slicers:
-            den[sl[1:]] += gauss
-        for (sl, c), a in zip(passes, acts):
-            m = up((alpha[None, :, None, None, None] * a).sum(1, keepdim=True))
-            acc[sl[1:]] += (torch.flip(m, c) if c else m)[0, 0] * gauss / den[sl[1:]] / n_pass
-    return acc[revert[1:]].detach(), y_vol.detach(), score.detach()
+            acc[sl[1:]] += _flip(up(formula.map(a, g)[:, None]), c)[0, 0]
+        return acc
+    feat = acts[0].shape[2:]
+    n_pos = float(np.prod([s * f / p for s, f, p in zip(spatial, feat, patch)]))
+    if mi_alpha is not None:
+        alpha = mi_alpha.double()
+    else:
+        act_stats: dict = {}
+        if isinstance(formula, ActivationPooledFormula):
+            for (_, c), a, beta in zip(passes, acts, betas):
+                w = torch.nn.functional.adaptive_avg_pool3d(_flip(beta[None, None], c), feat)
+                _sum_stats(act_stats, formula.activation_statistics(a, w))
+        grad_stats: dict = {}
+        for a, g in zip(acts, grads):
+            _sum_stats(grad_stats, formula.gradient_statistics(a, g, act_stats or None))
+        alpha = formula.weights({**grad_stats, **act_stats}, n_pos)[0]
+    for (sl, c), a, beta in zip(passes, acts, betas):
+        m = up((alpha[None, :, None, None, None] * a).sum(1, keepdim=True))
+        acc[sl[1:]] += _flip(m, c)[0, 0] * beta
+    return acc
 
 
 class _Float64Accumulation:
@@ -173,8 +173,8 @@ def test_equals_autograd_through_nnunet_sliding_window(region_folder, case_files
         n_tiles = len(model.predictor._internal_get_sliding_window_slicers(data.shape[1:]))
         assert n_tiles == 4
         target = BoxROI(model.channel("tumor core"), (4, 5, 3), (15, 14, 10))
-        ref, y_ref, s_ref = reference_maps(model, data.double(), target.score_weights, method)
         cls = {"hirescam": medcam.SegHiResGradCAM, "gradcam": medcam.SegGradCAM}[method]
+        ref, y_ref, s_ref = reference_maps(model, data.double(), target.score_weights, cls.formula)
         cam = cls(model.network, "encoder.stages.2")
         res = nnunet.explain(cam, model, data.double(), [target], logits=y_ref, relu=False)
         # the reference follows nnU-Net: its logits equal the predictor's own run in float64 (nnU-Net accumulates
@@ -193,7 +193,71 @@ def test_equals_autograd_through_nnunet_sliding_window(region_folder, case_files
     torch.testing.assert_close(y_nn.double(), y_ref, rtol=1e-6, atol=1e-6 * float(y_ref.abs().max()))
 
 
-@pytest.mark.parametrize("method", ["hirescam", "gradcam", "xgradcam", "gradcam++", "layercam"])
+@pytest.fixture(scope="module")
+def mirrored_case(region_folder, case_files):
+    """The region model with 2 folds and mirroring over 3 axes, on a crop of 4 overlapping tiles (64 passes)."""
+    model = nnunet.load(region_folder, folds=(0, 1))
+    data, _ = model.preprocess(case_files)
+    data = data[:, 2:18, 3:19, 3:15].contiguous()
+    assert len(model.predictor._internal_get_sliding_window_slicers(data.shape[1:])) == 4
+    return model, data
+
+
+@pytest.mark.parametrize("method", list(medcam.METHODS))
+def test_every_method_equals_autograd_through_folds_tiles_mirrors(mirrored_case, method):
+    """Every method of medcam.METHODS, by its own execution (MI-CAM's histogram passes, MI-Grad-CAM's NMI), on
+    nnU-Net's folds x tiles x mirrors: the map equals the executor's definition on plain float64 autograd through
+    nnU-Net's prediction (reference_maps), and the score is S = sum W Y."""
+    from medcam.micam import NMIGradCAM
+
+    model, data = mirrored_case
+    target = BoxROI(model.channel("tumor core"), (4, 5, 3), (15, 14, 10))
+    model.network.double()
+    try:
+        r = autograd_passes(model, data.double(), target.score_weights)
+        cam = medcam.METHODS[method](model.network, "encoder.stages.2")
+        res = nnunet.explain(cam, model, data.double(), [target], logits=r.y, relu=False)
+    finally:
+        model.network.float()
+    formula, mi = cam.formula, None
+    if "mi_weights" in res.stats:  # MI-CAM: the weights its passes estimated
+        mi = res.stats["mi_weights"][0, 0]
+        assert float(mi.sum()) == pytest.approx(1.0, rel=1e-5)
+    if "nmi_weights" in res.stats:  # MI-Grad-CAM: Grad-CAM's weights times these (not plain Grad-CAM)
+        nmi = res.stats["nmi_weights"][0, 0]
+        assert float(nmi.min()) < float(nmi.max()) and float(nmi.max()) <= 1 + 1e-6
+        formula = NMIGradCAM(nmi[None])
+    ref = r.map(formula, mi)
+    got = res.maps[0, 0].double()
+    assert got.shape == ref.shape == data.shape[1:] and float(ref.abs().max()) > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert float(res.scores[0, 0]) == pytest.approx(float(r.score), rel=1e-5)
+    assert res.stats["plan"] == "nnunet" and res.stats["mirrors"] == 8 and res.stats["folds"] == 2
+
+
+def test_a_formula_the_executor_cannot_follow_is_refused_before_any_pass(region_folder, case_files):
+    from medcam.formulas import Formula
+
+    class Odd(Formula):
+        def map(self, activation, grad, layer=None):
+            return grad.sum(1)
+
+    class OddCAM(medcam.BaseSegCAM):
+        formula = Odd()
+
+    model = nnunet.load(region_folder, folds=(0,))
+    data, _ = model.preprocess(case_files)
+    calls = []
+    h = model.network.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(medcam.MedcamError, match="element-wise or pooled formula"):
+            nnunet.explain(OddCAM(model.network, "encoder.stages.2"), model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5))])
+    finally:
+        h.remove()
+    assert len(calls) <= 1  # at most the small forward that resolves the layer, no pass over the case
+
+
+@pytest.mark.parametrize("method", list(medcam.METHODS))
 def test_one_tile_no_mirroring_equals_whole_volume(region_folder, case_files, method):
     model = nnunet.load(region_folder, folds=(0,), use_mirroring=False)
     data, _ = model.preprocess(case_files)
@@ -314,7 +378,7 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
 
     from medcam.cli import main
 
-    from ._cli_helpers import assert_one_line_error
+    from .._cli_helpers import assert_one_line_error
 
     out = tmp_path / "out"
     runner = CliRunner()
