@@ -408,7 +408,11 @@ def pass_plan(model: NnUNetModel, data: torch.Tensor) -> PassPlan:
 
     def predict(plan: PassPlan, runner: ModelRunner, hook: ActivationHook, progress: bool) -> torch.Tensor:
         x = data.float() if p0.dtype == torch.float16 else data
-        return model.predict_logits(x)[None]
+        reset = model.network.register_forward_pre_hook(lambda *_: hook.reset())  # one capture per network call
+        try:
+            return model.predict_logits(x)[None]
+        finally:
+            reset.remove()
 
     def accumulate(plan: PassPlan, n_out: int) -> Accumulation:
         from nnunetv2.configuration import default_num_processes
