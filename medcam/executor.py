@@ -101,7 +101,9 @@ class ChannelSparse:
         return cls.from_box(channels, box, grad[_ix(slice(None), channels, *box)], plan)
 
     @classmethod
-    def from_box(cls, channels: list[int], box: tuple[slice, ...], values: torch.Tensor, plan: PassPlan) -> ChannelSparse:
+    def from_box(
+        cls, channels: list[int], box: tuple[slice, ...], values: torch.Tensor, plan: PassPlan
+    ) -> ChannelSparse:
         """From ``values`` ``[B, len(channels), *box]`` inside ``box`` (slices of the unpadded grid)."""
         lo = tuple(int(s.start) + int(c.start or 0) for s, c in zip(box, plan.crop))  # onto the padded grid
         return cls(channels, values.to(device=plan.device, dtype=plan.weight_dtype).contiguous(), lo)

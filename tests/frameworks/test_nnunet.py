@@ -420,7 +420,9 @@ def test_cli_explain_nnunet(region_model_folder, case_files, tmp_path):
         if extra[0] == "--model":
             a = ["explain", *case_files, *extra, "-o", str(bad_out)]
         assert_one_line_error(runner.invoke(main, a), needle)
-    r = runner.invoke(main, ["explain", *case_files[:3], "--model", f"nnunet:{region_model_folder}", "-o", str(bad_out)])
+    r = runner.invoke(
+        main, ["explain", *case_files[:3], "--model", f"nnunet:{region_model_folder}", "-o", str(bad_out)]
+    )
     assert_one_line_error(r, "takes 4 input channels")
     assert not bad_out.exists() or not any(bad_out.iterdir())
     # the same case again: done with the same inputs and settings, so it is skipped (resume); other settings refuse
