@@ -222,33 +222,6 @@ class NnUNetModel:
         )
         return np.ascontiguousarray(full.transpose([0, *[i + 1 for i in pm.transpose_backward]]))
 
-    def write_map(self, array: np.ndarray, properties: dict[str, Any], path: str | Path) -> Path:
-        """Write one map ``[*original]`` (from :meth:`to_original_grid`) with the input image's geometry.
-
-        Any format SimpleITK writes (``.nii.gz``, ``.nrrd``, ``.mha``, ...); written to a temporary file and renamed.
-        """
-        import SimpleITK as sitk
-
-        stuff = properties.get("sitk_stuff")
-        if stuff is None:
-            raise NnUNetError(
-                "this model reads images with "
-                f"{self.predictor.plans_manager.image_reader_writer_class.__name__}; medcam writes maps for models "
-                "read with SimpleITKIO (nnU-Net's default for NIfTI, NRRD, MHA)"
-            )
-        arr = np.asarray(array, dtype=np.float32)
-        if len(stuff["spacing"]) == 2:
-            arr = arr[0]
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(stuff["spacing"])
-        img.SetOrigin(stuff["origin"])
-        img.SetDirection(stuff["direction"])
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
-        sitk.WriteImage(img, str(tmp), True)
-        tmp.replace(path)
-        return path
-
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description (for summary.json)."""
         return {
@@ -382,7 +355,8 @@ def _nnunet_gaussian(patch: tuple[int, ...]) -> torch.Tensor:
 
 
 def pass_plan(model: NnUNetModel, data: torch.Tensor) -> PassPlan:
-    """nnU-Net's prediction of ``data`` ``[Cin, *S']`` (preprocessed) as a pass plan: folds x tiles x mirrors.
+    """nnU-Net's prediction of ``data`` ``[Cin, *S']`` (or ``[1, Cin, *S']``, preprocessed) as a pass plan: folds x
+    tiles x mirrors.
 
     Padding (``pad_nd_image``), tiles (``_internal_get_sliding_window_slicers``), the Gaussian (``compute_gaussian``,
     ones without it), mirror combinations, fold weights; the prediction is the predictor's
@@ -390,7 +364,11 @@ def pass_plan(model: NnUNetModel, data: torch.Tensor) -> PassPlan:
     the gradient pass (:class:`~medcam.plan.PredictorAccumulation`). Weights and maps are float32 (float64 for a
     float64 network) on the predictor's results device (the network's GPU with ``perform_everything_on_device``, as
     :func:`load` sets it on CUDA; else the CPU).
+
+    Raises:
+        NnUNetError: data that is not one case of the model's channels and spatial dims.
     """
+    data = _check_data(model, data)
     p0 = next(model.network.parameters())
     patch = model.patch_size
     wdtype = torch.float64 if p0.dtype == torch.float64 else torch.float32
@@ -400,9 +378,6 @@ def pass_plan(model: NnUNetModel, data: torch.Tensor) -> PassPlan:
     windows = [tuple(s[1:]) for s in model.predictor._internal_get_sliding_window_slicers(padded.shape[1:])]
     half = _nnunet_gaussian(patch) if model.predictor.use_gaussian else None
     gauss = (half if half is not None else torch.ones(patch)).to(device=device, dtype=wdtype)
-    count = torch.zeros(padded.shape[1:], dtype=wdtype, device=device)
-    for w in windows:
-        count[w] += gauss
     n_out = int(model.label_manager.num_segmentation_heads)
     fusable = p0.device.type == "cpu" and p0.dtype != torch.float16
 
@@ -424,7 +399,7 @@ def pass_plan(model: NnUNetModel, data: torch.Tensor) -> PassPlan:
         crop=tuple(revert[1:]),
         windows=windows,
         importance=gauss,
-        count=count,
+        count=None,  # n = sum G over the tiles: built when many tiles run (PassPlan.count_for)
         device=device,
         net_device=p0.device,
         mirrors=_mirror_combinations(model.mirror_axes, len(patch)),
@@ -468,22 +443,18 @@ def explain(
         "given", "predictor" or "fused"; counts of tiles and passes); :meth:`NnUNetModel.to_original_grid` maps them
         back.
     """
-    x = _check_explain_inputs(cam, model, data)
-    given = None if logits is None else _check_logits(logits, x)
-    plan = pass_plan(model, x[0])
+    if cam.model is not model.network or cam.inferer is not None:
+        raise MedcamError("build the explainer on model.network of this nnU-Net model, without an inferer")
+    plan = pass_plan(model, data)
+    given = None if logits is None else logits.detach()[None].float().cpu()  # its grid checked by the executor
     res = cam.explain_plan(plan, targets, relu=relu, output=given, progress=progress or cam.progress)
     res.maps = res.maps.cpu()
-    if res.output is not None:
-        res.output = res.output.cpu()
+    res.output = None if res.output is None else res.output.cpu()
     return res
 
 
-def _check_explain_inputs(cam: BaseSegCAM, model: NnUNetModel, data: torch.Tensor) -> torch.Tensor:
-    """``data`` as ``[1, Cin, *S']``, or a clear error before any network pass."""
-    if cam.model is not model.network:
-        raise MedcamError("the explainer must be built on model.network of this nnU-Net model")
-    if cam.inferer is not None:
-        raise MedcamError("nnU-Net has its own sliding window: build the explainer without inferer")
+def _check_data(model: NnUNetModel, data: torch.Tensor) -> torch.Tensor:
+    """``data`` as ``[Cin, *S']``, or a clear error before any network pass."""
     patch = model.patch_size
     x = validate_image(data if data.ndim == len(patch) + 2 else data[None])
     if x.shape[0] != 1:
@@ -494,7 +465,7 @@ def _check_explain_inputs(cam: BaseSegCAM, model: NnUNetModel, data: torch.Tenso
         )
     if x.ndim - 2 != len(patch):
         raise NnUNetError(f"data {tuple(x.shape[1:])} does not have the {len(patch)} spatial dims of the patch {patch}")
-    return x
+    return x[0]
 
 
 def _layer_example(model: NnUNetModel, p0: torch.Tensor) -> torch.Tensor:
@@ -510,11 +481,3 @@ def _layer_example(model: NnUNetModel, p0: torch.Tensor) -> torch.Tensor:
     except (KeyError, TypeError, IndexError):  # plans without strides: a whole tile
         size = list(patch)
     return torch.zeros((1, len(model.channel_names), *size), dtype=p0.dtype, device=p0.device)
-
-
-def _check_logits(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Given logits ``[C_out, *S']`` as ``Y[None]`` (float32, CPU), checked against the data grid."""
-    y = logits.detach()[None].float().cpu()
-    if tuple(y.shape[2:]) != tuple(x.shape[2:]):
-        raise MedcamError(f"logits {tuple(logits.shape)} are not on the data grid {tuple(x.shape[1:])}")
-    return y
