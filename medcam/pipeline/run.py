@@ -119,8 +119,9 @@ def _explain_maps(
         t0 = time.perf_counter()
         results[m] = explain_plan(adapter, cls, plan, tl, layer, output=output, amp=amp, progress=progress)
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
-        if output is None and results[m].output is not None:
-            output = results[m].output
+        formed = results[m].output
+        if output is None and formed is not None:  # nnU-Net's fused prediction: the first explanation formed it
+            output = formed
             _check_output(output, n_image, specs)
     if output is None:  # pragma: no cover - every adapter's explanation returns its output
         raise ModelError("the explanation returned no model output")
