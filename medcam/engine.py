@@ -1,8 +1,10 @@
 """:class:`BaseSegCAM`: the public explainer, i.e. configuration plus the choice of executor.
 
 It holds a :class:`~medcam.runner.ModelRunner` (running the model), a formula (:mod:`medcam.formulas`, set by each
-method class in :mod:`medcam.methods`) and picks the executor: :func:`medcam.whole.explain_whole` without an
-inferer, :func:`medcam.sliding.explain_sliding` with a MONAI ``SlidingWindowInferer``.
+method class in :mod:`medcam.methods`) and makes the pass plan of the prediction it explains
+(:func:`medcam.plan.whole_plan` without an inferer, :func:`medcam.sliding.monai_plan` with a MONAI
+``SlidingWindowInferer``; a framework adapter gives its own plan to :meth:`BaseSegCAM.explain_plan`), which
+:func:`medcam.executor.execute` runs (methods with their own passes, MI-CAM, override ``_execute``).
 
 Order of operations (fixed): pre-ReLU map on the feature grid -> (bi/tri)linear upsampling (align_corners=False) to
 the input size -> ReLU. Nothing is normalised; use :func:`medcam.normalize` explicitly.
@@ -18,12 +20,13 @@ import torch
 from torch import nn
 
 from .errors import MedcamError
+from .executor import execute
 from .formulas import Formula
+from .plan import PassPlan, whole_plan
 from .result import CAMResult, Upsampler, interpolate_upsampler
 from .runner import ModelRunner, OutputActivation, ReshapeTransform, validate_image
-from .sliding import check_inferer, explain_sliding, window_example
+from .sliding import check_inferer, monai_plan, window_example
 from .targets import Target, as_target_list
-from .whole import explain_whole
 
 __all__ = ["BaseSegCAM", "CAMResult", "interpolate_upsampler", "Upsampler", "check_spatial_dims"]
 
@@ -159,7 +162,45 @@ class BaseSegCAM:
         """
         self._check_mode_options(output, upsample)
         image, tl = self._prepare(image, targets)
-        return self._execute(image, tl, relu=relu, upsample=upsample, output=output)
+        plan = whole_plan(image) if self.inferer is None else monai_plan(self.inferer, image)
+        return self._execute(plan, tl, relu=relu, upsample=upsample, output=output)
+
+    def explain_plan(
+        self,
+        plan: PassPlan,
+        targets: Target | Sequence[Target],
+        *,
+        relu: bool = True,
+        output: torch.Tensor | None = None,
+        progress: bool | None = None,
+    ) -> CAMResult:
+        """Explain the prediction a framework adapter describes by its pass plan (e.g. nnU-Net's folds x tiles x
+        mirrors, :mod:`medcam.frameworks.nnunet`), with this method's own execution.
+
+        Args:
+            plan: the plan, on the explainer's model (its ``image`` ``[B, Cin, *P]``).
+            targets: targets on the prediction ``Y`` ``[B, C, *S]``.
+            relu: apply ReLU to the stitched maps.
+            output: ``Y`` if the caller already has it (spares the prediction a target or the score needs).
+            progress: tqdm bars per pass (default: the explainer's ``progress``).
+
+        Returns:
+            :class:`CAMResult`: maps ``[B, K, *S]`` (float32, on ``plan.device``), scores ``[B, K]``, ``output`` =
+            ``Y`` when known, ``stats``. Refused before any pass: a method that cannot follow several passes.
+        """
+        tl = as_target_list(targets)
+        if not plan.single_pass and not self.supports_sliding_window:
+            raise MedcamError(
+                f"{type(self).__name__} cannot explain a prediction of several network passes: its channel weights "
+                "are not additive over passes. Use one of medcam.METHODS"
+            )
+        self.runner.ensure_layer(plan.layer_example())
+        shown = self.progress
+        self.progress = shown if progress is None else progress
+        try:
+            return self._execute(plan, tl, relu=relu, upsample=True, output=output)
+        finally:
+            self.progress = shown
 
     def _prepare(self, image: Any, targets: Target | Sequence[Target]) -> tuple[torch.Tensor, list[Target]]:
         """Checked image ``[B, Cin, *S]`` and target list; the hooked layer resolved (on one window with an
@@ -172,29 +213,24 @@ class BaseSegCAM:
 
     def _execute(
         self,
-        image: torch.Tensor,
+        plan: PassPlan,
         tl: list[Target],
         *,
         relu: bool,
         upsample: bool,
         output: torch.Tensor | None,
     ) -> CAMResult:
-        """Run the executor: :func:`~medcam.whole.explain_whole` or :func:`~medcam.sliding.explain_sliding` with
-        this method's formula. Methods whose weights are not gradient statistics (MI-CAM) override this."""
-        if self.inferer is None:
-            return explain_whole(
-                self.runner, self.formula, tl, image, upsampler=self.upsampler, relu=relu, upsample=upsample
-            )
-        return explain_sliding(
+        """Run :func:`~medcam.executor.execute` on ``plan`` with this method's formula. Methods whose weights are
+        not gradient statistics (MI-CAM) override this."""
+        return execute(
             self.runner,
             self.formula,
+            plan,
             tl,
-            image,
-            self.inferer,
             upsampler=self.upsampler,
             relu=relu,
             upsample=upsample,
-            progress=self.progress,
+            progress=self.progress or bool(getattr(self.inferer, "progress", False)),
             output=output,
         )
 

@@ -13,32 +13,33 @@ needs no gradient. For segmentation (definitions medcam chose, see docs/micam-sy
 * MI-Grad-CAM: ``alpha_k = NMI_k * (1/N) sum_u g_k(u)`` with ``NMI_k = 2 I_k / (H(U_k) + H(X))`` (averaged over input
   channels) times the Seg-Grad-CAM weight.
 
-Sliding windows (``inferer=``): the weights are those of the whole volume. Pass 1 takes each channel's range over
-``R`` window by window (min/max reduce exactly); pass 2 builds the joint histograms window by window, each voxel
-counted with its normalised blending weight (overlaps count once in total); pass 3 blends the maps
-``sum_k alpha_k A_wk`` with the blending weights, as the pooled methods do. All three passes stop the forward at the
-hooked layer. One window covering the volume gives the whole-image result exactly; with non-overlapping windows it
-equals MI-CAM on the stitched activation volume.
+Pass plans of several passes (MONAI's sliding window, nnU-Net's folds x tiles x mirrors; :mod:`medcam.plan`): the
+weights are those of the whole volume. Pass 1 takes each channel's range over ``R`` pass by pass (min/max reduce
+exactly); pass 2 builds the joint histograms pass by pass, each voxel counted with the pass's blend weight
+``beta_p`` (mirrored passes flipped back; overlaps, mirrors and folds count once in total); pass 3 blends the maps
+``sum_k alpha_k A_pk`` with ``beta_p``, as the pooled methods do (:func:`medcam.executor.blend_pooled_maps`). All
+three passes stop the forward at the hooked layer. One window covering the volume gives the whole-image result
+exactly; with non-overlapping windows it equals MI-CAM on the stitched activation volume.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .engine import BaseSegCAM
 from .errors import MedcamError
+from .executor import PlanState, blend_pooled_maps, execute, open_state, reference_pass
 from .formulas import PooledFormula, Statistics, spatial_sum, weighted_channel_sum
 from .mutual_information import JointHistogram, dilate, mutual_information, normalized_mutual_information
+from .plan import Pass, PassPlan, flip
 from .result import CAMResult
-from .sliding import SlidingState, blend_pooled_maps, explain_sliding, open_state, reference_pass
 from .targets import Target
-from .whole import explain_whole
 
 __all__ = ["SegMICAM", "SegMIGradCAM", "mi_channel_histograms", "MIWeights", "NMIGradCAM"]
 
@@ -116,10 +117,16 @@ def _chunks(k: int) -> Iterator[list[int]]:
 
 
 def _upsampled_values(
-    cam: BaseSegCAM, act: torch.Tensor, size: Sequence[int], region: torch.Tensor, channels: list[int]
+    cam: BaseSegCAM,
+    act: torch.Tensor,
+    size: Sequence[int],
+    region: torch.Tensor,
+    channels: list[int],
+    mirror: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """``[k, n]`` values of the upsampled channels ``channels`` of ``act`` ``[K, *f]`` at the ``region`` voxels."""
-    up = cam.upsampler(act[channels][None], size)[0]
+    """``[k, n]`` values of the upsampled channels ``channels`` of ``act`` ``[K, *f]`` (flipped back over the dims
+    ``mirror`` of a ``[B, C, *S]`` tensor) at the ``region`` voxels."""
+    up = flip(cam.upsampler(act[channels][None], size), mirror)[0]
     return up.flatten(1)[:, region.flatten()]
 
 
@@ -173,107 +180,125 @@ class _MIBase(BaseSegCAM):
             for b in range(image.shape[0])
         ]
 
-    def _sliding_histograms(
-        self, st: SlidingState, image: torch.Tensor, tl: list[Target], reference: torch.Tensor
-    ) -> list[list[JointHistogram]]:
-        """Pass 1 (ranges) and pass 2 (weighted counts) over the windows that meet each region."""
-        runner, hook, grid, x_pad, sw_device = st.runner, st.hook, st.grid, st.x_pad, st.sw_device
-        bsz = image.shape[0]
-        regions = [grid.pad_zeros(_region(t, reference, self.margin).float()) > 0 for t in tl]  # padded
-        pairs = [(b, i) for b in range(bsz) for i in range(len(grid.slices))]
-        meets = {(b, i): [k for k, r in enumerate(regions) if bool(r[(b, *grid.slices[i])].any())] for b, i in pairs}
-        todo = [p for p in pairs if meets[p]]
+    def _plan_histograms(self, st: PlanState, tl: list[Target], reference: torch.Tensor) -> list[list[JointHistogram]]:
+        """Pass 1 (ranges) and pass 2 (weighted counts) over the passes whose window meets each region; each
+        voxel of a pass counts with the pass's blend weight (mirrored passes flipped back), so that overlaps,
+        mirrors and folds count once in total."""
+        plan, dev = st.plan, st.plan.net_device
+        regions = [plan.pad(_region(t, reference, self.margin).float()) > 0 for t in tl]  # padded
+        meets = {
+            (b, i): [k for k, r in enumerate(regions) if bool(r[(b, *w)].any())]
+            for b in range(plan.batch)
+            for i, w in enumerate(plan.windows)
+        }
+        todo = plan.passes({key for key, ks in meets.items() if ks})
+        plan.count_for(len({p[2] for p in todo}))
         lo: dict[tuple[int, int], torch.Tensor] = {}
         hi: dict[tuple[int, int], torch.Tensor] = {}
-        hide = not st.progress
-        with hook.mode_as("stop"):
-            for b, i in tqdm(todo, desc="MI-CAM ranges", disable=hide):  # pass 1: ranges over R (min/max are exact)
-                aw = runner.activations(st.windows([(b, i)]), hook)[0]
-                for k in meets[(b, i)]:
-                    r = regions[k][(b, *grid.slices[i])].to(sw_device)
-                    v = torch.cat([_upsampled_values(self, aw, grid.roi_size, r, ch) for ch in _chunks(aw.shape[0])])
-                    if v.shape[1]:
-                        mn, mx = v.min(1).values, v.max(1).values
-                        lo[(b, k)] = torch.minimum(lo[(b, k)], mn) if (b, k) in lo else mn
-                        hi[(b, k)] = torch.maximum(hi[(b, k)], mx) if (b, k) in hi else mx
+        with st.hook.mode_as("stop"):
+            for p, aw, k, r in self._region_passes(st, todo, meets, regions, "MI-CAM ranges"):  # min/max are exact
+                v = torch.cat([_upsampled_values(self, aw, plan.roi_size, r, ch, p[3]) for ch in _chunks(aw.shape[0])])
+                if v.shape[1]:
+                    mn, mx = v.min(1).values, v.max(1).values
+                    lo[(p[0], k)] = torch.minimum(lo[(p[0], k)], mn) if (p[0], k) in lo else mn
+                    hi[(p[0], k)] = torch.maximum(hi[(p[0], k)], mx) if (p[0], k) in hi else mx
+            volume = plan.image[(slice(None), slice(None), *plan.crop)]
             hists: dict[tuple[int, int], JointHistogram] = {}
             for (b, k), mn in lo.items():
-                img_range = _img_range(image[b].to(sw_device), _region(tl[k], reference, self.margin)[b].to(sw_device))
+                img_range = _img_range(volume[b].to(dev), _region(tl[k], reference, self.margin)[b].to(dev))
                 hists[(b, k)] = JointHistogram((mn, hi[(b, k)]), img_range, self.bins)
-            for b, i in tqdm(todo, desc="MI-CAM histograms", disable=hide):  # pass 2: counts weighted by blending
-                aw = runner.activations(st.windows([(b, i)]), hook)[0]
-                xw = x_pad[(b, slice(None), *grid.slices[i])].to(sw_device)
-                bw = grid.blend_weight(i, sw_device)
-                for k in meets[(b, i)]:
-                    if (b, k) not in hists:
-                        continue
-                    r = regions[k][(b, *grid.slices[i])].to(sw_device)
-                    x = xw.flatten(1)[:, r.flatten()]
-                    w = bw.flatten()[r.flatten()]
-                    for ch in _chunks(aw.shape[0]):
-                        hists[(b, k)].add(_upsampled_values(self, aw, grid.roi_size, r, ch), x, w, channels=ch)
+            for p, aw, k, r in self._region_passes(st, todo, meets, regions, "MI-CAM histograms"):
+                b, _, i, m = p
+                if (b, k) not in hists:
+                    continue
+                x = plan.image[(b, slice(None), *plan.windows[i])].to(dev).flatten(1)[:, r.flatten()]
+                w = plan.blend(i, dev).flatten()[r.flatten()]
+                for ch in _chunks(aw.shape[0]):
+                    hists[(b, k)].add(_upsampled_values(self, aw, plan.roi_size, r, ch, m), x, w, channels=ch)
             n_act = next(iter(hists.values())).counts.shape[1] if hists else None
             if n_act is None:  # every region is empty: one window tells the channel count (the weights are all 0)
-                n_act = runner.activations(st.windows([(0, 0)]), hook).shape[1]
-        out: list[list[JointHistogram]] = []
-        for b in range(bsz):
-            row = []
-            for k in range(len(tl)):
-                if (b, k) not in hists:
-                    z = torch.zeros(n_act, device=sw_device)
-                    zi = torch.zeros(image.shape[1], device=sw_device)
-                    hists[(b, k)] = JointHistogram((z, z), (zi, zi), self.bins)
-                row.append(hists[(b, k)])
-            out.append(row)
-        return out
+                n_act = st.runner.activations(plan.first_window(), st.hook).shape[1]
+        return [
+            [self._histogram_or_empty(hists, b, k, n_act, volume.shape[1], dev) for k in range(len(tl))]
+            for b in range(plan.batch)
+        ]
+
+    def _region_passes(
+        self,
+        st: PlanState,
+        todo: list[Pass],
+        meets: dict[tuple[int, int], list[int]],
+        regions: list[torch.Tensor],
+        desc: str,
+    ) -> Iterator[tuple[Pass, torch.Tensor, int, torch.Tensor]]:
+        """``(pass, its activation [K, *f], target k, k's region in the window [*roi])`` for every pass of
+        ``todo`` and every target whose region its window meets (forward to the layer only)."""
+        plan = st.plan
+        for batch in st.run_batches(todo, desc):
+            aw = st.runner.activations(plan.inputs(batch), st.hook)
+            for j, p in enumerate(batch):
+                for k in meets[(p[0], p[2])]:
+                    yield p, aw[j], k, regions[k][(p[0], *plan.windows[p[2]])].to(plan.net_device)
+
+    def _histogram_or_empty(
+        self, hists: dict[tuple[int, int], JointHistogram], b: int, k: int, n_act: int, n_in: int, dev: torch.device
+    ) -> JointHistogram:
+        if (b, k) not in hists:
+            z, zi = torch.zeros(n_act, device=dev), torch.zeros(n_in, device=dev)
+            hists[(b, k)] = JointHistogram((z, z), (zi, zi), self.bins)
+        return hists[(b, k)]
 
     def channel_weights(self, image: torch.Tensor, targets: Target | Sequence[Target]) -> torch.Tensor:
         """MI weights ``[B, K_targets, K_channels]`` (float64) as used for the map (whole image or sliding)."""
         image, tl = self._prepare(image, targets)
-        hists = self._histograms(image, tl)[0]
-        return self._weights(hists)
+        return self._weights(self._run(self._plan_of(image), tl, None, maps=False).hists)
+
+    def _plan_of(self, image: torch.Tensor) -> PassPlan:
+        from .plan import whole_plan
+        from .sliding import monai_plan
+
+        return whole_plan(image) if self.inferer is None else monai_plan(self.inferer, image)
 
     def _weights(self, hists: list[list[JointHistogram]]) -> torch.Tensor:
         return torch.stack([torch.stack([self._weights_from_histogram(h) for h in row]) for row in hists])
 
-    def _histograms(
-        self, image: torch.Tensor, tl: list[Target], output: torch.Tensor | None = None
-    ) -> tuple[list[list[JointHistogram]], torch.Tensor, torch.Tensor | None]:
-        """``(histograms [B][T], reference output, whole-image activation or None)``."""
+    def _run(self, plan: PassPlan, tl: list[Target], output: torch.Tensor | None, *, maps: bool) -> _MIRun:
+        """The histograms of every (sample, target) and the reference output; with ``maps``, also the maps
+        ``sum_k alpha_k A_k`` blended over the plan's passes (the whole image: its one activation)."""
         runner = self.runner
-        if self.inferer is None:
+        if plan.single_pass:
+            image = plan.image
             with runner.session("detach") as hook:
                 hook.reset()
                 with torch.no_grad():
                     out = runner.predictor(image)
                 act = runner.to_feature_map(runner._captured(hook), image.shape[2:])
             y = out.detach().float()
-            return self._whole_histograms(image, tl, act, y), y, act
-        with runner.session("detach") as hook:
-            st = open_state(runner, self.formula, len(tl), image, self.inferer, hook, progress=self.progress)
-            reference = reference_pass(st, image, tl, output)  # the caller's output, a prediction or a stand-in
-            hists = self._sliding_histograms(st, image, tl, reference)
-        return hists, reference, None
+            return _MIRun(self._whole_histograms(image, tl, act, y), y, act=act)
+        with runner.session("detach") as hook, plan.fold_weights(runner.model) as load_fold:
+            st = open_state(runner, self.formula, len(tl), plan, hook, upsampler=self.upsampler, progress=self.progress)
+            st.load_fold = load_fold
+            reference = reference_pass(st, tl, output)  # the caller's output, a prediction or a stand-in
+            run = _MIRun(self._plan_histograms(st, tl, reference), reference, stats=st.stats)
+            if maps:
+                alphas = self._weights(run.hists)
+                alpha = {(b, k): alphas[b, k].float() for b in range(plan.batch) for k in range(len(tl))}
+                blend_pooled_maps(st, alpha)
+                run.maps, run.feat = st.stitched(), st.feat_shape
+        return run
 
-    def _sliding_maps(
-        self, image: torch.Tensor, n_targets: int, alphas: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[int, ...], int]:
-        """Pass 3: ``sum_k alpha_k A_wk`` of every window, upsampled and blended as the pooled methods' map pass
-        (:func:`medcam.sliding.blend_pooled_maps`)."""
-        with self.runner.session("stop") as hook:
-            st = open_state(
-                self.runner,
-                self.formula,
-                n_targets,
-                image,
-                self.inferer,
-                hook,
-                upsampler=self.upsampler,
-                progress=self.progress,
-            )
-            alpha = {(b, k): alphas[b, k].float() for b in range(image.shape[0]) for k in range(n_targets)}
-            blend_pooled_maps(st, alpha)
-        return st.stitched(), st.feat_shape, st.stats["activation_windows"]
+
+@dataclass
+class _MIRun:
+    """What the MI passes give: histograms ``[B][T]``, the reference output (a stand-in when nothing needed the
+    prediction), the whole image's activation, or the blended maps ``[B, T, *S]`` and the passes' statistics."""
+
+    hists: list[list[JointHistogram]]
+    reference: torch.Tensor
+    act: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
+    feat: tuple[int, ...] = ()
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _real_output(reference: torch.Tensor) -> torch.Tensor | None:
@@ -301,32 +326,31 @@ class SegMICAM(_MIBase):
         return mi / total if float(total) > 0 else torch.zeros_like(mi)
 
     def _execute(
-        self, image: torch.Tensor, tl: list[Target], *, relu: bool, upsample: bool, output: torch.Tensor | None
+        self, plan: PassPlan, tl: list[Target], *, relu: bool, upsample: bool, output: torch.Tensor | None
     ) -> CAMResult:
         """MI weights from the histogram passes, then the map. :meth:`~BaseSegCAM.explain`'s result: maps
         ``[B, T, *S]``; ``scores`` are the ROI scores of the model output (logits) where it was computed, else 0;
         ``stats["mi_weights"]`` holds ``alpha`` ``[B, T, K]``."""
-        hists, reference, act = self._histograms(image, tl, output)
-        alphas = self._weights(hists)  # [B, T, K]
+        run = self._run(plan, tl, output, maps=True)
+        ref = run.reference
+        alphas = self._weights(run.hists)  # [B, T, K]
         for t in tl:
-            if not bool((t.roi(reference) != 0).any()):
+            if not bool((t.roi(ref) != 0).any()):
                 logger.warning("target %r has an empty ROI: its map is all zero", t)
-        stats: dict[str, Any] = {"mi_weights": alphas.float().cpu()}
-        if act is not None:
+        stats: dict[str, Any] = {**run.stats, "mi_weights": alphas.float().cpu()}
+        if run.act is not None:
             weights = [self.formula.weights({"mi": alphas[:, k].float()}, 1.0) for k in range(len(tl))]
-            maps = torch.stack([weighted_channel_sum(w, act) for w in weights], 1)
-            feat = tuple(act.shape[2:])
+            maps = torch.stack([weighted_channel_sum(w, run.act) for w in weights], 1)
+            feat = tuple(run.act.shape[2:])
             if upsample:
-                maps = self.upsampler(maps, image.shape[2:])
+                maps = self.upsampler(maps, plan.image.shape[2:])
         else:
-            maps, feat, n_win = self._sliding_maps(image, len(tl), alphas)
-            stats["windows"] = n_win
+            assert run.maps is not None
+            maps, feat = run.maps, run.feat
         if relu:
             maps = torch.relu(maps)
-        ref = reference
         scores = torch.stack([(t.score_weights(ref) * ref).flatten(1).sum(1) for t in tl], 1).float().cpu()
         voxels = torch.stack([(t.roi(ref) != 0).flatten(1).sum(1) for t in tl], 1).cpu()
-        real_output = _real_output(ref)
         return CAMResult(
             maps=maps.float().contiguous(),
             scores=scores,
@@ -334,7 +358,7 @@ class SegMICAM(_MIBase):
             targets=tl,
             layer=str(self.layer_name),
             feature_shape=feat,
-            output=real_output,
+            output=_real_output(ref),
             stats=stats,
         )
 
@@ -344,8 +368,8 @@ class SegMIGradCAM(_MIBase):
 
     ``alpha_k = NMI_k * (1/N) sum_u g_k(u)``, ``NMI_k = 2 I(U_k; X) / (H(U_k) + H(X))`` over the ROI neighbourhood
     (mean over input channels). The gradient part is Seg-Grad-CAM's, with its exact sliding-window statistics (the
-    executors of :mod:`medcam.whole` and :mod:`medcam.sliding` with a :class:`NMIGradCAM` formula); the NMI part is
-    gathered window by window as for :class:`SegMICAM`. Each (sample, target) is explained in its own executor call,
+    executor, :func:`medcam.executor.execute`, with a :class:`NMIGradCAM` formula, on any pass plan); the NMI part
+    is gathered pass by pass as for :class:`SegMICAM`. Each (sample, target) is explained in its own executor call,
     with its own formula.
     """
 
@@ -356,40 +380,27 @@ class SegMIGradCAM(_MIBase):
         return normalized_mutual_information(hist.counts).mean(0)
 
     def _execute(
-        self, image: torch.Tensor, tl: list[Target], *, relu: bool, upsample: bool, output: torch.Tensor | None
+        self, plan: PassPlan, tl: list[Target], *, relu: bool, upsample: bool, output: torch.Tensor | None
     ) -> CAMResult:
         """NMI weights from the histogram passes, then one executor call per (sample, target) with its formula."""
-        hists, reference, _ = self._histograms(image, tl, output)
-        nmi = self._weights(hists)  # [B, T, K]
-        given = output if output is not None else _real_output(reference)  # spares each call its prediction pass
+        run = self._run(plan, tl, output, maps=False)
+        nmi = self._weights(run.hists)  # [B, T, K]
+        given = output if output is not None else _real_output(run.reference)  # spares each call its prediction
         results: list[list[CAMResult]] = []
-        for b in range(image.shape[0]):
+        for b in range(plan.batch):
             row = []
             for k, t in enumerate(tl):
-                formula = NMIGradCAM(nmi[b, k][None])
-                if self.inferer is None:
-                    res = explain_whole(
-                        self.runner,
-                        formula,
-                        [t],
-                        image[b : b + 1],
-                        upsampler=self.upsampler,
-                        relu=relu,
-                        upsample=upsample,
-                    )
-                else:
-                    res = explain_sliding(
-                        self.runner,
-                        formula,
-                        [t],
-                        image[b : b + 1],
-                        self.inferer,
-                        upsampler=self.upsampler,
-                        relu=relu,
-                        upsample=upsample,
-                        progress=self.progress,
-                        output=None if given is None else given[b : b + 1],
-                    )
+                res = execute(
+                    self.runner,
+                    NMIGradCAM(nmi[b, k][None]),
+                    plan.sample(b),
+                    [t],
+                    upsampler=self.upsampler,
+                    relu=relu,
+                    upsample=upsample,
+                    progress=self.progress,
+                    output=None if given is None or plan.single_pass else given[b : b + 1],
+                )
                 row.append(res)
             results.append(row)
         first = results[0][0]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.networks.nets import SegResNet
 
 import medcam
 from medcam import targets as T
-from medcam.sliding import ChannelSparse, WindowGrid
+from medcam.executor import ChannelSparse
+from medcam.sliding import monai_plan
 
 LAYER = "down_layers.2"
 
@@ -57,23 +58,34 @@ def test_boxed_weights_and_box_accumulator_give_the_dense_maps_bit_equal(net, me
 
 def test_per_window_normaliser_equals_monais_count_map():
     inferer = SlidingWindowInferer(roi_size=(16, 12, 10), overlap=0.4, mode="gaussian")
+    plan = monai_plan(inferer, torch.zeros(1, 1, 40, 30, 27))
     cpu = torch.device("cpu")
-    grid = WindowGrid(inferer, (40, 30, 27), cpu, cpu)
-    local = [grid.blend_weight(i, cpu) for i in range(len(grid.slices))]
-    assert grid.count is None  # nothing volume-sized was made for them
-    grid.full_count()
+    local = [plan.blend(i, cpu).clone() for i in range(len(plan.windows))]
+    assert plan.count is None  # nothing volume-sized was made for them
+    plan.full_count()
+    count = plan.count
+    assert count is not None
     for i, w in enumerate(local):
-        torch.testing.assert_close(w, grid.blend_weight(i, cpu), rtol=0, atol=0)
+        torch.testing.assert_close(w, plan.blend(i, cpu), rtol=0, atol=0)
+    # MONAI's own count map: sliding_window_inference of ones with a predictor returning ones
+    ones = sliding_window_inference(
+        torch.ones(1, 1, 40, 30, 27), (16, 12, 10), 1, lambda x: torch.ones_like(x), overlap=0.4, mode="gaussian"
+    )
+    assert isinstance(ones, torch.Tensor)
+    blended = torch.zeros_like(count)
+    for i, s in enumerate(plan.windows):
+        blended[s] += local[i]  # sum_i omega_i / n = 1 where MONAI blends ones
+    torch.testing.assert_close(blended, ones[0, 0], rtol=0, atol=1e-6)
 
 
 def test_sparse_gradient_holds_its_box_only():
     inferer = SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.0)
+    plan = monai_plan(inferer, torch.zeros(1, 1, 32, 32, 32))
     cpu = torch.device("cpu")
-    grid = WindowGrid(inferer, (32, 32, 32), cpu, cpu)
     g = torch.zeros(1, 3, 32, 32, 32)
     g[0, 2, 10:12, 3:4, 20:25] = 1.5
-    sp = ChannelSparse.from_dense(g, grid)
+    sp = ChannelSparse.from_dense(g, plan)
     assert sp.channels == [2] and tuple(sp.values.shape) == (1, 1, 2, 1, 5) and sp.lo == (10, 3, 20)
-    for s in grid.slices:
+    for s in plan.windows:
         assert sp.touches(0, s) == bool(g[(0, 2, *s)].ne(0).any())
         torch.testing.assert_close(sp.window(0, s, cpu), g[(0, slice(2, 3), *s)], rtol=0, atol=0)

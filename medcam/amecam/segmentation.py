@@ -227,7 +227,7 @@ class AMECAM:
 
         def embed(x: torch.Tensor) -> torch.Tensor:
             # the sliding executor's grid: MONAI's symmetric zero padding up to the window, its windows and overlap
-            grid = WindowGrid(self.inferer, tuple(x.shape[2:]), x.device, x.device)
+            grid = WindowGrid(self.inferer, tuple(x.shape[2:]), x.device)
             xp = grid.pad_zeros(x)
             acc = None
             for s0 in range(0, len(grid.slices), sw_batch):

@@ -16,6 +16,7 @@ TC = NCR + ET, WT = NCR + ED + ET, ET = ET (MONAI's ``ConvertToMultiChannelBased
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,14 @@ from ..brats_layout import (  # noqa: F401
 from ..types import PathLike
 
 logger = logging.getLogger(__name__)
+
+
+def modality_of(channel_name: str) -> str | None:
+    """The BraTS modality (``t1``, ``t1ce``, ``t2``, ``flair``) a channel name stands for (e.g. a ``dataset.json``
+    channel name ``"T1CE"`` or ``"T2-FLAIR"``), or None: letters and digits only, looked up in
+    :data:`MODALITY_ALIASES`."""
+    m = MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", channel_name.lower()))
+    return m if m in MODALITIES else None
 
 
 @dataclass

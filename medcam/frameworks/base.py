@@ -10,13 +10,14 @@ pipeline. The pipeline (:mod:`medcam.pipeline.run`) asks the adapter of a loaded
   preprocessing; the returned :class:`ModelCase` knows the way back to the original grid, ``invert``);
 * the targets on that grid (:meth:`FrameworkAdapter.targets`: masks, boxes and labels given on the original grid
   taken there by the framework's own preprocessing);
-* the prediction and the explanation (:meth:`FrameworkAdapter.predict`, :meth:`FrameworkAdapter.explain`: MONAI
-  networks through medcam's whole-image/sliding-window executors, nnU-Net through
-  :func:`medcam.frameworks.nnunet.explain`), and the prediction of other images on the case's grid
-  (:meth:`FrameworkAdapter.predict_image`: ``medcam evaluate`` re-runs the framework's own prediction on perturbed
-  copies of the case);
-* the case's reference label on the model's grid (:meth:`FrameworkAdapter.reference_regions`, ``medcam evaluate``'s
-  localisation);
+* the framework's prediction (:meth:`FrameworkAdapter.predict`) and the **pass plan** of that prediction
+  (:meth:`FrameworkAdapter.plan`, a :class:`~medcam.plan.PassPlan`: the network passes - folds x windows x flips -
+  and the weights the framework blends them with: one pass for a whole image, MONAI's sliding window, nnU-Net's
+  tiles x mirrors x folds). Every method explains every plan through the one executor (:func:`explain`,
+  :mod:`medcam.executor`); an adapter holds no pass logic;
+* the prediction of other images on the case's grid (:meth:`FrameworkAdapter.predict_image`: ``medcam evaluate``
+  re-runs the framework's own prediction on perturbed copies of the case) and the case's reference label on the
+  model's grid (:meth:`FrameworkAdapter.reference_regions`, ``medcam evaluate``'s localisation);
 * the segmentation on the original grid in the framework's own dtype (:meth:`FrameworkAdapter.segmentation`).
 
 Everything else - the case folder (``heatmaps/``, ``overlays/``, ``montage.png``, ``slicer/``, ``segmentation``,
@@ -33,13 +34,18 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from ..plan import PassPlan
+    from ..result import CAMResult
+
 __all__ = [
+    "explain",
     "Activation",
     "Framework",
     "FrameworkAdapter",
@@ -181,8 +187,8 @@ class FrameworkAdapter(Protocol):
     (a Ray worker unpickles the work once and calls :meth:`setup`)."""
 
     framework: Framework
-    #: True when :meth:`explain` runs an executor of the framework's own that loads its weights itself (nnU-Net's
-    #: folds): a randomised copy of :attr:`network` cannot be explained (``medcam evaluate``'s sanity check)
+    #: True when the plan loads weights of its own into :attr:`network` (nnU-Net's folds, ``PassPlan.folds``): a
+    #: randomised copy of :attr:`network` cannot be explained (``medcam evaluate``'s sanity check)
     own_executor: bool
 
     @property
@@ -238,20 +244,9 @@ class FrameworkAdapter(Protocol):
         the model's grid, taken there as the framework's preprocessing takes the image; None without one."""
         ...
 
-    def explain(
-        self,
-        method: type,
-        case: ModelCase,
-        targets: Sequence[Any],
-        layer: str,
-        *,
-        output: torch.Tensor | None,
-        inferer: Any,
-        device: torch.device,
-        amp: bool,
-        progress: bool,
-    ) -> Any:
-        """One method's :class:`~medcam.CAMResult` (maps ``[1, K, *S]`` on the model's grid, ``output`` set)."""
+    def plan(self, case: ModelCase, *, inferer: Any, device: torch.device) -> PassPlan:
+        """The pass plan of the framework's prediction of ``case`` (its image ``[1, Cin, *P]`` on the network's
+        device; ``inferer``: the run's MONAI sliding window, for frameworks that use one)."""
         ...
 
     def segmentation(self, case: ModelCase, output: torch.Tensor, threshold: float | None) -> np.ndarray:
@@ -262,3 +257,30 @@ class FrameworkAdapter(Protocol):
     def describe(self) -> Mapping[str, Any]:
         """JSON-serialisable description for ``summary.json``'s ``model``."""
         ...
+
+
+def explain(
+    adapter: FrameworkAdapter,
+    method: type,
+    plan: PassPlan,
+    targets: Sequence[Any],
+    layer: str,
+    *,
+    output: torch.Tensor | None = None,
+    amp: bool = False,
+    progress: bool = False,
+) -> CAMResult:
+    """One method's explanation of an adapter's plan, the same for every framework: an explainer of ``method`` (a
+    class of ``medcam.METHODS`` or a SyCAM class) on the adapter's network and ``layer``, with the adapter's output
+    activation, run on ``plan`` by its own execution (:meth:`medcam.BaseSegCAM.explain_plan`).
+
+    Args:
+        output: the framework's prediction ``[1, C, *S]`` when known (spares the prediction a target needs).
+
+    Returns:
+        :class:`~medcam.CAMResult`: maps ``[1, K, *S]`` on the model's grid (float32, on ``plan.device``),
+        ``output`` = the prediction when known (nnU-Net's result always has it).
+    """
+    act = adapter.activation.value
+    cam = method(adapter.network, layer=layer, amp=amp, output_activation=act, progress=progress)
+    return cam.explain_plan(plan, list(targets), output=None if plan.single_pass else output)

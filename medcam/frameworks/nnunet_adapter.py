@@ -1,30 +1,18 @@
-"""The nnU-Net v2 adapter of medcam's one case pipeline (:mod:`medcam.frameworks.base`).
+"""The nnU-Net v2 adapter of medcam's one case pipeline (:mod:`medcam.frameworks.base`): ``--model nnunet:FOLDER``.
 
-A trained nnU-Net v2 model folder (``--model nnunet:FOLDER --folds 0,1``) enters ``medcam explain`` like every other
-model: same case folder (``heatmaps/``, ``overlays/``, ``montage.png``, ``slicer/``, ``segmentation.nii.gz``,
-``summary.json``), same resume, parts, Ray executor and report. What is nnU-Net's comes from nnU-Net, through
-:mod:`medcam.frameworks.nnunet`: the preprocessing (:meth:`~medcam.frameworks.nnunet.NnUNetModel.preprocess`), the
-prediction and its explanation (:func:`~medcam.frameworks.nnunet.explain`: folds x tiles x mirrors, exact), and the
-export back to the original grid (:meth:`~medcam.frameworks.nnunet.NnUNetModel.to_original_grid`,
-:meth:`~medcam.frameworks.nnunet.NnUNetModel.segmentation`: integer labels, as ``nnUNetv2_predict`` writes them).
-This module holds no pass logic.
+It says how nnU-Net's own entry points enter the pipeline and holds no pass logic: cases discovered in nnU-Net's
+input layout, preprocessed by nnU-Net (:meth:`~medcam.frameworks.nnunet.NnUNetModel.preprocess`), explained through
+nnU-Net's pass plan (:func:`~medcam.frameworks.nnunet.pass_plan`, folds x tiles x mirrors) by the one executor,
+exported back by nnU-Net (``to_original_grid``; the segmentation as ``nnUNetv2_predict`` writes it).
 
-INPUTS (:meth:`NnUNetAdapter.discover`):
+INPUTS (:meth:`NnUNetAdapter.discover`): nnU-Net's input layout (a folder of ``CASE_XXXX<file_ending>`` files,
+``XXXX`` the channel index of ``dataset.json``'s ``channel_names``); one case's image files (ordered by their
+channel index when they carry one, else as given); BraTS case folders or a CSV manifest as for MONAI models, the
+modalities matched to ``channel_names`` by name. Cases must be NIfTI read by ``SimpleITKIO`` or ``NibabelIO``.
 
-* nnU-Net's own input layout, as ``nnUNetv2_predict -i`` takes it: one folder of ``CASE_XXXX<file_ending>`` files,
-  ``XXXX`` the channel index of ``dataset.json``'s ``channel_names``;
-* one case's image files (``CASE_0000.nii.gz CASE_0001.nii.gz ...``: ordered by their channel index when they carry
-  one, else in the order given);
-* a BraTS case folder, a folder of BraTS case folders or a CSV manifest, as for MONAI models: the modalities are
-  matched to ``channel_names`` by name (T1/T1n, T1ce/T1c/T1Gd, T2/T2w, FLAIR/T2f).
-
-Cases must be NIfTI (the case folder's maps are NIfTI on the input's grid) read by nnU-Net's ``SimpleITKIO`` or
-``NibabelIO`` (whose arrays are the NIfTI's axes reversed, ``[k, j, i]``).
-
-Targets (:meth:`NnUNetAdapter.targets`): every ``--target`` kind, with ``dataset.json``'s label/region names as
-region names. Masks, boxes (voxel indices i, j, k of the image, like NIfTI's array axes) and ``label:`` targets are
-given on the ORIGINAL grid and taken to the preprocessed grid by nnU-Net's own preprocessor, given them as the case's
-segmentation (:func:`to_preprocessed_grid`).
+Targets (:meth:`NnUNetAdapter.targets`): every ``--target`` kind, ``dataset.json``'s label/region names as region
+names; masks, boxes (voxel indices i, j, k) and ``label:`` targets are given on the ORIGINAL grid and taken to the
+preprocessed grid by nnU-Net's own preprocessor, given them as the case's segmentation (:func:`to_preprocessed_grid`).
 """
 
 from __future__ import annotations
@@ -41,14 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.brats import modality_of
 from ..errors import TargetError
 from ..pipeline.cases import CaseLayout, CaseSource, _safe_id, discover_cases, id_from_files
 from ..pipeline.errors import PipelineError
-from ..pipeline.target_specs import TargetSpec
-from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
+from ..pipeline.target_specs import TargetSpec, build_targets, roi_on_original_grid
+from ..plan import PassPlan
+from ..targets import Target
 from ..types import PathLike
 from .base import Activation, Framework
-from .nnunet import NnUNetError, NnUNetModel, explain, load
+from .nnunet import NnUNetError, NnUNetModel, load, pass_plan
 
 __all__ = ["NnUNetAdapter", "NnUNetCase", "load_adapter", "to_preprocessed_grid"]
 
@@ -188,16 +178,13 @@ def _check_nifti(model: NnUNetModel, cases: Sequence[CaseSource]) -> None:
 
 
 def _modality_order(model: NnUNetModel) -> list[str]:
-    """The BraTS modality (``t1``, ``t1ce``, ``t2``, ``flair``) of each model channel, from its name."""
-    from ..data.brats import MODALITIES, MODALITY_ALIASES
-
-    names = model.channel_names
-    order = [MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", n.lower()), "") for n in names]
-    if any(m not in MODALITIES for m in order) or len(set(order)) != len(order):
+    """The BraTS modality of each model channel, from its ``dataset.json`` name (``data.brats.modality_of``)."""
+    order = [modality_of(n) or "" for n in model.channel_names]
+    if "" in order or len(set(order)) != len(order):
         raise NnUNetError(
-            f"the model's channels {names} (dataset.json channel_names) cannot be matched to the BraTS modalities "
-            f"{', '.join(MODALITIES)} of these cases; give each case as image files in channel order, or in "
-            "nnU-Net's layout (a folder of CASE_0000<ending>, CASE_0001<ending>, ...)"
+            f"the model's channels {model.channel_names} (dataset.json channel_names) cannot be matched to the BraTS "
+            "modalities of these cases; give each case as image files in channel order, or in nnU-Net's layout (a "
+            "folder of CASE_0000<ending>, CASE_0001<ending>, ...)"
         )
     return order
 
@@ -205,15 +192,7 @@ def _modality_order(model: NnUNetModel) -> list[str]:
 def channel_files(src: CaseSource, model: NnUNetModel) -> list[Path]:
     """The image files of case ``src`` in the model's channel order (one per ``dataset.json`` channel), from the
     files the source resolved at discovery."""
-    found = dict(src.require_files())
-    if src.kind is CaseLayout.VOLUMES:
-        files = src.channel_files()
-    else:
-        order = _modality_order(model)
-        missing = [m for m in order if m not in found]
-        if missing:
-            raise NnUNetError(f"case {src.case_id} has no {missing[0]} image (the model's channels: {order})")
-        files = [Path(found[m]) for m in order]
+    files = src.files_in_order(_modality_order(model) if src.kind is not CaseLayout.VOLUMES else ())
     for f in files:
         _ending_of(model, f)
         if not f.is_file():
@@ -252,65 +231,6 @@ def to_preprocessed_grid(model: NnUNetModel, masks: np.ndarray, files: Sequence[
     return (np.asarray(seg) == 1).astype(np.float32)
 
 
-def _read_on_image_grid(model: NnUNetModel, path: Path, properties: Mapping[str, Any], spec: TargetSpec) -> np.ndarray:
-    """A label/mask file read by the model's reader: ``[*original]`` (reader axis order), checked on the image grid."""
-    rw = model.predictor.plans_manager.image_reader_writer_class()
-    arr, props = rw.read_seg(str(path))
-    shape = _reader_shape(model, properties)
-    geometry = ("spacing", "origin", "direction")
-    same = tuple(arr.shape[1:]) == shape and all(
-        np.allclose(props.get("sitk_stuff", {}).get(k, 0), properties.get("sitk_stuff", {}).get(k, 0), atol=1e-4)
-        for k in geometry
-    )
-    if not same:
-        raise TargetError(
-            f"--target {spec.text!r}: '{path.name}' must be on the case's original image grid (array shape {shape}, "
-            f"same spacing, origin and direction); got shape {tuple(arr.shape[1:])}"
-        )
-    return np.asarray(arr[0])
-
-
-def _reader_shape(model: NnUNetModel, properties: Mapping[str, Any]) -> tuple[int, ...]:
-    """Shape of the image as nnU-Net's reader returns it (before ``transpose_forward``)."""
-    pm = model.predictor.plans_manager
-    before = properties["shape_before_cropping"]
-    return tuple(int(before[i]) for i in pm.transpose_backward)
-
-
-def _original_mask(
-    model: NnUNetModel, spec: TargetSpec, src: CaseSource | None, properties: Mapping[str, Any]
-) -> np.ndarray:
-    """The ROI of a ``mask``/``box``/``label`` spec on the original grid (reader axis order), 0/1."""
-    shape = _reader_shape(model, properties)
-    if spec.kind == "box" and spec.box is not None:
-        start, stop = spec.box
-        ijk = tuple(reversed(shape))  # SimpleITK/nnU-Net arrays are [k, j, i]; boxes are given as i, j, k
-        if len(start) != len(ijk) or any(b > s for b, s in zip(stop, ijk)):
-            raise TargetError(f"--target {spec.text!r}: box stop {stop} lies outside the image grid {ijk} (i, j, k)")
-        box = np.zeros(shape, np.float32)
-        box[tuple(slice(a, b) for a, b in zip(reversed(start), reversed(stop)))] = 1
-        return box
-    if spec.kind == "mask" and spec.path is not None:
-        arr = _read_on_image_grid(model, Path(spec.path), properties, spec)
-        if not (arr != 0).any():
-            raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
-        return (arr != 0).astype(np.float32)
-    from ..data.brats import REGIONS, infer_label_convention, labels_to_regions
-
-    seg = _label_file(src)
-    if seg is None:
-        raise TargetError(
-            f"--target {spec.text!r}: case {properties.get('case_id', '')} has no label file (a BraTS '_seg' / 'seg' file, or a 'seg' "
-            "manifest column)"
-        )
-    lab = _read_on_image_grid(model, seg, properties, spec)
-    regions = labels_to_regions(lab, infer_label_convention(np.unique(lab).tolist()))
-    res = regions[REGIONS.index(str(spec.label))].astype(np.float32)
-    if not res.any():
-        raise TargetError(f"--target {spec.text!r}: the case has no {spec.label} voxels in its label file")
-    return res
-
-
 def nnunet_targets(
     specs: Sequence[TargetSpec],
     model: NnUNetModel,
@@ -327,7 +247,9 @@ def nnunet_targets(
     spatial = [s for s in specs if s.kind in ("mask", "box", "label")]
     mapped: dict[int, np.ndarray] = {}
     if spatial:
-        stack = np.stack([_original_mask(model, s, src, properties) for s in spatial])
+        cid = str(properties.get("case_id", ""))  # the ROIs in nnU-Net's reader order [k, j, i] (NIfTI reversed)
+        rois = [roi_on_original_grid(s, files[0], cid, _label_file(src)) for s in spatial]
+        stack = _to_nifti_axes(np.stack(rois))
         on_grid = to_preprocessed_grid(model, stack, files)
         if tuple(on_grid.shape[1:]) != tuple(data.shape[1:]):
             raise NnUNetError(f"masks preprocessed to {on_grid.shape[1:]}, the data to {tuple(data.shape[1:])}")
@@ -336,25 +258,16 @@ def nnunet_targets(
                 raise TargetError(f"--target {s.text!r}: the ROI falls outside the preprocessed (cropped) image")
             mapped[id(s)] = m
     n_out = len(model.output_names)
-    act: Any = model.activation
-    out: list[Target] = []
     for s in specs:
         if s.channel >= n_out:
             raise TargetError(f"--target {s.text!r}: channel {s.channel} is out of range, the model has {n_out}")
-        if s.kind == "predicted":
-            out.append(PredictedROI(s.channel, activation=act, threshold=threshold))
-        elif s.kind == "class":
-            out.append(ClassROI(s.channel))
-        elif s.kind == "component":
-            out.append(ComponentROI(s.channel, which=int(s.rank or 1) - 1, activation=act, threshold=threshold))
-        else:
-            out.append(MaskROI(mapped[id(s)], s.channel))
-    return out
+    masks = [mapped[id(s)] for s in spatial]
+    return build_targets(specs, None, activation=model.activation, threshold=threshold, masks=masks)
 
 
 # ---------------------------------------------------------------------------------------------------- the case
 def _to_nifti_axes(reader_order: np.ndarray) -> np.ndarray:
-    """``[K, k, j, i]`` (nnU-Net's reader axis order for NIfTI) -> ``[K, i, j, k]`` (nibabel's)."""
+    """``[K, k, j, i]`` (nnU-Net's reader axis order for NIfTI) -> ``[K, i, j, k]`` (nibabel's), and back."""
     return np.ascontiguousarray(np.asarray(reader_order).transpose(0, 3, 2, 1))
 
 
@@ -393,11 +306,8 @@ class NnUNetCase:
 
 
 def _channel_names(model: NnUNetModel) -> tuple[str, ...]:
-    """``dataset.json``'s channel names, as BraTS modality names (``t1ce``, ...) where they are ones (so that the
-    overlays and the Slicer scene pick T1ce as background, as for every BraTS case)."""
-    from ..data.brats import MODALITY_ALIASES
-
-    names = [MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", n.lower()), n) for n in model.channel_names]
+    """``dataset.json``'s channel names, as BraTS modality names where they are ones (the figures' background)."""
+    names = [modality_of(n) or n for n in model.channel_names]
     return tuple(names) if len(set(names)) == len(names) else tuple(model.channel_names)
 
 
@@ -509,37 +419,30 @@ class NnUNetAdapter:
 
     def reference_regions(self, case: Any, source: Any) -> torch.Tensor | None:
         """The case's BraTS label file (``seg``) as region masks ``[3, *S']`` (TC, WT, ET) on the preprocessed grid:
-        read by the model's reader, checked on the image grid, and taken through nnU-Net's own preprocessor as the
-        case's segmentation (:func:`to_preprocessed_grid`: transposition, crop, ``resampling_fn_seg``); None when
+        read on the original grid (checked against the case's first image), and taken through nnU-Net's own
+        preprocessor as the case's segmentation (:func:`to_preprocessed_grid`: transposition, crop, ``resampling_fn_seg``); None when
         the case has no label file."""
         from ..data.brats import infer_label_convention, labels_to_regions
+        from ..data.loading import check_same_grid, read_header, read_volume
 
         seg = case.paths.get("seg")
         if seg is None:
             return None
-        spec = TargetSpec(f"label file {Path(seg).name}", "label", 0, "reference")
-        lab = _read_on_image_grid(self.model, Path(seg), case.properties, spec)
+        try:
+            check_same_grid([read_header(case.reference_path), read_header(seg)])
+        except Exception as e:
+            raise TargetError(
+                f"the label file '{Path(seg).name}' is not on the image grid of case {case.case_id}"
+            ) from e
+        lab = read_volume(seg, is_label=True).as_tensor().numpy()  # nibabel's axis order
         regions = labels_to_regions(lab, infer_label_convention(np.unique(lab).tolist())).astype(np.float32)
+        regions = _to_nifti_axes(regions)  # -> nnU-Net's reader order (the transposition is its own inverse)
         return torch.from_numpy(to_preprocessed_grid(self.model, regions, case.files) > 0.5)
 
-    def explain(
-        self,
-        method: type,
-        case: Any,
-        targets: Sequence[Any],
-        layer: str,
-        *,
-        output: torch.Tensor | None,
-        inferer: Any,
-        device: torch.device,
-        amp: bool,
-        progress: bool,
-    ) -> Any:
-        """:func:`medcam.frameworks.nnunet.explain` with an explainer of ``method`` on the network."""
-        cam = method(self.model.network, layer, progress=progress)
-        logits = None if output is None else output[0]
-        data = torch.as_tensor(case.image.as_tensor())
-        return explain(cam, self.model, data, list(targets), logits=logits, progress=progress)
+    def plan(self, case: Any, *, inferer: Any, device: torch.device) -> PassPlan:
+        """nnU-Net's prediction of the case as a pass plan (:func:`~medcam.frameworks.nnunet.pass_plan`: folds x
+        tiles x mirrors; nnU-Net has its own sliding window, ``inferer`` is not used)."""
+        return pass_plan(self.model, torch.as_tensor(case.image.as_tensor()))
 
     def segmentation(self, case: Any, output: torch.Tensor, threshold: float | None) -> np.ndarray:
         """nnU-Net's own export of the logits (``convert_predicted_logits_to_segmentation_with_correct_shape``):
@@ -565,15 +468,10 @@ def load_adapter(
     checkpoint: str = "checkpoint_final.pth",
     *,
     device: str = "cpu",
-    use_mirroring: bool = True,
-    tile_step_size: float = 0.5,
-    use_gaussian: bool = True,
+    **options: Any,
 ) -> NnUNetAdapter:
     """Load an nnU-Net model folder (:func:`medcam.frameworks.nnunet.load`, same arguments) as an adapter."""
-    options = {"use_mirroring": use_mirroring, "tile_step_size": tile_step_size, "use_gaussian": use_gaussian}
-    model = load(Path(folder), folds, checkpoint, device=device, use_mirroring=use_mirroring,
-                 tile_step_size=tile_step_size, use_gaussian=use_gaussian)  # fmt: skip
-    return NnUNetAdapter(Path(folder), tuple(model.folds), checkpoint, options, str(device), _model=model)
+    return from_model(load(Path(folder), folds, checkpoint, device=device, **options))
 
 
 def from_model(model: NnUNetModel) -> NnUNetAdapter:

@@ -1,7 +1,7 @@
 """The MONAI adapters of the case pipeline (:mod:`medcam.frameworks.base`): demo/factory networks with medcam's own
 preprocessing (:class:`MonaiAdapter`) and MONAI bundles with theirs (:class:`BundleAdapter`).
 
-Both explain with medcam's executors (whole image, or MONAI's sliding window with the model's inferer settings);
+Both give the pass plan of the whole image, or of MONAI's sliding window with the model's inferer settings;
 they differ in how a case reaches the model's grid and back: medcam's ``load_brats_case``/``load_volumes`` and their
 inverse, or the bundle's own ``preprocessing`` Compose and MONAI ``Invertd`` on it (what the bundle's postprocessing
 does).
@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import ModelError
 from ..frameworks.base import Activation, Framework, segmentation_dtype
 from ..hooks import is_size_mismatch
-from ..runner import ModelRunner
+from ..plan import PassPlan
+from ..runner import ModelRunner, validate_image
 from ..types import PathLike
 from .cases import CaseLayout, CaseSource, discover_cases
 from .errors import PipelineError
@@ -151,24 +152,17 @@ class MonaiAdapter:
             return None
         return torch.as_tensor(label.as_tensor() if hasattr(label, "as_tensor") else label) > 0
 
-    def explain(
-        self,
-        method: type,
-        case: Any,
-        targets: Sequence[Any],
-        layer: str,
-        *,
-        output: torch.Tensor | None,
-        inferer: Any,
-        device: torch.device,
-        amp: bool,
-        progress: bool,
-    ) -> Any:
-        """medcam's executors: whole image (``inferer`` None) or MONAI sliding windows."""
-        image = _as_tensor(case.image)[None].float().to(device)
-        act: Any = self.activation.value
-        cam = method(self.model.net, layer=layer, inferer=inferer, amp=amp, output_activation=act, progress=progress)
-        return cam.explain(image, list(targets), output=output if inferer is not None else None)
+    def plan(self, case: Any, *, inferer: Any, device: torch.device) -> PassPlan:
+        """The whole image (``inferer`` None: one pass) or MONAI's sliding window of ``inferer``
+        (:func:`medcam.sliding.monai_plan`), on ``device``."""
+        from ..engine import check_spatial_dims
+        from ..plan import whole_plan
+        from ..sliding import monai_plan
+
+        self.model.net.to(device)
+        image = validate_image(_as_tensor(case.image)[None].float().to(device))
+        check_spatial_dims(image, inferer)
+        return whole_plan(image) if inferer is None else monai_plan(inferer, image)
 
     def segmentation(self, case: Any, output: torch.Tensor, threshold: float | None) -> np.ndarray:
         """Softmax: argmax labels ``[*original]`` (uint8); sigmoid/none: region masks ``[C, *original]`` (uint8),
@@ -218,15 +212,11 @@ class BundleAdapter(MonaiAdapter):
         from ..data.loading import read_header
 
         found = dict(source.require_files())
+        files = source.files_in_order(self.model.channel_order)
         if source.kind is CaseLayout.VOLUMES:
-            names = tuple(f"channel{i}" for i in range(len(found)))
-            files = source.channel_files()
+            names = tuple(f"channel{i}" for i in range(len(files)))
         else:
             names = tuple(self.model.channel_order)
-            missing = [c for c in names if c not in found]
-            if missing:
-                raise PipelineError(f"case {source.case_id} has no {missing[0]} image (channel order {names})")
-            files = [Path(found[c]) for c in names]
         header = read_header(files[0])
         for f in files[1:]:
             read_header(f)  # missing/unreadable files fail here, before the bundle's loader

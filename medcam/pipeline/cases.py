@@ -63,6 +63,21 @@ class CaseSource:
         """The image files (no label), in the order of :attr:`files`."""
         return [p for k, p in self.files.items() if k != "seg"]
 
+    def files_in_order(self, modalities: Sequence[str]) -> list[Path]:
+        """The image files in a model's channel order: image-file cases as given; BraTS cases by ``modalities``
+        (one per model channel, e.g. ``("t1", "t1ce", "t2", "flair")``), from the files resolved at discovery.
+
+        Raises:
+            PipelineError: a modality the case has no file of.
+        """
+        found = dict(self.require_files())
+        if self.kind is CaseLayout.VOLUMES:
+            return self.channel_files()
+        missing = [m for m in modalities if m not in found]
+        if missing:
+            raise PipelineError(f"case {self.case_id} has no {missing[0]} image (channel order {tuple(modalities)})")
+        return [Path(found[m]) for m in modalities]
+
     def require_files(self) -> Mapping[str, Path]:
         """:attr:`files`, or the reading error of a broken BraTS folder (MedcamDataError)."""
         if not self.files:

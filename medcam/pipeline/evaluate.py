@@ -274,7 +274,7 @@ class AdapterModel:
     re-run the framework's own prediction on perturbed copies of the case's image
     (:meth:`~medcam.frameworks.base.FrameworkAdapter.predict_image`: MONAI's inferer with the model's window
     settings, a bundle's inferer settings, nnU-Net's predictor with its tiles, mirrors and folds), and the maps are
-    the adapter's explanation (:meth:`~medcam.frameworks.base.FrameworkAdapter.explain`), those of
+    the adapter's plan explained by the one executor (:func:`medcam.frameworks.base.explain`), those of
     ``medcam explain``. The same path for every adapter; medcam's evaluation knows no framework."""
 
     adapter: Any
@@ -297,10 +297,10 @@ class AdapterModel:
         self, method: type, layer: str, image: torch.Tensor, targets: list[Any], output: torch.Tensor
     ) -> tuple[torch.Tensor, str]:
         """The adapter's explanation of the case (``image`` is its image), reusing the prediction ``output``."""
-        res = self.adapter.explain(
-            method, self.case, targets, layer, output=output, inferer=self.inferer, device=self.device, amp=False,
-            progress=False,
-        )  # fmt: skip
+        from ..frameworks.base import explain as explain_plan
+
+        plan = self.adapter.plan(self.case, inferer=self.inferer, device=self.device)
+        res = explain_plan(self.adapter, method, plan, targets, layer, output=output, amp=False, progress=False)
         return res.maps[0], str(res.layer or layer)
 
     def randomised_map(self, method: type, layer: str, image: torch.Tensor, target: Any) -> Any:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ModelError, TargetError
 from ..frameworks.base import Framework
+from ..frameworks.base import explain as explain_plan
 from ..geometry import spacing_of
 from ..result import CAMResult
 from ..types import PathLike
@@ -112,15 +113,15 @@ def _explain_maps(
     timings["predict_s"] = round(time.perf_counter() - t0, 3)
     if output is not None:
         _check_output(output, n_image, specs)
+    plan = adapter.plan(case, inferer=inferer, device=device)  # one plan, every method: the one executor
     results = {}
     for m, cls in method_classes.items():
         t0 = time.perf_counter()
-        results[m] = adapter.explain(
-            cls, case, tl, layer, output=output, inferer=inferer, device=device, amp=amp, progress=progress
-        )
+        results[m] = explain_plan(adapter, cls, plan, tl, layer, output=output, amp=amp, progress=progress)
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
-        if output is None:
-            output = results[m].output
+        formed = results[m].output
+        if output is None and formed is not None:  # nnU-Net's fused prediction: the first explanation formed it
+            output = formed
             _check_output(output, n_image, specs)
     if output is None:  # pragma: no cover - every adapter's explanation returns its output
         raise ModelError("the explanation returned no model output")

@@ -260,11 +260,6 @@ def prepare(
         use_mirroring=s.use_mirroring,
     )
     if own_cases:
-        from ..frameworks.nnunet import check_method
-        from ..methods import resolve_method
-
-        for m in methods:  # a method nnU-Net's explanation cannot run: refused before any case
-            check_method(resolve_method(m)[1], m)
         cases = model.adapter.discover(list(inputs), s.case_id)
         split_parts(cases, num_parts, part_id)
     specs = parse_targets(s.targets, model.regions) if s.targets else default_targets(model.regions)

@@ -21,7 +21,7 @@ import torch
 from ..errors import TargetError
 from ..runner import OutputActivation
 from ..targets import ClassROI, ComponentROI, MaskROI, PredictedROI, Target
-from ..types import literal_value
+from ..types import PathLike, literal_value
 
 
 @dataclass(frozen=True)
@@ -260,39 +260,66 @@ def label_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
     return res
 
 
+def roi_on_original_grid(
+    spec: TargetSpec, reference: PathLike, case_id: str, seg: PathLike | None = None
+) -> np.ndarray:
+    """The ROI of a ``mask``/``box``/``label`` spec on the ORIGINAL grid of ``reference`` (nibabel's axis order
+    ``[X, Y, Z]``: boxes are given as voxel indices i, j, k), float32 0/1. ``label:REGION`` reads the case's label
+    file ``seg`` (BraTS labels -> TC/WT/ET).
+
+    Raises:
+        TargetError: a mask not on the reference grid, an empty mask, a box outside it, a missing label file or
+            region.
+    """
+    from ..data.loading import check_same_grid, read_header, read_volume
+
+    ref = read_header(reference)
+    if spec.kind == "box":
+        if spec.box is None:
+            raise TargetError(f"--target {spec.text!r}: the box target has no corners; e.g. box:10,20,30:40,50,60:WT")
+        start, stop = spec.box
+        if len(start) != len(ref.shape) or any(b > s for b, s in zip(stop, ref.shape)):
+            raise TargetError(f"--target {spec.text!r}: box stop {stop} lies outside the image grid {ref.shape}")
+        box = np.zeros(ref.shape, np.float32)
+        box[tuple(slice(a, b) for a, b in zip(start, stop))] = 1
+        return box
+    path = spec.path if spec.kind == "mask" else seg
+    if path is None:
+        raise TargetError(
+            f"--target {spec.text!r}: the mask target has no file; e.g. mask:lesion.nii.gz:WT"
+            if spec.kind == "mask"
+            else f"--target {spec.text!r}: case {case_id} has no label file (a BraTS '_seg' / 'seg' file, or a "
+            "'seg' manifest column)"
+        )
+    hdr = read_header(path)
+    try:
+        check_same_grid([ref, hdr])
+    except Exception as e:
+        raise TargetError(
+            f"--target {spec.text!r}: '{Path(path).name}' must be on the original image grid of case {case_id} "
+            f"(shape {ref.shape}, same affine as '{ref.path.name}'); got shape {hdr.shape}"
+            + ("" if hdr.shape != ref.shape else " with a different affine")
+        ) from e
+    arr = read_volume(path, is_label=True).as_tensor().numpy()
+    if spec.kind == "mask":
+        if not (arr != 0).any():
+            raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
+        return (arr != 0).astype(np.float32)
+    from ..data.brats import REGIONS, infer_label_convention, labels_to_regions
+
+    regions = labels_to_regions(arr, infer_label_convention(np.unique(arr).tolist()))
+    res = np.asarray(regions[REGIONS.index(str(spec.label))]).astype(np.float32)
+    if not res.any():
+        raise TargetError(f"--target {spec.text!r}: case {case_id} has no {spec.label} voxels in its label file")
+    return res
+
+
 def mask_on_case_grid(case: Any, spec: TargetSpec) -> np.ndarray:
     """A mask/box given on the ORIGINAL grid -> float32 0/1 ``[X', Y', Z']`` on the preprocessed grid."""
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
 
-    from ..data.loading import check_same_grid, read_header, read_volume
-
-    ref = read_header(case.reference_path)
-    if spec.kind == "mask":
-        if spec.path is None:
-            raise TargetError(f"--target {spec.text!r}: the mask target has no file; e.g. mask:lesion.nii.gz:WT")
-        hdr = read_header(spec.path)
-        try:
-            check_same_grid([ref, hdr])
-        except Exception as e:
-            raise TargetError(
-                f"--target {spec.text!r}: the mask must be on the original image grid of case {case.case_id} "
-                f"(shape {ref.shape}, same affine as '{ref.path.name}'); got shape {hdr.shape}"
-                + ("" if hdr.shape != ref.shape else " with a different affine")
-            ) from e
-        vol = read_volume(spec.path, is_label=True)
-        arr = (vol.as_tensor() != 0).float()[None]
-        if not bool(arr.any()):
-            raise TargetError(f"--target {spec.text!r}: the mask is empty (all zero)")
-    else:
-        if spec.box is None:
-            raise TargetError(f"--target {spec.text!r}: the box target has no corners; e.g. box:10,20,30:40,50,60:WT")
-        start, stop = spec.box
-        if any(b > s for b, s in zip(stop, ref.shape)):
-            raise TargetError(f"--target {spec.text!r}: box stop {stop} lies outside the image grid {ref.shape}")
-        box = np.zeros(ref.shape, np.float32)
-        box[tuple(slice(a, b) for a, b in zip(start, stop))] = 1
-        arr = torch.from_numpy(box)[None]
+    arr = torch.from_numpy(roi_on_original_grid(spec, case.reference_path, case.case_id))[None]
     src = MetaTensor(arr, affine=torch.as_tensor(np.asarray(case.original_affine, float)))
     dst = MetaTensor(case.image[:1].as_tensor(), affine=case.image.affine)
     out = ResampleToMatch(mode="nearest", padding_mode="zeros")(src, img_dst=dst)
@@ -357,15 +384,25 @@ def check_masks_for_cohort(specs: Sequence[TargetSpec], n_cases: int) -> None:
 
 
 def build_targets(
-    specs: Sequence[TargetSpec], case: Any, *, activation: str = "sigmoid", threshold: float | None = None
+    specs: Sequence[TargetSpec],
+    case: Any,
+    *,
+    activation: str = "sigmoid",
+    threshold: float | None = None,
+    masks: Sequence[Any] | None = None,
 ) -> list[Target]:
     """Targets for ``case`` (masks and boxes resampled onto ``case.image``'s grid).
+
+    Args:
+        masks: the ROIs ``[*S]`` of the mask/box/label specs on the model's grid, in their order, when the framework
+            takes them there itself (nnU-Net's preprocessor); default: resampled here.
 
     Returns:
         one :class:`~medcam.targets.Target` per spec, in order.
     """
     act: OutputActivation = literal_value(activation, OutputActivation, "activation", TargetError)
     out: list[Target] = []
+    given = iter(masks or ())
     for s in specs:
         if s.kind == "predicted":
             out.append(PredictedROI(s.channel, activation=act, threshold=threshold))
@@ -374,6 +411,8 @@ def build_targets(
         elif s.kind == "component":
             rank = s.rank if s.rank is not None else 1  # a spec made without a rank: the largest component
             out.append(ComponentROI(s.channel, which=rank - 1, activation=act, threshold=threshold))
+        elif masks is not None:
+            out.append(MaskROI(next(given), s.channel))
         elif s.kind == "label":
             out.append(MaskROI(label_on_case_grid(case, s), s.channel))
         else:

@@ -165,22 +165,20 @@ def test_label_model_segmentation_and_argmax_region(label_model_folder, phantom_
 
 @pytest.mark.parametrize("method", list(medcam.METHODS))
 def test_every_method_through_the_nnunet_adapter(nn_model, phantom_files, tmp_path, method):
-    """Each method of medcam.METHODS (listed, not named): a case folder, or a clear error before any work."""
+    """Each method of medcam.METHODS (listed, not named) runs through the pipeline, its map the nnU-Net API's (the
+    executor's plan of folds x tiles x mirrors; MI-CAM and MI-Grad-CAM with their own histogram passes)."""
     adapter = from_model(nn_model)
     model = load_model(f"nnunet:{nn_model.folder}", use_mirroring=False)
     model.framework_adapter = adapter
     (src,) = adapter.discover(phantom_files)
     case = adapter.load_case(src)
-    try:
-        s = explain_case(case, model, [method], parse_targets(["tumor core"], model.regions),
-                         out_dir=tmp_path / "c", slicer=False, png=False, source=src)  # fmt: skip
-    except medcam.MedcamError as e:  # refused: said why, nothing written
-        assert method in str(e).lower() or "nnu-net" in str(e).lower(), e
-        assert not (tmp_path / "c").exists()
-        return
+    s = explain_case(case, model, [method], parse_targets(["tumor core"], model.regions),
+                     out_dir=tmp_path / "c", slicer=False, png=False, source=src)  # fmt: skip
     row = s["targets"][0]
-    assert row["roi_voxels"] > 0 and np.isfinite(row["score"][method])
-    assert (tmp_path / "c" / row["heatmaps"][method]).is_file()
+    direct, res = _direct(nn_model, phantom_files, PredictedROI(1, activation="sigmoid"), method)
+    assert row["roi_voxels"] == int(res.roi_voxels[0, 0]) > 0
+    assert row["score"][method] == pytest.approx(float(res.scores[0, 0]), rel=1e-5)
+    np.testing.assert_allclose(_read(tmp_path / "c" / row["heatmaps"][method]), direct, rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_pickles_without_its_model(nn_model):
@@ -201,16 +199,19 @@ def test_nnunet_options_refused_before_any_work(nn_model, phantom_files, tmp_pat
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
 
 
-def test_methods_with_passes_of_their_own_are_refused_before_any_case(nn_model, phantom_files, tmp_path):
-    """MI-CAM and MI-Grad-CAM form their maps in passes of their own, which nnU-Net's explanation does not run
-    (it used to compute plain Grad-CAM for migradcam): refused by name before any case, nothing written."""
+def test_methods_with_passes_of_their_own_run_from_the_command_line(nn_model, phantom_files, tmp_path):
+    """MI-CAM and MI-Grad-CAM (their own histogram passes) run on nnU-Net models from the command line too (they
+    were refused before the one executor ran them through folds x tiles x mirrors)."""
     from medcam.engine import BaseSegCAM
 
     own = [m for m, cls in medcam.METHODS.items() if cls._execute is not BaseSegCAM._execute]
     assert {"micam", "migradcam"} <= set(own)
-    spec = f"nnunet:{nn_model.folder}"
+    out = tmp_path / "o"
+    args = ["explain", *map(str, phantom_files), "--model", f"nnunet:{nn_model.folder}", "--disable-tta", "-o",
+            str(out), "-t", "tumor core", "-q", "--no-png", "--no-slicer"]  # fmt: skip
     for m in own:
-        out = tmp_path / m
-        r = CliRunner().invoke(main, ["explain", *map(str, phantom_files), "--model", spec, "-M", m, "-o", str(out)])
-        assert r.exit_code == 1 and f"method '{m}' is not available for nnU-Net models" in r.stderr, r.stderr
-        assert not out.exists()
+        args += ["-M", m]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, (r.output, r.stderr)
+    (row,) = json.loads((out / "phantom_001" / "summary.json").read_text())["targets"]
+    assert sorted(row["heatmaps"]) == sorted(own) and all(np.isfinite(row["score"][m]) for m in own)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import glob
 import itertools
 import subprocess
 import sys
@@ -26,40 +25,35 @@ import medcam  # noqa: E402
 from medcam.frameworks import nnunet  # noqa: E402
 from medcam.targets import BoxROI, PredictedROI  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def nnunet_root(nnunet_models) -> Path:
-    """The nnU-Net v2 model folders built once per run (``nnunet_models`` in tests/conftest.py)."""
-    return nnunet_models
-
-
-@pytest.fixture(scope="session")
-def region_folder(nnunet_root) -> Path:
-    return nnunet_root / "results" / "Dataset502_Phantom" / CONFIG
-
-
-@pytest.fixture(scope="session")
-def label_folder(nnunet_root) -> Path:
-    return nnunet_root / "results" / "Dataset501_PhantomLabels" / CONFIG
-
-
-@pytest.fixture(scope="session")
-def case_files(nnunet_root) -> list[str]:
-    return sorted(glob.glob(str(nnunet_root / "raw" / "Dataset502_Phantom" / "imagesTr" / "phantom_001_*.nii.gz")))
+def case_files(phantom_files) -> list[str]:
+    """The phantom case's channel files as strings (as nnU-Net's predictor and the CLI take them)."""
+    return [str(p) for p in phantom_files]
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def reference_maps(model, data, weights_fn, method: str):
-    """Plain autograd through nnU-Net's own sliding-window prediction, float64.
+def reference_maps(model, data, weights_fn, formula, mi_alpha=None):
+    """``(map [*S'], Y [C, *S'], S)``: :func:`autograd_passes` and the map of ``formula`` from them."""
+    r = autograd_passes(model, data, weights_fn)
+    return r.map(formula, mi_alpha), r.y, r.score
+
+
+def autograd_passes(model, data, weights_fn):
+    """Plain autograd through nnU-Net's own sliding-window prediction, float64; ``.map(formula, mi_alpha)``.
 
     nnU-Net's pieces: ``pad_nd_image``, ``_internal_get_sliding_window_slicers``, ``compute_gaussian`` and the
     predictor's own mirroring function ``_internal_maybe_mirror_and_predict`` (its undecorated body, so that autograd
     sees it); the blending ``sum G y / sum G`` and the fold mean are written out literally (nnU-Net's loop does them
     in place in float16 under inference mode). Every activation of the hooked layer (one per network pass) is kept
-    and ``dS/dA`` is taken by one ``torch.autograd.grad`` over the whole computation.
+    and ``dS/dA`` is taken by one ``torch.autograd.grad`` over the whole computation. The maps follow the executor's
+    definition from these gradients: element-wise maps summed (flipped back); pooled channel weights from the
+    formula's statistics summed over all passes (activation statistics weighted by each pass's blend weight
+    ``G / n / (M F)``, flipped, area-averaged onto the feature grid), ``N`` = feature positions of the volume, the
+    maps ``sum_k alpha_k A_k`` blended like the output. ``mi_alpha``: MI-CAM's channel weights (its estimate is tested
+    in tests/test_micam.py; the passes and the blending are tested here).
     """
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -82,7 +76,8 @@ def reference_maps(model, data, weights_fn, method: str):
     gauss = gauss.double()
     y_sum = 0
     passes = []  # (slicer, mirror dims) per captured activation, in capture order
-    combos = [(), *[c for i in range(3) for c in itertools.combinations([2, 3, 4], i + 1)]]
+    dims = [a + 2 for a in model.mirror_axes]
+    combos = [(), *[c for i in range(len(dims)) for c in itertools.combinations(dims, i + 1)]]
     try:
         with torch.enable_grad():
             for nf in nets:
@@ -109,23 +104,58 @@ def reference_maps(model, data, weights_fn, method: str):
     finally:
         for h in hooks:
             h.remove()
-    acc = torch.zeros(padded.shape[1:], dtype=torch.float64)
     n_pass = len(combos) * len(model.parameters)
+    den = torch.zeros(padded.shape[1:], dtype=torch.float64)
+    for sl in slicers:
+        den[sl[1:]] += gauss
+    betas = [gauss / den[sl[1:]] / n_pass for sl, _ in passes]
+
+    def map_of(formula, mi_alpha=None):
+        args = (passes, acts, grads, betas, data.shape[1:], patch, padded.shape[1:])
+        return _map_from_passes(formula, mi_alpha, *args)[revert[1:]].detach()
+
+    return types.SimpleNamespace(map=map_of, y=y_vol.detach(), score=score.detach())
+
+
+def _flip(t, dims):
+    return torch.flip(t, dims) if dims else t
+
+
+def _sum_stats(total, stats):
+    for n, v in stats.items():
+        total[n] = total[n] + v.double() if n in total else v.double()
+
+
+def _map_from_passes(formula, mi_alpha, passes, acts, grads, betas, spatial, patch, shape):
+    """The executor's map from the passes' activations and their autograd gradients ``[P]`` (float64)."""
+    from medcam.formulas import ActivationPooledFormula, ElementwiseFormula
+
     up = functools.partial(torch.nn.functional.interpolate, size=patch, mode="trilinear", align_corners=False)
-    if method == "hirescam":
+    acc = torch.zeros(shape, dtype=torch.float64)
+    acts = [a.double() for a in acts]
+    grads = [g.double() for g in grads]
+    if isinstance(formula, ElementwiseFormula):
         for (sl, c), a, g in zip(passes, acts, grads):
-            m = up((g * a).sum(1, keepdim=True))
-            acc[sl[1:]] += (torch.flip(m, c) if c else m)[0, 0]
-    else:  # gradcam: global alpha = sum of all gradients / N, map blended like the output
-        n_pos = float(np.prod([s * f / p for s, f, p in zip(data.shape[1:], acts[0].shape[2:], patch)]))
-        alpha = sum(g.sum((0, 2, 3, 4)) for g in grads) / n_pos
-        den = torch.zeros(padded.shape[1:], dtype=torch.float64)
-        for sl in slicers:
-            den[sl[1:]] += gauss
-        for (sl, c), a in zip(passes, acts):
-            m = up((alpha[None, :, None, None, None] * a).sum(1, keepdim=True))
-            acc[sl[1:]] += (torch.flip(m, c) if c else m)[0, 0] * gauss / den[sl[1:]] / n_pass
-    return acc[revert[1:]].detach(), y_vol.detach(), score.detach()
+            acc[sl[1:]] += _flip(up(formula.map(a, g)[:, None]), c)[0, 0]
+        return acc
+    feat = acts[0].shape[2:]
+    n_pos = float(np.prod([s * f / p for s, f, p in zip(spatial, feat, patch)]))
+    if mi_alpha is not None:
+        alpha = mi_alpha.double()
+    else:
+        act_stats: dict = {}
+        if isinstance(formula, ActivationPooledFormula):
+            for (_, c), a, beta in zip(passes, acts, betas):
+                w = torch.nn.functional.adaptive_avg_pool3d(_flip(beta[None, None], c), feat)
+                _sum_stats(act_stats, formula.activation_statistics(a, w))
+        grad_stats: dict = {}
+        for a, g in zip(acts, grads):
+            _sum_stats(grad_stats, formula.gradient_statistics(a, g, act_stats or None))
+        alpha = formula.weights({**grad_stats, **act_stats}, n_pos)[0]
+    for (sl, c), a, beta in zip(passes, acts, betas):
+        m = up((alpha[None, :, None, None, None] * a).sum(1, keepdim=True))
+        acc[sl[1:]] += _flip(m, c)[0, 0] * beta
+    return acc
 
 
 class _Float64Accumulation:
@@ -140,8 +170,8 @@ class _Float64Accumulation:
 
 
 @pytest.mark.parametrize("method", ["hirescam", "gradcam"])
-def test_equals_autograd_through_nnunet_sliding_window(region_folder, case_files, method, monkeypatch):
-    model = nnunet.load(region_folder, folds=(0, 1))
+def test_equals_autograd_through_nnunet_sliding_window(region_model_folder, case_files, method, monkeypatch):
+    model = nnunet.load(region_model_folder, folds=(0, 1))
     assert len(model.mirror_axes) == 3 and len(model.parameters) == 2
     data, _ = model.preprocess(case_files)
     data = data[:, 2:18, 3:19, 3:15].contiguous()  # 2 x 2 x 1 overlapping tiles: 4 tiles x 8 mirrors x 2 folds
@@ -150,8 +180,8 @@ def test_equals_autograd_through_nnunet_sliding_window(region_folder, case_files
         n_tiles = len(model.predictor._internal_get_sliding_window_slicers(data.shape[1:]))
         assert n_tiles == 4
         target = BoxROI(model.channel("tumor core"), (4, 5, 3), (15, 14, 10))
-        ref, y_ref, s_ref = reference_maps(model, data.double(), target.score_weights, method)
         cls = {"hirescam": medcam.SegHiResGradCAM, "gradcam": medcam.SegGradCAM}[method]
+        ref, y_ref, s_ref = reference_maps(model, data.double(), target.score_weights, cls.formula)
         cam = cls(model.network, "encoder.stages.2")
         res = nnunet.explain(cam, model, data.double(), [target], logits=y_ref, relu=False)
         # the reference follows nnU-Net: its logits equal the predictor's own run in float64 (nnU-Net accumulates
@@ -170,9 +200,75 @@ def test_equals_autograd_through_nnunet_sliding_window(region_folder, case_files
     torch.testing.assert_close(y_nn.double(), y_ref, rtol=1e-6, atol=1e-6 * float(y_ref.abs().max()))
 
 
-@pytest.mark.parametrize("method", ["hirescam", "gradcam", "xgradcam", "gradcam++", "layercam"])
-def test_one_tile_no_mirroring_equals_whole_volume(region_folder, case_files, method):
-    model = nnunet.load(region_folder, folds=(0,), use_mirroring=False)
+@pytest.fixture(scope="module")
+def mirrored_case(region_model_folder, case_files):
+    """The region model with 2 folds, mirroring over its last axis only (the predictor's ``allowed_mirroring_axes``
+    narrowed, to keep the test fast), on a crop of 2 overlapping tiles: 2 folds x 2 tiles x 2 mirrors."""
+    model = nnunet.load(region_model_folder, folds=(0, 1))
+    model.predictor.allowed_mirroring_axes = (2,)
+    data, _ = model.preprocess(case_files)
+    data = data[:, 2:18, 4:16, 3:15].contiguous()
+    assert len(model.predictor._internal_get_sliding_window_slicers(data.shape[1:])) == 2
+    return model, data
+
+
+@pytest.mark.parametrize("method", list(medcam.METHODS))
+def test_every_method_equals_autograd_through_folds_tiles_mirrors(mirrored_case, method):
+    """Every method of medcam.METHODS, by its own execution (MI-CAM's histogram passes, MI-Grad-CAM's NMI), on
+    nnU-Net's folds x tiles x mirrors: the map equals the executor's definition on plain float64 autograd through
+    nnU-Net's prediction (reference_maps), and the score is S = sum W Y."""
+    from medcam.micam import NMIGradCAM
+
+    model, data = mirrored_case
+    target = BoxROI(model.channel("tumor core"), (4, 3, 3), (15, 10, 10))
+    model.network.double()
+    try:
+        r = autograd_passes(model, data.double(), target.score_weights)
+        cam = medcam.METHODS[method](model.network, "encoder.stages.2")
+        res = nnunet.explain(cam, model, data.double(), [target], logits=r.y, relu=False)
+    finally:
+        model.network.float()
+    formula, mi = cam.formula, None
+    if "mi_weights" in res.stats:  # MI-CAM: the weights its passes estimated
+        mi = res.stats["mi_weights"][0, 0]
+        assert float(mi.sum()) == pytest.approx(1.0, rel=1e-5)
+    if "nmi_weights" in res.stats:  # MI-Grad-CAM: Grad-CAM's weights times these (not plain Grad-CAM)
+        nmi = res.stats["nmi_weights"][0, 0]
+        assert float(nmi.min()) < float(nmi.max()) and float(nmi.max()) <= 1 + 1e-6
+        formula = NMIGradCAM(nmi[None])
+    ref = r.map(formula, mi)
+    got = res.maps[0, 0].double()
+    assert got.shape == ref.shape == data.shape[1:] and float(ref.abs().max()) > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert float(res.scores[0, 0]) == pytest.approx(float(r.score), rel=1e-5)
+    assert res.stats["plan"] == "nnunet" and res.stats["mirrors"] == 2 and res.stats["folds"] == 2
+
+
+def test_a_formula_the_executor_cannot_follow_is_refused_before_any_pass(region_model_folder, case_files):
+    from medcam.formulas import Formula
+
+    class Odd(Formula):
+        def map(self, activation, grad, layer=None):
+            return grad.sum(1)
+
+    class OddCAM(medcam.BaseSegCAM):
+        formula = Odd()
+
+    model = nnunet.load(region_model_folder, folds=(0,))
+    data, _ = model.preprocess(case_files)
+    calls = []
+    h = model.network.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(medcam.MedcamError, match="element-wise or pooled formula"):
+            nnunet.explain(OddCAM(model.network, "encoder.stages.2"), model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5))])
+    finally:
+        h.remove()
+    assert len(calls) <= 1  # at most the small forward that resolves the layer, no pass over the case
+
+
+@pytest.mark.parametrize("method", list(medcam.METHODS))
+def test_one_tile_no_mirroring_equals_whole_volume(region_model_folder, case_files, method):
+    model = nnunet.load(region_model_folder, folds=(0,), use_mirroring=False)
     data, _ = model.preprocess(case_files)
     x = data[:, 2:14, 4:16, 3:15].contiguous()  # exactly one 12^3 tile
     assert len(model.predictor._internal_get_sliding_window_slicers(x.shape[1:])) == 1
@@ -186,38 +282,32 @@ def test_one_tile_no_mirroring_equals_whole_volume(region_folder, case_files, me
     torch.testing.assert_close(res.scores, whole.scores, rtol=1e-5, atol=1e-5)
 
 
-def test_segmentation_equals_nnunet_predictor(region_folder, case_files, tmp_path):
+def test_segmentation_equals_nnunet_predictor(region_model_folder, case_files, tmp_path):
     import SimpleITK as sitk
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    model = nnunet.load(region_folder, folds=(0, 1))
+    model = nnunet.load(region_model_folder, folds=(0, 1))
     data, props = model.preprocess(case_files)
     res = nnunet.explain(medcam.SegHiResGradCAM(model.network), model, data, [model.target("whole tumor")])
     seg = model.segmentation(res.output[0], props)
     pred = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
-    pred.initialize_from_trained_model_folder(str(region_folder), (0, 1), "checkpoint_final.pth")
+    pred.initialize_from_trained_model_folder(str(region_model_folder), (0, 1), "checkpoint_final.pth")
     (tmp_path / "out").mkdir()
     pred.predict_from_files_sequential([case_files], str(tmp_path / "out"))
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "phantom_001.nii.gz")))
     assert seg.shape == theirs.shape
     np.testing.assert_array_equal(seg, theirs)
     assert 0 < int((theirs > 0).sum()) < theirs.size
-    # maps go back to the original grid like the segmentation, and are written with the image's geometry
+    # maps go back to the original grid like the segmentation (the case folder writes them: test_nnunet_adapter.py)
     orig = model.to_original_grid(res.maps[0], props)
     assert orig.shape == (1, *theirs.shape)
-    out = model.write_map(orig[0], props, tmp_path / "map.nii.gz")
-    img, ref = sitk.ReadImage(str(out)), sitk.ReadImage(case_files[0])
-    assert img.GetSize() == ref.GetSize()
-    np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing())
-    np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin())
-    np.testing.assert_allclose(img.GetDirection(), ref.GetDirection())
 
 
-def test_targets_by_dataset_names(region_folder, label_folder, case_files):
-    reg = nnunet.load(region_folder)
+def test_targets_by_dataset_names(region_model_folder, label_model_folder, case_files):
+    reg = nnunet.load(region_model_folder)
     assert reg.output_names == ["whole tumor", "tumor core", "enhancing tumor"]
     assert reg.activation == "sigmoid" and reg.channel("Enhancing Tumor") == 2
-    lab = nnunet.load(label_folder, use_mirroring=False)
+    lab = nnunet.load(label_model_folder, use_mirroring=False)
     assert lab.output_names == ["background", "necrosis", "edema", "enhancing tumor"]
     assert lab.activation == "softmax" and lab.channel("edema") == 2
     t = lab.target("edema")
@@ -231,13 +321,13 @@ def test_targets_by_dataset_names(region_folder, label_folder, case_files):
         reg.channel("oedema")
 
 
-def test_bad_inputs(region_folder, case_files, tmp_path, monkeypatch):
+def test_bad_inputs(region_model_folder, case_files, tmp_path, monkeypatch):
     import shutil
 
     with pytest.raises(nnunet.NnUNetError, match="does not exist"):
         nnunet.load(tmp_path / "nope")
     bad = tmp_path / "copy"
-    shutil.copytree(region_folder, bad)
+    shutil.copytree(region_model_folder, bad)
     with pytest.raises(nnunet.NnUNetError, match="has no fold_3"):
         nnunet.load(bad, folds=(3,))
     with pytest.raises(nnunet.NnUNetError, match="no checkpoint_best.pth"):
@@ -252,7 +342,7 @@ def test_bad_inputs(region_folder, case_files, tmp_path, monkeypatch):
     (bad / "plans.json").unlink()
     with pytest.raises(nnunet.NnUNetError, match="not an nnU-Net model folder: plans.json missing"):
         nnunet.load(bad)
-    model = nnunet.load(region_folder)
+    model = nnunet.load(region_model_folder)
     with pytest.raises(nnunet.NnUNetError, match="takes 4 input channels"):
         model.preprocess(case_files[:3])
     data, _ = model.preprocess(case_files)
@@ -262,10 +352,10 @@ def test_bad_inputs(region_folder, case_files, tmp_path, monkeypatch):
 
     monkeypatch.delattr(nnUNetPredictor, "_internal_get_sliding_window_slicers")
     with pytest.raises(nnunet.NnUNetError, match="API moved"):
-        nnunet.load(region_folder)
+        nnunet.load(region_model_folder)
 
 
-def test_nnunet_paths_do_not_import_torchvision(region_folder, case_files):
+def test_nnunet_paths_do_not_import_torchvision(region_model_folder, case_files):
     """PyPI's torchvision cannot load beside the CPU torch: the nnU-Net paths medcam uses run without it.
 
     (MONAI's optional imports may try torchvision and fail quietly; nnU-Net's timm-based architectures must not be
@@ -273,7 +363,7 @@ def test_nnunet_paths_do_not_import_torchvision(region_folder, case_files):
     """
     code = (
         "import sys, medcam\nfrom medcam.frameworks import nnunet\n"
-        f"m = nnunet.load({str(region_folder)!r}, use_mirroring=False)\n"
+        f"m = nnunet.load({str(region_model_folder)!r}, use_mirroring=False)\n"
         f"d, p = m.preprocess({case_files!r})\n"
         "r = nnunet.explain(medcam.SegGradCAM(m.network), m, d, [m.target('tumor core')])\n"
         "m.segmentation(r.output[0], p)\n"
@@ -283,7 +373,7 @@ def test_nnunet_paths_do_not_import_torchvision(region_folder, case_files):
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
 
 
-def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
+def test_cli_explain_nnunet(region_model_folder, case_files, tmp_path):
     import json
 
     import SimpleITK as sitk
@@ -291,11 +381,11 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
 
     from medcam.cli import main
 
-    from ._cli_helpers import assert_one_line_error
+    from .._cli_helpers import assert_one_line_error
 
     out = tmp_path / "out"
     runner = CliRunner()
-    args = ["explain", *case_files, "--model", f"nnunet:{region_folder}", "--folds", "0,1", "-o", str(out), "-q"]
+    args = ["explain", *case_files, "--model", f"nnunet:{region_model_folder}", "--folds", "0,1", "-o", str(out), "-q"]
     r = runner.invoke(main, [*args, "-M", "gradcam,hirescam", "--target", "tumor core"])
     assert r.exit_code == 0, (r.output, r.stderr)
     case = out / "phantom_001"
@@ -324,7 +414,9 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
         if extra[0] == "--model":
             a = ["explain", *case_files, *extra, "-o", str(bad_out)]
         assert_one_line_error(runner.invoke(main, a), needle)
-    r = runner.invoke(main, ["explain", *case_files[:3], "--model", f"nnunet:{region_folder}", "-o", str(bad_out)])
+    r = runner.invoke(
+        main, ["explain", *case_files[:3], "--model", f"nnunet:{region_model_folder}", "-o", str(bad_out)]
+    )
     assert_one_line_error(r, "takes 4 input channels")
     assert not bad_out.exists() or not any(bad_out.iterdir())
     # the same case again: done with the same inputs and settings, so it is skipped (resume); other settings refuse
@@ -334,11 +426,11 @@ def test_cli_explain_nnunet(region_folder, case_files, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["hirescam", "gradcam", "xgradcam"])
-def test_fused_prediction_equals_nnunet_predictor(region_folder, case_files, method):
+def test_fused_prediction_equals_nnunet_predictor(region_model_folder, case_files, method):
     """Targets that do not need the prediction (box, mask, class): explain accumulates Y in its own gradient pass,
     operation by operation as nnUNetPredictor does; Y is bit-equal to the predictor's (float16 accumulation
     included), and maps and scores equal those of the run with the predictor's logits given."""
-    model = nnunet.load(region_folder, folds=(0, 1))
+    model = nnunet.load(region_model_folder, folds=(0, 1))
     data, props = model.preprocess(case_files)
     x = data[:, 2:18, 3:19, 3:15].contiguous()  # 4 tiles x 8 mirrors x 2 folds; one tile outside the box
     # tiles start at 0 and 4 in the first two dims: the boxes leave the tile (4:16, 4:16, 0:12) out
@@ -358,15 +450,15 @@ def test_fused_prediction_equals_nnunet_predictor(region_folder, case_files, met
     torch.testing.assert_close(fused.maps, given.maps, rtol=1e-6, atol=1e-7 * float(given.maps.abs().max()))
     torch.testing.assert_close(fused.scores, given.scores, rtol=0, atol=0)
     # the whole case, mirroring off, one fold: the segmentation from the fused Y is nnU-Net's
-    plain = nnunet.load(region_folder, folds=(0,), use_mirroring=False)
+    plain = nnunet.load(region_model_folder, folds=(0,), use_mirroring=False)
     res = nnunet.explain(cls(plain.network), plain, data, [medcam.targets.ClassROI(1)])
     y_plain = plain.predict_logits(data)
     assert res.stats["prediction"] == "fused" and torch.equal(res.output[0], y_plain)
     np.testing.assert_array_equal(plain.segmentation(res.output[0], props), plain.segmentation(y_plain, props))
 
 
-def test_prediction_not_fused_when_a_target_needs_it(region_folder, case_files):
-    model = nnunet.load(region_folder, folds=(0,), use_mirroring=False)
+def test_prediction_not_fused_when_a_target_needs_it(region_model_folder, case_files):
+    model = nnunet.load(region_model_folder, folds=(0,), use_mirroring=False)
     data, _ = model.preprocess(case_files)
     cam = medcam.SegHiResGradCAM(model.network)
     res = nnunet.explain(cam, model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5)), model.target("tumor core")])
