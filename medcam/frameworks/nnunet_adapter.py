@@ -395,13 +395,12 @@ class NnUNetAdapter:
     def predict(
         self, case: Any, targets: Sequence[Any], *, inferer: Any, device: torch.device, amp: bool
     ) -> torch.Tensor | None:
-        """nnU-Net's logits ``[1, C, *S']`` when a target's ROI depends on them; else None: the first explanation
-        forms them in its own passes (:func:`~medcam.frameworks.nnunet.explain`'s fused prediction)."""
+        """None: the first explanation forms nnU-Net's logits in its own passes, bit-equal to the predictor's (fused
+        into its gradient pass, or in one pass with its graphs kept when a target's ROI needs them; where neither is
+        available, e.g. on a GPU, it runs the predictor itself and says so in ``stats``)."""
         if amp:
             raise NnUNetError("--amp does not apply to nnU-Net models: the predictor's own precision is used")
-        if not any(getattr(t, "needs_prediction", True) for t in targets):
-            return None
-        return self.model.predict_logits(torch.as_tensor(case.image.as_tensor()))[None]
+        return None
 
     def plan(self, case: Any, *, inferer: Any, device: torch.device) -> PassPlan:
         """nnU-Net's prediction of the case as a pass plan (:func:`~medcam.frameworks.nnunet.pass_plan`: folds x
