@@ -20,6 +20,7 @@ Three parts, each printed and saved as one JSON object (``--out``):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -81,9 +82,9 @@ def sliding(args: argparse.Namespace) -> dict[str, Any]:
 
         calls = {
             "inference": infer,
-            "one_pass": lambda: cam.explain(x, tl),
-            "given_logits": lambda: cam.explain(x, tl, output=y),
-            "one_pass_small_budget": lambda: small.explain(x, tl),
+            "one_pass": functools.partial(cam.explain, x, tl),
+            "given_logits": functools.partial(cam.explain, x, tl, output=y),
+            "one_pass_small_budget": functools.partial(small.explain, x, tl),
         }
         sec, last = interleaved(calls, args.repeats)
         assert torch.equal(last["one_pass"].output, y)
@@ -115,9 +116,9 @@ def nnunet_part(args: argparse.Namespace) -> dict[str, Any]:
         small = medcam.METHODS[args.method](model.network, args.nnunet_layer, graph_budget=args.small_budget)
         calls = {
             "inference": lambda: model.predict_logits(data),
-            "one_pass": lambda: nnunet.explain(cam, model, data, tl),
-            "given_logits": lambda: nnunet.explain(cam, model, data, tl, logits=logits),
-            "one_pass_small_budget": lambda: nnunet.explain(small, model, data, tl),
+            "one_pass": functools.partial(nnunet.explain, cam, model, data, tl),
+            "given_logits": functools.partial(nnunet.explain, cam, model, data, tl, logits=logits),
+            "one_pass_small_budget": functools.partial(nnunet.explain, small, model, data, tl),
         }
         sec, last = interleaved(calls, args.repeats)
         assert torch.equal(last["one_pass"].output[0], logits)
@@ -149,7 +150,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                 cmd = [sys.executable, "-c", code, "explain", args.case, "-o", str(dest), "--overwrite", "-q"]
                 cmd += ["--device", "cpu", "--no-slicer", *args.e2e_args]
                 env = {**os.environ, "PYTHONPATH": str(Path(root).resolve())}
-                s, proc = timed(lambda: subprocess.run(cmd, env=env, capture_output=True, text=True))
+                s, proc = timed(functools.partial(subprocess.run, cmd, env=env, capture_output=True, text=True))
                 if proc.returncode:
                     raise SystemExit(f"{which}: {proc.stderr[-2000:]}")
                 summary = json.loads(next(dest.glob("*/summary.json")).read_text())
