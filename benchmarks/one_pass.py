@@ -107,6 +107,8 @@ def nnunet_part(args: argparse.Namespace) -> dict[str, Any]:
 
     model = nnunet.load(args.nnunet_folder, folds=tuple(args.nnunet_folds.split(",")))
     data, _ = model.preprocess(args.nnunet_files)
+    if args.nnunet_crop:  # a corner of the case (the test phantom's full case is slow on a small CPU box)
+        data = data[(slice(None), *(slice(0, n) for n in args.nnunet_crop))].contiguous()
     logits = model.predict_logits(data)
     names = model.output_names
     rows: dict[str, Any] = {}
@@ -181,6 +183,7 @@ def main() -> None:
     ap.add_argument("--nnunet-files", nargs="+")
     ap.add_argument("--nnunet-folds", default="0,1")
     ap.add_argument("--nnunet-layer", default="encoder.stages.2")
+    ap.add_argument("--nnunet-crop", type=int, nargs=3, default=None, help="explain this corner of the case")
     ap.add_argument("--case", help="e2e: a BraTS case folder")
     ap.add_argument("--before", help="e2e: checkout of the code before (e.g. /work/main)")
     ap.add_argument("--after", default=".", help="e2e: checkout of the code after")
