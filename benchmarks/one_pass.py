@@ -37,10 +37,18 @@ import torch
 import medcam
 from medcam import targets as T
 
+PEAKS: dict[str, int] = {}  # CUDA: the largest max_memory_allocated of each call
+
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     out = fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t, out
 
 
@@ -51,6 +59,8 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict
     for r in range(repeats + 1):
         for k, fn in calls.items():
             s, last[k] = timed(fn)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                PEAKS[k] = max(PEAKS.get(k, 0), torch.cuda.max_memory_allocated())
             if r:
                 times[k].append(s)
     return {k: statistics.median(v) for k, v in times.items()}, last
@@ -65,8 +75,9 @@ def sliding(args: argparse.Namespace) -> dict[str, Any]:
     from monai.networks.nets import SegResNet
 
     torch.manual_seed(0)
-    net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=args.init_filters).eval()
-    x = torch.randn(1, 4, *args.volume)
+    dev = torch.device(args.device)
+    net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=args.init_filters).eval().to(dev)
+    x = torch.randn(1, 4, *args.volume, device=dev)
     inf = SlidingWindowInferer(roi_size=args.roi, sw_batch_size=args.sw_batch, overlap=0.25, mode="gaussian")
     with torch.no_grad():
         y = sliding_window_inference(x, args.roi, args.sw_batch, net, overlap=0.25, mode="gaussian")
@@ -97,7 +108,9 @@ def sliding(args: argparse.Namespace) -> dict[str, Any]:
             "graphs": _graph_stats(last["one_pass"]),
             "graphs_small_budget": _graph_stats(last["one_pass_small_budget"]),
             "windows": last["one_pass"].stats["windows"],
+            "cuda_peak_bytes": dict(PEAKS),
         }
+        PEAKS.clear()
         print(json.dumps({f"sliding targets={n}": rows[f"targets_{n}"]}), flush=True)
     return {"volume": list(x.shape), "roi": list(args.roi), "sw_batch": args.sw_batch, "method": args.method, **rows}
 
@@ -150,7 +163,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             for which, root in (("before", args.before), ("after", args.after)):
                 dest = Path(tmp) / which
                 cmd = [sys.executable, "-c", code, "explain", args.case, "-o", str(dest), "--overwrite", "-q"]
-                cmd += ["--device", "cpu", "--no-slicer", *args.e2e_args]
+                cmd += ["--device", args.device, "--no-slicer", *args.e2e_args]
                 env = {**os.environ, "PYTHONPATH": str(Path(root).resolve())}
                 s, proc = timed(functools.partial(subprocess.run, cmd, env=env, capture_output=True, text=True))
                 if proc.returncode:
@@ -171,6 +184,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="sliding", help="comma-separated: sliding, nnunet, e2e")
+    ap.add_argument("--device", default="cpu", help="sliding and e2e parts (nnU-Net: the model folder's load)")
     ap.add_argument("--method", default="hirescam", choices=sorted(medcam.METHODS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small-budget", type=int, default=64 << 20, help="bytes for the small-budget run")
