@@ -40,4 +40,8 @@ step cudnn_benchmark 80 python3 benchmarks/sliding_window.py --device cuda --amp
 step channels_last 80 python3 benchmarks/sliding_window.py --device cuda --amp --channels-last \
     --cases brats_sw4_sphere1,brats_sw4_sphere3
 step profile 60 python3 benchmarks/profile_sliding.py --device cuda --amp --case brats_sw4_sphere3
+# issue 27: predicted regions in one pass against the given-logits case (1 and 3 targets), BraTS-sized volume;
+# nnU-Net runs its GPU predictor under float16 autocast, so on a GPU it keeps the two-pass path (stats say so)
+step one_pass 150 python3 benchmarks/one_pass.py --device cuda --parts sliding --volume 240 240 155 \
+    --roi 128 128 128 --sw-batch 4 --init-filters 16 --repeats 3 --out "$out/one_pass.json"
 cat "$out/steps.txt"

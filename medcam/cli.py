@@ -205,6 +205,27 @@ def _ints(text: str | None, what: str, n: int = 3) -> tuple[int, ...] | None:
     return vals
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _bytes(text: str | None, what: str) -> int | None:
+    """``"2GB"`` / ``"512MiB"`` / ``"1000000"`` / ``"0"`` -> bytes; ``"auto"`` or None -> None."""
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return None
+    t = str(text).strip().lower().replace(" ", "")
+    num = t.rstrip("kmgib")
+    unit = t[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _BYTE_UNITS or value < 0:
+        raise click.BadParameter(
+            f"{what} must be a size like 4GB, 512MiB, a number of bytes, 0 (keep no graph) or auto, got {text!r}"
+        )
+    return int(value * _BYTE_UNITS[unit])
+
+
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if text is None or text == "":
         return None
@@ -305,6 +326,12 @@ def window_options(fn: F) -> F:
             ),
             click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
             click.option("--amp", is_flag=True, help="Mixed precision (autocast; bf16 on CPU). Maps are formed in fp32."),
+            click.option(
+                "--graph-budget", default="auto", show_default=True, metavar="SIZE",
+                help="Memory for the autograd graphs kept while the explanation forms the prediction in its own pass "
+                "(predicted-region targets: no second inference), e.g. 4GB or 512MiB; passes over it are "
+                "recomputed (same maps). auto: half the free memory; 0: keep none.",
+            ),
         ],
         fn,
     )  # fmt: skip
@@ -580,7 +607,8 @@ def run_settings(kw: dict[str, Any], quiet: bool) -> Any:
         activation=kw.pop("activation"), channel_order=[c.lower() for c in _split_list([channel_order] if channel_order else [])] or None,
         threshold=kw.pop("threshold"), preprocessing=pre, roi_size=_ints(kw.pop("roi_size"), "--roi-size"),
         overlap=kw.pop("overlap"), sw_batch_size=kw.pop("sw_batch_size"), blend=kw.pop("blend"),
-        device=kw.pop("device"), amp=kw.pop("amp"), threads=kw.pop("threads", None),
+        device=kw.pop("device"), amp=kw.pop("amp"),
+        graph_budget=_bytes(kw.pop("graph_budget", None), "--graph-budget"), threads=kw.pop("threads", None),
         overwrite=kw.pop("overwrite", False), progress=not quiet,
         case_id=kw.pop("case_id", None),
     )  # fmt: skip

@@ -22,6 +22,7 @@ from torch import nn
 from .errors import MedcamError
 from .executor import execute
 from .formulas import Formula
+from .kept_graphs import check_graph_budget
 from .plan import PassPlan, whole_plan
 from .result import CAMResult, Upsampler, interpolate_upsampler
 from .runner import ModelRunner, OutputActivation, ReshapeTransform, validate_image
@@ -59,6 +60,10 @@ class BaseSegCAM:
         reshape_transform: for layers whose output is not a feature map ``[B, K, *f]``, e.g. ViT tokens
             ``[B, N, C]``: ``transform(output, input spatial size) -> [B, K, *f]``, applied alike to the activation
             and its gradient (use :class:`medcam.TokenGrid` for UNETR's ``vit.blocks.N``).
+        graph_budget: bytes of autograd graphs kept when a predicted-region target (or a probability score) needs
+            the prediction of several passes: the prediction is then blended from the explanation's own pass and
+            only the backward passes follow (:mod:`medcam.kept_graphs`); passes over the budget are recomputed,
+            with the same result. None (default): half the free memory where the network runs; 0: keep none.
     """
 
     #: how the map is formed (a :class:`~medcam.formulas.ElementwiseFormula` or
@@ -81,7 +86,9 @@ class BaseSegCAM:
         output_index: int = 0,
         progress: bool = False,
         reshape_transform: ReshapeTransform | None = None,
+        graph_budget: int | None = None,
     ):
+        self.graph_budget = check_graph_budget(graph_budget)
         if not isinstance(getattr(type(self), "formula", None), Formula):
             raise MedcamError(f"{type(self).__name__} has no formula: use a method of medcam.METHODS")
         self.runner = ModelRunner(
@@ -232,6 +239,7 @@ class BaseSegCAM:
             upsample=upsample,
             progress=self.progress or bool(getattr(self.inferer, "progress", False)),
             output=output,
+            graph_budget=self.graph_budget,
         )
 
     def _check_mode_options(self, output: torch.Tensor | None, upsample: bool) -> None:

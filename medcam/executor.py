@@ -45,6 +45,7 @@ from .errors import MedcamError
 from .formulas import ActivationPooledFormula, ElementwiseFormula, Formula, PooledFormula, Statistics
 from .formulas import weighted_channel_sum as _weighted_channel_sum
 from .hooks import ActivationHook
+from .kept_graphs import Graph, GraphStore, check_graph_budget, framework_prediction
 from .plan import Accumulation, Pass, PassPlan, flip
 from .result import CAMResult, Upsampler, interpolate_upsampler
 from .runner import ModelRunner
@@ -161,6 +162,8 @@ class PlanState:
     cache: dict[Pass, torch.Tensor] = field(default_factory=dict)  # hooked activations kept for the map pass
     cache_used: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    graph_budget: int | None = None  # bytes of kept graphs in one-pass mode (None: from the free memory)
+    graphs: GraphStore | None = None  # the one pass's kept graphs (pass 1 takes them)
 
     @property
     def roi(self) -> tuple[int, ...]:
@@ -246,12 +249,16 @@ def execute(
     upsample: bool = True,
     progress: bool = False,
     output: torch.Tensor | None = None,
+    graph_budget: int | None = None,
 ) -> CAMResult:
     """Explain the plan's prediction for ``targets`` (module docstring); ``runner``'s layer must be resolved.
 
-    ``output``: ``Y`` ``[B, C, *S]`` if the caller has it (skips the prediction). Returns maps ``[B, K, *S]``
-    (float32, on the plan's ``device``), scores ``[B, K]``, ROI voxels, ``output`` = ``Y`` when known, ``stats``.
+    ``output``: ``Y`` ``[B, C, *S]`` if the caller has it (skips the prediction). ``graph_budget``: bytes of graphs
+    kept when ``Y`` is formed in the same pass as the explanation (:mod:`medcam.kept_graphs`; None: half the free
+    memory; 0: none kept, every pass recomputed). Returns maps ``[B, K, *S]`` (float32, on the plan's ``device``),
+    scores ``[B, K]``, ROI voxels, ``output`` = ``Y`` when known, ``stats``.
     """
+    check_graph_budget(graph_budget)
     if plan.single_pass:
         return explain_single_pass(
             runner, formula, targets, plan.image, upsampler=upsampler, relu=relu, upsample=upsample
@@ -261,11 +268,11 @@ def execute(
         raise MedcamError("upsample=False is not available with several passes: maps are stitched on the input grid")
     with runner.session("grad") as hook, plan.fold_weights(runner.model) as load_fold:
         st = open_state(runner, formula, len(targets), plan, hook, upsampler=upsampler, progress=progress)
-        st.load_fold = load_fold
+        st.load_fold, st.graph_budget = load_fold, graph_budget
         reference = reference_pass(st, targets, output, fuse=True)
         target_gradients(st, targets, reference)
         del reference
-        if isinstance(formula, ActivationPooledFormula) and st.stats["backward_windows"]:
+        if isinstance(formula, ActivationPooledFormula) and st.stats["backward_windows"] and not st.act_stats:
             activation_statistics_pass(st)
         gradient_pass(st)
         if isinstance(formula, PooledFormula) and st.pooled:
@@ -330,9 +337,11 @@ def reference_pass(
 ) -> torch.Tensor:
     """Pass 0: the tensor the targets' weights are taken on, ``[B, C, *S]`` on the plan's device.
 
-    The caller's ``output``; else ``Y`` from the plan's ``predict`` when the ROI or the score needs it (or the plan's
-    result always carries it and it cannot be fused); else (``fuse`` and the plan fuses, logits score, no amp) a
-    stand-in while the plan's accumulation forms ``Y`` in pass 1; else a stand-in.
+    The caller's ``output``; else, when the ROI or the score needs ``Y`` (or the plan's result always carries it
+    and it cannot be fused), ``Y`` blended from one pass whose graphs pass 1 reuses (``fuse`` and the plan blends
+    from its own calls: :func:`one_pass_prediction`), or the plan's ``predict`` (``stats["one_pass"]`` says why);
+    else (``fuse`` and the plan fuses, logits score, no amp) a stand-in while the plan's accumulation forms ``Y`` in
+    pass 1; else a stand-in.
     """
     plan, runner = st.plan, st.runner
     needs = runner.score == "probability" or any(t.needs_prediction for t in targets)
@@ -346,7 +355,11 @@ def reference_pass(
             )
         st.output = reference = output.detach().float().to(plan.device)
         st.stats["prediction"] = "given"
+    elif (needs or (plan.prediction_always and not can_fuse)) and (why := one_pass_unavailable(st, fuse)) is None:
+        st.output = reference = one_pass_prediction(st)
+        st.stats["prediction"] = "one_pass"
     elif needs or (plan.prediction_always and not can_fuse):
+        st.stats["one_pass"] = why
         if plan.predict is None:
             raise MedcamError("this plan has no prediction; pass output=")
         with st.hook.mode_as("detach"), torch.no_grad():
@@ -413,8 +426,6 @@ def activation_statistics_pass(st: PlanState) -> None:
     """Pass A (:class:`~medcam.formulas.ActivationPooledFormula`): forward to the layer only, every pass, summing
     the blended activation statistics of the volume per sample. First, because Grad-CAM++ needs the volume's
     activation sums inside the gradient statistics of pass 1."""
-    formula = st.formula
-    assert isinstance(formula, ActivationPooledFormula)
     passes = st.plan.passes()
     st.plan.full_count()
     with st.hook.mode_as("stop"):
@@ -422,24 +433,35 @@ def activation_statistics_pass(st: PlanState) -> None:
             aw = st.runner.activations(st.plan.inputs(batch), st.hook)
             for j, p in enumerate(batch):
                 st.keep(p, aw[j : j + 1])
-            weight = torch.cat([flip(st.plan.blend(p[2])[None, None], p[3]) for p in batch])  # [n, 1, *roi]
-            weight = _to_feature_grid(weight.float(), tuple(aw.shape[2:]))
-            stats = formula.activation_statistics(aw, weight)
-            for j, p in enumerate(batch):
-                _add(st.act_stats.setdefault(p[0], {}), {n: v[j] for n, v in stats.items()})
+            _add_activation_statistics(st, batch, aw)
     st.stats["activation_windows"] += len(passes)
+
+
+def _add_activation_statistics(st: PlanState, batch: list[Pass], aw: torch.Tensor) -> None:
+    """Add a batch's blended activation statistics ``aw`` ``[n, K, *f]`` into the volume's, per sample."""
+    formula = st.formula
+    assert isinstance(formula, ActivationPooledFormula)
+    weight = torch.cat([flip(st.plan.blend(p[2])[None, None], p[3]) for p in batch])  # [n, 1, *roi]
+    weight = _to_feature_grid(weight.float(), tuple(aw.shape[2:]))
+    stats = formula.activation_statistics(aw, weight)
+    for j, p in enumerate(batch):
+        _add(st.act_stats.setdefault(p[0], {}), {n: v[j] for n, v in stats.items()})
 
 
 def gradient_pass(st: PlanState) -> None:
     """Pass 1: forward + backward of the passes whose window touches an ROI; element-wise maps are stitched,
     pooled gradient statistics summed. With a fused prediction every pass runs (the others forward only) and its
-    output goes into the plan's accumulation."""
+    output goes into the plan's accumulation; after a one-pass prediction, only backward passes
+    (:func:`one_pass_gradients`)."""
     plan = st.plan
     fused = st.fused
     active = {(b, i) for b in range(plan.batch) for i in range(len(plan.windows)) if st.active[b][i]}
     plan.count_for(len({i for _, i in active}))
     if isinstance(st.formula, ElementwiseFormula):
         st.open_acc(plan.passes(active))
+    if st.graphs is not None:
+        one_pass_gradients(st)
+        return
     if fused is None:
         todo = plan.passes(active)
         for batch in st.run_batches(todo, "medcam windows"):
@@ -468,10 +490,10 @@ def _forward_output(st: PlanState, batch: list[Pass]) -> torch.Tensor:
     return y
 
 
-def _backward(st: PlanState, batch: list[Pass]) -> torch.Tensor:
-    """Forward of a batch with the graph from the hooked layer on, then one backward per target active in one of
-    its windows (output gradient (1)). Returns the output (detached)."""
-    y, a = st.runner.forward(st.plan.inputs(batch), st.hook)
+def _backward(st: PlanState, batch: list[Pass], graph: Graph | None = None) -> torch.Tensor:
+    """Forward of a batch with the graph from the hooked layer on (or its kept ``graph``), then one backward per
+    target active in one of its windows (output gradient (1)). Returns the output (detached)."""
+    y, a = graph if graph is not None else st.runner.forward(st.plan.inputs(batch), st.hook)
     if tuple(y.shape[2:]) != st.roi:
         raise MedcamError(f"the model output {tuple(y.shape)} is not on the window grid {st.roi}")
     af = st.runner.to_feature_map(a.detach(), st.roi)
@@ -531,6 +553,85 @@ def _use_gradient(st: PlanState, batch: list[Pass], k: int, rows: list[int], af:
     stats = formula.gradient_statistics(af, g, volume_stats)
     for j in rows:
         _add(st.pooled.setdefault((batch[j][0], k), {}), {n: v[j] for n, v in stats.items()})
+
+
+# ---------------------------------------------------------------------------------------------------- one pass
+def one_pass_unavailable(st: PlanState, fuse: bool) -> str | None:
+    """Why ``Y`` cannot be blended from the explanation's own pass (:mod:`medcam.kept_graphs`), or None."""
+    plan = st.plan
+    if not fuse:
+        return "this method runs its own passes (not gradient passes): the prediction runs first"
+    if plan.predict_calls is None and plan.accumulation is None:
+        return "the framework forms this plan's prediction only in its own predictor"
+    if plan.predict_calls is None and st.runner.amp:
+        return "the framework's prediction runs without autocast (amp)"
+    return None
+
+
+def one_pass_prediction(st: PlanState) -> torch.Tensor:
+    """``Y`` ``[B, C, *S]`` blended by the framework from one run of every pass, each with the graph after the
+    hooked layer kept within the budget (:class:`~medcam.kept_graphs.GraphStore`); pooled formulas keep the
+    activations (cache) and activation-pooled ones their volume statistics from the same pass."""
+    plan, runner = st.plan, st.runner
+    store = GraphStore(
+        plan.batches(plan.passes()), st.graph_budget, plan.net_device, list(runner.model.parameters()), plan.n_folds
+    )
+    st.graphs = store
+    if isinstance(st.formula, ActivationPooledFormula):  # every pass's blend weight: one count map
+        plan.full_count()
+    n_out = plan.n_out
+    if plan.predict_calls is None and n_out is None:
+        n_out = runner.output_channels(plan.first_window(), st.hook)
+
+    def call(index: int, x: torch.Tensor) -> torch.Tensor:
+        batch = store.batches[index]
+        st.stats["passes"] += len(batch)
+        if store.wants_graph():
+            y, a = store.forward(index, batch[0][1], lambda: runner.forward(x, st.hook))
+            act = a.detach()
+        else:  # over the budget: no graph now, recomputed for its backward pass
+            with st.hook.mode_as("detach"), torch.no_grad():
+                st.hook.reset()
+                y = runner.predictor(x)
+            act = runner._captured(st.hook)
+        if tuple(y.shape[2:]) != st.roi:
+            raise MedcamError(f"the model output {tuple(y.shape)} is not on the window grid {st.roi}")
+        if isinstance(st.formula, PooledFormula):
+            af = runner.to_feature_map(act, st.roi)
+            st.feat_shape = tuple(af.shape[2:])
+            for j, p in enumerate(batch):
+                st.keep(p, af[j : j + 1])
+            if isinstance(st.formula, ActivationPooledFormula):
+                _add_activation_statistics(st, batch, af)
+        return y.detach()
+
+    with st.hook.mode_as("grad"):
+        y = framework_prediction(plan, runner, call, int(n_out or 0), st.load_fold, st.progress)
+    if tuple(y.shape[2:]) != plan.spatial:
+        raise MedcamError(f"the model output {tuple(y.shape)} is not on the input grid {plan.spatial}")
+    return y.to(plan.device)
+
+
+def one_pass_gradients(st: PlanState) -> None:
+    """Pass 1 after :func:`one_pass_prediction`: one backward per target of each network call with an active pass,
+    on its kept graph, or on a forward of the same batch again (over the budget: the same numbers)."""
+    store = st.graphs
+    assert store is not None
+    need = [k for k, batch in enumerate(store.batches) if any(st.active[p[0]][p[2]] for p in batch)]
+    for k in set(range(len(store.batches))) - set(need):
+        store.drop(k)
+    for k in st.bar(need, "medcam backward"):
+        batch = store.batches[k]
+        graph = store.take(k)
+        if graph is None:
+            st.load_fold(batch[0][1])
+            st.stats["passes"] += len(batch)
+            store.recomputed += 1
+            graph = st.runner.forward(st.plan.inputs(batch), st.hook)
+        _backward(st, batch, graph)
+        del graph
+    st.stats.update(store.stats())
+    st.graphs = None
 
 
 def map_pass(st: PlanState) -> None:

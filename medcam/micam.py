@@ -301,6 +301,11 @@ class _MIRun:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _prediction_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """How the MI passes got the prediction (and why not in one pass with the gradients), for ``CAMResult.stats``."""
+    return {k: stats[k] for k in ("prediction", "one_pass") if k in stats}
+
+
 def _real_output(reference: torch.Tensor) -> torch.Tensor | None:
     """The model output the reference pass computed, or None for its zero-stride stand-in (no prediction needed)."""
     return reference if reference.stride()[0] != 0 or reference.numel() == 1 else None
@@ -400,6 +405,7 @@ class SegMIGradCAM(_MIBase):
                     upsample=upsample,
                     progress=self.progress,
                     output=None if given is None or plan.single_pass else given[b : b + 1],
+                    graph_budget=self.graph_budget,
                 )
                 row.append(res)
             results.append(row)
@@ -416,5 +422,5 @@ class SegMIGradCAM(_MIBase):
             layer=first.layer,
             feature_shape=first.feature_shape,
             output=None if any(o is None for o in outputs) else torch.cat([o for o in outputs if o is not None], 0),
-            stats={**first.stats, "nmi_weights": nmi.float().cpu()},
+            stats={**first.stats, **_prediction_stats(run.stats), "nmi_weights": nmi.float().cpu()},
         )

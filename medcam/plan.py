@@ -41,6 +41,11 @@ Pass = tuple[int, int, int, tuple[int, ...]]
 #: the framework's own prediction ``Y`` ``[B, C, *S]`` of a plan: ``predict(plan, runner, hook, progress)``
 Predict = Callable[["PassPlan", "ModelRunner", "ActivationHook", bool], torch.Tensor]
 
+#: the framework's own prediction ``Y`` ``[B, C, *S]`` with each network call made by the function given:
+#: ``predict_calls(plan, runner, network, progress)``, ``network(x [n, Cin, *roi]) -> y [n, C, *roi]`` (the plan's
+#: batches, in order)
+PredictCalls = Callable[["PassPlan", "ModelRunner", Callable[[torch.Tensor], torch.Tensor], bool], torch.Tensor]
+
 
 def flip(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """``t`` flipped over ``dims`` (dims of a ``[B, C, *S]`` tensor; nothing to do for ``()``)."""
@@ -84,6 +89,9 @@ class PassPlan:
         batch_size: passes per network call (MONAI's ``sw_batch_size``; passes of one fold only).
         input_dtype: dtype the windows are cast to (None: the image's).
         predict: the framework's prediction ``Y`` (when a target or the score needs it first).
+        predict_calls: the framework's prediction with its network calls made by medcam (``PredictCalls``), so that
+            one pass gives both ``Y`` and the graphs of the explanation (:mod:`medcam.kept_graphs`); None: from
+            ``accumulation`` if set, else ``Y`` needs ``predict`` (a second pass).
         accumulation: forms ``Y`` from the gradient pass's own outputs (fused prediction), or None.
         prediction_always: the result carries ``Y`` even when nothing needs it (nnU-Net's result does).
         n_out: the output channel count when known without a pass (else one window's forward tells).
@@ -105,6 +113,7 @@ class PassPlan:
     batch_size: int = 1
     input_dtype: torch.dtype | None = None
     predict: Predict | None = None
+    predict_calls: PredictCalls | None = None
     accumulation: Callable[[PassPlan, int], Accumulation] | None = None
     prediction_always: bool = False
     n_out: int | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,14 +125,16 @@ def monai_plan(inferer: Any, image: torch.Tensor, runner: ModelRunner | None = N
     device = stitch_device(inferer, image)
     grid = WindowGrid(inferer, tuple(image.shape[2:]), sw_device)
 
-    def predict(plan: PassPlan, runner: ModelRunner, hook: ActivationHook, progress: bool) -> torch.Tensor:
+    def predict_calls(
+        plan: PassPlan, runner: ModelRunner, network: Callable[[torch.Tensor], torch.Tensor], progress: bool
+    ) -> torch.Tensor:
         volume = plan.image[(slice(None), slice(None), *plan.crop)]
         with runner.autocast(plan.net_device):
             blended = sliding_window_inference(
                 volume,
                 grid.roi_size,
                 inferer.sw_batch_size,
-                runner.hooked_predictor(hook),
+                network,
                 overlap=inferer.overlap,
                 mode=inferer.mode,
                 sigma_scale=inferer.sigma_scale,
@@ -144,6 +147,9 @@ def monai_plan(inferer: Any, image: torch.Tensor, runner: ModelRunner | None = N
         assert isinstance(blended, torch.Tensor)
         return blended
 
+    def predict(plan: PassPlan, runner: ModelRunner, hook: ActivationHook, progress: bool) -> torch.Tensor:
+        return predict_calls(plan, runner, runner.hooked_predictor(hook), progress)
+
     return PassPlan(
         image=grid.pad_tensor(image, inferer.padding_mode, inferer.cval),
         crop=grid.crop,
@@ -154,6 +160,7 @@ def monai_plan(inferer: Any, image: torch.Tensor, runner: ModelRunner | None = N
         net_device=sw_device,
         batch_size=int(inferer.sw_batch_size),
         predict=predict,
+        predict_calls=predict_calls,
         description={"plan": "monai_sliding_window"},
     )
 

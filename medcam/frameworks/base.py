@@ -269,6 +269,7 @@ def explain(
     output: torch.Tensor | None = None,
     amp: bool = False,
     progress: bool = False,
+    graph_budget: int | None = None,
 ) -> CAMResult:
     """One method's explanation of an adapter's plan, the same for every framework: an explainer of ``method`` (a
     class of ``medcam.METHODS`` or a SyCAM class) on the adapter's network and ``layer``, with the adapter's output
@@ -276,11 +277,15 @@ def explain(
 
     Args:
         output: the framework's prediction ``[1, C, *S]`` when known (spares the prediction a target needs).
+        graph_budget: bytes of graphs kept while the explanation forms the prediction in its own pass
+            (:mod:`medcam.kept_graphs`; None: half the free memory).
 
     Returns:
         :class:`~medcam.CAMResult`: maps ``[1, K, *S]`` on the model's grid (float32, on ``plan.device``),
         ``output`` = the prediction when known (nnU-Net's result always has it).
     """
     act = adapter.activation.value
-    cam = method(adapter.network, layer=layer, amp=amp, output_activation=act, progress=progress)
+    cam = method(
+        adapter.network, layer=layer, amp=amp, output_activation=act, progress=progress, graph_budget=graph_budget
+    )
     return cam.explain_plan(plan, list(targets), output=None if plan.single_pass else output)

@@ -398,13 +398,12 @@ class NnUNetAdapter:
     def predict(
         self, case: Any, targets: Sequence[Any], *, inferer: Any, device: torch.device, amp: bool
     ) -> torch.Tensor | None:
-        """nnU-Net's logits ``[1, C, *S']`` when a target's ROI depends on them; else None: the first explanation
-        forms them in its own passes (:func:`~medcam.frameworks.nnunet.explain`'s fused prediction)."""
+        """None: the first explanation forms nnU-Net's logits in its own passes, bit-equal to the predictor's (fused
+        into its gradient pass, or in one pass with its graphs kept when a target's ROI needs them; where neither is
+        available, e.g. on a GPU, it runs the predictor itself and says so in ``stats``)."""
         if amp:
             raise NnUNetError("--amp does not apply to nnU-Net models: the predictor's own precision is used")
-        if not any(getattr(t, "needs_prediction", True) for t in targets):
-            return None
-        return self.model.predict_logits(torch.as_tensor(case.image.as_tensor()))[None]
+        return None
 
     def predict_image(self, case: Any, image: torch.Tensor, *, inferer: Any, device: torch.device) -> torch.Tensor:
         """nnU-Net's own prediction of each volume of ``image`` ``[N, C, *S']`` (preprocessed data on the case's

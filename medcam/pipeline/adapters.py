@@ -134,7 +134,11 @@ class MonaiAdapter:
 
     def predict(
         self, case: Any, targets: Sequence[Any], *, inferer: Any, device: torch.device, amp: bool
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        """None when the first explanation forms the prediction in its own pass (the whole image's one forward
+        pass; sliding windows when a target needs it: one pass with kept graphs); else MONAI's inference."""
+        if inferer is None or any(getattr(t, "needs_prediction", True) for t in targets):
+            return None
         image = _as_tensor(case.image)[None].float().to(device)
         return predict(self.model.net.to(device), image, inferer, amp=amp)
 

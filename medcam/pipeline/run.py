@@ -95,10 +95,13 @@ def _explain_maps(
     threshold: float | None,
     progress: bool,
     source: CaseSource | None = None,
+    graph_budget: int | None = None,
 ) -> _Explained:
     """Targets, prediction and every method's explanation of one case through the model's adapter (nothing
-    written). The adapter predicts first, or (nnU-Net, no target needing the prediction) lets the first explanation
-    form the prediction, which the others reuse.
+    written). The first explanation forms the prediction in its own pass (a whole image's one forward pass; a
+    predicted region through MONAI's sliding window or nnU-Net's passes in one pass with its graphs kept within
+    ``graph_budget`` bytes, :mod:`medcam.kept_graphs`; nnU-Net's fused prediction), which the others reuse; the
+    adapter predicts first only when that explanation would not form it (e.g. mask targets in sliding windows).
 
     ``methods``: names of :data:`medcam.METHODS` or ``synth:FILE`` (results keyed ``synth-<stem>``)."""
     from ..methods import resolve_method
@@ -117,12 +120,15 @@ def _explain_maps(
     results = {}
     for m, cls in method_classes.items():
         t0 = time.perf_counter()
-        results[m] = explain_plan(adapter, cls, plan, tl, layer, output=output, amp=amp, progress=progress)
+        results[m] = explain_plan(
+            adapter, cls, plan, tl, layer, output=output, amp=amp, progress=progress, graph_budget=graph_budget
+        )
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
         formed = results[m].output
-        if output is None and formed is not None:  # nnU-Net's fused prediction: the first explanation formed it
+        if output is None and formed is not None:  # the first explanation formed it (one pass, fused)
             output = formed
             _check_output(output, n_image, specs)
+            timings["prediction"] = results[m].stats.get("prediction", "whole image")
     if output is None:  # pragma: no cover - every adapter's explanation returns its output
         raise ModelError("the explanation returned no model output")
     n_out = output.shape[1]
@@ -400,6 +406,7 @@ def explain_case(
         ex = _explain_maps(
             case, model, methods, targets, layer or model.default_layer, inferer,
             device=dev, amp=amp, threshold=threshold, progress=progress, source=source,
+            graph_budget=(settings or {}).get("graph_budget"),
         )  # fmt: skip
         summary = _write_case_files(
             ex, staging, inferer=inferer, threshold=threshold, slicer=slicer, png=png, device=dev, amp=amp,
@@ -470,6 +477,7 @@ class ExplainWork:
         ex = _explain_maps(
             case, self.model, self.methods, specs, self.layer or self.model.default_layer, self.inferer,
             device=dev, amp=self.amp, threshold=self.threshold, progress=self.window_progress, source=src,
+            graph_budget=self.settings.get("graph_budget"),
         )  # fmt: skip
         summary = _write_case_files(
             ex, staging, inferer=self.inferer, threshold=self.threshold, slicer=self.slicer, png=self.png,

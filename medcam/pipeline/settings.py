@@ -103,6 +103,8 @@ class RunSettings:
         overlap, sw_batch_size, blend: window settings (None: a bundle's inferer, else the defaults).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         amp: autocast (bf16 on CPU).
+        graph_budget: bytes of autograd graphs kept while the first explanation forms the prediction in its own
+            pass (None: half the free memory; 0: none kept, recomputed); see :mod:`medcam.kept_graphs`.
         threads: torch intra-op threads of every case, wherever it runs (None: 1, see :mod:`medcam.pipeline.numerics`).
         overwrite: redo finished cases / replace outputs.
         progress: tqdm bars.
@@ -127,6 +129,7 @@ class RunSettings:
     blend: str | None = None
     device: str = "auto"
     amp: bool = False
+    graph_budget: int | None = None
     threads: int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -159,6 +162,7 @@ class Prepared:
             "sliding_window": self.sliding,
             "threshold": settings.threshold,
             "amp": settings.amp,
+            "graph_budget": settings.graph_budget,
             "numerics": numerics_settings(settings.threads),
         }
 

@@ -457,13 +457,65 @@ def test_fused_prediction_equals_nnunet_predictor(region_model_folder, case_file
     np.testing.assert_array_equal(plain.segmentation(res.output[0], props), plain.segmentation(y_plain, props))
 
 
-def test_prediction_not_fused_when_a_target_needs_it(region_model_folder, case_files):
+def test_prediction_in_one_pass_when_a_target_needs_it(region_model_folder, case_files):
+    """A predicted region or a probability score needs Y first: it is blended from the explanation's own passes
+    (nnU-Net's float16 accumulation), bit-equal to the predictor, with no separate prediction."""
     model = nnunet.load(region_model_folder, folds=(0,), use_mirroring=False)
     data, _ = model.preprocess(case_files)
+    data = data[:, 2:18, 3:19, 3:15].contiguous()  # 4 tiles
+    y_nn = model.predict_logits(data)
     cam = medcam.SegHiResGradCAM(model.network)
-    res = nnunet.explain(cam, model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5)), model.target("tumor core")])
-    assert res.stats["prediction"] == "predictor"
+    targets = [BoxROI(0, (1, 1, 1), (5, 5, 5)), model.target("tumor core")]
+    res = nnunet.explain(cam, model, data, targets)
+    assert res.stats["prediction"] == "one_pass" and torch.equal(res.output[0], y_nn)
+    given = nnunet.explain(cam, model, data, targets, logits=y_nn)
+    torch.testing.assert_close(res.maps, given.maps, rtol=1e-6, atol=1e-7 * float(given.maps.abs().max()))
     cam = medcam.SegHiResGradCAM(model.network, score="probability", output_activation="sigmoid")
     res = nnunet.explain(cam, model, data, [BoxROI(0, (1, 1, 1), (5, 5, 5))])
-    assert res.stats["prediction"] == "predictor"
-    assert torch.equal(res.output[0], model.predict_logits(data))
+    assert res.stats["prediction"] == "one_pass"
+    assert torch.equal(res.output[0], y_nn)
+    # under amp the passes would not be the predictor's (it runs them without autocast on the CPU): two passes
+    cam = medcam.SegHiResGradCAM(model.network, amp=True)
+    res = nnunet.explain(cam, model, data, [model.target("tumor core")])
+    assert res.stats["prediction"] == "predictor" and "autocast" in res.stats["one_pass"]
+
+
+@pytest.mark.parametrize("method", list(medcam.METHODS))
+def test_predicted_region_in_one_pass_equals_autograd(mirrored_case, method):
+    """Every method of medcam.METHODS with a predicted region and no logits given, on 2 folds x 2 tiles x 2
+    mirrors: Y from the explanation's own passes is the predictor's to the bit (float32 network); the maps equal
+    plain float64 autograd through nnU-Net's prediction for that region (the fold's weights are loaded in place
+    between kept graphs: each graph keeps its fold's), and all graphs kept or none kept give the same result."""
+    from medcam.micam import NMIGradCAM
+
+    model, data = mirrored_case
+    target = model.target("tumor core")
+    cls = medcam.METHODS[method]
+    one = nnunet.explain(cls(model.network, "encoder.stages.2"), model, data, [target])
+    assert torch.equal(one.output[0], model.predict_logits(data))
+    model.network.double()
+    try:
+        res = {
+            b: nnunet.explain(
+                cls(model.network, "encoder.stages.2", graph_budget=b), model, data.double(), [target], relu=False
+            )
+            for b in (None, 0)
+        }
+        y64 = res[None].output
+        r = autograd_passes(model, data.double(), lambda _: target.score_weights(y64))
+    finally:
+        model.network.float()
+    assert torch.equal(res[0].maps, res[None].maps) and torch.equal(res[0].output, y64)
+    formula, mi = medcam.METHODS[method].formula, None
+    if "mi_weights" in res[None].stats:
+        mi = res[None].stats["mi_weights"][0, 0]
+    if "nmi_weights" in res[None].stats:
+        formula = NMIGradCAM(res[None].stats["nmi_weights"][0, 0][None])
+    ref = r.map(formula, mi)
+    got = res[None].maps[0, 0].double()
+    assert float(ref.abs().max()) > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    if method in ("micam", "migradcam"):
+        assert res[None].stats["prediction"] == "predictor" and "own passes" in res[None].stats["one_pass"]
+    else:
+        assert res[None].stats["prediction"] == "one_pass" and res[0].stats["graph_calls_recomputed"] > 0

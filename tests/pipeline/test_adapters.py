@@ -95,3 +95,37 @@ def test_every_method_through_the_monai_adapter(tmp_path, method):
     expect = np.rint(case.invert(y[0].argmax(0).float(), nearest=True)).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(seg.dataobj), expect)
     assert Path(s["reference_image"]).name.endswith("_t1.nii.gz") and s["segmentation"]["dtype"] == "uint8"
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_sliding_window_case_written_from_the_explanations_own_pass(tmp_path, budget):
+    """A predicted-region target through MONAI's sliding window: no separate inference (one network call per
+    batch of windows, all graphs kept), the segmentation written from the explanation's prediction equals MONAI's
+    sliding_window_inference mapped back; the budget (recorded in the summary's settings) changes nothing."""
+    from monai.inferers import SlidingWindowInferer, sliding_window_inference
+
+    from medcam.data.phantoms import write_phantom_case
+    from medcam.pipeline import explain_case, load_case, parse_targets
+
+    case_dir = write_phantom_case(tmp_path / "case", seed=2, spacing_mm=8.0)
+    model = _factory_model()
+    case = load_case(case_dir, model)
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=2, overlap=0.25)
+    image = case.image.as_tensor()[None].float()
+    with torch.no_grad():
+        y = sliding_window_inference(image, (8, 8, 8), 2, model.net, overlap=0.25)
+    n_calls = -(-len(medcam.sliding.monai_plan(inferer, image).windows) // 2)
+    calls = []
+    hook = model.net.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        s = explain_case(case, model, ["hirescam"], parse_targets(["B"], model.regions), "1", inferer=inferer,
+                         out_dir=tmp_path / "o", slicer=False, png=False,
+                         settings={"graph_budget": budget})  # fmt: skip
+    finally:
+        hook.remove()
+    assert s["timings"]["prediction"] == "one_pass" and s["settings"]["graph_budget"] == budget
+    recomputed = 0 if budget is None else n_calls
+    assert len(calls) == n_calls + recomputed
+    seg = nib.load(str(tmp_path / "o" / "segmentation.nii.gz"))
+    expect = np.rint(case.invert(y[0].argmax(0).float(), nearest=True)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expect)
