@@ -164,12 +164,15 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                 dest = Path(tmp) / which
                 cmd = [sys.executable, "-c", code, "explain", args.case, "-o", str(dest), "--overwrite", "-q"]
                 cmd += ["--device", args.device, "--no-slicer", *args.e2e_args]
-                env = {**os.environ, "PYTHONPATH": str(Path(root).resolve())}
-                s, proc = timed(functools.partial(subprocess.run, cmd, env=env, capture_output=True, text=True))
+                root = str(Path(root).resolve())
+                env = {**os.environ, "PYTHONPATH": root}
+                # run in the checkout: ``python -c`` puts the working directory before PYTHONPATH on sys.path
+                run = functools.partial(subprocess.run, cmd, env=env, cwd=root, capture_output=True, text=True)
+                s, proc = timed(run)
                 if proc.returncode:
                     raise SystemExit(f"{which}: {proc.stderr[-2000:]}")
                 summary = json.loads(next(dest.glob("*/summary.json")).read_text())
-                out[which].append({"wall_s": s, "timings": summary.get("timings")})
+                out[which].append({"wall_s": s, "timings": summary.get("timings"), "code": root})
                 print(json.dumps({f"e2e {which} run {r}": out[which][-1]}), flush=True)
     med = {k: statistics.median(v["wall_s"] for v in runs) for k, runs in out.items()}
     return {
