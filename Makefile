@@ -28,7 +28,7 @@ lint: venv
 # The notebooks run even when a unit test failed; the target fails if either run failed.
 test: venv
 	status=0; \
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests || status=1; \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=25 tests || status=1; \
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --nbmake notebooks || status=1; \
 	exit $$status
 

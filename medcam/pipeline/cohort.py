@@ -112,9 +112,16 @@ def versions() -> dict[str, str]:
     }
 
 
+#: recorded settings that change how a case is computed but not its results (the graph budget only decides which
+#: network calls are recomputed; the maps are identical either way): resume does not compare them
+RESULT_NEUTRAL_SETTINGS = ("graph_budget",)
+
+
 def settings_signature(settings: Mapping[str, Any]) -> str:
-    """A short hash of the run settings (what resume compares)."""
-    return hashlib.sha256(json.dumps(_jsonable(settings), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of the run settings that decide the results (what resume compares; not
+    :data:`RESULT_NEUTRAL_SETTINGS`)."""
+    kept = {k: v for k, v in settings.items() if k not in RESULT_NEUTRAL_SETTINGS}
+    return hashlib.sha256(json.dumps(_jsonable(kept), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def json_key(path: PathLike, key: str) -> Any:

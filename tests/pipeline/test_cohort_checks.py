@@ -59,3 +59,16 @@ def test_report_and_layers_show_progress_unless_quiet(tiny_demo, cases_root, tmp
     r = CliRunner().invoke(main, ["layers", "--size", "24,24,24"])
     assert r.exit_code == 0 and "medcam layers" in r.stderr and "one forward pass" in r.stderr, r.stderr
     assert "medcam layers" not in CliRunner().invoke(main, ["layers", "--size", "24,24,24", "--quiet"]).stderr
+
+
+def test_resume_signature_ignores_the_graph_budget_only():
+    """The graph budget decides which network calls are recomputed, not the maps (tests/test_one_pass.py: bit-equal
+    for every budget), so a run resumed with another budget skips the finished cases; any other setting still
+    counts."""
+    from medcam.pipeline.cohort import RESULT_NEUTRAL_SETTINGS, settings_signature
+
+    base = {"methods": ["hirescam"], "threshold": 0.5, "graph_budget": None}
+    assert RESULT_NEUTRAL_SETTINGS == ("graph_budget",)
+    assert settings_signature({**base, "graph_budget": 0}) == settings_signature(base)
+    assert settings_signature({**base, "graph_budget": 4 << 30}) == settings_signature(base)
+    assert settings_signature({**base, "threshold": 0.4}) != settings_signature(base)
