@@ -20,9 +20,10 @@ from ..errors import ModelError, TargetError
 from ..frameworks.base import Framework
 from ..frameworks.base import explain as explain_plan
 from ..geometry import spacing_of
+from ..hooks import is_size_mismatch
 from ..result import CAMResult
 from ..types import PathLike
-from .adapters import predicted_regions
+from .adapters import model_failure, predicted_regions
 from .cases import CaseSource, load_case, split_parts
 from .cohort import run_cohort, source_inputs, write_case
 from .errors import PipelineError
@@ -120,9 +121,15 @@ def _explain_maps(
     results = {}
     for m, cls in method_classes.items():
         t0 = time.perf_counter()
-        results[m] = explain_plan(
-            adapter, cls, plan, tl, layer, output=output, amp=amp, progress=progress, graph_budget=graph_budget
-        )
+        try:
+            results[m] = explain_plan(
+                adapter, cls, plan, tl, layer, output=output, amp=amp, progress=progress, graph_budget=graph_budget
+            )
+        except ModelError as e:  # the explanation's own pass may be the first network call (one pass)
+            cause = e.__cause__
+            if cause is None or not is_size_mismatch(cause):
+                raise
+            raise model_failure(cause, tuple(plan.image.shape), inferer is not None) from e
         timings["explain_s"][m] = round(time.perf_counter() - t0, 3)
         formed = results[m].output
         if output is None and formed is not None:  # the first explanation formed it (one pass, fused)
