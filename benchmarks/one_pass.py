@@ -100,19 +100,26 @@ def sliding(args: argparse.Namespace) -> dict[str, Any]:
         sec, last = interleaved(calls, args.repeats)
         assert torch.equal(last["one_pass"].output, y)
         rows[f"targets_{n}"] = {
-            "seconds": sec,
-            "one_pass_over_given": sec["one_pass"] / sec["given_logits"],
-            "one_pass_over_inference": sec["one_pass"] / sec["inference"],
-            "given_over_inference": sec["given_logits"] / sec["inference"],
-            "small_budget_over_given": sec["one_pass_small_budget"] / sec["given_logits"],
-            "graphs": _graph_stats(last["one_pass"]),
-            "graphs_small_budget": _graph_stats(last["one_pass_small_budget"]),
+            **_ratios(sec, last),
             "windows": last["one_pass"].stats["windows"],
             "cuda_peak_bytes": dict(PEAKS),
         }
         PEAKS.clear()
         print(json.dumps({f"sliding targets={n}": rows[f"targets_{n}"]}), flush=True)
     return {"volume": list(x.shape), "roi": list(args.roi), "sw_batch": args.sw_batch, "method": args.method, **rows}
+
+
+def _ratios(sec: dict[str, float], last: dict[str, Any]) -> dict[str, Any]:
+    """The times of one row, their ratios and the kept-graph statistics (both parts' rows)."""
+    return {
+        "seconds": sec,
+        "one_pass_over_given": sec["one_pass"] / sec["given_logits"],
+        "one_pass_over_inference": sec["one_pass"] / sec["inference"],
+        "given_over_inference": sec["given_logits"] / sec["inference"],
+        "small_budget_over_given": sec["one_pass_small_budget"] / sec["given_logits"],
+        "graphs": _graph_stats(last["one_pass"]),
+        "graphs_small_budget": _graph_stats(last["one_pass_small_budget"]),
+    }
 
 
 def nnunet_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,13 +145,7 @@ def nnunet_part(args: argparse.Namespace) -> dict[str, Any]:
         sec, last = interleaved(calls, args.repeats)
         assert torch.equal(last["one_pass"].output[0], logits)
         rows[f"targets_{n}"] = {
-            "seconds": sec,
-            "one_pass_over_given": sec["one_pass"] / sec["given_logits"],
-            "one_pass_over_inference": sec["one_pass"] / sec["inference"],
-            "given_over_inference": sec["given_logits"] / sec["inference"],
-            "small_budget_over_given": sec["one_pass_small_budget"] / sec["given_logits"],
-            "graphs": _graph_stats(last["one_pass"]),
-            "graphs_small_budget": _graph_stats(last["one_pass_small_budget"]),
+            **_ratios(sec, last),
             "passes": last["one_pass"].stats["passes"],
             "tiles": last["one_pass"].stats["windows"],
             "mirrors": last["one_pass"].stats["mirrors"],
