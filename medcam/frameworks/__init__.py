@@ -3,13 +3,13 @@ pipeline (:mod:`medcam.frameworks.base`).
 
 * :mod:`medcam.frameworks.base`: the adapter protocol (:class:`~medcam.frameworks.base.FrameworkAdapter`), the
   :class:`~medcam.frameworks.base.Activation` and :class:`~medcam.frameworks.base.Framework` types.
-* :mod:`medcam.frameworks.nnunet`: trained nnU-Net v2 model folders (``nnunetv2`` package; imported lazily).
-* :mod:`medcam.frameworks.nnunet_adapter`: the nnU-Net adapter (``medcam explain --model nnunet:FOLDER``).
+* :mod:`medcam.frameworks.nnunet`: trained nnU-Net v2 model folders, the nnU-Net adapter (``medcam explain --model
+  nnunet:FOLDER``; ``nnunetv2`` package, imported lazily).
 """
 
 from __future__ import annotations
 
-__all__ = ["base", "nnunet", "nnunet_adapter"]
+__all__ = ["base", "nnunet"]
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ Everything else - the case folder (``heatmaps/``, ``overlays/``, ``montage.png``
 ``summary.json``), resume, parts, Ray, the report - is the pipeline's and the same for every framework. The
 adapters: :class:`medcam.pipeline.models.MonaiAdapter` (demo and factory networks, medcam's preprocessing),
 :class:`medcam.pipeline.models.BundleAdapter` (MONAI bundles: their preprocessing, inferer, postprocessing
-activation and ``Invertd``), :class:`medcam.frameworks.nnunet_adapter.NnUNetAdapter` (nnU-Net's preprocessor,
+activation and ``Invertd``), :class:`medcam.frameworks.nnunet.NnUNetModel` (nnU-Net's preprocessor,
 predictor settings and export). ``docs/frameworks.md`` says how to add one.
 """
 

@@ -39,7 +39,7 @@ TC = 0, WT = 1, ET = 2, sigmoid outputs):
 
 Every model goes through this one pipeline; what differs between frameworks is its adapter
 (:mod:`medcam.frameworks.base`; :mod:`~medcam.pipeline.adapters` for demo/factory networks and MONAI bundles,
-:mod:`medcam.frameworks.nnunet_adapter` for ``--model nnunet:FOLDER``; ``docs/frameworks.md``).
+:mod:`medcam.frameworks.nnunet` for ``--model nnunet:FOLDER``; ``docs/frameworks.md``).
 
 Modules: :mod:`~medcam.pipeline.settings` (:class:`RunSettings`, checks before the first case),
 :mod:`~medcam.pipeline.models` (model loading), :mod:`~medcam.pipeline.target_specs` (``--target`` parsing),

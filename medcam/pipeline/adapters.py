@@ -24,7 +24,7 @@ from ..hooks import is_size_mismatch
 from ..plan import PassPlan
 from ..runner import ModelRunner, validate_image
 from ..types import PathLike
-from .cases import CaseLayout, CaseSource, discover_cases
+from .cases import CaseLayout, CaseSource, discover_cases, discover_channel_cases
 from .errors import PipelineError
 
 __all__ = [
@@ -105,7 +105,11 @@ class MonaiAdapter:
         return self
 
     def discover(self, inputs: Sequence[PathLike], case_id: str | None = None) -> list[CaseSource]:
-        return discover_cases(list(inputs), case_id=case_id)
+        """:func:`~medcam.pipeline.cases.discover_cases`; with the channel-indexed layout (nnU-Net's
+        ``CASE_XXXX.nii.gz``) and the channel count checked when the network's input channels are known."""
+        if self.model.in_channels is None:
+            return discover_cases(list(inputs), case_id=case_id)
+        return discover_channel_cases(list(inputs), self.model.in_channels, (".nii.gz", ".nii"), case_id)
 
     def load_case(self, source: CaseSource) -> Any:
         """medcam's preprocessing (``load_brats_case`` for BraTS cases in ``channel_order``, else

@@ -284,6 +284,78 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
     return cases
 
 
+#: a file of the channel-indexed layout (nnU-Net's input layout): ``CASE_XXXX<ending>``, XXXX the channel index
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _channel_split(name: str, endings: Sequence[str]) -> tuple[str, int] | None:
+    """``(case, channel index)`` of a ``CASE_XXXX<ending>`` file name; None for any other name."""
+    for e in sorted(endings, key=len, reverse=True):
+        if name.endswith(e):
+            m = _CHANNEL_FILE.match(name[: -len(e)])
+            return (m.group("case"), int(m.group("channel"))) if m else None
+    return None
+
+
+def _channel_layout(folder: Path, n_channels: int, endings: Sequence[str]) -> list[CaseSource] | None:
+    """The cases of a folder in the channel-indexed layout (``CASE_0000<ending>`` .. ``CASE_{C-1:04d}<ending>``,
+    as ``nnUNetv2_predict`` reads ``imagesTs``), or None when the folder holds no such file."""
+    groups: dict[str, dict[int, Path]] = {}
+    for p in sorted(folder.iterdir()):
+        split = _channel_split(p.name, endings) if p.is_file() else None
+        if split is not None:
+            groups.setdefault(split[0], {})[split[1]] = p
+    cases = []
+    for cid, by_channel in sorted(groups.items()):
+        if sorted(by_channel) != list(range(n_channels)):
+            raise PipelineError(
+                f"case '{cid}' in '{folder}' has channel files {[f'{c:04d}' for c in sorted(by_channel)]}; the model "
+                f"takes {n_channels} channels, as {cid}_0000{endings[0]} .. {cid}_{n_channels - 1:04d}{endings[0]}"
+            )
+        cases.append(CaseSource(_case_id(cid, folder), CaseLayout.VOLUMES, [by_channel[c] for c in range(n_channels)]))
+    return cases or None
+
+
+def discover_channel_cases(
+    inputs: Sequence[PathLike], n_channels: int, endings: Sequence[str], case_id: str | None = None
+) -> list[CaseSource]:
+    """The cases of ``inputs`` for a model of ``n_channels`` input channels (any framework).
+
+    * one folder in the channel-indexed layout (``CASE_XXXX<ending>`` files, one per channel, nnU-Net's) -> its
+      cases, each with exactly the channels ``0000 .. C-1``;
+    * image files -> ONE case, ordered by their channel index when all carry one of the same case, else as given;
+    * anything else -> :func:`discover_cases` (BraTS case folders, cohorts, CSV manifests); image-file cases of a
+      manifest must have ``n_channels`` files.
+
+    Raises:
+        PipelineError: what :func:`discover_cases` raises, a layout case missing a channel, a case with another
+            number of image files than the model's channels.
+    """
+    paths = [Path(p) for p in inputs]
+    cases = None
+    if len(paths) == 1 and paths[0].is_dir():
+        cases = _channel_layout(paths[0], n_channels, endings)
+        if cases is not None and case_id is not None and len(cases) != 1:
+            raise PipelineError(f"--case-id names ONE case, but '{paths[0]}' holds {len(cases)} cases")
+    if cases is None:
+        cases = discover_cases(paths, case_id=case_id)
+    elif case_id is not None:
+        cases = [dataclasses.replace(cases[0], case_id=case_id)]
+    for c in cases:
+        if c.kind is CaseLayout.VOLUMES and len(c.source) != n_channels:
+            raise PipelineError(
+                f"case {c.case_id} has {len(c.source)} image file(s); the model takes {n_channels} input channels"
+            )
+    if all(p.is_file() and p.suffix.lower() != ".csv" for p in paths):  # image files: by their channel index
+        splits = [_channel_split(p.name, endings) for p in paths]
+        by_index = sorted((s[1], p) for s, p in zip(splits, paths) if s)
+        if len(by_index) == len(paths) and len({s[0] for s in splits if s}) == 1:
+            if [c for c, _ in by_index] == list(range(n_channels)):
+                cid = case_id or _case_id(str(splits[0][0] if splits[0] else ""), paths[0])
+                cases = [CaseSource(cid, CaseLayout.VOLUMES, [p for _, p in by_index])]
+    return cases
+
+
 def load_case(source: CaseSource | PathLike, model: Any) -> Any:
     """Load one case on the model's grid (``model``: a :class:`~medcam.pipeline.LoadedModel`) with the model's own
     preprocessing (its adapter's

@@ -382,7 +382,7 @@ def load_model(
         layer: default layer (demo default :data:`~medcam.models.demo.DEMO_LAYER`; else ``"auto"``).
         weights: False builds the demo architecture without loading weights (for ``medcam layers``).
         folds, checkpoint_name, use_mirroring: for ``"nnunet:FOLDER"`` (a trained nnU-Net v2 model folder, run by its adapter
-            :class:`~medcam.frameworks.nnunet_adapter.NnUNetAdapter`): the folds to average, the checkpoint
+            :class:`~medcam.frameworks.nnunet.NnUNetModel`): the folds to average, the checkpoint
             file of each ``fold_N`` and the predictor's test-time mirroring. Its plans define preprocessing, windows and outputs: the options above that
             set them are refused.
 
@@ -420,7 +420,7 @@ def _load_nnunet(
 ) -> LoadedModel:
     """``nnunet:FOLDER`` through its adapter; ``checkpoints``: (folds, checkpoint name, test-time mirroring); the
     options its plans define are refused, naming them."""
-    from ..frameworks.nnunet_adapter import load_adapter
+    from ..frameworks import nnunet
 
     folds, checkpoint_name, mirroring = checkpoints
     refused = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
@@ -430,12 +430,12 @@ def _load_nnunet(
             "them (use --folds and --checkpoint-name to pick the checkpoints)"
         )
     folder = spec[len("nnunet:") :]
-    adapter = load_adapter(folder, list(folds), checkpoint_name, device=device, use_mirroring=mirroring)
+    adapter = nnunet.load(folder, list(folds), checkpoint_name, device=device, use_mirroring=mirroring)
     net = adapter.network
     return LoadedModel(
         net=net, kind=Framework.NNUNET, spec=spec, checkpoint=checkpoint_name, regions=adapter.output_names,
-        activation=adapter.activation, channel_order=tuple(adapter.model.channel_names), preprocessing={},
-        default_layer=layer or "auto", in_channels=len(adapter.model.channel_names),
+        activation=adapter.activation, channel_order=tuple(adapter.channel_names), preprocessing={},
+        default_layer=layer or "auto", in_channels=len(adapter.channel_names),
         pipeline={"preprocessing": "nnunet", "inverse": "nnunet export"}, framework_adapter=adapter,
     )  # fmt: skip
 

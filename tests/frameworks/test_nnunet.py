@@ -35,12 +35,6 @@ def case_files(phantom_files) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def reference_maps(model, data, weights_fn, formula, mi_alpha=None):
-    """``(map [*S'], Y [C, *S'], S)``: :func:`autograd_passes` and the map of ``formula`` from them."""
-    r = autograd_passes(model, data, weights_fn)
-    return r.map(formula, mi_alpha), r.y, r.score
-
-
 def autograd_passes(model, data, weights_fn):
     """Plain autograd through nnU-Net's own sliding-window prediction, float64; ``.map(formula, mi_alpha)``.
 
@@ -169,8 +163,10 @@ class _Float64Accumulation:
         return torch.zeros(*args, dtype=torch.float64 if dtype == torch.half else dtype, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["hirescam", "gradcam"])
-def test_equals_autograd_through_nnunet_sliding_window(region_model_folder, case_files, method, monkeypatch):
+def test_equals_autograd_through_nnunet_sliding_window(region_model_folder, case_files, monkeypatch):
+    """HiResCAM and Grad-CAM through all 8 mirror combinations x 4 tiles x 2 folds against one float64 autograd
+    run through nnU-Net's pieces, whose logits equal the predictor's own run (every method on fewer passes:
+    test_every_method_equals_autograd_through_folds_tiles_mirrors)."""
     model = nnunet.load(region_model_folder, folds=(0, 1))
     assert len(model.mirror_axes) == 3 and len(model.parameters) == 2
     data, _ = model.preprocess(case_files)
@@ -180,10 +176,15 @@ def test_equals_autograd_through_nnunet_sliding_window(region_model_folder, case
         n_tiles = len(model.predictor._internal_get_sliding_window_slicers(data.shape[1:]))
         assert n_tiles == 4
         target = BoxROI(model.channel("tumor core"), (4, 5, 3), (15, 14, 10))
-        cls = {"hirescam": medcam.SegHiResGradCAM, "gradcam": medcam.SegGradCAM}[method]
-        ref, y_ref, s_ref = reference_maps(model, data.double(), target.score_weights, cls.formula)
-        cam = cls(model.network, "encoder.stages.2")
-        res = nnunet.explain(cam, model, data.double(), [target], logits=y_ref, relu=False)
+        r = autograd_passes(model, data.double(), target.score_weights)
+        y_ref, s_ref = r.y, r.score
+        res = {}
+        for cls in (medcam.SegHiResGradCAM, medcam.SegGradCAM):
+            cam = cls(model.network, "encoder.stages.2")
+            res[cls] = (
+                nnunet.explain(cam, model, data.double(), [target], logits=y_ref, relu=False),
+                r.map(cls.formula),
+            )
         # the reference follows nnU-Net: its logits equal the predictor's own run in float64 (nnU-Net accumulates
         # in float16, which loses the image corners where only Gaussian tails reach)
         import nnunetv2.inference.predict_from_raw_data as pfrd
@@ -192,11 +193,12 @@ def test_equals_autograd_through_nnunet_sliding_window(region_model_folder, case
         y_nn = model.predict_logits(data.double())
     finally:
         model.network.float()
-    got = res.maps[0, 0].double()
-    assert got.shape == ref.shape == data.shape[1:]
-    assert float(ref.detach().abs().max()) > 0
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    assert float(res.scores[0, 0]) == pytest.approx(float(s_ref), rel=1e-5)
+    for got_res, ref in res.values():
+        got = got_res.maps[0, 0].double()
+        assert got.shape == ref.shape == data.shape[1:]
+        assert float(ref.detach().abs().max()) > 0
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        assert float(got_res.scores[0, 0]) == pytest.approx(float(s_ref), rel=1e-5)
     torch.testing.assert_close(y_nn.double(), y_ref, rtol=1e-6, atol=1e-6 * float(y_ref.abs().max()))
 
 
@@ -216,7 +218,7 @@ def mirrored_case(region_model_folder, case_files):
 def test_every_method_equals_autograd_through_folds_tiles_mirrors(mirrored_case, method):
     """Every method of medcam.METHODS, by its own execution (MI-CAM's histogram passes, MI-Grad-CAM's NMI), on
     nnU-Net's folds x tiles x mirrors: the map equals the executor's definition on plain float64 autograd through
-    nnU-Net's prediction (reference_maps), and the score is S = sum W Y."""
+    nnU-Net's prediction (autograd_passes), and the score is S = sum W Y."""
     from medcam.micam import NMIGradCAM
 
     model, data = mirrored_case
@@ -283,14 +285,18 @@ def test_one_tile_no_mirroring_equals_whole_volume(region_model_folder, case_fil
 
 
 def test_segmentation_equals_nnunet_predictor(region_model_folder, case_files, tmp_path):
+    """The segmentation from the explanation's own Y (2 folds) through nnU-Net's export is the file nnU-Net's
+    ``predict_from_files_sequential`` writes. Mirroring is off on both sides (Y with mirrors is the predictor's to
+    the bit: test_predicted_region_in_one_pass_equals_autograd, test_fused_prediction_equals_nnunet_predictor)."""
     import SimpleITK as sitk
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    model = nnunet.load(region_model_folder, folds=(0, 1))
+    model = nnunet.load(region_model_folder, folds=(0, 1), use_mirroring=False)
     data, props = model.preprocess(case_files)
     res = nnunet.explain(medcam.SegHiResGradCAM(model.network), model, data, [model.target("whole tumor")])
-    seg = model.segmentation(res.output[0], props)
-    pred = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    assert res.stats["prediction"] == "one_pass" and res.stats["folds"] == 2
+    seg = model.export_segmentation(res.output[0], props)
+    pred = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False)
     pred.initialize_from_trained_model_folder(str(region_model_folder), (0, 1), "checkpoint_final.pth")
     (tmp_path / "out").mkdir()
     pred.predict_from_files_sequential([case_files], str(tmp_path / "out"))
@@ -305,10 +311,10 @@ def test_segmentation_equals_nnunet_predictor(region_model_folder, case_files, t
 
 def test_targets_by_dataset_names(region_model_folder, label_model_folder, case_files):
     reg = nnunet.load(region_model_folder)
-    assert reg.output_names == ["whole tumor", "tumor core", "enhancing tumor"]
+    assert reg.output_names == ("whole tumor", "tumor core", "enhancing tumor")
     assert reg.activation == "sigmoid" and reg.channel("Enhancing Tumor") == 2
     lab = nnunet.load(label_model_folder, use_mirroring=False)
-    assert lab.output_names == ["background", "necrosis", "edema", "enhancing tumor"]
+    assert lab.output_names == ("background", "necrosis", "edema", "enhancing tumor")
     assert lab.activation == "softmax" and lab.channel("edema") == 2
     t = lab.target("edema")
     assert isinstance(t, PredictedROI) and t.channel == 2
@@ -366,7 +372,7 @@ def test_nnunet_paths_do_not_import_torchvision(region_model_folder, case_files)
         f"m = nnunet.load({str(region_model_folder)!r}, use_mirroring=False)\n"
         f"d, p = m.preprocess({case_files!r})\n"
         "r = nnunet.explain(medcam.SegGradCAM(m.network), m, d, [m.target('tumor core')])\n"
-        "m.segmentation(r.output[0], p)\n"
+        "m.export_segmentation(r.output[0], p)\n"
         "bad = sorted(k for k in sys.modules if k.split('.')[0] == 'timm')\n"
         "assert not bad, bad\n"
     )
@@ -380,17 +386,21 @@ def test_cli_explain_nnunet(region_model_folder, case_files, tmp_path):
     from click.testing import CliRunner
 
     from medcam.cli import main
+    from medcam.pipeline import load_model
 
     from .._cli_helpers import assert_one_line_error
 
     out = tmp_path / "out"
     runner = CliRunner()
-    args = ["explain", *case_files, "--model", f"nnunet:{region_model_folder}", "--folds", "0,1", "-o", str(out), "-q"]
+    # mirroring is tested in the API tests above (without --disable-tta the CLI's model mirrors, checked here)
+    args = ["explain", *case_files, "--model", f"nnunet:{region_model_folder}", "--folds", "0,1", "--disable-tta"]
+    args += ["-o", str(out), "-q"]
+    assert load_model(f"nnunet:{region_model_folder}").adapter.mirror_axes == (0, 1, 2)
     r = runner.invoke(main, [*args, "-M", "gradcam,hirescam", "--target", "tumor core"])
     assert r.exit_code == 0, (r.output, r.stderr)
     case = out / "phantom_001"
     summary = json.loads((case / "summary.json").read_text())
-    assert summary["model"]["folds"] == [0, 1] and summary["model"]["mirror_axes"] == [0, 1, 2]
+    assert summary["model"]["folds"] == [0, 1] and summary["model"]["mirror_axes"] == []
     (row,) = summary["targets"]  # the one case pipeline's schema (issue 25)
     assert list(row["heatmaps"].values()) == [
         "heatmaps/gradcam_tumor_core.nii.gz",
@@ -454,7 +464,9 @@ def test_fused_prediction_equals_nnunet_predictor(region_model_folder, case_file
     res = nnunet.explain(cls(plain.network), plain, data, [medcam.targets.ClassROI(1)])
     y_plain = plain.predict_logits(data)
     assert res.stats["prediction"] == "fused" and torch.equal(res.output[0], y_plain)
-    np.testing.assert_array_equal(plain.segmentation(res.output[0], props), plain.segmentation(y_plain, props))
+    np.testing.assert_array_equal(
+        plain.export_segmentation(res.output[0], props), plain.export_segmentation(y_plain, props)
+    )
 
 
 def test_prediction_in_one_pass_when_a_target_needs_it(region_model_folder, case_files):

@@ -1,4 +1,4 @@
-"""nnU-Net v2 models through the one case pipeline (medcam.frameworks.nnunet_adapter): the same case folder, summary
+"""nnU-Net v2 models through the one case pipeline (medcam.frameworks.nnunet's adapter): the same case folder, summary
 schema, report, resume and parts as every model, maps equal to medcam.frameworks.nnunet's explanation, the
 segmentation nnU-Net's own integer labels, and every target kind where nnU-Net's preprocessing puts it."""
 
@@ -17,9 +17,10 @@ pytest.importorskip("nnunetv2")
 
 import medcam  # noqa: E402
 from medcam.cli import main  # noqa: E402
+from medcam.errors import TargetError  # noqa: E402
 from medcam.frameworks import nnunet  # noqa: E402
-from medcam.frameworks.nnunet_adapter import NnUNetAdapter, from_model  # noqa: E402
 from medcam.pipeline import RunSettings, explain_case, explain_files, load_model, parse_targets  # noqa: E402
+from medcam.pipeline.errors import PipelineError  # noqa: E402
 from medcam.targets import ClassROI, ComponentROI, PredictedROI  # noqa: E402
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the phantoms' channels; dataset.json channel_names T1, T1CE, T2, FLAIR
@@ -67,9 +68,9 @@ def test_discover_inputs(loaded, nnunet_layout, tmp_path):
     case = adapter.load_case(src)
     assert case.files == [brats / f"P2_{m}.nii.gz" for m in MODALITIES] and case.channel_names == MODALITIES
     (nnunet_layout / "phantom_003_0002.nii.gz").unlink()
-    with pytest.raises(nnunet.NnUNetError, match=r"phantom_003.*has channel files \['0000', '0001', '0003'\]"):
+    with pytest.raises(PipelineError, match=r"phantom_003.*has channel files \['0000', '0001', '0003'\]"):
         adapter.discover([nnunet_layout])
-    with pytest.raises(nnunet.NnUNetError, match="takes 4 input channels"):
+    with pytest.raises(PipelineError, match="takes 4 input channels"):
         adapter.discover(files[:3])
     nrrd = tmp_path / "x_0003.nrrd"
     nrrd.write_bytes(b"")
@@ -108,7 +109,7 @@ def test_case_folder_like_every_model_with_report_and_resume(nn_model, nnunet_la
 
     seg_img = nib.load(str(cdir / "segmentation.nii.gz"))
     data, props = model.preprocess(files)
-    theirs = model.segmentation(model.predict_logits(data), props)
+    theirs = model.export_segmentation(model.predict_logits(data), props)
     assert np.asarray(seg_img.dataobj).dtype == np.uint8
     np.testing.assert_array_equal(_read(cdir / "segmentation.nii.gz"), theirs)
     np.testing.assert_allclose(seg_img.affine, nib.load(str(files[0])).affine, atol=1e-5)
@@ -122,10 +123,16 @@ def test_case_folder_like_every_model_with_report_and_resume(nn_model, nnunet_la
 
 def test_target_kinds_give_the_apis_numbers(nn_model, loaded, phantom_files, tmp_path):
     """Predicted, class, component, channel:N and a box through the pipeline against the nnU-Net API."""
+    import nibabel as nib
+
     (src,) = loaded.adapter.discover(phantom_files)
     case = loaded.adapter.load_case(src)
+    ref = nib.load(str(phantom_files[0]))
+    mask = np.zeros(ref.shape, np.uint8)
+    mask[2:12, 3:14, 1:10] = 1  # the box's voxels as a mask file (read with nibabel, checked by its affine)
+    nib.save(nib.Nifti1Image(mask, ref.affine), tmp_path / "roi.nii.gz")
     texts = ["tumor core", "tumor core:class", "whole tumor:component=largest", "channel:2",
-             "box:2,3,1:12,14,10:enhancing tumor"]  # fmt: skip
+             "box:2,3,1:12,14,10:enhancing tumor", f"mask:{tmp_path / 'roi.nii.gz'}:enhancing tumor"]  # fmt: skip
     s = explain_case(case, loaded, ["gradcam"], parse_targets(texts, loaded.regions), out_dir=tmp_path / "c",
                      slicer=False, png=False, source=src)  # fmt: skip
     rows = {r["spec"]: r for r in s["targets"]}
@@ -144,7 +151,17 @@ def test_target_kinds_give_the_apis_numbers(nn_model, loaded, phantom_files, tmp
     lo = [b[0] for b in props["bbox_used_for_cropping"]]  # as built: no transpose, no resampling
     box = np.zeros(data.shape[1:], bool)
     box[tuple(slice(max(a - o, 0), b - o) for a, b, o in zip((1, 3, 2), (10, 14, 12), lo))] = True
-    assert rows["box:2,3,1:12,14,10:enhancing tumor"]["roi_voxels"] == int(box.sum()) > 0
+    box_row = rows["box:2,3,1:12,14,10:enhancing tumor"]
+    assert box_row["roi_voxels"] == int(box.sum()) > 0
+    mask_row = rows[texts[-1]]  # the mask file lands where the box does: the same ROI, the same map
+    assert mask_row["roi_voxels"] == box_row["roi_voxels"]
+    np.testing.assert_array_equal(_read(tmp_path / "c" / mask_row["heatmaps"]["gradcam"]),
+                                  _read(tmp_path / "c" / box_row["heatmaps"]["gradcam"]))  # fmt: skip
+    bad = nib.Nifti1Image(mask, ref.affine @ np.diag([2.0, 1, 1, 1]))  # another grid: refused, named
+    nib.save(bad, tmp_path / "shifted.nii.gz")
+    spec = parse_targets([f"mask:{tmp_path / 'shifted.nii.gz'}:tumor core"], loaded.regions)
+    with pytest.raises(TargetError, match="must be on the original image grid"):
+        loaded.adapter.targets(spec, case, src, None)
 
 
 def test_label_model_segmentation_and_argmax_region(label_model_folder, phantom_files, tmp_path):
@@ -156,18 +173,18 @@ def test_label_model_segmentation_and_argmax_region(label_model_folder, phantom_
     assert run["ok"] == 1, run["cases"]
     s = json.loads((out / "phantom_001" / "summary.json").read_text())
     assert [r["region"] for r in s["targets"]] == ["necrosis", "edema", "enhancing tumor"]
-    m = lab.adapter.model
+    m = lab.adapter
     data, props = m.preprocess(phantom_files)
     y = m.predict_logits(data)
     assert s["targets"][1]["roi_voxels"] == int((y.argmax(0) == 2).sum()) and s["model"]["activation"] == "softmax"
-    np.testing.assert_array_equal(_read(out / "phantom_001" / "segmentation.nii.gz"), m.segmentation(y, props))
+    np.testing.assert_array_equal(_read(out / "phantom_001" / "segmentation.nii.gz"), m.export_segmentation(y, props))
 
 
 @pytest.mark.parametrize("method", list(medcam.METHODS))
 def test_every_method_through_the_nnunet_adapter(nn_model, phantom_files, tmp_path, method):
     """Each method of medcam.METHODS (listed, not named) runs through the pipeline, its map the nnU-Net API's (the
     executor's plan of folds x tiles x mirrors; MI-CAM and MI-Grad-CAM with their own histogram passes)."""
-    adapter = from_model(nn_model)
+    adapter = nn_model
     model = load_model(f"nnunet:{nn_model.folder}", use_mirroring=False)
     model.framework_adapter = adapter
     (src,) = adapter.discover(phantom_files)
@@ -182,9 +199,9 @@ def test_every_method_through_the_nnunet_adapter(nn_model, phantom_files, tmp_pa
 
 
 def test_adapter_pickles_without_its_model(nn_model):
-    adapter = from_model(nn_model)
+    adapter = nn_model
     clone = pickle.loads(pickle.dumps(adapter))
-    assert isinstance(clone, NnUNetAdapter) and clone._model is None
+    assert isinstance(clone, nnunet.NnUNetModel) and clone._predictor is None
     assert clone.setup("cpu").output_names == adapter.output_names  # loaded once, here
 
 

@@ -129,3 +129,31 @@ def test_sliding_window_case_written_from_the_explanations_own_pass(tmp_path, bu
     seg = nib.load(str(tmp_path / "o" / "segmentation.nii.gz"))
     expect = np.rint(case.invert(y[0].argmax(0).float(), nearest=True)).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(seg.dataobj), expect)
+
+
+def test_channel_indexed_layout_for_every_adapter(tmp_path):
+    """nnU-Net's input layout (``CASE_XXXX.nii.gz``) is the case pipeline's, not nnU-Net's: a MONAI model with 4
+    input channels discovers it, orders image files by their channel index, and refuses a case missing a channel
+    (or another number of files) at discovery, naming it."""
+    from medcam.pipeline import CaseLayout, load_model
+    from medcam.pipeline.errors import PipelineError
+
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for cid in ("a", "b"):
+        for c in range(4):
+            nib.save(nib.Nifti1Image(np.full((4, 4, 4), c, np.float32), np.eye(4)), folder / f"{cid}_{c:04d}.nii.gz")
+    (folder / "notes.txt").write_text("not a case")
+    adapter = load_model("demo", weights=False).adapter
+    cases = adapter.discover([folder])
+    assert [c.case_id for c in cases] == ["a", "b"] and all(c.kind is CaseLayout.VOLUMES for c in cases)
+    assert [p.name for p in cases[1].channel_files()] == [f"b_{c:04d}.nii.gz" for c in range(4)]
+    (one,) = adapter.discover(sorted(folder.glob("b_*.nii.gz"), reverse=True))
+    assert one.case_id == "b" and one.channel_files() == cases[1].channel_files()
+    (named,) = adapter.discover(sorted(folder.glob("b_*.nii.gz")), case_id="x")
+    assert named.case_id == "x"
+    with pytest.raises(PipelineError, match="takes 4 input channels"):
+        adapter.discover(sorted(folder.glob("b_*.nii.gz"))[:3])
+    (folder / "b_0002.nii.gz").unlink()
+    with pytest.raises(PipelineError, match=r"case 'b' .* has channel files \['0000', '0001', '0003'\]"):
+        adapter.discover([folder])
