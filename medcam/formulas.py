@@ -1,8 +1,8 @@
 """CAM formulas: how a map is formed from the activation and its gradient, and nothing else.
 
 Notation: ``A`` = hooked activation ``[B, K, *f]`` (float32), ``g = dS/dA`` (same shape), ``S`` the explained score,
-``N`` = number of feature-grid positions. Maps are pre-ReLU on the feature grid; the executors
-(:mod:`medcam.whole`, :mod:`medcam.sliding`) upsample them and apply the ReLU.
+``N`` = number of feature-grid positions. Maps are pre-ReLU on the feature grid; the executor
+(:mod:`medcam.executor`) upsamples them and applies the ReLU.
 
 A formula is a small stateless object of one of two kinds, told apart by its class (executors dispatch on it):
 

@@ -27,15 +27,11 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import BlendMode, PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
 
 from .errors import MedcamError
-from .executor import execute
-from .formulas import Formula
 from .hooks import ActivationHook
 from .plan import PassPlan
-from .result import CAMResult, Upsampler, interpolate_upsampler
 from .runner import ModelRunner
-from .targets import Target
 
-__all__ = ["explain_sliding", "monai_plan", "check_inferer", "stitch_device", "window_example", "WindowGrid"]
+__all__ = ["monai_plan", "check_inferer", "stitch_device", "window_example", "WindowGrid"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,38 +158,4 @@ def monai_plan(inferer: Any, image: torch.Tensor, runner: ModelRunner | None = N
         predict=predict,
         predict_calls=predict_calls,
         description={"plan": "monai_sliding_window"},
-    )
-
-
-def explain_sliding(
-    runner: ModelRunner,
-    method: Formula,
-    targets: list[Target],
-    image: torch.Tensor,
-    inferer: Any,
-    *,
-    upsampler: Upsampler = interpolate_upsampler,
-    relu: bool = True,
-    upsample: bool = True,
-    progress: bool = False,
-    output: torch.Tensor | None = None,
-) -> CAMResult:
-    """Sliding-window explanation of ``image`` ``[B, Cin, *S]``: :func:`medcam.executor.execute` on
-    :func:`monai_plan`; see the module docstring for the exact semantics.
-
-    ``runner``'s layer must be resolved (on a window, see :func:`window_example`). ``output``: the blended model
-    output ``[B, C, *S]`` if the caller already has it (skips the prediction pass).
-    """
-    if not upsample:
-        raise MedcamError("upsample=False is not available with an inferer: window maps are stitched on the input grid")
-    plan = monai_plan(inferer, image)
-    return execute(
-        runner,
-        method,
-        plan,
-        targets,
-        upsampler=upsampler,
-        relu=relu,
-        progress=bool(inferer.progress or progress),
-        output=output,
     )

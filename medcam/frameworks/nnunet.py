@@ -362,6 +362,10 @@ class NnUNetModel:
         if spatial:
             rois = [roi_on_original_grid(s, case.files[0], case.case_id, case.paths.get("seg")) for s in spatial]
             on_grid = to_preprocessed_grid(self, _to_nifti_axes(np.stack(rois)), case.files)
+            if tuple(on_grid.shape[1:]) != tuple(case.image.shape[1:]):
+                raise NnUNetError(
+                    f"masks preprocessed to {on_grid.shape[1:]}, the data to {tuple(case.image.shape[1:])}"
+                )
             for s, m in zip(spatial, on_grid):
                 if not m.any():
                     raise TargetError(f"--target {s.text!r}: the ROI falls outside the preprocessed (cropped) image")

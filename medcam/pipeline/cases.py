@@ -268,15 +268,7 @@ def discover_cases(inputs: Sequence[PathLike], case_id: str | None = None) -> li
         if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
             raise PipelineError(f"manifest '{paths[0]}' is not a file")
         cases = [CaseSource(id_from_files(paths), CaseLayout.VOLUMES, list(paths))]
-    if case_id is not None:
-        if len(cases) != 1:
-            raise PipelineError(
-                f"--case-id names ONE case, but the input holds {len(cases)} cases; name cohort cases with a CSV "
-                "manifest's case_id column"
-            )
-        if _safe_id(case_id) != case_id or case_id in (".", ".."):
-            raise PipelineError(f"--case-id {case_id!r}: use letters, digits, '.', '_' and '-' only")
-        cases = [dataclasses.replace(cases[0], case_id=case_id)]
+    cases = _named(cases, case_id)
     ids = [c.case_id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -335,12 +327,7 @@ def discover_channel_cases(
     cases = None
     if len(paths) == 1 and paths[0].is_dir():
         cases = _channel_layout(paths[0], n_channels, endings)
-        if cases is not None and case_id is not None and len(cases) != 1:
-            raise PipelineError(f"--case-id names ONE case, but '{paths[0]}' holds {len(cases)} cases")
-    if cases is None:
-        cases = discover_cases(paths, case_id=case_id)
-    elif case_id is not None:
-        cases = [dataclasses.replace(cases[0], case_id=case_id)]
+    cases = discover_cases(paths, case_id=case_id) if cases is None else _named(cases, case_id)
     for c in cases:
         if c.kind is CaseLayout.VOLUMES and len(c.source) != n_channels:
             raise PipelineError(
@@ -354,6 +341,20 @@ def discover_channel_cases(
                 cid = case_id or _case_id(str(splits[0][0] if splits[0] else ""), paths[0])
                 cases = [CaseSource(cid, CaseLayout.VOLUMES, [p for _, p in by_index])]
     return cases
+
+
+def _named(cases: list[CaseSource], case_id: str | None) -> list[CaseSource]:
+    """``cases`` with the ONE case named ``case_id`` (``--case-id``; checked), or as they are when it is None."""
+    if case_id is None:
+        return cases
+    if len(cases) != 1:
+        raise PipelineError(
+            f"--case-id names ONE case, but the input holds {len(cases)} cases; name cohort cases with a CSV "
+            "manifest's case_id column"
+        )
+    if _safe_id(case_id) != case_id or case_id in (".", ".."):
+        raise PipelineError(f"--case-id {case_id!r}: use letters, digits, '.', '_' and '-' only")
+    return [dataclasses.replace(cases[0], case_id=case_id)]
 
 
 def load_case(source: CaseSource | PathLike, model: Any) -> Any:

@@ -154,6 +154,15 @@ def test_channel_indexed_layout_for_every_adapter(tmp_path):
     assert named.case_id == "x"
     with pytest.raises(PipelineError, match="takes 4 input channels"):
         adapter.discover(sorted(folder.glob("b_*.nii.gz"))[:3])
+    with pytest.raises(PipelineError, match="--case-id names ONE case, but the input holds 2 cases"):
+        adapter.discover([folder], case_id="x")
+    one_case = tmp_path / "one"
+    one_case.mkdir()
+    for f in folder.glob("a_*.nii.gz"):
+        (one_case / f.name).symlink_to(f)
+    assert [c.case_id for c in adapter.discover([one_case], case_id="x")] == ["x"]
+    with pytest.raises(PipelineError, match="use letters, digits"):
+        adapter.discover([one_case], case_id="x/y")
     (folder / "b_0002.nii.gz").unlink()
     with pytest.raises(PipelineError, match=r"case 'b' .* has channel files \['0000', '0001', '0003'\]"):
         adapter.discover([folder])
